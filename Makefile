@@ -1,0 +1,35 @@
+# The two set-up commands: `make demo` and `make test` (each creates .venv from requirements.lock if missing).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DS_ACCELERATOR := cpu
+
+.PHONY: venv demo demo-quick test lint format
+
+$(VENV)/.installed: requirements.lock setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: never let pip pick a torch build by itself
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m scripts.demo
+
+demo-quick: venv
+	$(PY) -m scripts.demo --quick
+
+test: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff format . && $(PY) -m ruff check --fix .

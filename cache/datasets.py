@@ -10,10 +10,19 @@ and expose ``identity() -> dict`` (what a cache records to match data) and ``key
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
 
 _DATASETS: dict[str, Callable[..., Dataset]] = {}
 
@@ -35,5 +44,250 @@ def list_datasets() -> list[str]:
 def build_dataset(name: str, **kwargs: Any) -> Dataset:
     """Build a registered dataset by name (for example ``"synthetic"``)."""
     if name not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; registered datasets: {', '.join(list_datasets()) or 'none'}")
+        raise ValueError(
+            f"unknown dataset {name!r}; registered datasets: {', '.join(list_datasets()) or 'none'}"
+        )
     return _DATASETS[name](**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Image decoding and resizing, shared by the folder dataset and the extraction driver.
+# --------------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+RESIZE_MODES = ("short_crop", "exact", "none")
+GRANULARITIES = ("alt", "short", "detailed")
+
+
+class BadImageError(ValueError):
+    """An image that cannot be used; the message says why, ``kind`` names the category
+    (``empty``, ``corrupt``, ``truncated``, ``too_small``, ``unreadable``)."""
+
+    def __init__(self, message: str, kind: str = "corrupt") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def load_image(path: str | Path, min_side: int = 1) -> torch.Tensor:
+    """Decode an image file to float RGB ``(3, H, W)`` in [0, 1].
+
+    Converts what can be converted: grayscale, palette, CMYK and 16-bit images become RGB (16-bit
+    values are scaled by 1/65535, not clipped); alpha is composited over white; EXIF orientation is
+    applied. Raises :class:`BadImageError` for empty, corrupt or truncated files and for images with
+    a side shorter than ``min_side`` pixels (for example smaller than one patch).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise BadImageError(f"cannot read: {e.strerror or e}", "unreadable") from e
+    if size == 0:
+        raise BadImageError("empty file (0 bytes)", "empty")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            arr = _to_rgb_array(im)
+    except BadImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        kind = "truncated" if "truncated" in str(e).lower() else "corrupt"
+        raise BadImageError(f"{kind} image: {e}", kind) from e
+    h, w = arr.shape[:2]
+    if min(h, w) < min_side:
+        raise BadImageError(
+            f"image is {w}x{h} px, smaller than the minimum side {min_side} px (one patch)", "too_small"
+        )
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    """PIL image of any common mode -> float32 ``(H, W, 3)`` in [0, 1]."""
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float32)
+        a = a / (65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0)
+        a = np.clip(a, 0.0, 1.0)
+        return np.repeat(a[..., None], 3, axis=2)
+    if mode == "F":
+        a = np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)
+        return np.repeat(a[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, rgba)
+    im = im.convert("RGB")
+    return np.asarray(im, dtype=np.float32) / 255.0
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int], mode: str = "short_crop") -> torch.Tensor:
+    """Resize ``(3, H, W)`` to ``size = (height, width)``.
+
+    ``short_crop``: scale so the image covers ``size`` (short side to the target), then center crop;
+    ``exact``: resize to ``size`` ignoring the aspect ratio; ``none``: require the size already matches.
+    Bicubic with antialiasing, clamped to [0, 1].
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
+    th, tw = int(size[0]), int(size[1])
+    h, w = image.shape[-2:]
+    if (h, w) == (th, tw):
+        return image
+    if mode == "none":
+        raise ValueError(
+            f"image is {h}x{w} but {th}x{tw} is required and resize='none'; use short_crop or exact"
+        )
+    if mode == "exact":
+        nh, nw = th, tw
+    else:
+        scale = max(th / h, tw / w)
+        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    out = F.interpolate(
+        image[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False
+    )[0]
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    return out[:, top : top + th, left : left + tw].clamp_(0.0, 1.0).contiguous()
+
+
+def _as_size(size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    if len(size) != 2:
+        raise ValueError(f"image size must be an int or (height, width), got {size!r}")
+    return (int(size[0]), int(size[1]))
+
+
+def read_captions(path: str | Path, encoding: str = "utf-8") -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Read a JSON-lines captions file; returns ``(captions by image relpath, problems)``.
+
+    Each line is ``{"image": relpath, "alt": ..., "short": ..., "detailed": ...}`` or
+    ``{"image": relpath, "captions": {granularity: text}}``. Lines that are not valid text in
+    ``encoding`` or not valid JSON are never fatal and never silent: they are listed in ``problems``
+    (file and line number) and the captions of that line count as missing.
+    """
+    path = Path(path)
+    captions: dict[str, dict[str, str]] = {}
+    problems: list[str] = []
+    bad_encoding: list[int] = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode(encoding)
+            except UnicodeDecodeError:
+                bad_encoding.append(lineno)
+                continue
+            line = line.strip().lstrip("\ufeff")
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); captions of that line treated as missing"
+                )
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+                problems.append(f"{path}:{lineno}: no 'image' string field; line ignored")
+                continue
+            caps = rec.get("captions", {k: v for k, v in rec.items() if k != "image"})
+            if not isinstance(caps, dict):
+                problems.append(f"{path}:{lineno}: 'captions' is not an object; line ignored")
+                continue
+            entry = captions.setdefault(rec["image"].replace("\\", "/"), {})
+            for gran, text in caps.items():
+                if isinstance(text, str):
+                    entry[str(gran)] = text
+                elif text is not None:
+                    problems.append(f"{path}:{lineno}: caption {gran!r} is not a string; treated as missing")
+    if bad_encoding:
+        lines = ", ".join(map(str, bad_encoding[:10])) + (" ..." if len(bad_encoding) > 10 else "")
+        problems.append(
+            f"{path}: {len(bad_encoding)} line(s) are not valid {encoding} (lines {lines}); their captions are "
+            "treated as missing. If the file uses another encoding pass captions_encoding (e.g. 'latin-1')"
+        )
+    for p in problems:
+        logger.warning(p)
+    return captions, problems
+
+
+@register_dataset("folder")
+class ImageFolderDataset(Dataset):
+    """All jpg/jpeg/png/webp files under ``root`` (recursive), in sorted relative-path order.
+
+    Args:
+        root: the image folder.
+        captions: optional JSON-lines captions file (see :func:`read_captions`).
+        image_size: int or ``(height, width)``; ``None`` keeps each image's own size.
+        resize: ``short_crop`` (short side resize + center crop) or ``exact``; see :func:`resize_image`.
+        min_side: images with a side shorter than this are bad (the extractor sets one patch).
+        captions_encoding: text encoding of the captions file.
+
+    ``__getitem__`` raises :class:`BadImageError` for unusable files (the extraction driver records
+    and skips them; it never drops one silently).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        captions: str | Path | None = None,
+        image_size: int | tuple[int, int] | None = None,
+        resize: str = "short_crop",
+        min_side: int = 1,
+        captions_encoding: str = "utf-8",
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"image folder {self.root} does not exist or is not a directory")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {resize!r}; choose one of {RESIZE_MODES}")
+        self.image_size = _as_size(image_size)
+        self.resize = resize
+        self.min_side = int(min_side)
+        self._keys = sorted(
+            p.relative_to(self.root).as_posix()
+            for p in self.root.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        if not self._keys:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
+        self.captions_path = None if captions is None else Path(captions)
+        self.captions: dict[str, dict[str, str]] = {}
+        self.caption_problems: list[str] = []
+        if self.captions_path is not None:
+            self.captions, self.caption_problems = read_captions(self.captions_path, captions_encoding)
+            unknown = set(self.captions) - set(self._keys)
+            if unknown:
+                msg = (
+                    f"{self.captions_path}: {len(unknown)} caption record(s) name images not found under "
+                    f"{self.root} (e.g. {sorted(unknown)[0]!r}); they are ignored"
+                )
+                logger.warning(msg)
+                self.caption_problems.append(msg)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "name": "folder",
+            "root": str(self.root.resolve()),
+            "num_images": len(self._keys),
+            "captions": None if self.captions_path is None else str(self.captions_path.resolve()),
+            "image_size": None if self.image_size is None else list(self.image_size),
+            "resize": self.resize,
+        }
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        key = self._keys[index]
+        try:
+            image = load_image(self.root / key, self.min_side)
+        except BadImageError as e:
+            raise BadImageError(f"{self.root / key}: {e}", e.kind) from e
+        if self.image_size is not None:
+            image = resize_image(image, self.image_size, self.resize)
+        return {"key": key, "image": image, "captions": dict(self.captions.get(key, {}))}

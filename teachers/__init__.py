@@ -1,11 +1,27 @@
-"""Frozen teachers behind one interface: ``build_teacher(name, **kwargs)``."""
+"""Frozen teachers behind one interface: ``build_teacher(name, **kwargs)``.
 
-from .base import DenseEncoder, DenseFeatures, Teacher, build_teacher, check_pixels, list_teachers, register_teacher
+Importing the package registers the adapters: ``tips`` (official TIPS ``.npz``), ``hf`` (transformers
+models), ``timm`` (any timm ViT) and ``efficientnet-lite0``.
+"""
+
+from . import efficientnet, hf, timm_teacher, tips  # noqa: F401  (register the adapters)
+from .base import (
+    DenseEncoder,
+    DenseFeatures,
+    Teacher,
+    build_teacher,
+    check_pixels,
+    list_teachers,
+    register_teacher,
+)
+from .tips_text import TipsTextTower, TipsTokenizer
 
 __all__ = [
     "DenseEncoder",
     "DenseFeatures",
     "Teacher",
+    "TipsTextTower",
+    "TipsTokenizer",
     "build_teacher",
     "check_pixels",
     "list_teachers",

@@ -1,0 +1,384 @@
+"""The HDF5 cache format (the contract between stage 1 and stage 2): layout, attributes, index.
+
+One shard file per writer rank (``shard-00000-of-00002.h5``) plus ``index.h5``, which presents all
+shards as one dataset in the original order through h5py virtual datasets. Per shard, rows are the
+contiguous slice ``[shard_start, shard_start + shard_count)`` of the source dataset:
+
+- ``keys (N,)`` str; ``done (N,)`` bool; ``skip_reason (N,)`` bytes (empty = not skipped);
+- ``patch (N, [V,] h*w, D)`` float16 or int8 (+ ``patch_scale (N, [V,] h*w)`` float32 when int8);
+- ``cls (N, [V,] C, D)`` (+ ``cls_scale``); optional ``value_patch`` (+ ``value_patch_scale``);
+- ``boxes (N, V, 4)`` float32 and ``flips (N, V)`` bool when ``num_views > 1``;
+- ``text/<gran> (N, Dt)`` float16 and ``text_valid/<gran> (N,)`` bool per caption granularity;
+- ``block_stats (num_blocks, 2 + 2C, D)`` float64 and ``block_count (num_blocks,)``: per write block,
+  the sums of per-sample patch mean, patch mean square, cls mean, cls mean square (feature statistics
+  computed over the data while it is written, exactly reproducible after a resume);
+- after completion: ``skipped`` (index, key, reason) records and attributes ``complete``,
+  ``patch_mean/patch_std (D,)``, ``cls_mean/cls_std (C, D)``, ``num_done``, ``num_skipped``.
+
+All feature chunks hold one sample and are allocated when the file is created, so writing a sample
+only writes raw bytes into place: a killed writer never leaves the file's metadata half updated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+INDEX_NAME = "index.h5"
+REASON_BYTES = 256
+SMALL_CHUNK = 256
+JSON_ATTRS = (
+    "teacher",
+    "teacher_spec",
+    "views",
+    "granularities",
+    "dataset",
+    "config",
+    "shards",
+    "caption_problems",
+    "captions_missing",
+)
+# what must match between a cache on disk and a run that wants to resume it, in the order checked
+RESUME_FIELDS = (
+    "format_version",
+    "teacher",
+    "teacher_spec",
+    "image_size",
+    "resize",
+    "dataset",
+    "num_samples",
+    "keys_sha1",
+    "shard_world",
+    "storage_dtype",
+    "value_trick",
+    "value_readout",
+    "layer",
+    "views",
+    "granularities",
+)
+FEATURES = ("patch", "cls", "value_patch")
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.h5"
+
+
+def shard_range(num_samples: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous, balanced slice of the dataset written by ``rank``: ``(start, count)``."""
+    start = rank * num_samples // world
+    return start, (rank + 1) * num_samples // world - start
+
+
+def toolkit_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("tipsdistill")
+    except Exception:  # noqa: BLE001 - not installed: report unknown rather than fail
+        return "unknown"
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def keys_digest(keys: list[str]) -> str:
+    h = hashlib.sha1()
+    for k in keys:
+        h.update(k.encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@dataclass
+class Layout:
+    """Shapes of one shard (or of the whole cache when ``count == num_samples``)."""
+
+    count: int
+    grid: tuple[int, int]
+    dim: int
+    num_global_tokens: int
+    num_views: int = 1
+    value_patch: bool = False
+    storage_dtype: str = "float16"
+    text_dim: int = 0
+    granularities: list[str] = field(default_factory=list)
+    block_size: int = 32
+
+    @property
+    def num_blocks(self) -> int:
+        return max(1, -(-self.count // self.block_size))
+
+    def _v(self) -> tuple[int, ...]:
+        return (self.num_views,) if self.num_views > 1 else ()
+
+    def per_sample(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Name -> (shape of one sample, dtype) of every per-sample array."""
+        hw, D, C, v = self.grid[0] * self.grid[1], self.dim, self.num_global_tokens, self._v()
+        sdt = np.dtype(self.storage_dtype)
+        out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        feats = [("patch", hw), ("cls", C)] + ([("value_patch", hw)] if self.value_patch else [])
+        for name, n in feats:
+            out[name] = (v + (n, D), sdt)
+            if self.storage_dtype == "int8":
+                out[name + "_scale"] = (v + (n,), np.dtype("float32"))
+        if self.num_views > 1:
+            out["boxes"] = ((self.num_views, 4), np.dtype("float32"))
+            out["flips"] = ((self.num_views,), np.dtype("bool"))
+        for g in self.granularities:
+            out[f"text/{g}"] = ((self.text_dim,), np.dtype("float16"))
+            out[f"text_valid/{g}"] = ((), np.dtype("bool"))
+        out["done"] = ((), np.dtype("bool"))
+        out["skip_reason"] = ((), np.dtype(f"S{REASON_BYTES}"))
+        return out
+
+    def bytes_per_sample(self) -> int:
+        return int(sum(int(np.prod(s)) * dt.itemsize for s, dt in self.per_sample().values()))
+
+
+def _create_dataset(
+    group: h5py.Group,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    chunk: tuple[int, ...],
+    fill: bool = True,
+) -> None:
+    """A chunked dataset whose chunks are all allocated now (writes then never touch metadata).
+
+    ``fill``: write zeros now (small bookkeeping arrays such as ``done``). Feature arrays are not
+    filled (creating a 1 TB cache must not write 1 TB of zeros); rows never written are never read.
+    """
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk(chunk)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC if fill else h5py.h5d.FILL_TIME_NEVER)
+    parent = group
+    if "/" in name:
+        gname, name = name.rsplit("/", 1)
+        parent = group.require_group(gname)
+    h5py.h5d.create(
+        parent.id, name.encode(), h5py.h5t.py_create(dtype), h5py.h5s.create_simple(shape), dcpl=dcpl
+    )
+
+
+def encode_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in attrs.items():
+        if k in JSON_ATTRS:
+            out[k] = json.dumps(v, sort_keys=True)
+        elif v is None:
+            out[k] = "none"
+        elif isinstance(v, (list, tuple)):
+            out[k] = np.asarray(v)
+        else:
+            out[k] = v
+    return out
+
+
+def decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for k, v in attrs.items():
+        if isinstance(v, bytes):
+            v = v.decode()
+        if k in JSON_ATTRS and isinstance(v, str):
+            v = json.loads(v)
+        elif isinstance(v, np.ndarray):
+            v = v.tolist() if v.ndim == 1 and v.size <= 4 and v.dtype.kind in "iub" else v
+        elif isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, str) and v == "none":
+            v = None
+        meta[k] = v
+    if "image_size" in meta:
+        meta["image_size"] = tuple(int(x) for x in meta["image_size"])
+    if "grid" in meta:
+        meta["grid"] = tuple(int(x) for x in meta["grid"])
+    return meta
+
+
+def create_shard(path: Path, layout: Layout, attrs: dict[str, Any], keys: list[str]) -> None:
+    """Create a shard file with every dataset allocated; written to a temporary name, then renamed."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    n = layout.count
+    with h5py.File(tmp, "w") as f:
+        for name, (shape, dt) in layout.per_sample().items():
+            big = name in FEATURES or name.endswith("_scale")
+            chunk = (1, *shape) if big else (min(max(n, 1), SMALL_CHUNK), *shape)
+            _create_dataset(f, name, (n, *shape), dt, chunk, fill=not big)
+        nb, C, D = layout.num_blocks, layout.num_global_tokens, layout.dim
+        _create_dataset(f, "block_stats", (nb, 2 + 2 * C, D), np.dtype("float64"), (1, 2 + 2 * C, D))
+        _create_dataset(f, "block_count", (nb,), np.dtype("int64"), (min(nb, SMALL_CHUNK),))
+        f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
+        f.attrs.update(encode_attrs(attrs))
+        f.attrs["block_size"] = layout.block_size
+        f.attrs["complete"] = False
+    os.replace(tmp, path)
+
+
+def layout_from_meta(meta: dict[str, Any], count: int) -> Layout:
+    return Layout(
+        count=count,
+        grid=tuple(meta["grid"]),
+        dim=int(meta["dim"]),
+        num_global_tokens=int(meta["num_global_tokens"]),
+        num_views=int(meta.get("num_views", 1)),
+        value_patch=bool(meta.get("value_trick", False)),
+        storage_dtype=str(meta["storage_dtype"]),
+        text_dim=int(meta.get("text_dim", 0)),
+        granularities=list(meta.get("granularities") or []),
+        block_size=int(meta.get("block_size", 32)),
+    )
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items()}
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def check_resume(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Refuse to continue a cache made with other settings, naming the first differing field."""
+    for k in RESUME_FIELDS:
+        a, b = _norm(stored.get(k)), _norm(wanted.get(k))
+        if k == "teacher_spec" and (a is None or b is None):
+            continue  # a teacher object passed directly has no spec; its identity is still compared
+        if a != b:
+            raise ValueError(
+                f"refusing to resume {path}: {k} differs: the cache has {a!r}, this run has {b!r}. "
+                f"Write to another output directory, or delete {path.parent} to start over."
+            )
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    with h5py.File(path, "r") as f:
+        return decode_attrs(f.attrs)
+
+
+def shard_complete(path: Path) -> bool:
+    """True when ``path`` exists and its writer finished (safe to call while another rank writes it)."""
+    if not path.exists():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return bool(f.attrs.get("complete", False))
+    except OSError:
+        return False
+
+
+def summarise_stats(block_stats: np.ndarray, block_count: np.ndarray, C: int) -> dict[str, np.ndarray]:
+    """Mean/std of patch and cls features from per-block sums (summed in block order: deterministic)."""
+    total = max(int(block_count.sum()), 1)
+    s = block_stats.sum(axis=0) / total  # (2 + 2C, D)
+    pm, psq = s[0], s[1]
+    cm, csq = s[2 : 2 + C], s[2 + C : 2 + 2 * C]
+    return {
+        "patch_mean": pm.astype(np.float32),
+        "patch_std": np.sqrt(np.maximum(psq - pm**2, 0)).astype(np.float32),
+        "cls_mean": cm.astype(np.float32),
+        "cls_std": np.sqrt(np.maximum(csq - cm**2, 0)).astype(np.float32),
+    }
+
+
+def _skipped_dtype() -> np.dtype:
+    s = h5py.string_dtype()
+    return np.dtype([("index", np.int64), ("key", s), ("reason", s)])
+
+
+def write_skipped(f: h5py.File, records: list[tuple[int, str, str]]) -> None:
+    arr = np.array([(i, k, r) for i, k, r in records], dtype=_skipped_dtype())
+    if "skipped" in f:
+        del f["skipped"]
+    f.create_dataset("skipped", data=arr, maxshape=(None,))
+
+
+def read_skipped(f: h5py.File) -> list[tuple[int, str, str]]:
+    if "skipped" not in f:
+        return []
+    out = []
+    for rec in f["skipped"][()]:
+        key, reason = rec["key"], rec["reason"]
+        out.append(
+            (
+                int(rec["index"]),
+                key.decode() if isinstance(key, bytes) else key,
+                reason.decode() if isinstance(reason, bytes) else reason,
+            )
+        )
+    return out
+
+
+def build_index(out_dir: Path, world: int) -> Path:
+    """Write ``index.h5``: every shard's per-sample arrays as one virtual dataset, in original order."""
+    paths = [out_dir / shard_name(r, world) for r in range(world)]
+    missing = [p.name for p in paths if not shard_complete(p)]
+    if missing:
+        raise ValueError(f"cannot build the index of {out_dir}: shards not complete: {', '.join(missing)}")
+    metas = [read_meta(p) for p in paths]
+    meta0 = metas[0]
+    N = int(meta0["num_samples"])
+    layout = layout_from_meta(meta0, N)
+    keys: list[str] = []
+    skipped: list[tuple[int, str, str]] = []
+    stats, counts = [], []
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            keys += [k.decode() if isinstance(k, bytes) else k for k in f["keys"][()]]
+            skipped += read_skipped(f)
+            stats.append(f["block_stats"][()])
+            counts.append(f["block_count"][()])
+    tmp = out_dir / f"{INDEX_NAME}.tmp-{os.getpid()}"
+    with h5py.File(tmp, "w") as f:
+        for name, (shape, dt) in layout.per_sample().items():
+            vl = h5py.VirtualLayout(shape=(N, *shape), dtype=dt)
+            for p, m in zip(paths, metas):
+                s, c = int(m["shard_start"]), int(m["shard_count"])
+                if c:
+                    vl[s : s + c] = h5py.VirtualSource("./" + p.name, name, shape=(c, *shape))
+            f.create_virtual_dataset(name, vl)
+        f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
+        write_skipped(f, skipped)
+        attrs = {
+            k: v
+            for k, v in meta0.items()
+            if not k.startswith("shard_") and k not in ("block_size", "created")
+        }
+        attrs["shards"] = [p.name for p in paths]
+        attrs["created"] = min(str(m.get("created", "")) for m in metas)
+        attrs["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        attrs["num_done"] = sum(int(m.get("num_done", 0)) for m in metas)
+        attrs["num_skipped"] = len(skipped)
+        attrs.update(summarise_stats(np.concatenate(stats), np.concatenate(counts), layout.num_global_tokens))
+        attrs["complete"] = True
+        f.attrs.update(encode_attrs(attrs))
+    os.replace(tmp, out_dir / INDEX_NAME)
+    return out_dir / INDEX_NAME

@@ -1,0 +1,119 @@
+"""Checkpoints of a DeepSpeed run: ``<output_dir>/checkpoints/step_XXXXXXXX/``.
+
+DeepSpeed writes the model and optimizer states (every ZeRO stage); the run's own state (step, data
+position, EMA head, DINO centers, RNG states) travels as DeepSpeed ``client_state`` (one file per
+rank under ZeRO, so per-rank RNG states come back to their rank). A checkpoint counts only once
+``complete.json`` is written, after every rank finished saving; ``--resume auto`` picks the newest
+complete one, so an interrupted save is never resumed from. Older complete checkpoints beyond
+``keep_last`` are deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+TAG_RE = re.compile(r"^step_(\d{8})$")
+COMPLETE = "complete.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_complete(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """``[(step, path)]`` of complete checkpoints, oldest first."""
+    root = Path(ckpt_dir)
+    out = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = TAG_RE.match(p.name)
+            if m and (p / COMPLETE).is_file():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> tuple[Path, str] | None:
+    """``None``/"" -> None; ``auto`` -> newest complete checkpoint of ``output_dir`` (None if none);
+    a path to a ``step_*`` directory -> that one (must be complete). Returns ``(load_dir, tag)``."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_complete(checkpoint_dir(output_dir))
+        if not found:
+            logger.info("--resume auto: no complete checkpoint in %s, starting fresh", checkpoint_dir(output_dir))
+            return None
+        _, path = found[-1]
+        return path.parent, path.name
+    p = Path(resume)
+    if not p.is_dir() or not TAG_RE.match(p.name):
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (expected .../checkpoints/step_XXXXXXXX) or 'auto'")
+    if not (p / COMPLETE).is_file():
+        raise ValueError(f"--resume {resume}: checkpoint is incomplete (no {COMPLETE}); pick an older one or use --resume auto")
+    return p.parent, p.name
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save(engine: Any, output_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int = 0) -> Path:
+    """Save a checkpoint for optimizer step ``step`` on every rank; mark complete; prune old ones."""
+    root = checkpoint_dir(output_dir)
+    tag = tag_for(step)
+    t0 = time.time()
+    ok = engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
+    if ok is False:
+        raise RuntimeError(f"DeepSpeed failed to save checkpoint {root / tag}")
+    if dist.is_initialized():
+        dist.barrier()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        marker = {"step": step, "time": time.time(), "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+        tmp = root / tag / (COMPLETE + ".tmp")
+        tmp.write_text(json.dumps(marker))
+        tmp.replace(root / tag / COMPLETE)
+        if keep_last > 0:
+            for _, old in list_complete(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        logger.info("saved checkpoint %s (%.1fs)", root / tag, time.time() - t0)
+    if dist.is_initialized():
+        dist.barrier()
+    return root / tag
+
+
+def load(engine: Any, load_dir: str | Path, tag: str) -> dict[str, Any]:
+    """Load model + optimizer states into ``engine``; return the client state."""
+    path, client = engine.load_checkpoint(
+        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(load_dir) / tag}")
+    return client or {}

@@ -1,0 +1,344 @@
+"""Stage-2 data: crops of source images and the teacher targets that match what the student sees.
+
+One global crop plus ``N`` local crops per image (resize, crop, flip only; seeded per
+``(seed, epoch, index)`` so a sample's crops do not depend on worker count or on resuming).
+
+Teacher targets (cached mode) come in two ways:
+- ``replay``: the cache stored several views (``boxes (V, 4)``, ``flips (V,)``); one is picked and the
+  student's global crop is that exact view;
+- ``crop``: the cache stored the full-image feature map; the student's random crop box is cut out of
+  the teacher token grid with :func:`torchvision.ops.roi_align` (token centres at ``j + 0.5``),
+  flipped when the crop is, and resampled to the student's grid. Teacher and student grids may differ.
+
+Source images are matched to the cache by key; cache keys missing from the source are an error,
+source images absent from the cache are counted and listed (``skipped_keys``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+from torchvision.ops import roi_align
+
+logger = logging.getLogger(__name__)
+
+Box = tuple[float, float, float, float]  # normalised x0, y0, x1, y1
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python versions)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+def sample_box(
+    gen: torch.Generator,
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    region: tuple[int, int, int, int] | None = None,
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop parameters ``(top, left, h, w)`` in pixels, inside ``region`` (top, left, h, w)."""
+    rt, rl, rh, rw = region if region is not None else (0, 0, height, width)
+    area = rh * rw
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(2, generator=gen).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        ar = math.exp(log_r[0] + (log_r[1] - log_r[0]) * u[1])
+        w = int(round(math.sqrt(target * ar)))
+        h = int(round(math.sqrt(target / ar)))
+        if 0 < w <= rw and 0 < h <= rh:
+            top = rt + int(torch.randint(0, rh - h + 1, (1,), generator=gen))
+            left = rl + int(torch.randint(0, rw - w + 1, (1,), generator=gen))
+            return top, left, h, w
+    # fallback: central crop at the clamped ratio
+    in_ratio = rw / rh
+    if in_ratio < ratio[0]:
+        w, h = rw, int(round(rw / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = rh, int(round(rh * ratio[1]))
+    else:
+        w, h = rw, rh
+    return rt + (rh - h) // 2, rl + (rw - w) // 2, h, w
+
+
+def crop_resize(image: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> torch.Tensor:
+    """Crop ``image (3, H, W)`` at pixel ``box`` (top, left, h, w), resize to ``(3, size, size)`` (bilinear,
+    antialiased), flip horizontally when asked; values stay in [0, 1]."""
+    t, l, h, w = box
+    x = image[:, t : t + h, l : l + w].unsqueeze(0).float()
+    if (h, w) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = x.squeeze(0).clamp_(0.0, 1.0)
+    return x.flip(-1) if flip else x
+
+
+def pixel_box_to_norm(box: tuple[int, int, int, int], height: int, width: int) -> Box:
+    t, l, h, w = box
+    return (l / width, t / height, (l + w) / width, (t + h) / height)
+
+
+def norm_box_to_pixel(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    left, top = int(round(x0 * width)), int(round(y0 * height))
+    right, bottom = int(round(x1 * width)), int(round(y1 * height))
+    left, top = min(max(left, 0), width - 1), min(max(top, 0), height - 1)
+    right, bottom = max(min(right, width), left + 1), max(min(bottom, height), top + 1)
+    return top, left, bottom - top, right - left
+
+
+def align_teacher_map(
+    feat: torch.Tensor,
+    box: Sequence[float],
+    grid: tuple[int, int],
+    *,
+    flip: bool = False,
+    source_box: Sequence[float] = (0.0, 0.0, 1.0, 1.0),
+    sampling_ratio: int = 2,
+) -> torch.Tensor:
+    """Cut the region ``box`` (normalised image coordinates) out of a teacher token map and resample it.
+
+    Args:
+        feat: teacher tokens ``(h_t, w_t, D)`` covering ``source_box`` of the image.
+        box: the student's crop ``(x0, y0, x1, y1)`` in normalised image coordinates.
+        grid: the student's token grid ``(h_s, w_s)``.
+        flip: the student's crop is flipped horizontally (the output is flipped to match).
+    Returns:
+        ``(h_s, w_s, D)`` float32 targets, token ``(i, j)`` aligned with the student's token ``(i, j)``.
+    """
+    h_t, w_t, d = feat.shape
+    sx0, sy0, sx1, sy1 = (float(v) for v in source_box)
+    x0, y0, x1, y1 = (float(v) for v in box)
+    fx = w_t / max(sx1 - sx0, 1e-12)
+    fy = h_t / max(sy1 - sy0, 1e-12)
+    rois = torch.tensor([[0.0, (x0 - sx0) * fx, (y0 - sy0) * fy, (x1 - sx0) * fx, (y1 - sy0) * fy]])
+    inp = feat.permute(2, 0, 1).unsqueeze(0).float()  # (1, D, h_t, w_t)
+    out = roi_align(inp, rois, output_size=tuple(grid), spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=True)
+    out = out[0].permute(1, 2, 0)  # (h_s, w_s, D)
+    return out.flip(1) if flip else out
+
+
+def resample_grid(feat: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(h, w, D)`` -> ``(*grid, D)``: the identity when the grids match, roi_align over the whole map otherwise."""
+    if tuple(feat.shape[:2]) == tuple(grid):
+        return feat.float()
+    return align_teacher_map(feat, (0.0, 0.0, 1.0, 1.0), grid)
+
+
+class DistillDataset(Dataset):
+    """Crops of a source dataset, with cached teacher targets aligned to the student's global crop.
+
+    Item dict:
+        ``key`` str, ``index`` int (position in this dataset),
+        ``global`` ``(3, S, S)``, ``locals`` ``(N, 3, s, s)`` (``N`` may be 0), ``box`` ``(4,)`` normalised
+        crop of the global view, ``flip`` bool, ``captions`` gran -> str (``""`` when missing),
+        ``caption_valid`` gran -> bool;
+        cached mode: ``t_patch`` ``(h_s, w_s, D_t)``, ``t_cls`` ``(C, D_t)``, and when the cache has
+        text embeddings ``text`` gran -> ``(D_t,)`` with ``text_valid`` gran -> bool;
+        online mode with a teacher input size != S: ``t_image`` ``(3, S_t, S_t)`` (same box and flip).
+    """
+
+    def __init__(
+        self,
+        source: Dataset,
+        data_cfg: Any,  # distill.config.DataConfig
+        student_grid: tuple[int, int],
+        *,
+        cache: Any = None,
+        target: str = "auto",
+        teacher_image_size: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.source = source
+        self.cfg = data_cfg
+        self.student_grid = tuple(student_grid)
+        self.cache = cache
+        self.seed = int(seed)
+        self.epoch = 0
+        self.teacher_image_size = int(teacher_image_size or 0)
+        self.skipped_keys: list[str] = []
+        self.base_size: tuple[int, int] | None = None
+        self.base_resize = "exact"
+        src_keys = list(source.keys()) if hasattr(source, "keys") else [str(i) for i in range(len(source))]
+        if cache is None:
+            self.src_index = list(range(len(source)))
+            self.target = "none"
+            return
+        cache_keys = _cache_keys(cache)
+        lookup = {k: i for i, k in enumerate(src_keys)}
+        missing = [k for k in cache_keys if k not in lookup]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of {len(cache_keys)} cache keys are not in the source dataset "
+                f"{getattr(source, 'identity', lambda: {})()} (first: {missing[:5]}); build the cache from this "
+                "dataset (same name, split and kwargs) or point data.dataset at the one the cache was built from"
+            )
+        self.src_index = [lookup[k] for k in cache_keys]
+        cached = set(cache_keys)
+        self.skipped_keys = [k for k in src_keys if k not in cached]
+        if self.skipped_keys:
+            logger.warning(
+                "%d source images are not in the cache and are skipped (first: %s)",
+                len(self.skipped_keys),
+                self.skipped_keys[:5],
+            )
+        meta = dict(getattr(cache, "meta", {}) or {})
+        size = meta.get("image_size")
+        if size is not None:
+            size = (int(size), int(size)) if isinstance(size, int | float) else tuple(int(v) for v in size)
+        self.base_size, self.base_resize = size, str(meta.get("resize", "exact"))
+        self.num_global = int(meta.get("num_global_tokens") or 1)
+        views = _cache_views(cache)
+        if target == "auto":
+            target = "replay" if views > 1 else "crop"
+        if target == "replay" and views <= 1:
+            raise ValueError("cache.target=replay needs a cache with several stored views (boxes); use cache.target=crop")
+        self.target = target
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.src_index)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        epoch = self.epoch
+        if isinstance(index, tuple | list):  # (epoch, index) from ResumableSampler
+            epoch, index = int(index[0]), int(index[1])
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        src = self.source[self.src_index[index]]
+        image = src["image"]
+        if self.base_size is not None:  # crops and cached boxes refer to the cache's base image
+            from cache.datasets import resize_image
+
+            image = resize_image(image.float(), self.base_size, self.base_resize)
+        H, W = int(image.shape[-2]), int(image.shape[-1])
+        c = self.cfg
+        item: dict[str, Any] = {"index": index, "key": str(src["key"])}
+        titem = self.cache[index] if self.cache is not None else None
+        if titem is not None:
+            from .task import _cls_2d
+
+            titem["cls"] = _cls_2d(titem["cls"], self.num_global, self.target == "replay")
+        if titem is not None and str(titem["key"]) != item["key"]:
+            raise RuntimeError(f"cache item {index} has key {titem['key']!r}, source has {item['key']!r}")
+        # ---- global crop (+ teacher targets)
+        if self.target == "replay":
+            from cache.views import apply_view
+
+            v = int(torch.randint(0, titem["patch"].shape[0], (1,), generator=gen))
+            nbox = [float(x) for x in titem["boxes"][v]]
+            flip = bool(titem["flips"][v]) if "flips" in titem else False
+            pbox = None
+            item["global"] = apply_view(image, titem["boxes"][v], flip, (c.image_size, c.image_size))
+            t_patch = resample_grid(titem["patch"][v], self.student_grid)
+            t_cls = titem["cls"][v]
+        else:
+            src_box = (0.0, 0.0, 1.0, 1.0)
+            region = None
+            if titem is not None and "boxes" in titem:
+                b = titem["boxes"]
+                src_box = tuple(float(x) for x in (b[0] if b.ndim == 2 else b))
+                region = norm_box_to_pixel(src_box, H, W)
+            pbox = sample_box(gen, H, W, c.global_scale, c.ratio, region)
+            flip = bool(c.flip) and bool(torch.rand(1, generator=gen) < 0.5)
+            nbox = list(pixel_box_to_norm(pbox, H, W))
+            if titem is not None:
+                feat = titem["patch"][0] if titem["patch"].ndim == 4 else titem["patch"]
+                t_patch = align_teacher_map(feat, nbox, self.student_grid, flip=flip, source_box=src_box)
+                t_cls = titem["cls"][0] if titem["cls"].ndim == 3 else titem["cls"]
+        if pbox is None:
+            pbox = norm_box_to_pixel(nbox, H, W)
+        else:
+            item["global"] = crop_resize(image, pbox, c.image_size, flip)
+        item["box"] = torch.tensor(nbox, dtype=torch.float32)
+        item["flip"] = flip
+        if self.teacher_image_size and self.teacher_image_size != c.image_size:
+            item["t_image"] = crop_resize(image, pbox, self.teacher_image_size, flip)
+        if titem is not None:
+            item["t_patch"] = t_patch.float()
+            item["t_cls"] = t_cls.float()
+            if "text" in titem:
+                item["text"] = {g: t.float() for g, t in titem["text"].items()}
+                item["text_valid"] = {g: bool(v) for g, v in titem.get("text_valid", {}).items()}
+                for g in item["text"]:
+                    item["text_valid"].setdefault(g, True)
+        # ---- local crops
+        locs = []
+        for _ in range(c.local_crops):
+            b = sample_box(gen, H, W, c.local_scale, c.ratio)
+            f = bool(c.flip) and bool(torch.rand(1, generator=gen) < 0.5)
+            locs.append(crop_resize(image, b, c.local_size, f))
+        item["locals"] = torch.stack(locs) if locs else torch.zeros(0, 3, c.local_size, c.local_size)
+        caps = src.get("captions", {}) or {}
+        item["captions"] = {g: str(caps.get(g) or "") for g in c.granularities}
+        item["caption_valid"] = {g: bool(caps.get(g)) for g in c.granularities}
+        return item
+
+
+def _cache_keys(cache: Any) -> list[str]:
+    for attr in ("keys",):
+        k = getattr(cache, attr, None)
+        if callable(k):
+            return [str(x) for x in k()]
+        if k is not None:
+            return [str(x) for x in k]
+    return [str(cache[i]["key"]) for i in range(len(cache))]
+
+
+def _cache_views(cache: Any) -> int:
+    meta = getattr(cache, "meta", {}) or {}
+    if isinstance(meta.get("num_views"), int | np.integer):
+        return int(meta["num_views"])
+    if len(cache) == 0:
+        return 1
+    p = cache[0]["patch"]
+    return int(p.shape[0]) if p.ndim == 4 else 1
+
+
+class ResumableSampler(Sampler[tuple[int, int]]):
+    """Per-epoch seeded permutation, sharded ``rank::world`` (equal length per rank), resumable mid-epoch.
+
+Yields ``(epoch, index)`` so each sample's augmentation seed travels with it into the workers.
+
+    With ``world`` ranks of batch ``b``, the ranks' ``k``-th batches together are exactly the ``k``-th
+    batch of size ``world * b`` of a single process (rank ``r`` holds positions ``r, r + world, ...``).
+    """
+
+    def __init__(self, n: int, *, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+        self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
+        self.epoch = 0
+        self.start = 0  # samples of this rank already consumed in this epoch
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+
+    def order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, 7777, self.epoch))
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        per_rank = self.n // self.world
+        return perm[: per_rank * self.world][self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(self.epoch, i) for i in self.order()[self.start :]])
+
+    def __len__(self) -> int:
+        return self.n // self.world - self.start
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Default collation of :class:`DistillDataset` items (strings become lists)."""
+    from torch.utils.data import default_collate
+
+    return default_collate(items)

@@ -1,0 +1,151 @@
+"""Teacher targets for prototype losses: a frozen head, or a head-only EMA head (TIPSv2).
+
+Head-only EMA: the encoder is shared between student and "teacher"; only the projection head has an
+EMA copy, ``h_t <- m * h_t + (1 - m) * h_s``, with ``m`` following a cosine schedule from
+``momentum_start`` (0.994) to ``momentum_end`` (1.0). Targets are ``stopgrad(h_t(adapter(tokens)))``.
+
+DeepSpeed ZeRO-3: the student head's parameters are partitioned, so reading them needs a gather.
+:meth:`HeadEMA.update` accepts either
+
+- the head module plus ``gather``: a callable ``params -> context manager`` that materialises the full
+  parameters inside the ``with`` block, e.g.
+  ``gather=lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=None)``; or
+- a plain sequence of full tensors in ``head.parameters()`` order (gathered by the caller).
+
+The EMA copy itself is a plain, replicated module: build the ``HeadEMA`` from the student head
+**before** ``deepspeed.initialize`` partitions it, and keep it out of the engine's model / optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def cosine_momentum(step: int, total_steps: int, start: float = 0.994, end: float = 1.0) -> float:
+    """``end - (end - start) * (cos(pi * step / total_steps) + 1) / 2``; ``start`` at 0, ``end`` at ``total_steps``."""
+    if total_steps <= 0:
+        return end
+    t = min(max(step, 0), total_steps) / total_steps
+    return end - (end - start) * (math.cos(math.pi * t) + 1.0) / 2.0
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class FrozenHead(nn.Module):
+    """Targets through a frozen head (e.g. a teacher's released or pre-trained head): ``tokens -> logits``.
+
+    ``(..., D_t) -> (..., K)`` under ``no_grad``; the head stays in eval mode.
+    """
+
+    def __init__(self, head: nn.Module, adapter: nn.Module | None = None) -> None:
+        super().__init__()
+        self.head = _freeze(head)
+        self.adapter = _freeze(adapter) if adapter is not None else nn.Identity()
+
+    def train(self, mode: bool = True) -> FrozenHead:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.adapter(tokens))
+
+
+class HeadEMA(nn.Module):
+    """EMA copy of a student projection head (head-only EMA, encoder shared).
+
+    Args:
+        head: the student head (copied at construction; build before ZeRO-3 partitioning).
+        total_steps: length of the cosine momentum schedule.
+        momentum_start, momentum_end: schedule endpoints (default 0.994 -> 1.0).
+        adapter: optional frozen width adapter applied to tokens before the EMA head (feed teacher
+            tokens of width ``D_t`` to a head built for ``D_s``; see ``students.frozen_projection``).
+    Call ``ema(tokens (..., D)) -> (..., K)`` targets (no grad); ``ema.update(head, step)`` after each
+    optimizer step.
+    """
+
+    def __init__(
+        self,
+        head: nn.Module,
+        *,
+        total_steps: int,
+        momentum_start: float = 0.994,
+        momentum_end: float = 1.0,
+        adapter: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        for name, m in (("momentum_start", momentum_start), ("momentum_end", momentum_end)):
+            if not 0.0 <= m <= 1.0:
+                raise ValueError(f"HeadEMA {name} must be in [0, 1], got {m}")
+        self.ema = _freeze(copy.deepcopy(head))
+        self.adapter = _freeze(adapter) if adapter is not None else nn.Identity()
+        self.total_steps = int(total_steps)
+        self.momentum_start = float(momentum_start)
+        self.momentum_end = float(momentum_end)
+        self.last_momentum: float | None = None
+
+    def train(self, mode: bool = True) -> HeadEMA:
+        return super().train(False)
+
+    def momentum(self, step: int) -> float:
+        return cosine_momentum(step, self.total_steps, self.momentum_start, self.momentum_end)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(..., D) -> (..., K)`` target logits, no gradient."""
+        return self.ema(self.adapter(tokens))
+
+    @torch.no_grad()
+    def update(
+        self,
+        head: nn.Module | Sequence[torch.Tensor],
+        step: int,
+        *,
+        gather: Callable[[list[nn.Parameter]], contextlib.AbstractContextManager[Any]] | None = None,
+        momentum: float | None = None,
+    ) -> float:
+        """``ema_p <- m * ema_p + (1 - m) * p`` for every head parameter; returns ``m``.
+
+        Only the EMA head's parameters change (buffers are copied). ``head`` is the student head
+        module (use ``gather`` under ZeRO-3) or a sequence of full tensors in ``head.parameters()``
+        order. ``momentum`` overrides the schedule.
+        """
+        m = self.momentum(step) if momentum is None else float(momentum)
+        ema_params = list(self.ema.parameters())
+        if isinstance(head, nn.Module):
+            params = list(head.parameters())
+            ctx = gather(params) if gather is not None else contextlib.nullcontext()
+            with ctx:
+                self._apply(ema_params, [p.data for p in params], m)
+                for b_ema, b in zip(self.ema.buffers(), head.buffers(), strict=False):
+                    b_ema.copy_(b)
+        else:
+            self._apply(ema_params, list(head), m)
+        self.last_momentum = m
+        return m
+
+    @staticmethod
+    def _apply(ema_params: list[nn.Parameter], src: list[torch.Tensor], m: float) -> None:
+        if len(src) != len(ema_params):
+            raise ValueError(f"HeadEMA.update got {len(src)} tensors for {len(ema_params)} head parameters")
+        for i, (pe, ps) in enumerate(zip(ema_params, src, strict=True)):
+            if pe.shape != ps.shape:
+                raise ValueError(
+                    f"HeadEMA.update: parameter {i} has shape {tuple(ps.shape)}, EMA expects {tuple(pe.shape)}; "
+                    "under ZeRO-3 pass gather=... so full parameters are read"
+                )
+            pe.mul_(m).add_(ps.detach().to(pe.device, pe.dtype), alpha=1.0 - m)

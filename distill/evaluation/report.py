@@ -1,0 +1,372 @@
+"""Comparison report: several models, one dataset, the same settings -> JSON, Markdown and PNG figures.
+
+Files written to ``out_dir``: ``results.json``, ``results.md``, ``per_class_iou.png``, ``examples.png``
+(image, ground truth, each model's prediction), ``pca.png`` (patch features projected to RGB per model),
+``layer_curve.png`` (when ``layers`` is given) and ``retrieval`` entries in the JSON when asked.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .segmentation import (
+    SegmentationSettings,
+    dataset_class_names,
+    dense_patch_features,
+    evaluate_segmentation,
+    layer_curve,
+    model_device,
+    resize_short_side,
+)
+from .templates import apply_synonyms, normalise_class_list
+from .text import ClassEmbeddings, resolve_class_embeddings
+
+logger = logging.getLogger(__name__)
+
+
+def _git_revision() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _identity(obj: Any) -> dict[str, Any]:
+    try:
+        return dict(obj.identity())
+    except Exception:
+        return {"class": type(obj).__name__}
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def palette(n: int) -> np.ndarray:
+    """``(n + 1, 3)`` uint8 colours; the last row (index ``n``) is the ignore colour (black)."""
+    rng = np.random.RandomState(0)
+    cols = rng.randint(40, 256, size=(n, 3)).astype(np.uint8)
+    return np.concatenate([cols, np.zeros((1, 3), np.uint8)])
+
+
+def colorize(label: torch.Tensor, num_classes: int) -> np.ndarray:
+    pal = palette(num_classes)
+    lab = label.cpu().numpy().astype(np.int64)
+    lab = np.where((lab < 0) | (lab >= num_classes), num_classes, lab)
+    return pal[lab]
+
+
+def pca_rgb(feats: torch.Tensor) -> np.ndarray:
+    """``(h, w, D)`` features -> ``(h, w, 3)`` float in [0, 1] from the first 3 principal components."""
+    h, w, d = feats.shape
+    x = feats.reshape(-1, d).double()
+    x = x - x.mean(0, keepdim=True)
+    k = min(3, x.shape[0], d)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    proj = x @ vh[:k].T
+    if k < 3:
+        proj = torch.cat([proj, proj.new_zeros(proj.shape[0], 3 - k)], 1)
+    lo, hi = proj.min(0).values, proj.max(0).values
+    proj = (proj - lo) / (hi - lo).clamp_min(1e-12)
+    return proj.reshape(h, w, 3).float().numpy()
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    models = results["models"]
+    subsets = sorted({k for r in models.values() for k in r["metrics"] if k.startswith("miou_")})
+    head = (
+        ["model", "mIoU"] + [f"mIoU ({s[5:]})" for s in subsets] + ["pixel acc", "mean acc", "images", "text"]
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for name, r in models.items():
+        m = r["metrics"]
+        row = [name, _fmt(m["miou"])] + [_fmt(m.get(s)) for s in subsets]
+        row += [_fmt(m["pixel_accuracy"]), _fmt(m["mean_accuracy"]), str(r["num_images"]), r["text_source"]]
+        lines.append("| " + " | ".join(row) + " |")
+    s = results["settings"]
+    out = [f"# Zero-shot segmentation: {results['dataset'].get('name', '?')}", "", *lines, ""]
+    out.append(
+        "Settings: "
+        + ", ".join(f"{k}={v}" for k, v in s.items() if k != "extra" and v is not None)
+        + f"; ignore index 255; mIoU over classes with a non-empty union ({results['dataset'].get('num_classes')} classes)."
+    )
+    curves = {n: r["layer_curve"] for n, r in models.items() if r.get("layer_curve")}
+    if curves:
+        layers = sorted({row["layer"] for c in curves.values() for row in c})
+        out += ["", "## mIoU by layer", "", "| model | " + " | ".join(str(k) for k in layers) + " |"]
+        out.append("|" + "|".join(["---"] * (len(layers) + 1)) + "|")
+        for n, c in curves.items():
+            by = {row["layer"]: row["miou"] for row in c}
+            out.append(f"| {n} | " + " | ".join(_fmt(by.get(k)) for k in layers) + " |")
+    ret = {n: r["retrieval"] for n, r in models.items() if r.get("retrieval")}
+    if ret:
+        out += [
+            "",
+            "## Image-text retrieval (recall@K, %)",
+            "",
+            "| model | token/captions | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 | N |",
+        ]
+        out.append("|---|---|---|---|---|---|---|")
+        for n, rr in ret.items():
+            for key, v in rr.items():
+                if key.startswith("skipped/"):
+                    continue
+                cells = [_fmt(v.get(c)) for c in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")]
+                out.append(f"| {n} | {key} | " + " | ".join(cells) + f" | {v['num']} |")
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_per_class_iou(results: dict[str, Any], path: Path, max_classes: int = 60) -> Path:
+    """Grouped bar chart of per-class IoU (classes present in the ground truth or predicted; the
+    ``max_classes`` with the largest mean IoU when there are more)."""
+    plt = _plt()
+    models = results["models"]
+    names = list(next(iter(models.values()))["metrics"]["per_class_iou"])
+    vals = np.array(
+        [
+            [
+                np.nan if r["metrics"]["per_class_iou"][c] is None else r["metrics"]["per_class_iou"][c]
+                for c in names
+            ]
+            for r in models.values()
+        ]
+    )
+    keep = [i for i in range(len(names)) if not np.all(np.isnan(vals[:, i]))]
+    if len(keep) > max_classes:
+        keep = sorted(keep, key=lambda i: -np.nanmean(vals[:, i]))[:max_classes]
+    nm = len(models)
+    width = 0.8 / max(nm, 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(keep) * max(1, nm / 2) + 2), 4))
+    x = np.arange(len(keep))
+    for j, mname in enumerate(models):
+        ax.bar(x + j * width - 0.4 + width / 2, np.nan_to_num(vals[j, keep]), width, label=mname)
+    ax.set_xticks(x)
+    ax.set_xticklabels([names[i] for i in keep], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Per-class IoU ({results['dataset'].get('name', '')}, {results['settings']['mode']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_examples(examples: dict[str, list], num_classes: int, path: Path) -> Path:
+    """Grid: one row per image; columns image, ground truth, each model's prediction."""
+    plt = _plt()
+    mnames = list(examples)
+    rows = min(len(v) for v in examples.values())
+    cols = 2 + len(mnames)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows), squeeze=False)
+    for r in range(rows):
+        ex0 = examples[mnames[0]][r]
+        panels = [
+            ("image", ex0.image.permute(1, 2, 0).clamp(0, 1).numpy()),
+            ("ground truth", colorize(ex0.label, num_classes)),
+        ]
+        panels += [(m, colorize(examples[m][r].pred, num_classes)) for m in mnames]
+        for c, (title, im) in enumerate(panels):
+            ax = axes[r][c]
+            ax.imshow(im, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+        axes[r][0].set_ylabel(str(ex0.key)[-24:], fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_pca(images: list[torch.Tensor], feats: dict[str, list[np.ndarray]], path: Path) -> Path:
+    plt = _plt()
+    mnames = list(feats)
+    rows, cols = len(images), 1 + len(mnames)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows), squeeze=False)
+    for r, img in enumerate(images):
+        panels = [("image", img.permute(1, 2, 0).clamp(0, 1).numpy())] + [(m, feats[m][r]) for m in mnames]
+        for c, (title, im) in enumerate(panels):
+            ax = axes[r][c]
+            ax.imshow(im, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title if c == 0 else f"{title} (PCA)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_curve(curves: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, rows in curves.items():
+        ax.plot([r["layer"] for r in rows], [r["miou"] or 0.0 for r in rows], marker="o", label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("block (0-based)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title or "mIoU by depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------- driver
+def compare_models(
+    models: dict[str, Any],
+    dataset: Any,
+    settings: SegmentationSettings | None = None,
+    out_dir: str | Path = "eval_out",
+    *,
+    text_model: Any = None,
+    text_embeddings: str | Path | ClassEmbeddings | None = None,
+    synonyms: str | Path | list[list[str]] | None = None,
+    layers: Sequence[int] | str | None = None,
+    num_examples: int = 4,
+    num_pca: int = 2,
+    retrieval_dataset: Any = None,
+    retrieval_image_size: int = 224,
+    cache_dir: str | Path | None = "default",
+    progress: bool = True,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Evaluate every model on ``dataset`` with the same ``settings``; write the report to ``out_dir``.
+
+    Text: ``text_embeddings`` (file/object) for all models, else ``text_model`` for all models, else each
+    model's own text tower. ``synonyms`` (file or lists, one line per class) adds names scored by max.
+    ``layers`` (``"all"`` or ids) adds an mIoU-by-depth curve per model.
+    Returns the results dict (also written as ``results.json``) with ``files`` listing the outputs.
+    """
+    if not models:
+        raise ValueError("compare_models needs at least one model")
+    settings = settings or SegmentationSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = dataset_class_names(dataset)
+    classes = apply_synonyms(
+        normalise_class_list(getattr(dataset, "class_synonyms", None) or names), synonyms
+    )
+    try:
+        ds_ident = dict(dataset.identity())
+    except Exception:
+        ds_ident = {"name": type(dataset).__name__}
+    ds_ident.setdefault("num_classes", len(names))
+    results: dict[str, Any] = {
+        "dataset": ds_ident,
+        "settings": settings.to_dict(),
+        "models": {},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_revision": _git_revision(),
+    }
+    examples: dict[str, list] = {}
+    curves: dict[str, list] = {}
+    for mname, model in models.items():
+        logger.info("evaluating %s", mname)
+        text = resolve_class_embeddings(
+            classes,
+            model=model,
+            text_model=text_model,
+            text_embeddings=text_embeddings,
+            templates=settings.templates,
+            cache_dir=cache_dir,
+        )
+        if text_embeddings is not None:
+            tsrc = f"file {Path(str(text.source.get('path', 'given'))).name}"
+        elif text_model is not None:
+            tsrc = f"shared {_identity(text_model).get('class', 'text model')}"
+        else:
+            tsrc = "own"
+        res = evaluate_segmentation(
+            model, dataset, text, settings, keep_examples=num_examples, progress=progress, desc=mname
+        )
+        entry: dict[str, Any] = {
+            "identity": _identity(model),
+            "text_source": tsrc,
+            "text": {k: v for k, v in text.source.items()},
+            "num_images": res["num_images"],
+            "metrics": res["metrics"],
+        }
+        examples[mname] = res["examples"]
+        if layers is not None:
+            curve = layer_curve(model, dataset, text, settings, layers, progress=progress)
+            entry["layer_curve"] = curve
+            curves[mname] = curve
+        if retrieval_dataset is not None:
+            from .retrieval import retrieval_recall
+
+            entry["retrieval"] = retrieval_recall(
+                model, retrieval_dataset, text_model=text_model, image_size=retrieval_image_size
+            )
+        results["models"][mname] = entry
+    files: dict[str, str] = {}
+    if plots:
+        files["per_class_iou"] = str(plot_per_class_iou(results, out / "per_class_iou.png"))
+        if num_examples > 0 and all(examples.values()):
+            files["examples"] = str(plot_examples(examples, len(names), out / "examples.png"))
+        if num_pca > 0:
+            first = next(iter(examples.values()))[:num_pca] if examples else []
+            if first:
+                pca_imgs = [
+                    resize_short_side(ex.image, settings.image_size, settings.resize_backend) for ex in first
+                ]
+                pca_feats = {
+                    m: [
+                        pca_rgb(
+                            dense_patch_features(
+                                model,
+                                im[None].to(model_device(model)),
+                                settings.readout,
+                                settings.layer,
+                                False,
+                            )[0].cpu()
+                        )
+                        for im in pca_imgs
+                    ]
+                    for m, model in models.items()
+                }
+                files["pca"] = str(plot_pca(pca_imgs, pca_feats, out / "pca.png"))
+        if curves:
+            files["layer_curve"] = str(
+                plot_layer_curve(curves, out / "layer_curve.png", f"mIoU by depth ({settings.readout})")
+            )
+    results["files"] = files
+    md = markdown_table(results)
+    (out / "results.md").write_text(md)
+    files["markdown"] = str(out / "results.md")
+    files["json"] = str(out / "results.json")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return results

@@ -1,0 +1,408 @@
+"""Stage 2: the DeepSpeed training loop (distillation from a cache or a live teacher, or pretraining).
+
+``train(cfg, resume=None)`` runs one process of a (possibly multi-process) job:
+
+- distributed set-up: without a launcher the single-process env vars (``RANK``, ``LOCAL_RANK``,
+  ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) are set for the user; with ``torchrun`` /
+  ``deepspeed`` they come from the launcher. Backend nccl on CUDA, gloo otherwise;
+- ``deepspeed.initialize`` with ZeRO stage 0-3 (or a user DeepSpeed JSON), fp32 or bf16, gradient
+  accumulation and clipping; a client ``torch.optim.AdamW`` with parameter groups (no weight decay
+  on norms, biases, tokens and position embeddings); LR warm-up + cosine and a weight-decay cosine set
+  on the param groups before every optimizer step (step-indexed, see ``distill.schedules``);
+- after each optimizer step the head-only EMA (or the full EMA teacher) is updated from the trained
+  parameters, gathered under ZeRO-3 with ``deepspeed.zero.GatheredParameters``;
+- every micro step is seeded from ``(seed, step, micro, rank)`` and every sample from
+  ``(seed, epoch, index)``, so ``--resume auto`` continues bit-identically;
+- a non-finite loss term stops the run (all ranks agree) naming the step and the term, before the
+  backward pass and without saving anything;
+- rank 0: tqdm progress (step, loss, lr, samples/s), ``log.jsonl`` with every loss term, optional
+  TensorBoard, ``config.yaml`` + ``run_info.json``, and at the end the exported student.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, config_to_dict, save_resolved
+from .data import sample_seed
+from .schedules import Schedules
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term became NaN or Inf."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def setup_env() -> dict[str, str]:
+    """Set the single-process distributed env vars when no launcher did; returns what was set."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    set_now = {}
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        defaults = {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+        }
+        for k, v in defaults.items():
+            if k not in os.environ:
+                os.environ[k] = v
+                set_now[k] = v
+        logger.info("no launcher found: running one process (set %s)", ", ".join(f"{k}={v}" for k, v in set_now.items()))
+    for k in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if k not in os.environ:
+            os.environ[k] = {"LOCAL_RANK": os.environ.get("RANK", "0"), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}[k]
+    return set_now
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda":
+        d = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(d)
+        return d
+    return torch.device("cpu")
+
+
+def build_ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """DeepSpeed config from the run config, or the user's JSON with batch sizes filled in."""
+    ds: dict[str, Any] = {}
+    if cfg.engine.deepspeed_config:
+        with open(cfg.engine.deepspeed_config) as f:
+            ds = json.load(f)
+    ds.setdefault("train_micro_batch_size_per_gpu", cfg.data.batch_size)
+    ds.setdefault("gradient_accumulation_steps", cfg.optim.accum_steps)
+    ds.setdefault("train_batch_size", ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world)
+    if cfg.optim.clip_grad > 0:
+        ds.setdefault("gradient_clipping", cfg.optim.clip_grad)
+    zero = ds.setdefault("zero_optimization", {"stage": cfg.engine.zero_stage})
+    zero.setdefault("stage", cfg.engine.zero_stage)
+    if cfg.engine.precision == "bf16":
+        ds.setdefault("bf16", {"enabled": True})
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ValueError(
+            f"{cfg.engine.deepspeed_config}: drop 'optimizer'/'scheduler'; the toolkit builds AdamW with "
+            "parameter groups and schedules (optim.*)"
+        )
+    if ds["train_micro_batch_size_per_gpu"] != cfg.data.batch_size or ds["gradient_accumulation_steps"] != cfg.optim.accum_steps:
+        raise ValueError(
+            f"DeepSpeed JSON batch settings (micro {ds['train_micro_batch_size_per_gpu']}, accumulation "
+            f"{ds['gradient_accumulation_steps']}) disagree with data.batch_size={cfg.data.batch_size} / "
+            f"optim.accum_steps={cfg.optim.accum_steps}; set them in one place"
+        )
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on 1-d parameters (norms, biases), tokens and position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if p.ndim <= 1 or name.endswith(".bias") or "token" in leaf or "pos_embed" in leaf:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "apply_wd": True},
+        {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+    ]
+
+
+def _gather_ctx(zero_stage: int):
+    """Callable ``params -> context`` materialising ZeRO-3 partitioned parameters (no-op otherwise)."""
+    import contextlib
+
+    if zero_stage == 3:
+        import deepspeed
+
+        return lambda params: deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+    return lambda params: contextlib.nullcontext()
+
+
+def register_zero3_external(task: torch.nn.Module, probe_batch: dict[str, Any]) -> int:
+    """Under ZeRO-3, parameters read outside their own module's ``forward`` (patch-embed weights used
+    through ``F.conv2d``, cls/reg/mask tokens, position tables) must be registered as external
+    parameters of the root, or they stay partitioned. Found with one probe forward: every parameter
+    whose owning module's forward never ran. Returns how many were registered."""
+    import deepspeed
+
+    called: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _inp: called.add(id(mod))) for m in task.modules()]
+    try:
+        with torch.no_grad():
+            task(probe_batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    n = 0
+    for m in task.modules():
+        if id(m) in called:
+            continue
+        for p in m.parameters(recurse=False):
+            deepspeed.zero.register_external_parameter(task, p)
+            n += 1
+    return n
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [_to_device(v, device) for v in batch]
+    return batch
+
+
+class _Loader:
+    """Endless, resumable iteration over epochs: tracks ``(epoch, consumed)`` of this rank."""
+
+    def __init__(self, dataset, sampler, cfg: TrainConfig) -> None:
+        from torch.utils.data import DataLoader
+
+        from .data import collate
+
+        self.dataset, self.sampler, self.cfg = dataset, sampler, cfg
+        self.batch = cfg.data.batch_size
+        if len(sampler.order()) < self.batch:
+            raise ValueError(
+                f"dataset has {len(dataset)} samples ({len(sampler.order())} per rank), fewer than one batch "
+                f"(data.batch_size={self.batch}); lower the batch size or add data"
+            )
+        nw = cfg.data.num_workers
+        self._make = lambda: DataLoader(
+            dataset,
+            batch_size=self.batch,
+            sampler=sampler,
+            num_workers=nw,
+            collate_fn=collate,
+            drop_last=True,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=cfg.data.prefetch_factor if nw > 0 else None,
+            persistent_workers=False,
+        )
+        self.epoch, self.consumed = 0, 0
+        self._it = None
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def seek(self, epoch: int, consumed: int) -> None:
+        self.epoch, self.consumed = int(epoch), int(consumed)
+        self._it = None
+
+    def next(self) -> dict[str, Any]:
+        while True:
+            if self._it is None:
+                self.sampler.set_epoch(self.epoch, self.consumed)
+                self._it = iter(self._make())
+            try:
+                b = next(self._it)
+                self.consumed += self.batch
+                return b
+            except StopIteration:
+                self._it = None
+                self.epoch, self.consumed = self.epoch + 1, 0
+
+
+def _all_reduce_terms(terms: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    names = sorted(terms)
+    vals = torch.stack([terms[k].detach().float().reshape(()) for k in names]).cpu()
+    if world > 1:
+        dist.all_reduce(vals)
+        vals /= world
+    return {k: float(v) for k, v in zip(names, vals.tolist())}
+
+
+def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns ``{"step", "final": {term: value}, "export": path | None}``.
+
+    ``max_steps`` stops early after that many optimizer steps (schedules still follow ``cfg.steps``);
+    used to simulate interruption.
+    """
+    setup_env()
+    import deepspeed
+
+    from .task import build_task
+
+    device = device_for_rank()
+    backend = cfg.engine.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    is_main = rank == 0
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+
+    # ---- task (model, heads, losses, data)
+    built = build_task(cfg, device=device, rank=rank, world=world)
+    task, dataset, sampler = built.task, built.dataset, built.sampler
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out, extra={"world_size": world, "task": built.info})
+        if getattr(dataset, "skipped_keys", None):
+            (out / "skipped_keys.txt").write_text("\n".join(dataset.skipped_keys) + "\n")
+    loader = _Loader(dataset, sampler, cfg)
+
+    ds_cfg = build_ds_config(cfg, world)
+    zero_stage = int(ds_cfg["zero_optimization"].get("stage", 0))
+    groups = param_groups(task, cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "apply_wd"} for g in groups],
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    apply_wd = [g["apply_wd"] for g in groups]
+    if zero_stage == 3:
+        # probe on a tiny batch to find parameters read outside their module's forward
+        probe = _to_device(loader.next(), device)
+        loader.seek(0, 0)
+        torch.manual_seed(sample_seed(cfg.seed, 99991))
+        n_ext = register_zero3_external(task, probe)
+        logger.info("ZeRO-3: %d parameters registered as external to the root module", n_ext)
+    engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_cfg, dist_init_required=False)
+    gather = _gather_ctx(zero_stage)
+    sched = Schedules(cfg)
+
+    # ---- resume
+    step = 0
+    found = ckpt.resolve_resume(resume, out)
+    if found is not None:
+        client = ckpt.load(engine, *found)
+        step = int(client["step"])
+        built.load_aux_state(client["aux"])
+        loader.seek(**client["data"])
+        ckpt.set_rng_state(client["rng"])
+        logger.info("resumed from %s/%s at step %d", found[0], found[1], step)
+
+    # ---- logging
+    log_f = open(out / "log.jsonl", "a") if is_main else None
+    tb = None
+    if is_main and cfg.log.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tensorboard"))
+    bar = None
+    stop = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
+    if is_main and cfg.log.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.recipe}", dynamic_ncols=True)
+    global_batch = cfg.data.batch_size * cfg.optim.accum_steps * world
+    history: list[dict[str, float]] = []
+    engine.train()
+    t_last = time.time()
+    try:
+        while step < stop:
+            vals = sched.at(step)
+            for g, wd_on in zip(engine.optimizer.param_groups, apply_wd):
+                g["lr"] = vals["lr"]
+                g["weight_decay"] = vals["wd"] if wd_on else 0.0
+            built.set_step(step, vals)
+            acc: dict[str, float] = {}
+            t_data = 0.0
+            for micro in range(cfg.optim.accum_steps):
+                t0 = time.time()
+                batch = _to_device(loader.next(), device)
+                t_data += time.time() - t0
+                torch.manual_seed(sample_seed(cfg.seed, step, micro, rank))
+                terms = engine(batch)
+                total = sum(terms.values())
+                terms = {**terms, "loss": total}
+                red = _all_reduce_terms(terms, world)
+                bad = [k for k, v in red.items() if not math.isfinite(v)]
+                if bad:
+                    raise TrainingDiverged(
+                        f"loss term {bad[0]!r} is {red[bad[0]]} at step {step} (micro step {micro}); stopping "
+                        f"without saving (last complete checkpoint stays valid). Lower optim.lr, raise "
+                        f"optim.warmup_steps or check the data"
+                    )
+                engine.backward(total)
+                engine.step()
+                for k, v in red.items():
+                    acc[k] = acc.get(k, 0.0) + v / cfg.optim.accum_steps
+            built.after_step(step, engine, gather)
+            step += 1
+            now = time.time()
+            rec = {
+                "step": step,
+                **loader.position(),
+                "lr": vals["lr"],
+                "wd": vals["wd"],
+                **acc,
+                "samples_per_s": global_batch / max(now - t_last, 1e-9),
+                "data_s": t_data,
+            }
+            t_last = now
+            history.append(acc)
+            if is_main:
+                if step % cfg.log.every == 0 or step == stop:
+                    log_f.write(json.dumps(rec) + "\n")
+                    log_f.flush()
+                    if tb is not None:
+                        for k, v in rec.items():
+                            if isinstance(v, float):
+                                tb.add_scalar(k if k in ("lr", "wd", "samples_per_s") else f"loss/{k}", v, step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{acc['loss']:.4f}", lr=f"{vals['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}")
+            every = cfg.checkpoint.every
+            if (every and step % every == 0) or (step == cfg.steps and cfg.checkpoint.at_end):
+                client = {
+                    "step": step,
+                    "aux": built.aux_state(),
+                    "data": loader.position(),
+                    "rng": ckpt.rng_state(),
+                    "config": config_to_dict(cfg),
+                }
+                ckpt.save(engine, out, step, client, keep_last=cfg.checkpoint.keep_last)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_f is not None:
+            log_f.close()
+        if tb is not None:
+            tb.close()
+
+    final = {}
+    if history:
+        tail = history[-min(len(history), 10) :]
+        final = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1]}
+    export_path = None
+    if step == cfg.steps:
+        from .export import export_student
+
+        export_path = out / "export"
+        with gather(list(built.student.parameters())):
+            if is_main:
+                export_student(
+                    built.student, export_path, train_config=config_to_dict(cfg), metrics={"step": step, **final}
+                )
+        if dist.is_initialized():
+            dist.barrier()
+    return {"step": step, "final": final, "export": str(export_path) if export_path else None, "engine": engine}

@@ -1,0 +1,184 @@
+"""``tipsdistill-eval``: zero-shot segmentation (and optionally retrieval) of one or several models.
+
+Model specs (``--model NAME=SPEC``, repeatable):
+  ``teacher:<registry name>[:<json kwargs>]``   e.g. ``teacher:timm:{"model_name": "vit_base_patch14_reg4_dinov2"}``
+  ``student:<export dir>``                      a student export (``students.load_student``)
+  ``python:<module>:<factory>[:<json kwargs>]`` any callable returning a DenseEncoder
+A bare existing directory is a student; a bare name is a teacher.
+Writes ``results.json``, ``results.md`` and PNG figures to ``--out``; prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("tipsdistill.eval")
+
+
+def _json_kwargs(text: str | None, what: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        kw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: {what} is not valid JSON ({exc}): {text!r}") from exc
+    if not isinstance(kw, dict):
+        raise SystemExit(f"error: {what} must be a JSON object, got {text!r}")
+    return kw
+
+
+def build_model(spec: str) -> Any:
+    """Build a DenseEncoder from a spec string (see the module docstring)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "teacher" and rest:
+        name, _, kw = rest.partition(":")
+        import teachers
+
+        return teachers.build_teacher(name, **_json_kwargs(kw, f"kwargs of teacher {name!r}"))
+    if kind == "student" and rest:
+        try:
+            from students import load_student
+        except ImportError as exc:
+            raise SystemExit(
+                f"error: students.load_student is not available in this install ({exc})"
+            ) from exc
+        return load_student(rest)
+    if kind == "python" and rest:
+        parts = rest.split(":", 2)
+        if len(parts) < 2:
+            raise SystemExit(f"error: python spec needs python:<module>:<factory>[:<json>], got {spec!r}")
+        fn = getattr(importlib.import_module(parts[0]), parts[1])
+        return fn(**_json_kwargs(parts[2] if len(parts) > 2 else None, f"kwargs of {parts[0]}.{parts[1]}"))
+    if Path(spec).is_dir():
+        return build_model(f"student:{spec}")
+    return build_model(f"teacher:{spec}")
+
+
+def parse_models(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for i, item in enumerate(items):
+        name, sep, spec = item.partition("=")
+        if not sep or ":" in name or "{" in name:
+            name, spec = f"model{i}", item
+        if name in out:
+            raise SystemExit(f"error: model name {name!r} given twice")
+        out[name] = spec
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tipsdistill-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", action="append", required=True, help="NAME=SPEC (repeatable); see above")
+    p.add_argument("--dataset", required=True, help="registered dataset: ade20k, seg_folder, synthetic, ...")
+    p.add_argument(
+        "--dataset-kwargs", default=None, help='JSON kwargs, e.g. {"split": "validation", "size": 8}'
+    )
+    p.add_argument("--data-root", default=None, help="shortcut for dataset kwarg root=")
+    p.add_argument("--max-images", type=int, default=None)
+    g = p.add_argument_group("protocol (defaults = the official TIPS notebook)")
+    g.add_argument("--mode", choices=["slide", "whole"], default="slide")
+    g.add_argument("--image-size", type=int, default=448, help="short side after resizing; 0 keeps the size")
+    g.add_argument("--window", type=int, default=448)
+    g.add_argument("--stride", type=int, default=336)
+    g.add_argument("--readout", choices=["tips", "maskclip", "patch"], default="tips")
+    g.add_argument(
+        "--layer", type=int, default=None, help="block index (negative from the end); default last"
+    )
+    g.add_argument("--layers", default=None, help="mIoU-by-depth curve: 'all' or comma-separated block ids")
+    g.add_argument("--templates", default="tcl", help="tcl (9, default), openai (80), none, or a file")
+    g.add_argument(
+        "--synonyms", default=None, help="synonym file: one line per class, names separated by commas"
+    )
+    g.add_argument("--background-threshold", type=float, default=None)
+    g.add_argument("--background-class", type=int, default=0)
+    g.add_argument("--resize-backend", choices=["pil", "torch"], default="pil")
+    g.add_argument("--window-batch", type=int, default=8)
+    t = p.add_argument_group("text")
+    t.add_argument(
+        "--text-model", default=None, help="SPEC of a model whose encode_text is used for every model"
+    )
+    t.add_argument("--text-embeddings", default=None, help=".safetensors/.pt/.npy file, one row per class")
+    t.add_argument("--text-cache", default="default", help="text-embedding cache dir ('none' disables)")
+    r = p.add_argument_group("retrieval")
+    r.add_argument("--retrieval-dataset", default=None, help="captioned dataset name for recall@1/5")
+    r.add_argument("--retrieval-kwargs", default=None, help="JSON kwargs of the retrieval dataset")
+    r.add_argument("--retrieval-image-size", type=int, default=224)
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="eval_out", help="output directory")
+    o.add_argument("--num-examples", type=int, default=4)
+    o.add_argument("--no-plots", action="store_true")
+    o.add_argument("--device", default="cpu")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from distill.evaluation import SegmentationSettings, compare_models, load_eval_dataset
+
+    ds_kw = _json_kwargs(args.dataset_kwargs, "--dataset-kwargs")
+    if args.data_root:
+        ds_kw["root"] = args.data_root
+    try:
+        settings = SegmentationSettings(
+            image_size=args.image_size or None,
+            mode=args.mode,
+            window=args.window,
+            stride=args.stride,
+            readout=args.readout,
+            layer=args.layer,
+            templates=args.templates,
+            background_threshold=args.background_threshold,
+            background_class=args.background_class,
+            resize_backend=args.resize_backend,
+            window_batch=args.window_batch,
+            max_images=args.max_images,
+        )
+        dataset = load_eval_dataset(args.dataset, **ds_kw)
+        models = {
+            name: build_model(spec).to(args.device).eval() for name, spec in parse_models(args.model).items()
+        }
+        text_model = build_model(args.text_model).to(args.device).eval() if args.text_model else None
+        retrieval_ds = None
+        if args.retrieval_dataset:
+            retrieval_ds = load_eval_dataset(
+                args.retrieval_dataset, **_json_kwargs(args.retrieval_kwargs, "--retrieval-kwargs")
+            )
+        layers: Any = args.layers
+        if layers and layers != "all":
+            layers = [int(x) for x in layers.split(",")]
+        results = compare_models(
+            models,
+            dataset,
+            settings,
+            args.out,
+            text_model=text_model,
+            text_embeddings=args.text_embeddings,
+            synonyms=args.synonyms,
+            layers=layers,
+            num_examples=args.num_examples,
+            retrieval_dataset=retrieval_ds,
+            retrieval_image_size=args.retrieval_image_size,
+            cache_dir=None if args.text_cache == "none" else args.text_cache,
+            progress=not args.quiet,
+            plots=not args.no_plots,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(Path(results["files"]["markdown"]).read_text())
+    print("wrote: " + ", ".join(sorted(Path(f).name for f in results["files"].values())) + f" in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

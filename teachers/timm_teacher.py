@@ -1,0 +1,224 @@
+"""Any timm ``VisionTransformer`` as a frozen teacher, weights from a local checkpoint file.
+
+``build_teacher("timm", model_name="vit_base_patch16_224", checkpoint="weights.safetensors")``.
+Dense features come from :func:`teachers.vit.vit_dense_forward`, the readout students use too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import DenseFeatures, Teacher, check_pixels, register_teacher
+from .vit import vit_dense_forward
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(pixels - mean) / std`` per channel; ``mean``/``std`` are ``(3,)`` buffers."""
+    return (pixels - mean.to(pixels).view(1, -1, 1, 1)) / std.to(pixels).view(1, -1, 1, 1)
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` / ``.pth`` / ``.bin`` state dict, unwrapping ``state_dict``/``model``/``module``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"checkpoint file {path!r} does not exist; pass the path of a local weights file"
+        )
+    if not path.endswith(CHECKPOINT_SUFFIXES):
+        raise ValueError(
+            f"checkpoint {path!r} has an unknown suffix; expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
+        )
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(path, device="cpu")
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module", "model_ema"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict):
+        raise ValueError(f"checkpoint {path!r} does not hold a state dict (got {type(sd).__name__})")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def strict_load(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:5]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
+        if shapes:
+            parts.append(f"{len(shapes)} with wrong shape (e.g. {shapes[:3]})")
+        raise ValueError(f"checkpoint {source} does not match the model key set: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+
+
+class TimmViTTeacher(Teacher):
+    """A frozen timm ViT read out by :func:`vit_dense_forward`.
+
+    Args:
+        model: a timm ``VisionTransformer`` (patch_embed, blocks, norm, prefix tokens).
+        num_global_tokens: prefix tokens returned as ``cls``; 0 means "no class token": ``cls`` is then the
+            mean of the patch tokens ``(B, 1, D)``.
+        mean, std: per-channel normalisation applied to [0, 1] pixels.
+        pos_interp: interpolation of the position table to other grids (``bicubic``/``bilinear``).
+    """
+
+    name = "timm"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_global_tokens: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        pos_interp: str = "bicubic",
+        identity_extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        for attr in ("patch_embed", "blocks", "norm", "num_prefix_tokens"):
+            if not hasattr(model, attr):
+                raise ValueError(
+                    f"{type(model).__name__} is not a timm VisionTransformer (no {attr!r}); the timm teacher "
+                    "reads ViTs only (vit_*, deit_*, eva/dinov2-style models built on VisionTransformer)"
+                )
+        if num_global_tokens > model.num_prefix_tokens:
+            raise ValueError(
+                f"num_global_tokens={num_global_tokens} but the model has only {model.num_prefix_tokens} prefix tokens"
+            )
+        self.model = model
+        self.patch_size = int(model.patch_embed.patch_size[0])
+        self.embed_dim = int(model.embed_dim)
+        self._num_prefix_global = int(num_global_tokens)
+        self.num_global_tokens = max(1, int(num_global_tokens))
+        self.num_layers = len(model.blocks)
+        self.pos_interp = pos_interp
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32), persistent=False)
+        self._identity_extra = dict(identity_extra or {})
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        return normalise(pixels, self.mean, self.std)
+
+    @torch.no_grad()
+    def encode_image(
+        self,
+        pixels: torch.Tensor,
+        *,
+        value_trick: bool = False,
+        value_readout: str = "tips",
+        layer: int | None = None,
+    ) -> DenseFeatures:
+        """``(B, 3, H, W)`` [0, 1] pixels -> cls ``(B, C, D)``, patch ``(B, H/p, W/p, D)``."""
+        check_pixels(pixels, self.patch_size)
+        x = self.normalise(pixels).to(next(self.model.parameters()).dtype)
+        feats = vit_dense_forward(
+            self.model,
+            x,
+            num_global_tokens=self._num_prefix_global,
+            value_trick=value_trick,
+            value_readout=value_readout,
+            layer=layer,
+            pos_interp=self.pos_interp,
+        )
+        if self._num_prefix_global == 0:
+            feats.cls = feats.patch.mean(dim=(1, 2)).unsqueeze(1)
+        return feats
+
+    def identity(self) -> dict[str, Any]:
+        out = super().identity()
+        out.update(
+            mean=[float(v) for v in self.mean],
+            std=[float(v) for v in self.std],
+            num_layers=self.num_layers,
+            pos_interp=self.pos_interp,
+        )
+        out.update(self._identity_extra)
+        return out
+
+
+@register_teacher("timm")
+def build_timm_teacher(
+    model_name: str,
+    checkpoint: str | os.PathLike[str] | None = None,
+    num_global_tokens: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    img_size: int | None = None,
+    pos_interp: str | None = None,
+    **model_kwargs: Any,
+) -> TimmViTTeacher:
+    """Build a timm ViT by name (no download) and load ``checkpoint`` (``.safetensors``/``.pth``/``.bin``).
+
+    ``num_global_tokens`` defaults to 2 for TIPSv2 models (CLS + register), else 1 with a class token
+    and 0 without one. ``mean``/``std`` default to the model's ``pretrained_cfg``. ``img_size`` sets the
+    size of the position table (must match the checkpoint). Without ``checkpoint`` the model keeps its
+    random init (a warning is logged): useful for tests only.
+    """
+    import timm
+
+    if not timm.is_model(model_name):
+        raise ValueError(f"unknown timm model {model_name!r}; see timm.list_models('vit_*')")
+    if img_size is not None:
+        model_kwargs["img_size"] = img_size
+    model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
+    source = "(random init)"
+    if checkpoint is not None:
+        sd = load_state_dict_file(checkpoint)
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # classifier heads are not used
+        try:
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            sd = checkpoint_filter_fn(sd, model)
+        except (
+            Exception
+        ) as exc:  # the filter adapts foreign layouts; a failure here is reported by strict_load
+            logger.debug("timm checkpoint filter failed on %s: %s", checkpoint, exc)
+        strict_load(model, sd, repr(os.fspath(checkpoint)))
+        source = os.fspath(checkpoint)
+    else:
+        logger.warning("timm teacher %s built without a checkpoint: random weights", model_name)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    mean = tuple(mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(std if std is not None else cfg.get("std", (0.229, 0.224, 0.225)))
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (RGB), got mean={mean}, std={std}")
+    is_tips = "tipsv2" in model_name
+    if num_global_tokens is None:
+        if is_tips:
+            num_global_tokens = 2
+        else:
+            num_global_tokens = 1 if getattr(model, "cls_token", None) is not None else 0
+    if pos_interp is None:
+        pos_interp = "bilinear" if is_tips else "bicubic"
+    return TimmViTTeacher(
+        model,
+        num_global_tokens=num_global_tokens,
+        mean=mean,
+        std=std,
+        pos_interp=pos_interp,
+        identity_extra={"name": "timm", "model_name": model_name, "checkpoint": source},
+    )

@@ -237,17 +237,22 @@ def _fmt_bytes(n: float) -> str:
 def extract_features(
     config: CacheConfig | dict[str, Any] | None = None,
     *,
-    teacher: Teacher | None = None,
-    dataset: Dataset | None = None,
+    teacher: Teacher | str | None = None,
+    dataset: Dataset | str | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Write (or resume, or confirm) the feature cache described by ``config``.
 
-    ``teacher``/``dataset`` objects may be passed instead of building them from the config's specs.
+    ``teacher``/``dataset`` objects may be passed instead of building them from the config's specs
+    (strings are config overrides, like every other keyword).
     Returns a summary dict: ``out``, ``rank``, ``world``, ``shard``, ``rows``, ``done``, ``skipped``
     (list of (index, key, reason)), ``complete`` (this shard), ``index`` (path or None),
     ``already_complete``, ``seconds``, ``forward_seconds``, ``bytes_written``.
     """
+    if isinstance(teacher, str):
+        overrides["teacher"], teacher = teacher, None
+    if isinstance(dataset, str):
+        overrides["dataset"], dataset = dataset, None
     if config is None:
         config = CacheConfig()
     elif isinstance(config, dict):

@@ -273,6 +273,10 @@ def check_resume(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> 
         if k == "teacher_spec" and (a is None or b is None):
             continue  # a teacher object passed directly has no spec; its identity is still compared
         if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff = sorted(x for x in set(a) | set(b) if a.get(x) != b.get(x))
+                a = {x: a.get(x) for x in diff}
+                b = {x: b.get(x) for x in diff}
             raise ValueError(
                 f"refusing to resume {path}: {k} differs: the cache has {a!r}, this run has {b!r}. "
                 f"Write to another output directory, or delete {path.parent} to start over."

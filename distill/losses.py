@@ -90,6 +90,13 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _to_module_dtype(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Cast ``x`` to the dtype of ``module``'s first parameter (e.g. bf16 under DeepSpeed); as is if none."""
+    for p in module.parameters():
+        return x.to(p.dtype)
+    return x
+
+
 def _check_temp(name: str, t: float) -> float:
     if not t > 0:
         raise ValueError(f"{name} must be > 0, got {t}")
@@ -156,7 +163,9 @@ class _Centered(nn.Module):
         total = _all_reduce_sum(t.sum(dim=0, keepdim=True))
         count = _all_reduce_sum(torch.tensor(float(t.shape[0]), device=t.device))
         mean = total / count.clamp_min(1.0)
-        self.center.mul_(self.center_momentum).add_(mean.to(self.center.dtype), alpha=1.0 - self.center_momentum)
+        self.center.mul_(self.center_momentum).add_(
+            mean.to(self.center.dtype), alpha=1.0 - self.center_momentum
+        )
 
 
 # ----------------------------------------------------------------------------- image-text
@@ -304,7 +313,7 @@ class ImageTextLoss(nn.Module):
                 )
             if key not in text:
                 raise ValueError(f"ImageTextLoss: no text embeddings for {key!r}; got keys {sorted(text)}")
-            img = self.image_proj(global_tokens[:, idx])
+            img = self.image_proj(_to_module_dtype(global_tokens[:, idx], self.image_proj))
             if img.shape[-1] != text[key].shape[-1]:
                 raise ValueError(
                     f"mismatched widths: image tokens {img.shape[-1]} vs text {key!r} {text[key].shape[-1]}; "
@@ -375,7 +384,9 @@ class DINOLoss(_Centered):
         p_t = self.teacher_probs(t, step)  # (T, B, K)
         logp_s = F.log_softmax(_up(s) / self.student_temp, dim=-1)  # (S, B, K)
         # mean over pairs (i, j) and images of -sum_k p_t[j] log p_s[i]
-        loss = -torch.einsum("tbk,sbk->", p_t.to(logp_s.dtype), logp_s) / (s.shape[0] * t.shape[0] * s.shape[1])
+        loss = -torch.einsum("tbk,sbk->", p_t.to(logp_s.dtype), logp_s) / (
+            s.shape[0] * t.shape[0] * s.shape[1]
+        )
         if update_center and self.training and self.centering == "center":
             self.update_center(t)
         self.metrics = {"teacher_temp": self.teacher_temp_at(step)}
@@ -583,7 +594,7 @@ class PatchFeatureLoss(nn.Module):
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        s = _up(self.adapter(_flatten_tokens(student, "student tokens")))
+        s = _up(self.adapter(_to_module_dtype(_flatten_tokens(student, "student tokens"), self.adapter)))
         t = _up(_flatten_tokens(teacher, "teacher tokens").detach()).to(s.dtype)
         if s.shape != t.shape:
             raise ValueError(

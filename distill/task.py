@@ -153,6 +153,12 @@ class TaskModule(nn.Module):
             ema_s.eval().requires_grad_(False)
             ext["ema_student"] = ema_s
         object.__setattr__(self, "ext", ext)
+        # DeepSpeed broadcasts parameters as uint8 views, which fails on 0-dim tensors (e.g. a learnable
+        # temperature): store them as shape (1,) (broadcasting keeps the maths unchanged)
+        for mod in self.modules():
+            for name, prm in list(mod.named_parameters(recurse=False)):
+                if prm.ndim == 0:
+                    setattr(mod, name, nn.Parameter(prm.detach().reshape(1), requires_grad=prm.requires_grad))
         self.step = 0
         self.caption_grans = [g for g in L.caption_probs]
 
@@ -377,8 +383,10 @@ def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: 
     task = TaskModule(cfg, student, teacher_dim=teacher_dim, text_dim=text_dim, text_source=text_source)
     task.ext["teacher"] = teacher
     for k in ("ema_patch", "ema_cls", "ema_student"):
-        if task.ext[k] is not None:
-            task.ext[k].to(device)
+        m = task.ext[k]
+        if m is not None:  # move children (HeadEMA shadows nn.Module._apply, so no .to() on it)
+            for child in m.children():
+                child.to(device)
     task.to(device)
     t_size = cfg.teacher.image_size if cfg.teacher.source == "online" else 0
     dataset = DistillDataset(

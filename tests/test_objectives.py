@@ -48,7 +48,9 @@ def _softmax_loop(v: list[float]) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- contrastive
-def _ref_infonce(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, valid: list[bool]) -> torch.Tensor:
+def _ref_infonce(
+    img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, valid: list[bool]
+) -> torch.Tensor:
     """Loop re-computation with autograd-capable float64 scalars."""
     B = img.shape[0]
     idx = [i for i in range(B) if valid[i]]
@@ -172,7 +174,9 @@ def test_contrastive_gathers_negatives_across_ranks() -> None:
         assert torch.allclose(torch.tensor(grad, dtype=torch.float64), li_leaf.grad, atol=1e-6)
 
 
-def _ref_infonce_rows(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, rows: list[int]) -> torch.Tensor:
+def _ref_infonce_rows(
+    img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, rows: list[int]
+) -> torch.Tensor:
     """Loop loss of the given query rows against every column (all ranks' negatives)."""
     B = img.shape[0]
     inorm = [img[i] / img[i].norm() for i in range(B)]
@@ -278,7 +282,9 @@ def test_ibotpp_visible_zero_equals_ibot_and_ratio_zero_equals_distillation() ->
     zero = random_mask(B, (h, w), 0.0)
     assert not zero.any()
     ibotpp = build_loss("ibot++", out_dim=K).double()(s, t, zero)["patch"]
-    distil = build_loss("patch_proto", out_dim=K, masked_weight=0.0, visible_weight=1.0).double()(s, t, None)["patch"]
+    distil = build_loss("patch_proto", out_dim=K, masked_weight=0.0, visible_weight=1.0).double()(s, t, None)[
+        "patch"
+    ]
     ref = _ref_patch_proto(s.reshape(B, h * w, K), t, [0.0] * K, None, 1.0, 1.0)
     assert ibotpp.item() == pytest.approx(distil.item(), rel=1e-12)
     assert ibotpp.item() == pytest.approx(ref.item(), rel=1e-6)
@@ -301,7 +307,9 @@ def test_patch_feature_losses_match_loop(kind: str) -> None:
     mean = torch.randn(Dt, dtype=torch.float64)
     std = torch.rand(Dt, dtype=torch.float64) + 0.5
     mask = torch.tensor([[True, False, False, True], [False, False, False, False]])
-    loss = PatchFeatureLoss(kind, student_dim=Ds, teacher_dim=Dt, teacher_mean=mean, teacher_std=std, visible_weight=0.5)
+    loss = PatchFeatureLoss(
+        kind, student_dim=Ds, teacher_dim=Dt, teacher_mean=mean, teacher_std=std, visible_weight=0.5
+    )
     loss = loss.double()
     out = loss(s, t, mask)["patch"]
     W, bias = loss.adapter.weight.detach(), loss.adapter.bias.detach()
@@ -401,7 +409,11 @@ def test_caption_fallback_order_and_embeddings() -> None:
 
 @pytest.mark.parametrize(
     "probs,match",
-    [({"short": 0.5, "detailed": 0.6}, "sum to"), ({"short": -0.1, "detailed": 1.1}, ">= 0"), ({"poem": 1.0}, "fallback")],
+    [
+        ({"short": 0.5, "detailed": 0.6}, "sum to"),
+        ({"short": -0.1, "detailed": 1.1}, ">= 0"),
+        ({"poem": 1.0}, "fallback"),
+    ],
 )
 def test_caption_sampler_bad_probs(probs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):

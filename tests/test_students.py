@@ -29,7 +29,9 @@ def test_tipsv2_student_two_global_tokens_and_shapes() -> None:
     assert s.num_global_tokens == 2 and s.patch_size == 14 and s.embed_dim == 48 and s.num_layers == 2
     x = torch.rand(3, 3, 28, 42)
     f = s.encode_image(x, value_trick=True)
-    assert f.cls.shape == (3, 2, 48) and f.patch.shape == (3, 2, 3, 48) and f.value_patch.shape == (3, 2, 3, 48)
+    assert (
+        f.cls.shape == (3, 2, 48) and f.patch.shape == (3, 2, 3, 48) and f.value_patch.shape == (3, 2, 3, 48)
+    )
     assert s.encode_image(x, layer=0).patch.shape == (3, 2, 3, 48)
     json.dumps(s.identity())
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -136,7 +138,10 @@ def test_bad_student_configs() -> None:
 def test_student_tips_text_tower_trained_tokenizer(tmp_path: Path) -> None:
     words = "a photo of the red green blue cat dog car tree house small large many".split()
     g = torch.Generator().manual_seed(0)
-    caps = [" ".join(words[i] for i in torch.randint(0, len(words), (8,), generator=g).tolist()) for _ in range(200)]
+    caps = [
+        " ".join(words[i] for i in torch.randint(0, len(words), (8,), generator=g).tolist())
+        for _ in range(200)
+    ]
     spm_path = train_sentencepiece(caps, tmp_path / "spm", vocab_size=40)
     s = _tiny(text={"kind": "tips", "tokenizer": str(spm_path), "depth": 1, "num_heads": 3, "max_len": 16})
     assert s.has_text
@@ -171,12 +176,12 @@ def test_tiny_end_to_end_patch_loss_goes_down(loss_kind: str) -> None:
         head = build_head("dino", 32, K, hidden_dim=32, bottleneck_dim=16)
         teacher = torch.randn(8, 16, K) * 3
         loss = PatchPrototypeLoss(K, teacher_temp=0.07, warmup_teacher_temp=0.07)
-        factor = 3.0  # from ~log(K) entropy gap to well below
+        factor = 10.0  # excess over the teacher entropy; measured ~30x
     else:
         head = torch.nn.Identity()
         teacher = torch.randn(8, 16, Dt)
         loss = PatchFeatureLoss("cosine", student_dim=32, teacher_dim=Dt)
-        factor = 3.0
+        factor = 10.0  # measured > 1000x
     params = list(s.parameters()) + list(head.parameters()) + list(loss.parameters())
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
     t0 = time.time()
@@ -185,7 +190,6 @@ def test_tiny_end_to_end_patch_loss_goes_down(loss_kind: str) -> None:
         f = s(images)
         out = head(f.patch.reshape(8, 16, -1))
         if loss_kind == "proto":
-            # subtract the fixed optimum (teacher entropy) so the factor measures the excess loss
             value = loss(out, teacher, None, step=step, update_center=False)["patch"]
         else:
             value = loss(out, teacher)["patch"]
@@ -193,11 +197,12 @@ def test_tiny_end_to_end_patch_loss_goes_down(loss_kind: str) -> None:
         value.backward()
         opt.step()
         losses.append(value.item())
-    if loss_kind == "proto":
+    if loss_kind == "proto":  # subtract the optimum (teacher entropy): the factor measures the excess loss
         p = torch.softmax(teacher / 0.07, -1)
         entropy = float(-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean())
         first, last = losses[0] - entropy, sum(losses[-10:]) / 10 - entropy
     else:
         first, last = losses[0], sum(losses[-10:]) / 10
+    print(f"{loss_kind}: excess loss {first:.3f} -> {last:.3f} ({first / last:.1f}x)")
     assert last < first / factor, (first, last)
     assert time.time() - t0 < 30

@@ -18,7 +18,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER_KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
-STUDENT_KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, reg_tokens=1, no_embed_class=True)
+STUDENT_KW = dict(
+    img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, reg_tokens=1, no_embed_class=True
+)
 
 
 def tiny_teacher(seed: int = 0):
@@ -88,18 +90,38 @@ def run_subprocess(args: dict[str, Any], *, nproc: int = 1, timeout: int = 240) 
     out.parent.mkdir(parents=True, exist_ok=True)
     spec = out.with_suffix(".args.json")
     spec.write_text(json.dumps(args))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     script = str(Path(__file__).resolve())
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_port()), script, str(spec)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_port()),
+            script,
+            str(spec),
+        ]
     else:
         cmd = [sys.executable, script, str(spec)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not out.exists():
-        raise RuntimeError(f"training subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
+        raise RuntimeError(
+            f"training subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    res = json.loads(out.read_text())
+    res["stderr"] = proc.stderr[-8000:]
+    return res
 
 
 def _port() -> int:
@@ -130,6 +152,9 @@ def _main(spec_path: str) -> None:
             result["export"] = r["export"]
             engine = r["engine"]
     except Exception as e:  # noqa: BLE001 - reported to the parent test
+        import traceback
+
+        traceback.print_exc()
         result["error"] = f"{type(e).__name__}: {e}"
         engine = None
     rank = int(os.environ.get("RANK", "0"))

@@ -288,6 +288,7 @@ def compare_models(
     results: dict[str, Any] = {
         "dataset": ds_ident,
         "settings": settings.to_dict(),
+        "classes": classes,
         "models": {},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_revision": _git_revision(),

@@ -263,8 +263,12 @@ def dataset_class_names(dataset: Any) -> list[str]:
 
 
 def dataset_subsets(dataset: Any) -> dict[str, list[int]]:
-    ids = getattr(dataset, "object_class_ids", None)
-    return {"objects": [int(i) for i in ids]} if ids is not None and len(ids) else {}
+    out = {}
+    for attr, name in (("object_class_ids", "objects"), ("background_class_ids", "background")):
+        ids = getattr(dataset, attr, None)
+        if ids is not None and len(ids):
+            out[name] = [int(i) for i in ids]
+    return out
 
 
 def _dataset_name(dataset: Any) -> str:

@@ -1,0 +1,102 @@
+"""Stage 1 scale-out: two torchrun ranks write two shards read back as one dataset; reader workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from cache import extract_features, open_cache
+from tests.cache_helpers import write_captions, write_images
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = "tests.cache_helpers:build_tiny_teacher"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    rels = write_images(root / "img", 11, seed=7)
+    write_captions(root / "caps.jsonl", rels)
+    return root, rels
+
+
+def test_two_ranks_two_shards_one_dataset_in_order(data, tmp_path):
+    root, rels = data
+    out = tmp_path / "c2"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    cmd += ["-m", "scripts.cache_features", "--teacher", TEACHER, "--images", str(root / "img")]
+    cmd += [
+        "--captions",
+        str(root / "caps.jsonl"),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+    ]
+    cmd += ["--num-workers", "0", "--quiet"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "shard-00000-of-00002.h5").exists() and (out / "shard-00001-of-00002.h5").exists()
+    with h5py.File(out / "shard-00001-of-00002.h5") as f:
+        assert f.attrs["shard_start"] == 5 and f.attrs["shard_count"] == 6 and f.attrs["complete"]
+    two = open_cache(out, expect={"num_samples": 11, "dim": 32})
+    assert two.keys() == rels
+    # the same data in one process: identical features, same order
+    one = tmp_path / "c1"
+    extract_features(
+        out=str(one),
+        teacher=TEACHER,
+        dataset="folder",
+        dataset_kwargs={"root": str(root / "img"), "captions": str(root / "caps.jsonl")},
+        image_size=32,
+        batch_size=4,
+        num_workers=2,  # DataLoader workers decode (fork)
+        progress=False,
+    )
+    single = open_cache(one)
+    assert len(single) == len(two) == 11
+    for i in range(11):
+        a, b = two[i], single[i]
+        assert a["index"] == b["index"] == i and a["key"] == b["key"]
+        torch.testing.assert_close(a["patch"], b["patch"], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(a["text"]["short"], b["text"]["short"], atol=5e-3, rtol=2e-3)
+    for k in ("patch_mean", "patch_std", "cls_mean"):
+        torch.testing.assert_close(
+            torch.as_tensor(two.meta[k]), torch.as_tensor(single.meta[k]), atol=1e-3, rtol=1e-3
+        )
+
+
+@pytest.mark.parametrize("context", ["spawn", "fork"])
+def test_reader_workers(data, tmp_path, context):
+    root, rels = data
+    out = tmp_path / "c"
+    extract_features(
+        out=str(out),
+        teacher=TEACHER,
+        dataset="folder",
+        dataset_kwargs={"root": str(root / "img")},
+        image_size=32,
+        batch_size=4,
+        num_workers=0,
+        storage="int8",
+        granularities=[],
+        progress=False,
+    )
+    cache = open_cache(out)
+    cache[0]  # opened in the parent first: workers must reopen, not inherit the handle
+    loader = DataLoader(cache, batch_size=3, num_workers=2, multiprocessing_context=context)
+    got = torch.cat([b["patch"] for b in loader])
+    keys = [k for b in loader for k in b["key"]]
+    assert keys == rels
+    ref = torch.stack([cache[i]["patch"] for i in range(len(cache))])
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)

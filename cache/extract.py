@@ -590,6 +590,7 @@ def _extract_shard(
     finally:
         bar.close()
         writer.close()
+    loop_s = time.perf_counter() - t_loop  # includes draining the writer queue
     res = writer.finalize(keys[start : start + count], start)
     _log_skipped(shard_path, res["skipped"], dataset, res.get("captions_missing", {}))
     if not res["complete"]:
@@ -601,6 +602,7 @@ def _extract_shard(
         skipped=res["skipped"],
         complete=res["complete"],
         forward_seconds=forward_s,
+        loop_seconds=loop_s,
         bytes_written=writer.bytes_written,
         writer_seconds=writer.write_seconds,
         submit_wait_seconds=writer.submit_wait_seconds,

@@ -151,12 +151,20 @@ def register_zero3_external(task: torch.nn.Module, probe_batch: dict[str, Any]) 
 
     called: set[int] = set()
     hooks = [m.register_forward_pre_hook(lambda mod, _inp: called.add(id(mod))) for m in task.modules()]
+    buffers = {n: b.clone() for n, b in task.named_buffers()}
+    was_training = task.training
     try:
+        task.eval()  # no center updates
         with torch.no_grad():
             task(probe_batch)
     finally:
         for h in hooks:
             h.remove()
+        task.train(was_training)
+        with torch.no_grad():
+            for n, b in task.named_buffers():
+                b.copy_(buffers[n])
+
     n = 0
     for m in task.modules():
         if id(m) in called:

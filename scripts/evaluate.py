@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--window-batch", type=int, default=8)
     t = p.add_argument_group("text")
     t.add_argument(
-        "--text-model", default=None, help="SPEC of a model whose encode_text is used for every model"
+        "--text-model",
+        default=None,
+        help="NAME of a --model, or a SPEC: its encode_text is used for every model",
     )
     t.add_argument("--text-embeddings", default=None, help=".safetensors/.pt/.npy file, one row per class")
     t.add_argument("--text-cache", default="default", help="text-embedding cache dir ('none' disables)")
@@ -147,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         models = {
             name: build_model(spec).to(args.device).eval() for name, spec in parse_models(args.model).items()
         }
-        text_model = build_model(args.text_model).to(args.device).eval() if args.text_model else None
+        text_model = None
+        if args.text_model in models:  # reuse an evaluated model's text tower (no second copy in memory)
+            text_model = models[args.text_model]
+        elif args.text_model:
+            text_model = build_model(args.text_model).to(args.device).eval()
         retrieval_ds = None
         if args.retrieval_dataset:
             retrieval_ds = load_eval_dataset(

@@ -95,8 +95,9 @@ def test_reader_workers(data, tmp_path, context):
     cache = open_cache(out)
     cache[0]  # opened in the parent first: workers must reopen, not inherit the handle
     loader = DataLoader(cache, batch_size=3, num_workers=2, multiprocessing_context=context)
-    got = torch.cat([b["patch"] for b in loader])
-    keys = [k for b in loader for k in b["key"]]
+    batches = list(loader)
+    got = torch.cat([b["patch"] for b in batches])
+    keys = [k for b in batches for k in b["key"]]
     assert keys == rels
     ref = torch.stack([cache[i]["patch"] for i in range(len(cache))])
     torch.testing.assert_close(got, ref, rtol=0, atol=0)

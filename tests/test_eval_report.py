@@ -114,6 +114,14 @@ def test_cli_end_to_end(tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     assert data["dataset"]["name"] == "synthetic" and data["settings"]["mode"] == "whole"
     assert (out / "layer_curve.png").is_file()
+    assert data["models"]["b"]["text_source"] == "own"
+    rc = main(
+        ["--model", "a=python:test_eval_toymodel:build_toy", "--model", 'b=python:test_eval_toymodel:build_toy:{"seed": 1}',
+         "--text-model", "a", "--dataset", "synthetic", "--dataset-kwargs", '{"split": "validation", "size": 1}',
+         "--image-size", "56", "--mode", "whole", "--no-plots", "--out", str(out), "--text-cache", "none", "--quiet"]
+    )  # fmt: skip
+    data = json.loads((out / "results.json").read_text())
+    assert rc == 0 and data["models"]["b"]["text_source"] == "shared ToyEncoder"
 
 
 def test_cli_bad_input_is_clear(tmp_path, capsys):

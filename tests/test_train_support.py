@@ -132,6 +132,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def probe_pixels() -> torch.Tensor:
+    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(123))
+
+
 def weights_digest(module: torch.nn.Module) -> dict[str, float]:
     return {k: float(v.double().sum()) for k, v in module.state_dict().items() if v.is_floating_point()}
 
@@ -166,6 +170,11 @@ def _main(spec_path: str) -> None:
         ctx = deepspeed.zero.GatheredParameters(params) if zero3 else _null()
         with ctx:
             result["weights"] = weights_digest(engine.module)
+            student = engine.module.student
+            student.eval()
+            with torch.no_grad():
+                feats = student.encode_image(probe_pixels())
+            torch.save({"cls": feats.cls, "patch": feats.patch}, Path(args["result"]).with_suffix(".probe.pt"))
         ema = engine.module.ext.get("ema_patch")
         if ema is not None:
             result["ema"] = weights_digest(ema)

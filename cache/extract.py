@@ -47,7 +47,7 @@ from .format import (
     toolkit_version,
 )
 from .views import ViewSpec, apply_view, sample_views
-from .writer import ShardWriter, WriteBatch
+from .writer import ShardWriter, WriteBatch, sample_stats
 
 logger = logging.getLogger(__name__)
 
@@ -576,8 +576,13 @@ def _extract_shard(
                             ).float()
                         arrays[f"text/{g}"] = emb
                         arrays[f"text_valid/{g}"] = torch.tensor(ok)
+                    arrays["_stats"] = sample_stats(arrays["patch"], arrays["cls"])
+                    if device.type != "cpu" and config.storage == "float16":  # halve the copy to the host
+                        for k in ("patch", "cls", "value_patch"):
+                            if k in arrays:
+                                arrays[k] = arrays[k].half()
                 arrays = {
-                    k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
+                    k: (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy()
                     for k, v in arrays.items()
                 }
                 forward_s += time.perf_counter() - t0

@@ -14,6 +14,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
 
 from .format import FEATURES, REASON_BYTES, Layout, summarise_stats, write_skipped
 
@@ -28,6 +29,19 @@ def quantise_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(q, -127, 127).astype(np.int8), scale
 
 
+def sample_stats(patch: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """Per-sample feature statistics ``(B, 2 + 2C, D)`` float32 from ``patch (B, [V,] N, D)`` and
+    ``cls (B, [V,] C, D)``: mean and mean square over patch tokens (and views), then per global
+    token mean and mean square (over views)."""
+    p = patch.float().flatten(1, -2)
+    c = cls.float()
+    if c.ndim == 4:
+        cm, csq = c.mean(1), c.square().mean(1)
+    else:
+        cm, csq = c, c.square()
+    return torch.cat([p.mean(1, keepdim=True), p.square().mean(1, keepdim=True), cm, csq], dim=1)
+
+
 def dequantise_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale[..., None].astype(np.float32)
 
@@ -36,8 +50,10 @@ def dequantise_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 class WriteBatch:
     """One write block: ``rows`` are shard-local row numbers (sorted) of the samples computed.
 
-    ``arrays``: name -> float32 ``(len(rows), ...)`` for ``patch`` ``(B, [V,] h*w, D)``, ``cls``,
-    optional ``value_patch``, ``boxes``, ``flips``, ``text/<g>``, ``text_valid/<g>``.
+    ``arrays``: name -> ``(len(rows), ...)`` for ``patch`` ``(B, [V,] h*w, D)``, ``cls``,
+    optional ``value_patch``, ``boxes``, ``flips``, ``text/<g>``, ``text_valid/<g>``, and ``_stats``
+    ``(B, 2 + 2C, D)`` per-sample patch mean, patch mean square, cls mean, cls mean square
+    (see :func:`sample_stats`).
     ``skipped``: (row, reason) of the block's samples that could not be used.
     """
 
@@ -176,17 +192,12 @@ class ShardWriter:
         C = L.num_global_tokens
         stats = np.zeros((2 + 2 * C, L.dim), np.float64)
         if len(b.rows):
-            patch = b.arrays["patch"].astype(np.float32, copy=False)
-            cls = b.arrays["cls"].astype(np.float32, copy=False)
-            red_p = tuple(range(1, patch.ndim - 1))  # tokens (and views)
-            red_c = tuple(range(1, cls.ndim - 2))  # views only
-            stats[0] = patch.mean(axis=red_p, dtype=np.float64).sum(0)
-            stats[1] = np.square(patch, dtype=np.float64).mean(axis=red_p).sum(0)
-            cm = cls.astype(np.float64)
-            stats[2 : 2 + C] = (cm.mean(axis=red_c) if red_c else cm).sum(0)
-            stats[2 + C :] = (np.square(cm).mean(axis=red_c) if red_c else np.square(cm)).sum(0)
+            # per-sample statistics (B, 2 + 2C, D), computed next to the forward; summed here in float64
+            stats[:] = b.arrays["_stats"].astype(np.float64).sum(0)
             out: dict[str, np.ndarray] = {}
             for name, arr in b.arrays.items():
+                if name == "_stats":
+                    continue
                 if name in FEATURES and L.storage_dtype == "int8":
                     out[name], out[name + "_scale"] = quantise_int8(arr.astype(np.float32, copy=False))
                 else:

@@ -57,15 +57,21 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> tuple[Path, st
     if resume == "auto":
         found = list_complete(checkpoint_dir(output_dir))
         if not found:
-            logger.info("--resume auto: no complete checkpoint in %s, starting fresh", checkpoint_dir(output_dir))
+            logger.info(
+                "--resume auto: no complete checkpoint in %s, starting fresh", checkpoint_dir(output_dir)
+            )
             return None
         _, path = found[-1]
         return path.parent, path.name
     p = Path(resume)
     if not p.is_dir() or not TAG_RE.match(p.name):
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (expected .../checkpoints/step_XXXXXXXX) or 'auto'")
+        raise FileNotFoundError(
+            f"--resume {resume}: not a checkpoint directory (expected .../checkpoints/step_XXXXXXXX) or 'auto'"
+        )
     if not (p / COMPLETE).is_file():
-        raise ValueError(f"--resume {resume}: checkpoint is incomplete (no {COMPLETE}); pick an older one or use --resume auto")
+        raise ValueError(
+            f"--resume {resume}: checkpoint is incomplete (no {COMPLETE}); pick an older one or use --resume auto"
+        )
     return p.parent, p.name
 
 
@@ -84,7 +90,9 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save(engine: Any, output_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int = 0) -> Path:
+def save(
+    engine: Any, output_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int = 0
+) -> Path:
     """Save a checkpoint for optimizer step ``step`` on every rank; mark complete; prune old ones."""
     root = checkpoint_dir(output_dir)
     tag = tag_for(step)
@@ -96,7 +104,11 @@ def save(engine: Any, output_dir: str | Path, step: int, client_state: dict[str,
         dist.barrier()
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        marker = {"step": step, "time": time.time(), "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+        marker = {
+            "step": step,
+            "time": time.time(),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        }
         tmp = root / tag / (COMPLETE + ".tmp")
         tmp.write_text(json.dumps(marker))
         tmp.replace(root / tag / COMPLETE)
@@ -112,7 +124,11 @@ def save(engine: Any, output_dir: str | Path, step: int, client_state: dict[str,
 def load(engine: Any, load_dir: str | Path, tag: str) -> dict[str, Any]:
     """Load model + optimizer states into ``engine``; return the client state."""
     path, client = engine.load_checkpoint(
-        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+        str(load_dir),
+        tag=tag,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=False,
+        load_module_strict=True,
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(load_dir) / tag}")

@@ -274,7 +274,9 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for k in data:
         if k not in names:
             where = f" under {prefix!r}" if prefix else ""
-            raise ValueError(f"unknown config key {(prefix + '.' if prefix else '') + k!r}; valid keys{where}: {', '.join(names)}")
+            raise ValueError(
+                f"unknown config key {(prefix + '.' if prefix else '') + k!r}; valid keys{where}: {', '.join(names)}"
+            )
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -300,11 +302,15 @@ def recipe_path(recipe: str) -> Path:
     p = Path(recipe)
     if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.exists():
-            raise FileNotFoundError(f"recipe file {p} not found; shipped recipes: {', '.join(list_recipes())}")
+            raise FileNotFoundError(
+                f"recipe file {p} not found; shipped recipes: {', '.join(list_recipes())}"
+            )
         return p
     q = RECIPES_DIR / f"{recipe}.yaml"
     if not q.exists():
-        raise ValueError(f"unknown recipe {recipe!r}; shipped recipes: {', '.join(list_recipes())}, or pass a YAML path")
+        raise ValueError(
+            f"unknown recipe {recipe!r}; shipped recipes: {', '.join(list_recipes())}, or pass a YAML path"
+        )
     return q
 
 
@@ -326,7 +332,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(recipe: str | None = None, overrides: list[str] | None = None, data: dict | None = None) -> TrainConfig:
+def load_config(
+    recipe: str | None = None, overrides: list[str] | None = None, data: dict | None = None
+) -> TrainConfig:
     """Build a :class:`TrainConfig` from a recipe (name or YAML path), a dict and dotted overrides."""
     merged: dict[str, Any] = {}
     if recipe:
@@ -349,8 +357,12 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def git_revision() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10
+        )
         if rev.returncode != 0:
             return "unknown"
         return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -362,7 +374,16 @@ def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("tipsdistill", "torch", "torchvision", "timm", "transformers", "deepspeed", "h5py", "safetensors"):
+    for name in (
+        "tipsdistill",
+        "torch",
+        "torchvision",
+        "timm",
+        "transformers",
+        "deepspeed",
+        "h5py",
+        "safetensors",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

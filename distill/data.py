@@ -34,7 +34,12 @@ Box = tuple[float, float, float, float]  # normalised x0, y0, x1, y1
 
 def sample_seed(*parts: int) -> int:
     """A 63-bit seed from integers (stable across processes and Python versions)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts])
+        .generate_state(2, np.uint32)
+        .view(np.uint64)[0]
+        >> 1
+    )
 
 
 def sample_box(
@@ -73,8 +78,8 @@ def sample_box(
 def crop_resize(image: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> torch.Tensor:
     """Crop ``image (3, H, W)`` at pixel ``box`` (top, left, h, w), resize to ``(3, size, size)`` (bilinear,
     antialiased), flip horizontally when asked; values stay in [0, 1]."""
-    t, l, h, w = box
-    x = image[:, t : t + h, l : l + w].unsqueeze(0).float()
+    top, left, h, w = box
+    x = image[:, top : top + h, left : left + w].unsqueeze(0).float()
     if (h, w) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     x = x.squeeze(0).clamp_(0.0, 1.0)
@@ -82,8 +87,8 @@ def crop_resize(image: torch.Tensor, box: tuple[int, int, int, int], size: int, 
 
 
 def pixel_box_to_norm(box: tuple[int, int, int, int], height: int, width: int) -> Box:
-    t, l, h, w = box
-    return (l / width, t / height, (l + w) / width, (t + h) / height)
+    top, left, h, w = box
+    return (left / width, top / height, (left + w) / width, (top + h) / height)
 
 
 def norm_box_to_pixel(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
@@ -102,7 +107,7 @@ def align_teacher_map(
     *,
     flip: bool = False,
     source_box: Sequence[float] = (0.0, 0.0, 1.0, 1.0),
-    sampling_ratio: int = 2,
+    sampling_ratio: int = 0,
 ) -> torch.Tensor:
     """Cut the region ``box`` (normalised image coordinates) out of a teacher token map and resample it.
 
@@ -111,6 +116,9 @@ def align_teacher_map(
         box: the student's crop ``(x0, y0, x1, y1)`` in normalised image coordinates.
         grid: the student's token grid ``(h_s, w_s)``.
         flip: the student's crop is flipped horizontally (the output is flipped to match).
+        sampling_ratio: bilinear samples per output token and axis; 0 = one at the token centre when the
+            student token covers at most one teacher token (upsampling: plain bilinear interpolation, and
+            the identity for an unchanged grid), ``ceil(cover)`` when downsampling (antialiasing).
     Returns:
         ``(h_s, w_s, D)`` float32 targets, token ``(i, j)`` aligned with the student's token ``(i, j)``.
     """
@@ -120,8 +128,13 @@ def align_teacher_map(
     fx = w_t / max(sx1 - sx0, 1e-12)
     fy = h_t / max(sy1 - sy0, 1e-12)
     rois = torch.tensor([[0.0, (x0 - sx0) * fx, (y0 - sy0) * fy, (x1 - sx0) * fx, (y1 - sy0) * fy]])
+    if sampling_ratio <= 0:
+        cover = max((y1 - y0) * fy / grid[0], (x1 - x0) * fx / grid[1])
+        sampling_ratio = max(1, math.ceil(cover - 1e-6))
     inp = feat.permute(2, 0, 1).unsqueeze(0).float()  # (1, D, h_t, w_t)
-    out = roi_align(inp, rois, output_size=tuple(grid), spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=True)
+    out = roi_align(
+        inp, rois, output_size=tuple(grid), spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=True
+    )
     out = out[0].permute(1, 2, 0)  # (h_s, w_s, D)
     return out.flip(1) if flip else out
 
@@ -200,7 +213,9 @@ class DistillDataset(Dataset):
         if target == "auto":
             target = "replay" if views > 1 else "crop"
         if target == "replay" and views <= 1:
-            raise ValueError("cache.target=replay needs a cache with several stored views (boxes); use cache.target=crop")
+            raise ValueError(
+                "cache.target=replay needs a cache with several stored views (boxes); use cache.target=crop"
+            )
         self.target = target
 
     def set_epoch(self, epoch: int) -> None:
@@ -307,10 +322,10 @@ def _cache_views(cache: Any) -> int:
 class ResumableSampler(Sampler[tuple[int, int]]):
     """Per-epoch seeded permutation, sharded ``rank::world`` (equal length per rank), resumable mid-epoch.
 
-Yields ``(epoch, index)`` so each sample's augmentation seed travels with it into the workers.
+    Yields ``(epoch, index)`` so each sample's augmentation seed travels with it into the workers.
 
-    With ``world`` ranks of batch ``b``, the ranks' ``k``-th batches together are exactly the ``k``-th
-    batch of size ``world * b`` of a single process (rank ``r`` holds positions ``r, r + world, ...``).
+        With ``world`` ranks of batch ``b``, the ranks' ``k``-th batches together are exactly the ``k``-th
+        batch of size ``world * b`` of a single process (rank ``r`` holds positions ``r, r + world, ...``).
     """
 
     def __init__(self, n: int, *, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True) -> None:

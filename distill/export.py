@@ -113,7 +113,9 @@ def model_card(conf: dict[str, Any]) -> str:
 def _read_config(path: Path) -> dict[str, Any]:
     f = path / CONFIG_FILE
     if not f.is_file():
-        raise FileNotFoundError(f"{path} is not a student export (no {CONFIG_FILE}); pass the directory written by export_student")
+        raise FileNotFoundError(
+            f"{path} is not a student export (no {CONFIG_FILE}); pass the directory written by export_student"
+        )
     return json.loads(f.read_text())
 
 
@@ -125,7 +127,9 @@ def load_student_weights(student: nn.Module, path: str | Path) -> nn.Module:
     if p.is_file():
         missing, unexpected = student.vit.load_state_dict(load_file(str(p)), strict=False)
         if unexpected or missing:
-            raise ValueError(f"{p}: weights do not fit the student ViT (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise ValueError(
+                f"{p}: weights do not fit the student ViT (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
         return student
     sd = {f"vit.{k}": v for k, v in load_file(str(p / MODEL_FILE)).items()}
     if (p / EXTRAS_FILE).is_file():

@@ -84,7 +84,9 @@ def _cls_2d(cls: torch.Tensor, num_global: int, views: bool) -> torch.Tensor:
 class TaskModule(nn.Module):
     """What DeepSpeed trains. ``forward(batch) -> {term: weighted scalar}``; the engine sums the terms."""
 
-    def __init__(self, cfg: TrainConfig, student: nn.Module, *, teacher_dim: int, text_dim: int, text_source: str) -> None:
+    def __init__(
+        self, cfg: TrainConfig, student: nn.Module, *, teacher_dim: int, text_dim: int, text_source: str
+    ) -> None:
         super().__init__()
         from students import build_head, frozen_projection
 
@@ -96,7 +98,11 @@ class TaskModule(nn.Module):
         D = student.embed_dim
         self.teacher_dim = teacher_dim
         self.text_source = text_source
-        hk = {"hidden_dim": cfg.head.hidden_dim, "bottleneck_dim": cfg.head.bottleneck_dim, "nlayers": cfg.head.nlayers}
+        hk = {
+            "hidden_dim": cfg.head.hidden_dim,
+            "bottleneck_dim": cfg.head.bottleneck_dim,
+            "nlayers": cfg.head.nlayers,
+        }
         cent = {
             "student_temp": L.student_temp,
             "teacher_temp": L.teacher_temp,
@@ -113,7 +119,10 @@ class TaskModule(nn.Module):
         if self.use_patch and self.proto:
             self.patch_head = build_head("dino", D, cfg.head.out_dim, **hk)
             self.patch_loss = PatchPrototypeLoss(
-                cfg.head.out_dim, masked_weight=L.patch_masked_weight, visible_weight=L.patch_visible_weight, **cent
+                cfg.head.out_dim,
+                masked_weight=L.patch_masked_weight,
+                visible_weight=L.patch_visible_weight,
+                **cent,
             )
         elif self.use_patch:
             self.patch_loss = PatchFeatureLoss(
@@ -131,7 +140,9 @@ class TaskModule(nn.Module):
             self.dino_loss = DINOLoss(cfg.head.out_dim, **cent)
         if self.use_clip:
             pairs = (("alt", 0), ("caption", 1 if student.num_global_tokens > 1 else 0))
-            self.clip_loss = ImageTextLoss(pairs=pairs, image_dim=D, text_dim=text_dim, init_temperature=L.clip_temp_init)
+            self.clip_loss = ImageTextLoss(
+                pairs=pairs, image_dim=D, text_dim=text_dim, init_temperature=L.clip_temp_init
+            )
         if self.use_koleo:
             self.koleo_loss = KoLeoLoss()
         # ---- state outside the engine (not submodules: ZeRO must not partition them)
@@ -141,12 +152,18 @@ class TaskModule(nn.Module):
         ext: dict[str, Any] = {"teacher": None, "ema_student": None, "ema_patch": None, "ema_cls": None}
         from .objectives import HeadEMA
 
-        mk = {"total_steps": cfg.steps, "momentum_start": cfg.ema.momentum, "momentum_end": cfg.ema.momentum_end}
+        mk = {
+            "total_steps": cfg.steps,
+            "momentum_start": cfg.ema.momentum,
+            "momentum_end": cfg.ema.momentum_end,
+        }
         if self.patch_head is not None:
             ext["ema_patch"] = HeadEMA(self.patch_head, adapter=copy.deepcopy(adapter), **mk)
         if self.cls_head is not None:
             ext["ema_cls"] = (
-                ext["ema_patch"] if self.cls_head is self.patch_head else HeadEMA(self.cls_head, adapter=copy.deepcopy(adapter), **mk)
+                ext["ema_patch"]
+                if self.cls_head is self.patch_head
+                else HeadEMA(self.cls_head, adapter=copy.deepcopy(adapter), **mk)
             )
         if cfg.mode == "pretrain" and cfg.ema.kind == "full":
             ema_s = copy.deepcopy(student)
@@ -193,7 +210,9 @@ class TaskModule(nn.Module):
             return {"alt": text["alt"], "caption": emb}, {"alt": valid.get("alt"), "caption": ok}
         caps = batch["captions"]
         B = len(caps["alt"])
-        per_ex = [{g: (caps[g][i] if bool(batch["caption_valid"][g][i]) else None) for g in caps} for i in range(B)]
+        per_ex = [
+            {g: (caps[g][i] if bool(batch["caption_valid"][g][i]) else None) for g in caps} for i in range(B)
+        ]
         texts, _ = sampler.sample([{g: c[g] for g in self.caption_grans if g in c} for c in per_ex])
         alt = [c.get("alt") for c in per_ex]
         valid = {
@@ -211,7 +230,7 @@ class TaskModule(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        cfg, L = self.cfg, self.cfg.loss
+        L = self.cfg.loss
         g = batch["global"]
         B = g.shape[0]
         p = self.student.patch_size
@@ -231,7 +250,7 @@ class TaskModule(nn.Module):
                 t_logits = self.ext["ema_patch"](t_patch.to(self._head_dtype(self.ext["ema_patch"])))
                 out = self.patch_loss(s_logits.float(), t_logits.float(), mask, step)
             else:
-                out = self.patch_loss(feats.patch.float(), t_patch, mask)
+                out = self.patch_loss(feats.patch.to(self._head_dtype(self.patch_loss)), t_patch, mask)
             terms["patch"] = L.patch_weight * out["patch"]
         if self.use_dino:
             loc = batch["locals"]
@@ -299,7 +318,9 @@ class BuiltTask:
         for k in ("ema_patch", "ema_cls", "ema_student"):
             if ext[k] is not None:
                 if k not in state:
-                    raise ValueError(f"checkpoint lacks the {k} state this recipe needs; resume with the same recipe")
+                    raise ValueError(
+                        f"checkpoint lacks the {k} state this recipe needs; resume with the same recipe"
+                    )
                 ext[k].load_state_dict(state[k])
         self.task.step = int(state.get("step", 0))
 

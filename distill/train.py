@@ -67,10 +67,17 @@ def setup_env() -> dict[str, str]:
             if k not in os.environ:
                 os.environ[k] = v
                 set_now[k] = v
-        logger.info("no launcher found: running one process (set %s)", ", ".join(f"{k}={v}" for k, v in set_now.items()))
+        logger.info(
+            "no launcher found: running one process (set %s)",
+            ", ".join(f"{k}={v}" for k, v in set_now.items()),
+        )
     for k in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if k not in os.environ:
-            os.environ[k] = {"LOCAL_RANK": os.environ.get("RANK", "0"), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}[k]
+            os.environ[k] = {
+                "LOCAL_RANK": os.environ.get("RANK", "0"),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "29500",
+            }[k]
     return set_now
 
 
@@ -90,7 +97,9 @@ def build_ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
             ds = json.load(f)
     ds.setdefault("train_micro_batch_size_per_gpu", cfg.data.batch_size)
     ds.setdefault("gradient_accumulation_steps", cfg.optim.accum_steps)
-    ds.setdefault("train_batch_size", ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world)
+    ds.setdefault(
+        "train_batch_size", ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+    )
     if cfg.optim.clip_grad > 0:
         ds.setdefault("gradient_clipping", cfg.optim.clip_grad)
     zero = ds.setdefault("zero_optimization", {"stage": cfg.engine.zero_stage})
@@ -105,7 +114,10 @@ def build_ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
             f"{cfg.engine.deepspeed_config}: drop 'optimizer'/'scheduler'; the toolkit builds AdamW with "
             "parameter groups and schedules (optim.*)"
         )
-    if ds["train_micro_batch_size_per_gpu"] != cfg.data.batch_size or ds["gradient_accumulation_steps"] != cfg.optim.accum_steps:
+    if (
+        ds["train_micro_batch_size_per_gpu"] != cfg.data.batch_size
+        or ds["gradient_accumulation_steps"] != cfg.optim.accum_steps
+    ):
         raise ValueError(
             f"DeepSpeed JSON batch settings (micro {ds['train_micro_batch_size_per_gpu']}, accumulation "
             f"{ds['gradient_accumulation_steps']}) disagree with data.batch_size={cfg.data.batch_size} / "
@@ -293,13 +305,20 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
         torch.manual_seed(sample_seed(cfg.seed, 99991))
         n_ext = register_zero3_external(task, probe)
         logger.info("ZeRO-3: %d parameters registered as external to the root module", n_ext)
-    engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_cfg, dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=task, optimizer=optimizer, config=ds_cfg, dist_init_required=False
+    )
     gather = _gather_ctx(zero_stage)
     sched = Schedules(cfg)
 
     # ---- resume
     step = 0
     found = ckpt.resolve_resume(resume, out)
+    if found is None and ckpt.list_complete(ckpt.checkpoint_dir(out)):
+        raise ValueError(
+            f"{out} already holds checkpoints of another run; pass --resume auto to continue it or choose "
+            "another output_dir"
+        )
     if found is not None:
         client = ckpt.load(engine, *found)
         step = int(client["step"])
@@ -308,8 +327,14 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
         ckpt.set_rng_state(client["rng"])
         logger.info("resumed from %s/%s at step %d", found[0], found[1], step)
 
-    # ---- logging
-    log_f = open(out / "log.jsonl", "a") if is_main else None
+    # ---- logging: a resumed run drops log lines past its checkpoint (written after it, then lost)
+    log_path = out / "log.jsonl"
+    if is_main:
+        kept = []
+        if found is not None and log_path.exists():
+            kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+    log_f = open(log_path, "a") if is_main else None
     tb = None
     if is_main and cfg.log.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -346,7 +371,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                 bad = [k for k, v in red.items() if not math.isfinite(v)]
                 if bad:
                     raise TrainingDiverged(
-                        f"loss term {bad[0]!r} is {red[bad[0]]} at step {step} (micro step {micro}); stopping "
+                        f"loss term {bad[0]!r} is {red[bad[0]]} at step {step + 1} (micro step {micro}); stopping "
                         f"without saving (last complete checkpoint stays valid). Lower optim.lr, raise "
                         f"optim.warmup_steps or check the data"
                     )
@@ -375,10 +400,14 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                     if tb is not None:
                         for k, v in rec.items():
                             if isinstance(v, float):
-                                tb.add_scalar(k if k in ("lr", "wd", "samples_per_s") else f"loss/{k}", v, step)
+                                tb.add_scalar(
+                                    k if k in ("lr", "wd", "samples_per_s") else f"loss/{k}", v, step
+                                )
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{acc['loss']:.4f}", lr=f"{vals['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}")
+                    bar.set_postfix(
+                        loss=f"{acc['loss']:.4f}", lr=f"{vals['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}"
+                    )
             every = cfg.checkpoint.every
             if (every and step % every == 0) or (step == cfg.steps and cfg.checkpoint.at_end):
                 client = {
@@ -409,8 +438,16 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
         with gather(list(built.student.parameters())):
             if is_main:
                 export_student(
-                    built.student, export_path, train_config=config_to_dict(cfg), metrics={"step": step, **final}
+                    built.student,
+                    export_path,
+                    train_config=config_to_dict(cfg),
+                    metrics={"step": step, **final},
                 )
         if dist.is_initialized():
             dist.barrier()
-    return {"step": step, "final": final, "export": str(export_path) if export_path else None, "engine": engine}
+    return {
+        "step": step,
+        "final": final,
+        "export": str(export_path) if export_path else None,
+        "engine": engine,
+    }

@@ -232,8 +232,57 @@ def save_checkpoint(
     (out / "config.json.tmp").replace(out / "config.json")
 
 
+def export_teacher(
+    run_dir: str | Path, dest: str | Path, val_size: int = 500, image_size: int = 64
+) -> dict[str, Any]:
+    """Copy a run's checkpoint to ``dest`` and measure its alignment curve with ``distill.evaluation``.
+
+    Writes ``alignment.json`` and ``alignment.png``: zero-shot mIoU (all 20 classes and the 14 object
+    classes) of every block, whole-image mode, readouts ``patch``, ``tips`` (value trick) and
+    ``maskclip`` (value projection only), on ``val_size`` validation images; the class embeddings come
+    from the teacher's own text tower with the 9 TCL templates.
+    """
+    import shutil
+
+    from distill.evaluation import SegmentationSettings, resolve_class_embeddings
+    from scripts.demo import alignment_curve, plot_curves
+    from teachers.embedded import EmbeddedTeacher
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("model.safetensors", "config.json", "tokenizer.model"):
+        shutil.copyfile(run_dir / f, dest / f)
+    teacher = EmbeddedTeacher(dest)
+    val = SyntheticScenes("validation", size=val_size, image_size=image_size)
+    text = resolve_class_embeddings(val.class_names, text_model=teacher, templates="tcl", cache_dir=None)
+    curves = {}
+    for readout in ("patch", "tips", "maskclip"):
+        s = SegmentationSettings(image_size=image_size, mode="whole", readout=readout, resize_backend="torch")
+        curves[readout] = alignment_curve(teacher, val, text, s)
+        logger.info(
+            "%s: object mIoU by block %s", readout, [round(r["miou_objects"], 1) for r in curves[readout]]
+        )
+    rec = {
+        "teacher": teacher.identity(),
+        "validation": val.identity(),
+        "protocol": "whole-image zero-shot segmentation, TCL templates, teacher text tower; mIoU in %",
+        "curves": curves,
+    }
+    (dest / "alignment.json").write_text(json.dumps(rec, indent=2))
+    plot_curves(
+        curves,
+        dest / "alignment.png",
+        f"embedded teacher: zero-shot mIoU by depth (step {teacher.config.get('step')})",
+    )
+    return rec
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--export-from", default=None, help="only export: copy RUN's checkpoint to --export-to and measure it"
+    )
+    ap.add_argument("--export-to", default="distill/assets/embedded_teacher")
     ap.add_argument("--out", default="runs/embedded_teacher")
     ap.add_argument(
         "--minutes", type=float, default=40.0, help="wall-clock budget; the schedule is sized to it"
@@ -271,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.export_from:
+        torch.set_num_threads(args.threads)
+        export_teacher(args.export_from, args.export_to, val_size=500, image_size=args.image_size)
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -329,7 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         "head_bottleneck": 128,
         "image_size": args.image_size,
         "dataset": train.identity(),
-        "recipe": {k: v for k, v in vars(args).items() if k not in ("out", "data_cache", "threads")},
+        "recipe": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("out", "data_cache", "threads", "export_from", "export_to")
+        },
         "command": "python -m scripts.pretrain_teacher "
         + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
     }

@@ -57,8 +57,12 @@ class EmbeddedTeacher(Teacher):
         cfg = self.config
         self.vit = timm.create_model(cfg["timm_name"], pretrained=False, num_classes=0, **cfg["overrides"])
         tc = cfg["text"]
-        self.text = TipsTextTower(tc["vocab_size"], tc["width"], tc["depth"], tc["num_heads"], tc["mlp_dim"], tc["max_len"])
-        self.tokenizer = TipsTokenizer(folder / cfg.get("tokenizer", "tokenizer.model"), max_len=tc["max_len"])
+        self.text = TipsTextTower(
+            tc["vocab_size"], tc["width"], tc["depth"], tc["num_heads"], tc["mlp_dim"], tc["max_len"]
+        )
+        self.tokenizer = TipsTokenizer(
+            folder / cfg.get("tokenizer", "tokenizer.model"), max_len=tc["max_len"]
+        )
         weights = folder / "model.safetensors"
         sd = load_file(str(weights), device="cpu")
         vis = {k.removeprefix("vision."): v.float() for k, v in sd.items() if k.startswith("vision.")}
@@ -76,8 +80,12 @@ class EmbeddedTeacher(Teacher):
         self.num_global_tokens = int(cfg.get("num_global_tokens", 2))
         self.num_layers = len(self.vit.blocks)
         self.has_text = True
-        self.register_buffer("pixel_mean", torch.tensor(cfg.get("mean", [0.0] * 3)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.get("std", [1.0] * 3)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(cfg.get("mean", [0.0] * 3)).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(cfg.get("std", [1.0] * 3)).view(1, 3, 1, 1), persistent=False
+        )
         self.image_size = int(cfg.get("image_size", 64))
 
     def encode_image(
@@ -106,6 +114,9 @@ class EmbeddedTeacher(Teacher):
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         ids, pad = self.tokenizer(list(texts))
+        # drop the all-padding tail columns: the same embeddings (padding is masked), less compute
+        keep = max(1, int((~pad.bool()).sum(1).max())) if len(texts) else 1
+        ids, pad = ids[:, :keep], pad[:, :keep]
         dev = self.pixel_mean.device
         with torch.no_grad():
             return self.text(ids.to(dev), pad.to(dev).bool())

@@ -174,7 +174,9 @@ def _main(spec_path: str) -> None:
             student.eval()
             with torch.no_grad():
                 feats = student.encode_image(probe_pixels())
-            torch.save({"cls": feats.cls, "patch": feats.patch}, Path(args["result"]).with_suffix(".probe.pt"))
+            torch.save(
+                {"cls": feats.cls, "patch": feats.patch}, Path(args["result"]).with_suffix(".probe.pt")
+            )
         ema = engine.module.ext.get("ema_patch")
         if ema is not None:
             result["ema"] = weights_digest(ema)

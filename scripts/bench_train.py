@@ -1,0 +1,258 @@
+"""Benchmark stage 2: seconds per step of cached vs online distillation, and data-loader throughput.
+
+One run measures, on the same machine and settings:
+1. FLOPs per image of the student and of the teacher (``torch.utils.flop_counter``), the teacher must
+   be >= 8x the student (``--teacher-depth/--teacher-dim`` pick its size);
+2. seconds per optimizer step of ``tipsdistill-train`` reading targets from a stage-1 cache built with
+   that teacher, and of the same run with the teacher online (each run in its own process; the first
+   ``--warmup`` steps are excluded);
+3. samples/s of the training data loader alone (crops + cached-target alignment, ``--workers``) against
+   the samples/s the training steps consume.
+
+Prints a table and writes ``bench_train.json`` to ``--out``. Small defaults run on a laptop CPU in a
+few minutes; scale ``--image-size``/``--batch`` up on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def flops_per_image(model: torch.nn.Module, size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(1, 3, size, size)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.encode_image(x)
+    return float(fc.get_total_flops())
+
+
+def _train(args, out: Path, extra: list[str]) -> list[dict]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.train",
+        "--recipe",
+        "distill",
+        f"output_dir={out}",
+        f"steps={args.steps}",
+        "student.name=vit_tiny_patch16_224",
+        "student.kwargs=" + json.dumps(student_kwargs(args)),
+        f"data.dataset_kwargs={{split: train, size: {args.images}, image_size: {args.image_size}}}",
+        f"data.image_size={args.image_size}",
+        f"data.local_size={args.local_size}",
+        f"data.local_crops={args.local_crops}",
+        f"data.batch_size={args.batch}",
+        f"data.num_workers={args.workers}",
+        "head.out_dim=1024",
+        "head.hidden_dim=256",
+        "head.bottleneck_dim=64",
+        "loss.clip_weight=0",
+        "engine.precision=fp32",
+        f"engine.zero_stage={args.zero_stage}",
+        "checkpoint.every=0",
+        "checkpoint.at_end=false",
+        "log.progress=false",
+        *extra,
+    ]
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu"),
+    }
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed:\n{proc.stderr[-4000:]}")
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def student_kwargs(args) -> dict:
+    return dict(
+        img_size=args.image_size,
+        patch_size=args.patch,
+        embed_dim=args.student_dim,
+        depth=args.student_depth,
+        num_heads=2,
+        reg_tokens=1,
+        no_embed_class=True,
+    )
+
+
+def teacher_kwargs(args, ckpt: Path | None) -> dict:
+    kw = dict(
+        model_name="vit_tiny_patch16_224",
+        img_size=args.image_size,
+        patch_size=args.patch,
+        embed_dim=args.teacher_dim,
+        depth=args.teacher_depth,
+        num_heads=4,
+    )
+    if ckpt is not None:
+        kw["checkpoint"] = str(ckpt)
+    return kw
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/bench_train")
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--patch", type=int, default=8)
+    p.add_argument("--local-size", type=int, default=32)
+    p.add_argument("--local-crops", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--zero-stage", type=int, default=0)
+    p.add_argument("--student-dim", type=int, default=64)
+    p.add_argument("--student-depth", type=int, default=4)
+    p.add_argument("--teacher-dim", type=int, default=256)
+    p.add_argument("--teacher-depth", type=int, default=8)
+    args = p.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from safetensors.torch import save_file
+
+    from cache import build_dataset, extract_features, open_cache
+    from students import build_student
+    from teachers.timm_teacher import build_timm_teacher
+
+    torch.manual_seed(0)
+    teacher = build_timm_teacher(**teacher_kwargs(args, None)).freeze()
+    ckpt = out / "teacher.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in teacher.model.state_dict().items()}
+        if hasattr(teacher, "model")
+        else {},
+        str(ckpt),
+    )
+    teacher = build_timm_teacher(**teacher_kwargs(args, ckpt)).freeze()
+    student = build_student("vit_tiny_patch16_224", **student_kwargs(args))
+    f_s, f_t = flops_per_image(student, args.image_size), flops_per_image(teacher, args.image_size)
+    # per training sample the student also runs the local crops
+    f_s_local = flops_per_image(student, args.local_size) * args.local_crops
+    ratio = f_t / f_s
+    print(
+        f"FLOPs/image at {args.image_size}px: student {f_s / 1e6:.1f}M, teacher {f_t / 1e6:.1f}M ({ratio:.1f}x)"
+    )
+    if ratio < 8:
+        print(
+            "warning: teacher is < 8x the student's FLOPs; raise --teacher-dim/--teacher-depth",
+            file=sys.stderr,
+        )
+
+    t0 = time.time()
+    ds = build_dataset("synthetic", split="train", size=args.images, image_size=args.image_size)
+    cache_dir = out / "cache"
+    extract_features(
+        dict(
+            out=str(cache_dir),
+            image_size=args.image_size,
+            batch_size=32,
+            num_workers=0,
+            progress=False,
+            granularities=[],
+        ),
+        teacher=teacher,
+        dataset=ds,
+    )
+    cache_s = time.time() - t0
+    print(f"stage-1 cache of {args.images} images: {cache_s:.1f}s")
+
+    def step_time(log: list[dict]) -> float:
+        recs = log[args.warmup :]
+        return sum(args.batch / r["samples_per_s"] for r in recs) / len(recs)
+
+    cached_log = _train(args, out / "cached", [f"cache.path={cache_dir}"])
+    online_log = _train(
+        args,
+        out / "online",
+        [
+            "teacher.source=online",
+            "teacher.name=timm",
+            "teacher.kwargs=" + json.dumps(teacher_kwargs(args, ckpt)),
+        ],
+    )
+    s_cached, s_online = step_time(cached_log), step_time(online_log)
+
+    # data loader alone (same dataset class and settings as the cached run)
+    from torch.utils.data import DataLoader
+
+    from distill.config import load_config
+    from distill.data import DistillDataset, ResumableSampler, collate
+
+    cfg = load_config(
+        "distill",
+        [
+            f"cache.path={cache_dir}",
+            f"data.image_size={args.image_size}",
+            f"data.local_size={args.local_size}",
+            f"data.local_crops={args.local_crops}",
+        ],
+    )
+    grid = (args.image_size // args.patch,) * 2
+    dds = DistillDataset(ds, cfg.data, grid, cache=open_cache(cache_dir), seed=0)
+    sampler = ResumableSampler(len(dds), seed=0)
+    loader = DataLoader(
+        dds,
+        batch_size=args.batch,
+        sampler=sampler,
+        num_workers=args.workers,
+        collate_fn=collate,
+        drop_last=True,
+    )
+    n, t0 = 0, None
+    for i, b in enumerate(loader):
+        if i == 1:  # exclude worker start-up
+            t0, n = time.time(), 0
+        elif i > 1:
+            n += b["global"].shape[0]
+    loader_sps = n / (time.time() - t0) if t0 and n else float("nan")
+    consume_sps = args.batch / s_cached
+    res = {
+        "device": "cuda"
+        if torch.cuda.is_available()
+        else f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
+        "settings": vars(args),
+        "flops_student_global": f_s,
+        "flops_student_locals": f_s_local,
+        "flops_teacher": f_t,
+        "flops_ratio": ratio,
+        "cache_build_s": cache_s,
+        "s_per_step_cached": s_cached,
+        "s_per_step_online": s_online,
+        "speedup_cached": s_online / s_cached,
+        "loader_samples_per_s": loader_sps,
+        "train_consumes_samples_per_s": consume_sps,
+        "loader_headroom": loader_sps / consume_sps,
+    }
+    (out / "bench_train.json").write_text(json.dumps(res, indent=2))
+    print(
+        "\n| measure | value |\n|---|---|\n"
+        f"| teacher / student FLOPs per image | {ratio:.1f}x |\n"
+        f"| s/step, cached targets | {s_cached:.3f} |\n"
+        f"| s/step, online teacher | {s_online:.3f} |\n"
+        f"| speed-up of cached | {res['speedup_cached']:.2f}x |\n"
+        f"| data loader alone, samples/s ({args.workers} workers) | {loader_sps:.1f} |\n"
+        f"| training consumes, samples/s | {consume_sps:.1f} |\n"
+        f"| loader headroom | {res['loader_headroom']:.2f}x |"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Experiments on the embedded benchmark: the headline over seeds, and the paper's ablations.
+
+All runs share one stage-1 cache of the embedded teacher and are measured with the same zero-shot
+segmentation settings (whole image; TIPS value-trick and MaskCLIP readouts; all 20 classes and the 14
+object classes) on the validation split. Variants (``--only`` picks some):
+
+- ``seed0``, ``seed1``, ``seed2``: the demo's distillation (random init, mask ratio 0, prototype CE);
+- ``mask75``: the same with 75% of the student's patches masked (loss still on every token);
+- ``cosine``: head-free cosine patch loss instead of prototype cross-entropy;
+- ``deep_random`` / ``deep_teacher_init``: a student with the teacher's architecture, from random
+  init or initialised from the teacher's weights (the paper's "stays in the teacher's basin" ablation).
+
+Prints a table (mean and spread over seeds) and writes ``experiments.json`` / ``experiments.md``.
+
+    python -m scripts.experiments --out runs/experiments            # everything (long on 2 cores)
+    python -m scripts.experiments --only seed0,mask75 --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from scripts.demo import FULL, DemoConfig, _f, _setup_env, seg_settings, stage_cache, stage_distill
+
+logger = logging.getLogger("tipsdistill.experiments")
+
+READOUTS = ("tips", "maskclip")
+
+
+def variants(base: DemoConfig, teacher_cfg: dict[str, Any], teacher_init: str) -> dict[str, DemoConfig]:
+    deep = {
+        "embed_dim": teacher_cfg["overrides"]["embed_dim"],
+        "depth": teacher_cfg["overrides"]["depth"],
+        "num_heads": teacher_cfg["overrides"]["num_heads"],
+        "mlp_ratio": teacher_cfg["overrides"].get("mlp_ratio", 4.0),
+    }
+    return {
+        "seed0": replace(base, seed=0),
+        "seed1": replace(base, seed=1),
+        "seed2": replace(base, seed=2),
+        "mask75": replace(base, mask_ratio=0.75),
+        "cosine": replace(base, patch_loss="cosine"),
+        "deep_random": replace(base, student=deep),
+        "deep_teacher_init": replace(base, student=deep, student_init=teacher_init),
+    }
+
+
+def teacher_vision_file(teacher_path: Path, dest: Path) -> str:
+    """Write the teacher's vision weights with timm keys (what ``student.init`` loads)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(teacher_path / "model.safetensors"))
+    vis = {
+        k.removeprefix("vision."): v.float().contiguous() for k, v in sd.items() if k.startswith("vision.")
+    }
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    save_file(vis, str(dest))
+    return str(dest)
+
+
+def evaluate(models: dict[str, Any], val: Any, text: Any, cfg: DemoConfig) -> dict[str, dict[str, Any]]:
+    from distill.evaluation import evaluate_segmentation
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, model in models.items():
+        for readout in READOUTS:
+            m = evaluate_segmentation(model, val, text, seg_settings(cfg, "whole", readout), progress=False)[
+                "metrics"
+            ]
+            out.setdefault(name, {})[readout] = {
+                "miou": m["miou"],
+                "miou_objects": m.get("miou_objects"),
+                "pixel_accuracy": m["pixel_accuracy"],
+            }
+    return out
+
+
+def summarise(results: dict[str, Any]) -> str:
+    runs = results["runs"]
+    lines = [
+        "| run | tips mIoU | tips obj | maskclip mIoU | maskclip obj |",
+        "|---|---|---|---|---|",
+    ]
+
+    def row(name: str, r: dict[str, Any]) -> str:
+        cells = [_f(r[ro][k]) for ro in READOUTS for k in ("miou", "miou_objects")]
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    lines.append(row("teacher", results["teacher"]))
+    for name, r in runs.items():
+        lines.append(row(name, r["metrics"]))
+    seeds = [r["metrics"] for n, r in runs.items() if n.startswith("seed")]
+    if len(seeds) >= 2:
+        cells = []
+        for ro in READOUTS:
+            for k in ("miou", "miou_objects"):
+                vals = [s[ro][k] for s in seeds]
+                cells.append(f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}")
+        lines.append(f"| seeds mean ± sd (n={len(seeds)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_env()
+    ap = argparse.ArgumentParser(
+        description="Embedded-benchmark experiments (headline over seeds + ablations)."
+    )
+    ap.add_argument("--out", default="runs/experiments")
+    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="distillation steps per run (default: the demo's)"
+    )
+    ap.add_argument("--val-size", type=int, default=None)
+    ap.add_argument("--teacher-path", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import torch
+
+    import teachers.embedded as emb
+    from cache.synthetic import SyntheticScenes
+    from distill.evaluation import resolve_class_embeddings
+    from distill.export import load_student
+    from teachers import build_teacher
+
+    torch.set_num_threads(2)
+    base = FULL
+    if args.steps:
+        base = replace(base, steps=args.steps)
+    if args.val_size:
+        base = replace(base, val_size=args.val_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tpath = Path(args.teacher_path) if args.teacher_path else emb.default_path()
+    teacher = build_teacher("embedded", path=str(tpath))
+    init_file = teacher_vision_file(tpath, out / "teacher_vision.safetensors")
+    all_variants = variants(base, teacher.config, init_file)
+    names = [n for n in args.only.split(",") if n] or list(all_variants)
+    unknown = [n for n in names if n not in all_variants]
+    if unknown:
+        raise SystemExit(f"error: unknown variant(s) {unknown}; choose from {list(all_variants)}")
+    summary = stage_cache(base, out, str(tpath))
+    cache_path = summary.get("index") or str(out / "cache")
+    val = SyntheticScenes("validation", size=base.val_size, image_size=base.image_size, seed=base.data_seed)
+    text = resolve_class_embeddings(val.class_names, text_model=teacher, templates="tcl", cache_dir=None)
+    res_path = out / "experiments.json"
+    results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.exists() else {"runs": {}}
+    results["teacher"] = evaluate({"teacher": teacher}, val, text, base)["teacher"]
+    results["teacher_identity"] = teacher.identity()
+    for name in names:
+        cfg = all_variants[name]
+        t0 = time.time()
+        logger.info("run %s: %s", name, asdict(cfg))
+        export = stage_distill(cfg, out, cache_path, run_name=name)
+        student = load_student(export)
+        metrics = evaluate({name: student}, val, text, cfg)[name]
+        results["runs"][name] = {
+            "config": asdict(cfg),
+            "metrics": metrics,
+            "minutes": (time.time() - t0) / 60,
+        }
+        res_path.write_text(json.dumps(results, indent=2, default=str))
+        logger.info("run %s done in %.1f min: %s", name, (time.time() - t0) / 60, metrics)
+    table = summarise(results)
+    (out / "experiments.md").write_text(table + "\n")
+    print(table)
+    ok = all(
+        v is not None and math.isfinite(v)
+        for r in results["runs"].values()
+        for ro in r["metrics"].values()
+        for v in ro.values()
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""``tipsdistill-train``: stage 2, distil (or pretrain) a student with DeepSpeed.
+
+Examples::
+
+    # one process, no launcher (the distributed env vars are set for you)
+    tipsdistill-train --recipe distill cache.path=cache/ output_dir=runs/b16
+    # 8 GPUs
+    torchrun --nproc_per_node 8 -m scripts.train --recipe distill cache.path=cache/ engine.zero_stage=2
+    deepspeed --num_gpus 8 scripts/train.py --recipe distill cache.path=cache/
+    # continue the newest complete checkpoint of output_dir
+    tipsdistill-train --recipe distill cache.path=cache/ output_dir=runs/b16 --resume auto
+
+Overrides are dotted ``key=value`` pairs (values parsed as YAML); ``--print-config`` shows the resolved
+config and exits; ``--list-recipes`` lists the shipped recipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tipsdistill-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--recipe", default="distill", help="shipped recipe name or a YAML path (default: distill)"
+    )
+    p.add_argument(
+        "--resume", default="", help="'auto' (newest complete checkpoint of output_dir) or a checkpoint dir"
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many optimizer steps (schedules unchanged)",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # deepspeed launcher
+    p.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3 engine.zero_stage=2"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from distill.config import config_to_dict, list_recipes, load_config
+
+    if args.list_recipes:
+        print("\n".join(list_recipes()))
+        return 0
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"tipsdistill-train: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+    from distill.train import TrainingDiverged, train
+
+    try:
+        result = train(cfg, resume=args.resume or None, max_steps=args.max_steps)
+    except TrainingDiverged as e:
+        print(f"tipsdistill-train: {e}", file=sys.stderr)
+        return 3
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            json.dumps(
+                {"step": result["step"], "final": result["final"], "export": result["export"]}, indent=2
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

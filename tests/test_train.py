@@ -1,0 +1,241 @@
+"""Stage-2 training: config, crops/target alignment, engine runs (each in its own process), resume,
+2-process torchrun, export round trip, bad cache refused. CPU, gloo, tiny models; ~2-3 minutes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train_support import base_overrides, make_cache, probe_pixels, run_subprocess
+
+# --------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> Path:
+    return make_cache(tmp_path_factory.mktemp("cache") / "c")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+_RESULTS: dict[str, dict] = {}
+Z0 = [
+    "steps=6",
+    "engine.zero_stage=0",
+    "checkpoint.every=3",
+    "checkpoint.keep_last=1",
+]  # also the resume reference
+
+
+def _run(name: str, root: Path, cache: Path, extra: list[str], nproc: int = 1, **kw) -> dict:
+    if name not in _RESULTS:
+        args = {
+            "result": str(root / name / "result.json"),
+            "overrides": base_overrides(cache, root / name / "out") + extra,
+            **kw,
+        }
+        _RESULTS[name] = run_subprocess(args, nproc=nproc)
+    r = _RESULTS[name]
+    assert "error" not in r, r["error"] + "\n" + r.get("stderr", "")
+    return r
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+def test_config_recipes_overrides_and_unknown_keys(tmp_path):
+    from distill.config import list_recipes, load_config, save_resolved
+
+    assert {"distill", "pretrain-tipsv2", "pretrain-tips", "distill-feature"} <= set(list_recipes())
+    cfg = load_config("distill", ["cache.path=/x", "optim.lr=1e-3", "data.flip=false", "engine.zero_stage=3"])
+    assert cfg.optim.lr == 1e-3 and cfg.data.flip is False and cfg.engine.zero_stage == 3
+    assert cfg.loss.mask_ratio == 0.0 and cfg.student.init == "random"
+    p = load_config("pretrain-tipsv2")
+    assert p.loss.mask_ratio == 0.75 and p.ema.kind == "head" and p.loss.patch_visible_weight == 1.0
+    t = load_config("pretrain-tips")
+    assert t.ema.kind == "full" and t.loss.patch_visible_weight == 0.0
+    assert load_config("distill-feature", ["cache.path=/x"]).loss.patch == "cosine"
+    with pytest.raises(ValueError, match=r"unknown config key 'optim.lrr'.*valid keys under 'optim': lr"):
+        load_config("distill", ["cache.path=/x", "optim.lrr=1"])
+    with pytest.raises(TypeError, match="data.batch_size"):
+        load_config("distill", ["cache.path=/x", "data.batch_size=abc"])
+    with pytest.raises(ValueError, match="cache.path"):
+        load_config("distill")
+    save_resolved(cfg, tmp_path)
+    assert (tmp_path / "config.yaml").exists()
+    assert "git_revision" in json.loads((tmp_path / "run_info.json").read_text())
+
+
+def test_schedules():
+    from distill.config import load_config
+    from distill.schedules import Schedules
+
+    cfg = load_config(
+        "distill", ["cache.path=/x", "steps=100", "optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr=0.0"]
+    )
+    s = Schedules(cfg)
+    assert s.lr(0) == pytest.approx(0.1) and s.lr(9) == pytest.approx(1.0)
+    assert s.lr(10) == pytest.approx(1.0) and s.lr(100) == pytest.approx(0.0, abs=1e-12)
+    assert s.weight_decay(0) == pytest.approx(cfg.optim.weight_decay)
+    assert s.weight_decay(100) == pytest.approx(cfg.optim.weight_decay_end)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def test_align_teacher_map_crop_flip_and_grids():
+    from distill.data import align_teacher_map
+
+    h = w = 4
+    ys, xs = torch.meshgrid(torch.arange(h).float() + 0.5, torch.arange(w).float() + 0.5, indexing="ij")
+    feat = torch.stack([xs / w, ys / h], -1)  # token centre in normalised coordinates
+    # the central half of the image (interior: bilinear sampling is exact for a linear map) on a 2x4 grid,
+    # a different grid from the teacher's 4x4
+    box = (0.25, 0.25, 0.75, 0.75)
+    out = align_teacher_map(feat, box, (2, 4))
+    assert out.shape == (2, 4, 2)
+    # student token centres: x = 0.25 + (j + 0.5) / 8, y = 0.25 + (i + 0.5) / 4
+    assert torch.allclose(out[0, :, 0], 0.25 + (torch.arange(4) + 0.5) / 8, atol=1e-5)
+    assert torch.allclose(out[:, 0, 1], 0.25 + (torch.arange(2) + 0.5) / 4, atol=1e-5)
+    flipped = align_teacher_map(feat, box, (2, 4), flip=True)
+    assert torch.equal(flipped, out.flip(1))
+    same = align_teacher_map(feat, (0.0, 0.0, 1.0, 1.0), (4, 4))
+    assert torch.allclose(same, feat, atol=1e-6)
+
+
+def test_dataset_matches_cache_and_is_seeded(tiny_cache):
+    from cache import build_dataset, open_cache
+    from distill.config import load_config
+    from distill.data import DistillDataset, ResumableSampler
+
+    cfg = load_config("distill", base_overrides(tiny_cache, "/tmp/unused"))
+    src = build_dataset("synthetic", split="train", size=60, image_size=32)  # 12 images not in the cache
+    ds = DistillDataset(src, cfg.data, (4, 4), cache=open_cache(tiny_cache), seed=0)
+    assert len(ds) == 48 and len(ds.skipped_keys) == 12 and ds.target == "crop"
+    a, b = ds[(0, 5)], ds[(0, 5)]
+    assert torch.equal(a["global"], b["global"]) and torch.equal(a["t_patch"], b["t_patch"])
+    assert a["t_patch"].shape == (4, 4, 48) and a["locals"].shape == (2, 3, 16, 16)
+    assert not torch.equal(ds[(1, 5)]["global"], a["global"])  # another epoch, other crops
+    with pytest.raises(ValueError, match="not in the source dataset"):
+        DistillDataset(
+            build_dataset("synthetic", split="train", size=10, image_size=32),
+            cfg.data,
+            (4, 4),
+            cache=open_cache(tiny_cache),
+        )
+    # 2 ranks of batch b together = the first 2b samples of one rank
+    one = ResumableSampler(48, seed=3).order()
+    r0, r1 = (
+        ResumableSampler(48, rank=0, world=2, seed=3).order(),
+        ResumableSampler(48, rank=1, world=2, seed=3).order(),
+    )
+    assert sorted(r0[:4] + r1[:4]) == sorted(one[:8])
+
+
+def test_bad_cache_refused_before_training(tiny_cache):
+    from distill.config import load_config
+    from distill.task import build_task
+
+    for extra, pat in (
+        (["cache.expect_dim=64"], r"48.*64|64.*48"),
+        (["cache.expect_grid=[8, 8]"], r"\[4, 4\].*\[8, 8\]|\[8, 8\].*\[4, 4\]"),
+    ):
+        cfg = load_config("distill", base_overrides(tiny_cache, "/tmp/unused") + extra)
+        with pytest.raises(ValueError, match=pat):
+            build_task(cfg, device=torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------ engine runs
+
+
+def _losses(r: dict) -> list[float]:
+    return [rec["loss"] for rec in r["log"]]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stages_loss_decreases(stage, tiny_cache, runs):
+    extra = Z0 if stage == 0 else ["steps=6", f"engine.zero_stage={stage}"]
+    r = _run(f"z{stage}", runs, tiny_cache, extra)
+    losses = _losses(r)
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-2:]) / 2 < 0.8 * losses[0], losses
+    if stage:  # every stage computes the same first step
+        assert losses[0] == pytest.approx(_losses(_run("z0", runs, tiny_cache, Z0))[0], rel=1e-5)
+
+
+def test_resume_is_bit_identical(tiny_cache, runs):
+    full = _run("z0", runs, tiny_cache, Z0)
+    extra = Z0
+    first = _run("part1", runs, tiny_cache, extra, max_steps=[3])
+    assert first["step"] == 3
+    second = _run("part2", runs, tiny_cache, [*extra, f"output_dir={runs / 'part1' / 'out'}"], runs=["auto"])
+    assert second["step"] == 6
+    assert _losses(second) == _losses(full)  # log of part 1 (3 steps) + resumed part (3 steps)
+    assert second["weights"] == full["weights"]
+    assert second["ema"] == full["ema"]
+    ckpts = sorted(p.name for p in (runs / "part1" / "out" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000006"]  # keep_last=1
+
+
+def test_torchrun_two_processes_match_one(tiny_cache, runs):
+    one = _run(
+        "one_proc", runs, tiny_cache, ["steps=2", "loss.caption_probs={short: 1.0}", "data.batch_size=8"]
+    )
+    two = _run(
+        "two_proc",
+        runs,
+        tiny_cache,
+        ["steps=2", "loss.caption_probs={short: 1.0}", "data.batch_size=4"],
+        nproc=2,
+    )
+    l1, l2 = one["log"][0], two["log"][0]
+    for k in ("loss", "patch", "dino", "clip"):
+        assert l2[k] == pytest.approx(l1[k], rel=1e-4, abs=1e-5), k
+
+
+def test_export_reload_identical(tiny_cache, runs):
+    import timm
+
+    from distill.export import load_student
+
+    r = _run("z0", runs, tiny_cache, Z0)
+    export = Path(r["export"])
+    ref = torch.load(runs / "z0" / "result.probe.pt")
+    student = load_student(export)
+    with torch.no_grad():
+        f = student.encode_image(probe_pixels())
+    assert torch.equal(f.patch, ref["patch"]) and torch.equal(f.cls, ref["cls"])
+    conf = json.loads((export / "config.json").read_text())
+    vit = timm.create_model(
+        conf["timm"]["model_name"],
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
+        **conf["timm"]["kwargs"],
+    ).eval()
+    with torch.no_grad():
+        tokens = vit.forward_features(probe_pixels())  # student normalisation is mean 0 / std 1
+    assert torch.allclose(tokens[:, vit.num_prefix_tokens :].reshape(f.patch.shape), ref["patch"], atol=1e-5)
+    assert (export / "README.md").read_text().startswith("# Student")
+
+
+def test_nan_loss_stops_naming_step_and_term(tiny_cache, runs):
+    args = {
+        "result": str(runs / "nan" / "result.json"),
+        "overrides": base_overrides(tiny_cache, runs / "nan" / "out")
+        + ["steps=4", "optim.lr=1e30", "checkpoint.every=1"],
+    }
+    r = run_subprocess(args)
+    assert "TrainingDiverged" in r["error"] and "at step 2" in r["error"]
+    assert any(f"'{t}'" in r["error"] for t in ("patch", "dino", "clip", "loss"))
+    from distill.checkpoint import list_complete
+
+    assert [s for s, _ in list_complete(runs / "nan" / "out" / "checkpoints")] == [
+        1
+    ]  # nothing saved after it

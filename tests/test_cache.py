@@ -238,7 +238,9 @@ def _h5_contents(path: Path) -> dict[str, np.ndarray]:
     out = {}
     with h5py.File(path) as f:
         f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
-        out["attrs"] = {k: v for k, v in f.attrs.items() if k not in ("created", "finished", "config")}
+        out["attrs"] = {
+            k: v for k, v in f.attrs.items() if k not in ("created", "finished", "config", "git_revision")
+        }
     return out
 
 

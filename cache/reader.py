@@ -16,7 +16,6 @@ import torch
 from torch.utils.data import Dataset
 
 from .format import FEATURES, INDEX_NAME, decode_attrs, read_skipped
-from .writer import dequantise_int8
 
 
 def _resolve(path: str | Path) -> Path:
@@ -50,6 +49,45 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+class _Shard:
+    """One shard's rows ``[start, stop)`` of the cache, read straight from the shard file.
+
+    Datasets are opened once (handles cached) with no HDF5 chunk cache: a read of whole one-sample
+    chunks then goes from the file into the caller's array, with no copy through the cache."""
+
+    def __init__(self, path: Path, start: int, stop: int, offset: int) -> None:
+        self.path, self.start, self.stop, self.offset = path, start, stop, offset
+        self.file = h5py.File(path, "r")
+        self._dsets: dict[str, h5py.Dataset] = {}
+
+    def ds(self, name: str) -> h5py.Dataset:
+        d = self._dsets.get(name)
+        if d is None:
+            dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+            dapl.set_chunk_cache(0, 0, 1.0)
+            d = self._dsets[name] = h5py.Dataset(h5py.h5d.open(self.file.id, name.encode(), dapl=dapl))
+        return d
+
+    def read(self, name: str, rows: np.ndarray, out: np.ndarray) -> None:
+        """Rows (sorted, unique, shard-local) of ``name`` into ``out`` (``(len(rows), ...)``, C order):
+        one HDF5 read per call, the file selection being the union of the runs of consecutive rows."""
+        ds = self.ds(name)
+        tail = ds.shape[1:]
+        fspace = ds.id.get_space()
+        brk = np.flatnonzero(np.diff(rows) != 1) + 1
+        a0 = np.concatenate([[0], brk])
+        a1 = np.append(brk, rows.size)
+        op = h5py.h5s.SELECT_SET
+        for a, b in zip(a0.tolist(), a1.tolist()):
+            fspace.select_hyperslab((int(rows[a]),) + (0,) * len(tail), (b - a,) + tail, op=op)
+            op = h5py.h5s.SELECT_OR
+        mspace = h5py.h5s.create_simple(out.shape)
+        ds.id.read(mspace, fspace, out, h5py.h5t.py_create(out.dtype))
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class FeatureCache(Dataset):
     """The cached teacher features, one item per usable sample (skipped images are left out).
 
@@ -57,6 +95,11 @@ class FeatureCache(Dataset):
     ``(V, h, w, D)`` with ``boxes (V, 4)`` and ``flips (V,)`` when several views are stored),
     ``cls`` ``(C, D)`` (or ``(V, C, D)``), optional ``value_patch``, and when captions were embedded
     ``text`` dict granularity -> ``(Dt,)`` with ``text_valid`` dict granularity -> bool.
+
+    Reading: the index's virtual datasets are resolved to the shard files once (per process); each
+    read goes to the shard datasets directly, into preallocated arrays. ``__getitems__`` (used by the
+    torch DataLoader for a whole batch) reads every dataset with one HDF5 call per shard, so a batch
+    of consecutive samples costs a handful of calls instead of several per sample.
     """
 
     def __init__(
@@ -70,6 +113,8 @@ class FeatureCache(Dataset):
             self._keys = [k.decode() if isinstance(k, bytes) else k for k in f["keys"][()]]
             self.skipped: list[tuple[int, str, str]] = read_skipped(f)
             self._names = [n for n in FEATURES if n in f]
+            self._sources = _sources(self.path, f)
+            self._spec = {n: (f[n].shape[1:], f[n].dtype) for n in self._datasets(f)}
         if not self.meta.get("complete", False) and not allow_incomplete:
             raise ValueError(
                 f"cache {self.path} is incomplete ({int(done.sum())} of {done.size} samples written); rerun the "
@@ -80,10 +125,20 @@ class FeatureCache(Dataset):
         self.num_views = int(self.meta.get("num_views", 1))
         self.granularities: list[str] = list(self.meta.get("granularities") or [])
         self.int8 = self.meta.get("storage_dtype") == "int8"
-        self._h5: h5py.File | None = None
+        self._shards: list[_Shard] | None = None
         self._pid = -1
         if expect:
             self.check(expect)
+
+    def _datasets(self, f: h5py.File) -> list[str]:
+        names = list(self._names)
+        if self.meta.get("storage_dtype") == "int8":
+            names += [n + "_scale" for n in self._names]
+        if int(self.meta.get("num_views", 1)) > 1:
+            names += ["boxes", "flips"]
+        for g in self.meta.get("granularities") or []:
+            names += [f"text/{g}", f"text_valid/{g}"]
+        return [n for n in names if n in f]
 
     def check(self, expect: dict[str, Any]) -> None:
         """Raise a ValueError naming both values when the cache's metadata differs from ``expect``."""
@@ -102,46 +157,87 @@ class FeatureCache(Dataset):
     def __len__(self) -> int:
         return len(self.valid)
 
-    def _file(self) -> h5py.File:
-        if self._h5 is None or self._pid != os.getpid():
-            self._h5 = h5py.File(self.path, "r")
+    def _open(self) -> list[_Shard]:
+        """The shard files, opened once per process (h5py handles do not survive fork/pickle)."""
+        if self._shards is None or self._pid != os.getpid():
+            self._shards = [_Shard(p, a, b, off) for p, a, b, off in self._sources]
             self._pid = os.getpid()
-        return self._h5
+        return self._shards
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_h5"], state["_pid"] = None, -1
+        state["_shards"], state["_pid"] = None, -1
         return state
 
-    def _feature(self, f: h5py.File, name: str, j: int) -> torch.Tensor:
-        x = f[name][j]
-        x = dequantise_int8(x, f[name + "_scale"][j]) if self.int8 else x.astype(np.float32)
-        if name != "cls":  # (..., h*w, D) -> (..., h, w, D)
-            x = x.reshape(x.shape[:-2] + self.grid + x.shape[-1:])
-        return torch.from_numpy(x)
+    def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Every per-sample dataset at cache rows ``rows`` (sorted, unique) as ``(len(rows), ...)`` arrays."""
+        out = {n: np.empty((len(rows), *shape), dt) for n, (shape, dt) in self._spec.items()}
+        for sh in self._open():
+            lo, hi = np.searchsorted(rows, [sh.start, sh.stop])
+            if lo == hi:
+                continue
+            local = rows[lo:hi] - sh.offset
+            for n, arr in out.items():
+                if lo == 0 and hi == len(rows):
+                    sh.read(n, local, arr)
+                else:
+                    part = np.empty((hi - lo, *arr.shape[1:]), arr.dtype)
+                    sh.read(n, local, part)
+                    arr[lo:hi] = part
+        return out
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """Items ``indices`` (any order, repeats allowed), read together: one HDF5 call per dataset
+        per shard touched. The items' tensors are views of per-batch tensors."""
+        n = len(self)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        bad = (idx < -n) | (idx >= n)
+        if bad.any():
+            raise IndexError(f"index {int(idx[bad][0])} out of range for a cache of {n} samples")
+        js = self.valid[np.where(idx < 0, idx + n, idx)]
+        rows, inv = np.unique(js, return_inverse=True)
+        raw = self._read(rows)
+        same = len(rows) == len(js) and bool((rows == js).all())
+        take = (lambda a: a) if same else (lambda a: a[inv])  # back to the order asked for
+        feats: dict[str, torch.Tensor] = {}
+        for name in self._names:
+            x = torch.from_numpy(raw[name])
+            if self.int8:
+                x = x.float().mul_(torch.from_numpy(raw[name + "_scale"]).unsqueeze(-1))
+            else:
+                x = x.float()
+            if name != "cls":  # (B, ..., h*w, D) -> (B, ..., h, w, D)
+                x = x.reshape(x.shape[:-2] + self.grid + x.shape[-1:])
+            feats[name] = take(x)
+        if self.num_views > 1:
+            boxes = take(torch.from_numpy(raw["boxes"]))
+            flips = take(torch.from_numpy(raw["flips"].astype(bool)))
+        if self.granularities:
+            text = {g: take(torch.from_numpy(raw[f"text/{g}"]).float()) for g in self.granularities}
+            valid = {g: take(raw[f"text_valid/{g}"].astype(bool)).tolist() for g in self.granularities}
+        items = []
+        for k, j in enumerate(js.tolist()):
+            item: dict[str, Any] = {"index": j, "key": self._keys[j]}
+            for name in self._names:
+                item[name] = feats[name][k]
+            if self.num_views > 1:
+                item["boxes"], item["flips"] = boxes[k], flips[k]
+            if self.granularities:
+                item["text"] = {g: text[g][k] for g in self.granularities}
+                item["text_valid"] = {g: valid[g][k] for g in self.granularities}
+            items.append(item)
+        return items
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for a cache of {len(self)} samples")
-        j = int(self.valid[i])
-        f = self._file()
-        item: dict[str, Any] = {"index": j, "key": self._keys[j]}
-        for name in self._names:
-            item[name] = self._feature(f, name, j)
-        if self.num_views > 1:
-            item["boxes"] = torch.from_numpy(f["boxes"][j])
-            item["flips"] = torch.from_numpy(f["flips"][j].astype(bool))
-        if self.granularities:
-            item["text"] = {
-                g: torch.from_numpy(f[f"text/{g}"][j].astype(np.float32)) for g in self.granularities
-            }
-            item["text_valid"] = {g: bool(f[f"text_valid/{g}"][j]) for g in self.granularities}
-        return item
+        return self.__getitems__([i])[0]
 
     def close(self) -> None:
-        if self._h5 is not None:
-            self._h5.close()
-            self._h5 = None
+        if self._shards is not None:
+            for sh in self._shards:
+                sh.close()
+            self._shards = None
 
     def __repr__(self) -> str:
         m = self.meta
@@ -149,6 +245,25 @@ class FeatureCache(Dataset):
             f"FeatureCache({self.path}, {len(self)} samples, grid {self.grid}, dim {m.get('dim')}, "
             f"{m.get('num_global_tokens')} global tokens, {m.get('storage_dtype')}, views {self.num_views})"
         )
+
+
+def _sources(path: Path, f: h5py.File) -> list[tuple[Path, int, int, int]]:
+    """``(file, first cache row, stop row, row offset of the file)`` of every file holding rows of ``f``.
+
+    An index file's virtual ``patch`` dataset is resolved to its shards (all per-sample datasets share
+    one mapping, written by :func:`cache.format.build_index`); a shard opened directly is its own source.
+    """
+    ds = f["patch"]
+    if not ds.is_virtual:
+        return [(path, 0, int(ds.shape[0]), 0)]
+    out = []
+    for m in ds.virtual_sources():
+        lo, hi = m.vspace.get_select_bounds()
+        src = Path(m.file_name)
+        if not src.is_absolute():
+            src = path.parent / src
+        out.append((src, int(lo[0]), int(hi[0]) + 1, int(lo[0])))
+    return sorted(out, key=lambda s: s[1])
 
 
 def _show(v: Any) -> str:

@@ -23,10 +23,25 @@ logger = logging.getLogger(__name__)
 
 def quantise_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-token int8: ``x (..., D)`` -> ``(q int8 (..., D), scale float32 (...))``, x ~ q * scale."""
-    scale = np.abs(x).max(axis=-1) / 127.0
-    scale = np.maximum(scale, 1e-12).astype(np.float32)
-    q = np.rint(x / scale[..., None])
-    return np.clip(q, -127, 127).astype(np.int8), scale
+    q, scale = quantise_int8_torch(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    return q.numpy(), scale.numpy()
+
+
+def quantise_int8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantise_int8` on a tensor, on its device (run next to the forward, so only int8 bytes
+    cross to the host). Bit-identical to the numpy definition: ``scale = max(absmax / 127, 1e-12)``
+    in float32, ``q = clip(round_half_even(x / scale), -127, 127)``."""
+    x = x.float()
+    scale = (x.abs().amax(dim=-1) / 127.0).clamp_min_(1e-12)
+    q = torch.div(x, scale.unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def to_float16(x: np.ndarray) -> np.ndarray:
+    """float -> float16 (round to nearest even, as numpy), vectorised by torch (~4x numpy's ``astype``)."""
+    if x.dtype == np.float16:
+        return np.ascontiguousarray(x)
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float16).numpy()
 
 
 def sample_stats(patch: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
@@ -55,6 +70,9 @@ class WriteBatch:
     ``(B, 2 + 2C, D)`` per-sample patch mean, patch mean square, cls mean, cls mean square
     (see :func:`sample_stats`).
     ``skipped``: (row, reason) of the block's samples that could not be used.
+    Features may come as floats (the writer converts / quantises them) or already encoded in the
+    storage dtype (float16; int8 together with ``<name>_scale``), which is what the extraction driver
+    does next to the forward (on the GPU when there is one).
     """
 
     block: int
@@ -65,14 +83,21 @@ class WriteBatch:
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
     """Split sorted rows into runs of consecutive numbers: (position in rows, first row, length)."""
-    out, i = [], 0
-    while i < len(rows):
-        j = i
-        while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
-            j += 1
-        out.append((i, int(rows[i]), j - i + 1))
-        i = j + 1
-    return out
+    rows = np.asarray(rows, np.int64)
+    if rows.size == 0:
+        return []
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(rows) != 1) + 1])
+    ends = np.append(starts[1:], rows.size)
+    return [(int(a), int(rows[a]), int(b - a)) for a, b in zip(starts, ends)]
+
+
+def _uncached(f: h5py.File, name: str) -> h5py.Dataset:
+    """Open ``name`` with no chunk cache: whole one-sample chunks then go from the caller's buffer
+    straight to the file (one pwrite per chunk) instead of being copied through HDF5's 1 MiB chunk
+    cache and evicted later (measured ~1.6x faster on page-cache writes of 75 KB chunks)."""
+    dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+    dapl.set_chunk_cache(0, 0, 1.0)
+    return h5py.Dataset(h5py.h5d.open(f.id, name.encode(), dapl=dapl))
 
 
 class ShardWriter:
@@ -97,6 +122,7 @@ class ShardWriter:
         self.write_seconds = 0.0
         self.submit_wait_seconds = 0.0
         self._pending_done: list[np.ndarray] = []
+        self._pending_stats: dict[int, tuple[np.ndarray, int]] = {}
         self._last_flush = time.monotonic()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"cache-writer-{self.path.name}", daemon=True)
@@ -183,45 +209,74 @@ class ShardWriter:
                     return
 
     def _ds(self, name: str) -> h5py.Dataset:
-        if name not in self._dsets:
-            self._dsets[name] = self.file[name]
-        return self._dsets[name]
+        ds = self._dsets.get(name)
+        if ds is None:
+            big = name in FEATURES or name.endswith("_scale")  # one-sample chunks
+            ds = self._dsets[name] = _uncached(self.file, name) if big else self.file[name]
+        return ds
+
+    def _encode(self, b: WriteBatch) -> dict[str, np.ndarray]:
+        """The block's arrays in their on-disk dtype, C-contiguous (no-op for pre-encoded arrays)."""
+        out: dict[str, np.ndarray] = {}
+        int8 = self.layout.storage_dtype == "int8"
+        for name, arr in b.arrays.items():
+            if name == "_stats" or name in out:
+                continue
+            dt = self._ds(name).dtype
+            if name in FEATURES and int8 and arr.dtype != np.int8:
+                out[name], out[name + "_scale"] = quantise_int8(arr)
+            elif dt == np.float16:
+                out[name] = to_float16(arr)
+            else:
+                out[name] = np.ascontiguousarray(arr, dtype=dt)
+        return out
+
+    def _write_rows(self, name: str, arr: np.ndarray, row: int) -> None:
+        """``arr (n, ...)`` (C-contiguous, on-disk dtype) into rows ``[row, row + n)``: one H5Dwrite,
+        straight through the low-level API (h5py's high-level selection code cost more than the write)."""
+        ds = self._ds(name)
+        fspace = ds.id.get_space()
+        fspace.select_hyperslab((row,) + (0,) * (arr.ndim - 1), arr.shape)
+        ds.id.write(h5py.h5s.create_simple(arr.shape), fspace, arr)
 
     def _write(self, b: WriteBatch) -> None:
-        f, L = self._ds, self.layout
+        L = self.layout
         C = L.num_global_tokens
         stats = np.zeros((2 + 2 * C, L.dim), np.float64)
         if len(b.rows):
             # per-sample statistics (B, 2 + 2C, D), computed next to the forward; summed here in float64
             stats[:] = b.arrays["_stats"].astype(np.float64).sum(0)
-            out: dict[str, np.ndarray] = {}
-            for name, arr in b.arrays.items():
-                if name == "_stats":
-                    continue
-                if name in FEATURES and L.storage_dtype == "int8":
-                    out[name], out[name + "_scale"] = quantise_int8(arr.astype(np.float32, copy=False))
-                else:
-                    out[name] = np.ascontiguousarray(arr, dtype=f(name).dtype)
-            for pos, row, n in _runs(b.rows):
-                for name, arr in out.items():
-                    f(name)[row : row + n] = arr[pos : pos + n]
+            out = self._encode(b)
+            runs = _runs(b.rows)
+            for name, arr in out.items():
+                for pos, row, n in runs:  # one HDF5 write per dataset per run (a whole block when no skips)
+                    self._write_rows(name, arr[pos : pos + n], row)
                     self.bytes_written += arr[pos : pos + n].nbytes
         for row, reason in b.skipped:
-            f("skip_reason")[row] = reason.encode("utf-8", "replace")[:REASON_BYTES]
-        f("block_stats")[b.block] = stats
-        f("block_count")[b.block] = len(b.rows)
+            self._ds("skip_reason")[row] = reason.encode("utf-8", "replace")[:REASON_BYTES]
+        # block statistics are written with the next flush, before that flush and the done flags
+        self._pending_stats[b.block] = (stats, len(b.rows))
         rows = np.sort(
             np.concatenate([np.asarray(b.rows, np.int64), np.array([r for r, _ in b.skipped], np.int64)])
         )
         self._pending_done.append(rows)
 
+    def _write_block_stats(self) -> None:
+        blocks = np.array(sorted(self._pending_stats), np.int64)
+        for pos, block, n in _runs(blocks):
+            ks = blocks[pos : pos + n].tolist()
+            self._write_rows("block_stats", np.stack([self._pending_stats[k][0] for k in ks]), block)
+            self._write_rows("block_count", np.array([self._pending_stats[k][1] for k in ks], np.int64), block)
+        self._pending_stats = {}
+
     def _flush_and_mark(self) -> None:
         if not self._pending_done:
             return
-        self.file.flush()  # feature bytes reach the file before their done flags
+        self._write_block_stats()
+        self.file.flush()  # feature bytes and block statistics reach the file before their done flags
         rows = np.unique(np.concatenate(self._pending_done))
         for _, row, n in _runs(rows):
-            self._ds("done")[row : row + n] = True
+            self._write_rows("done", np.ones(n, np.bool_), row)
         self.done[rows] = True
         self.file.flush()
         self._pending_done = []

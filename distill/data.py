@@ -153,7 +153,8 @@ class DistillDataset(Dataset):
         ``key`` str, ``index`` int (position in this dataset),
         ``global`` ``(3, S, S)``, ``locals`` ``(N, 3, s, s)`` (``N`` may be 0), ``box`` ``(4,)`` normalised
         crop of the global view, ``flip`` bool, ``captions`` gran -> str (``""`` when missing),
-        ``caption_valid`` gran -> bool;
+        ``caption_valid`` gran -> bool, ``caption_u`` float in [0, 1) (the per-sample draw of CLS2's
+        caption granularity); ``mask`` ``(h_s * w_s,)`` bool when ``mask_ratio > 0`` (True = masked);
         cached mode: ``t_patch`` ``(h_s, w_s, D_t)``, ``t_cls`` ``(C, D_t)``, and when the cache has
         text embeddings ``text`` gran -> ``(D_t,)`` with ``text_valid`` gran -> bool;
         online mode with a teacher input size != S: ``t_image`` ``(3, S_t, S_t)`` (same box and flip).
@@ -169,8 +170,10 @@ class DistillDataset(Dataset):
         target: str = "auto",
         teacher_image_size: int = 0,
         seed: int = 0,
+        mask_ratio: float = 0.0,
     ) -> None:
         self.source = source
+        self.mask_ratio = float(mask_ratio)
         self.cfg = data_cfg
         self.student_grid = tuple(student_grid)
         self.cache = cache
@@ -296,6 +299,11 @@ class DistillDataset(Dataset):
         caps = src.get("captions", {}) or {}
         item["captions"] = {g: str(caps.get(g) or "") for g in c.granularities}
         item["caption_valid"] = {g: bool(caps.get(g)) for g in c.granularities}
+        item["caption_u"] = float(torch.rand(1, generator=gen))  # CLS2 caption granularity draw
+        if self.mask_ratio > 0:  # iBOT mask of the global crop, drawn per sample
+            from .masking import random_mask
+
+            item["mask"] = random_mask(1, self.student_grid, self.mask_ratio, generator=gen)[0]
         return item
 
 

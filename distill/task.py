@@ -199,21 +199,42 @@ class TaskModule(nn.Module):
             patch = torch.stack([resample_grid(p, grid) for p in patch.cpu()]).to(g.device)
         return patch, tf.cls.float()
 
-    def _text(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _draw_granularities(self, batch: dict[str, Any], available: list[set[str]]) -> list[str | None]:
+        """CLS2's caption granularity per example: drawn from the sample's own uniform ``caption_u``
+        (seeded per sample in the data, so independent of batch split and world size), then the
+        :class:`CaptionSampler` fallback order for missing captions."""
         from .objectives import CaptionSampler
 
-        sampler = CaptionSampler(dict(self.cfg.loss.caption_probs), seed=int(torch.randint(0, 2**62, (1,))))
+        probs = dict(self.cfg.loss.caption_probs)
+        sampler = CaptionSampler(probs)
+        names = list(probs)
+        cdf = torch.tensor([probs[g] for g in names], dtype=torch.float64).cumsum(0)
+        u = batch["caption_u"].double().cpu()
+        idx = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=len(names) - 1)
+        return sampler.resolve([names[i] for i in idx.tolist()], available)
+
+    def _text(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         if self.text_source == "cache":
             text, valid = batch["text"], batch.get("text_valid", {})
-            cap_grans = {g: text[g] for g in self.caption_grans if g in text}
-            emb, ok, _ = sampler.sample_embeddings(cap_grans, {g: valid[g] for g in cap_grans if g in valid})
-            return {"alt": text["alt"], "caption": emb}, {"alt": valid.get("alt"), "caption": ok}
+            B = text["alt"].shape[0]
+            vm = {g: (valid[g].bool().cpu() if g in valid else torch.ones(B, dtype=torch.bool)) for g in text}
+            avail = [{g for g in self.caption_grans if g in text and bool(vm[g][b])} for b in range(B)]
+            grans = self._draw_granularities(batch, avail)
+            ref = text["alt"]
+            emb = torch.zeros_like(ref)
+            for gname in {x for x in grans if x is not None}:
+                sel = torch.tensor([x == gname for x in grans], dtype=torch.bool, device=ref.device)
+                emb = torch.where(sel.unsqueeze(-1), text[gname].to(emb.dtype), emb)
+            ok = torch.tensor([x is not None for x in grans], dtype=torch.bool, device=ref.device)
+            return {"alt": ref, "caption": emb}, {"alt": valid.get("alt"), "caption": ok}
         caps = batch["captions"]
         B = len(caps["alt"])
         per_ex = [
             {g: (caps[g][i] if bool(batch["caption_valid"][g][i]) else None) for g in caps} for i in range(B)
         ]
-        texts, _ = sampler.sample([{g: c[g] for g in self.caption_grans if g in c} for c in per_ex])
+        avail = [{g for g in self.caption_grans if c.get(g)} for c in per_ex]
+        grans = self._draw_granularities(batch, avail)
+        texts = [None if g is None else c[g] for g, c in zip(grans, per_ex)]
         alt = [c.get("alt") for c in per_ex]
         valid = {
             "alt": torch.tensor([a is not None for a in alt], dtype=torch.bool),
@@ -235,11 +256,7 @@ class TaskModule(nn.Module):
         B = g.shape[0]
         p = self.student.patch_size
         grid = (g.shape[-2] // p, g.shape[-1] // p)
-        mask = None
-        if L.mask_ratio > 0:
-            from .objectives import random_mask
-
-            mask = random_mask(B, grid, L.mask_ratio, device=g.device)
+        mask = batch["mask"].bool() if L.mask_ratio > 0 else None  # drawn per sample by the data
         feats = self.student(g, mask)
         t_patch, t_cls = self._targets(batch, grid)
         terms: dict[str, torch.Tensor] = {}
@@ -418,6 +435,7 @@ def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: 
         target=cfg.cache.target,
         teacher_image_size=t_size,
         seed=cfg.seed,
+        mask_ratio=cfg.loss.mask_ratio,
     )
     sampler = ResumableSampler(len(dataset), rank=rank, world=world, seed=cfg.seed)
     info["num_samples"] = len(dataset)

@@ -332,7 +332,11 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     if is_main:
         kept = []
         if found is not None and log_path.exists():
-            kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            kept = [
+                ln
+                for ln in log_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= step
+            ]
         log_path.write_text("".join(ln + "\n" for ln in kept))
     log_f = open(log_path, "a") if is_main else None
     tb = None

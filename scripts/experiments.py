@@ -119,7 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=None, help="distillation steps per run (default: the demo's)"
     )
     ap.add_argument("--val-size", type=int, default=None)
+    ap.add_argument("--train-size", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--teacher-path", default=None)
+    ap.add_argument("--cache", default=None, help="reuse this stage-1 cache (e.g. runs/demo/cache/index.h5)")
+    ap.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        help="NAME=EXPORT_DIR: measure an existing student export as variant NAME instead of training it "
+        "(e.g. seed0=runs/demo/student/export, same settings as the demo)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
@@ -136,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         base = replace(base, steps=args.steps)
     if args.val_size:
         base = replace(base, val_size=args.val_size)
+    if args.train_size:
+        base = replace(base, train_size=args.train_size)
+    if args.batch_size:
+        base = replace(base, batch_size=args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tpath = Path(args.teacher_path) if args.teacher_path else emb.default_path()
@@ -146,8 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in all_variants]
     if unknown:
         raise SystemExit(f"error: unknown variant(s) {unknown}; choose from {list(all_variants)}")
-    summary = stage_cache(base, out, str(tpath))
-    cache_path = summary.get("index") or str(out / "cache")
+    if args.cache:
+        cache_path = args.cache
+    else:
+        summary = stage_cache(base, out, str(tpath))
+        cache_path = summary.get("index") or str(out / "cache")
+    reuse = dict(r.split("=", 1) for r in args.reuse)
     val = SyntheticScenes("validation", size=base.val_size, image_size=base.image_size, seed=base.data_seed)
     text = resolve_class_embeddings(val.class_names, text_model=teacher, templates="tcl", cache_dir=None)
     res_path = out / "experiments.json"
@@ -158,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = all_variants[name]
         t0 = time.time()
         logger.info("run %s: %s", name, asdict(cfg))
-        export = stage_distill(cfg, out, cache_path, run_name=name)
+        export = reuse[name] if name in reuse else stage_distill(cfg, out, cache_path, run_name=name)
         student = load_student(export)
         metrics = evaluate({name: student}, val, text, cfg)[name]
         results["runs"][name] = {

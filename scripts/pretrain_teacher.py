@@ -8,7 +8,7 @@ captions) trained jointly with
     L = L_CLIP + w_dino * L_DINO + w_ibot * L_iBOT
 
 - ``L_CLIP``: symmetric softmax InfoNCE with a learned temperature, average of CLS1 <-> alt-text and
-  CLS2 <-> a caption drawn per example from ``short`` / ``detailed`` (0.5 / 0.5);
+  CLS2 <-> a caption drawn per example from ``short`` / ``detailed`` (``--detailed-prob``, default 0.5);
 - ``L_DINO``: prototype cross-entropy between the EMA teacher's CLS1 on the global view and the
   student's CLS1 on each local crop (centering + sharpening, teacher temperature warm-up);
 - ``L_iBOT``: the same cross-entropy per patch, teacher on the unmasked view, student on the view
@@ -303,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prototypes", type=int, default=1024)
     ap.add_argument("--local-crops", type=int, default=4)
     ap.add_argument("--local-size", type=int, default=32)
+    ap.add_argument(
+        "--detailed-prob",
+        type=float,
+        default=0.5,
+        help="probability that CLS2's caption is the detailed one (else short); TIPS v1 used short captions only",
+    )
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--mask-prob", type=float, default=0.5)
     ap.add_argument("--w-dino", type=float, default=1.0)
@@ -444,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         flip = torch.rand(args.batch, generator=gen) < 0.0  # captions name positions: no flips
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         alt = [str(tr["alt"][i]) for i in idx.tolist()]
-        pick = torch.rand(args.batch, generator=gen) < 0.5
+        pick = torch.rand(args.batch, generator=gen) >= args.detailed_prob  # True: short caption
         cap2 = [
             str(tr["short"][i]) if p else str(tr["detailed"][i]) for i, p in zip(idx.tolist(), pick.tolist())
         ]

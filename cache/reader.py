@@ -7,6 +7,7 @@ The h5py file is opened lazily in each process that reads (h5py handles cannot b
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,8 @@ class FeatureCache(Dataset):
             self._names = [n for n in FEATURES if n in f]
             self._sources = _sources(self.path, f)
             self._spec = {n: (f[n].shape[1:], f[n].dtype) for n in self._datasets(f)}
+        # converted to new float32 tensors after reading: their raw arrays can be reused staging buffers
+        self._staged = {n for n in self._spec if n in FEATURES or n.endswith("_scale") or n.startswith("text/")}
         if not self.meta.get("complete", False) and not allow_incomplete:
             raise ValueError(
                 f"cache {self.path} is incomplete ({int(done.sum())} of {done.size} samples written); rerun the "
@@ -167,11 +170,30 @@ class FeatureCache(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_shards"], state["_pid"] = None, -1
+        state.pop("_bufs", None)
         return state
 
+    def _buffer(self, name: str, n: int) -> np.ndarray:
+        """A per-thread staging array ``(n, ...)`` for ``name``, reused across calls (no fresh pages, no
+        page faults per batch); only for datasets whose values are copied out (converted) afterwards."""
+        bufs = self.__dict__.get("_bufs")
+        if bufs is None:
+            bufs = self._bufs = threading.local()
+        d = bufs.__dict__
+        shape, dt = self._spec[name]
+        b = d.get(name)
+        if b is None or len(b) < n:
+            b = d[name] = np.empty((max(n, 1), *shape), dt)
+        return b[:n]
+
     def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Every per-sample dataset at cache rows ``rows`` (sorted, unique) as ``(len(rows), ...)`` arrays."""
-        out = {n: np.empty((len(rows), *shape), dt) for n, (shape, dt) in self._spec.items()}
+        """Every per-sample dataset at cache rows ``rows`` (sorted, unique) as ``(len(rows), ...)`` arrays
+        (features, scales and text embeddings in reused staging arrays: convert them before the next call)."""
+        n = len(rows)
+        out = {
+            name: self._buffer(name, n) if name in self._staged else np.empty((n, *shape), dt)
+            for name, (shape, dt) in self._spec.items()
+        }
         for sh in self._open():
             lo, hi = np.searchsorted(rows, [sh.start, sh.stop])
             if lo == hi:

@@ -213,7 +213,9 @@ class _Loader:
                 f"(data.batch_size={self.batch}); lower the batch size or add data"
             )
         nw = cfg.data.num_workers
-        self._make = lambda: DataLoader(
+        # one loader for the whole run: with workers they persist across epochs; the sampler (main
+        # process) carries the epoch and the resume position, the items carry (epoch, index)
+        self._dl = DataLoader(
             dataset,
             batch_size=self.batch,
             sampler=sampler,
@@ -222,7 +224,7 @@ class _Loader:
             drop_last=True,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=cfg.data.prefetch_factor if nw > 0 else None,
-            persistent_workers=False,
+            persistent_workers=nw > 0,
         )
         self.epoch, self.consumed = 0, 0
         self._it = None
@@ -238,7 +240,7 @@ class _Loader:
         while True:
             if self._it is None:
                 self.sampler.set_epoch(self.epoch, self.consumed)
-                self._it = iter(self._make())
+                self._it = iter(self._dl)
             try:
                 b = next(self._it)
                 self.consumed += self.batch
@@ -277,6 +279,13 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
 
+    found = ckpt.resolve_resume(resume, out)
+    if found is None and ckpt.list_complete(ckpt.checkpoint_dir(out)):
+        raise ValueError(
+            f"{out} already holds checkpoints of another run; pass --resume auto to continue it or choose "
+            "another output_dir"
+        )
+
     # ---- task (model, heads, losses, data)
     built = build_task(cfg, device=device, rank=rank, world=world)
     task, dataset, sampler = built.task, built.dataset, built.sampler
@@ -313,12 +322,6 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
 
     # ---- resume
     step = 0
-    found = ckpt.resolve_resume(resume, out)
-    if found is None and ckpt.list_complete(ckpt.checkpoint_dir(out)):
-        raise ValueError(
-            f"{out} already holds checkpoints of another run; pass --resume auto to continue it or choose "
-            "another output_dir"
-        )
     if found is not None:
         client = ckpt.load(engine, *found)
         step = int(client["step"])

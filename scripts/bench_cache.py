@@ -167,35 +167,49 @@ def _raw_write(path: Path, pieces: list[np.ndarray], fsync: bool) -> float:
     return time.perf_counter() - t0
 
 
-def _raw_npy(cache_dir: Path, path: Path) -> np.dtype:
-    """The cache's feature bytes (float16 patch + cls of every sample) as one structured ``.npy``."""
+def _raw_npy(cache_dir: Path, path: Path) -> None:
+    """The cache's feature bytes (float16 ``patch`` then ``cls`` of every sample) as two ``.npy`` arrays
+    one after the other in one file."""
     import h5py
 
-    with h5py.File(cache_dir / "shard-00000-of-00001.h5", "r") as f:
-        patch, cls = f["patch"][()], f["cls"][()]
-    rec = np.dtype([("patch", patch.dtype, patch.shape[1:]), ("cls", cls.dtype, cls.shape[1:])])
-    arr = np.empty(len(patch), rec)
-    arr["patch"], arr["cls"] = patch, cls
-    np.save(path, arr)
-    return rec
+    with h5py.File(cache_dir / "shard-00000-of-00001.h5", "r") as f, open(path, "wb") as out:
+        np.save(out, f["patch"][()])
+        np.save(out, f["cls"][()])
+
+
+def _npy_arrays(path: Path) -> list[tuple[int, tuple[int, ...], np.dtype]]:
+    """(byte offset of the data, shape, dtype) of each ``.npy`` array stored back to back in ``path``."""
+    fmt, out = np.lib.format, []
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        while f.tell() < size:
+            v = fmt.read_magic(f)
+            shape, _, dtype = (fmt.read_array_header_1_0 if v == (1, 0) else fmt.read_array_header_2_0)(f)
+            out.append((f.tell(), shape, dtype))
+            f.seek(int(np.prod(shape)) * dtype.itemsize, os.SEEK_CUR)
+    return out
 
 
 def _raw_read(path: Path, batch: int, convert: bool) -> tuple[float, int]:
-    """Read the ``.npy`` back in batches of ``batch`` records into a preallocated numpy array
-    (``readinto``, no copies); ``convert``: also float16 -> float32 tensors, as the reader must."""
+    """Read the arrays back in batches of ``batch`` rows (one ``preadv`` per array per batch, into
+    preallocated numpy arrays: no copies); ``convert``: also float16 -> float32 tensors, as the reader
+    must (its items are float32)."""
     t0, n = time.perf_counter(), 0
-    with open(path, "rb", buffering=0) as f:
-        fmt = np.lib.format
-        v = fmt.read_magic(f)
-        shape, _, dtype = (fmt.read_array_header_1_0 if v == (1, 0) else fmt.read_array_header_2_0)(f)
-        buf = np.empty(batch, dtype)
-        total = shape[0]
+    arrays = _npy_arrays(path)
+    bufs = [np.empty((batch, *shape[1:]), dt) for _, shape, dt in arrays]
+    total = arrays[0][1][0]
+    fd = os.open(path, os.O_RDONLY)
+    try:
         while n < total:
             k = min(batch, total - n)
-            f.readinto(memoryview(buf[:k]).cast("B"))
-            if convert:
-                torch.from_numpy(buf["patch"][:k]).float(), torch.from_numpy(buf["cls"][:k]).float()
+            for (off, shape, dt), buf in zip(arrays, bufs):
+                row = buf[0].nbytes
+                os.preadv(fd, [memoryview(buf[:k]).cast("B")], off + n * row)
+                if convert:
+                    torch.from_numpy(buf[:k]).float()
             n += k
+    finally:
+        os.close(fd)
     return time.perf_counter() - t0, n
 
 
@@ -226,9 +240,10 @@ def _read_epoch(loader: DataLoader, n: int) -> float:
 
 def _read_direct(cache: Any, batch: int) -> float:
     """``cache.__getitems__`` on consecutive batches, no DataLoader, no collation."""
+    get = getattr(cache, "__getitems__", None) or (lambda idx: [cache[i] for i in idx])  # older readers
     t0 = time.perf_counter()
     for s in range(0, len(cache), batch):
-        cache.__getitems__(list(range(s, min(s + batch, len(cache)))))
+        get(list(range(s, min(s + batch, len(cache)))))
     return time.perf_counter() - t0
 
 
@@ -248,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--read-batch", type=int, default=16, help="DataLoader batch size of the reader test")
+    p.add_argument("--write-mib", type=int, default=256, help="bytes of features written in each test of (2)")
     p.add_argument("--repeats", type=int, default=5, help="repeats of every timed measurement (median shown)")
     p.add_argument("--out", default="/tmp/tipsdistill-bench-cache")
     args = p.parse_args(argv)
@@ -296,17 +312,23 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- (2) writer alone vs a raw sequential write of the same bytes
     batches = _teacher_batches(teacher, data, args.batch_size)
+    # repeat the teacher outputs (same memory, new rows) up to --write-mib: ~20 MiB written in ~15 ms
+    # is too short to time on a shared machine
+    per_round = sum(b["patch"].numel() + b["cls"].numel() for b in batches) * 2
+    reps = max(1, -(-args.write_mib * 2**20 // per_round))
+    batches = [dict(b, rows=b["rows"] + k * N) for k in range(reps) for b in batches]
+    NW = N * reps
     pieces = [a for b in batches for k in ("patch", "cls") for a in b[k].half().numpy()]
     nbytes = sum(a.nbytes for a in pieces)
     res: dict[str, list[float]] = {k: [] for k in ("raw", "w16", "w32", "raw_fs", "w16_fs")}
     for r in range(R):
         res["raw"].append(_raw_write(out / "raw.bin", pieces, fsync=False))
-        t, nb = _writer_alone(out, batches, N, half=True, fsync=False)
+        t, nb = _writer_alone(out, batches, NW, half=True, fsync=False)
         assert nb == nbytes, (nb, nbytes)
         res["w16"].append(t)
-        res["w32"].append(_writer_alone(out, batches, N, half=False, fsync=False)[0])
+        res["w32"].append(_writer_alone(out, batches, NW, half=False, fsync=False)[0])
         res["raw_fs"].append(_raw_write(out / "raw.bin", pieces, fsync=True))
-        res["w16_fs"].append(_writer_alone(out, batches, N, half=True, fsync=True)[0])
+        res["w16_fs"].append(_writer_alone(out, batches, NW, half=True, fsync=True)[0])
     mbs = {k: nbytes / _med(v) / 2**20 for k, v in res.items()}
     conv = []
     for _ in range(R):
@@ -314,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         for b in batches:
             b["patch"].half(), b["cls"].half()
         conv.append(time.perf_counter() - t0)
-    print(f"(2) {nbytes / 2**20:.1f} MiB of float16 features ({len(pieces)} sample-sized pieces): raw sequential write "
+    print(f"(2) {nbytes / 2**20:.1f} MiB of float16 features ({NW} samples = the {N} teacher outputs x {reps}, "
+          f"{len(pieces)} sample-sized pieces): raw sequential write "
           f"{mbs['raw']:.0f} MB/s | writer alone from float16 arrays {mbs['w16']:.0f} MB/s -> {mbs['w16'] / mbs['raw']:.2f}x "
           f"(goal >= 0.8x); from float32 (converted in the writer thread) {mbs['w32']:.0f} MB/s -> "
           f"{mbs['w32'] / mbs['raw']:.2f}x | +fsync: raw {mbs['raw_fs']:.0f} MB/s, writer {mbs['w16_fs']:.0f} MB/s -> "
@@ -324,30 +347,35 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- (3) reader vs a raw numpy read of the same bytes from one file
     cache = open_cache(out / "f16")
-    npy = out / "raw-features.npy"
+    npy = out / "raw-features.npy"  # patch.npy + cls.npy, back to back
     _raw_npy(out / "f16", npy)
     rb = args.read_batch
     _raw_read(npy, rb, False), _read_direct(cache, rb)  # warm the page cache and the handles
-    raw_t = [_raw_read(npy, rb, False)[0] for _ in range(R)]
-    rawc_t = [_raw_read(npy, rb, True)[0] for _ in range(R)]
-    direct_t = [_read_direct(cache, rb) for _ in range(R)]
-    rates, starts, zeros = {}, {}, {}
+    loaders: dict[Any, DataLoader] = {}
+    starts = {}
     for w in (0, 2):
-        loader = _loader(open_cache(out / "f16"), w, rb)
+        loaders[w] = _loader(open_cache(out / "f16"), w, rb)
         t0 = time.perf_counter()
-        _read_epoch(loader, len(cache))  # first epoch: starts the workers, opens the files
+        _read_epoch(loaders[w], len(cache))  # first epoch: starts the workers, opens the files
         starts[w] = time.perf_counter() - t0
-        rates[w] = N / _med([_read_epoch(loader, len(cache)) for _ in range(R)])
-        del loader
-        zl = _loader(_Zeros(cache), w, rb)
-        _read_epoch(zl, len(cache))
-        zeros[w] = N / _med([_read_epoch(zl, len(cache)) for _ in range(R)])
-        del zl
+        loaders[f"z{w}"] = _loader(_Zeros(cache), w, rb)
+        _read_epoch(loaders[f"z{w}"], len(cache))
+    t3: dict[Any, list[float]] = {k: [] for k in ("raw", "rawc", "direct", 0, 2, "z0", "z2")}
+    for _ in range(R):  # interleaved, so that every figure sees the same machine load
+        t3["raw"].append(_raw_read(npy, rb, False)[0])
+        t3["rawc"].append(_raw_read(npy, rb, True)[0])
+        t3["direct"].append(_read_direct(cache, rb))
+        for k in (0, 2, "z0", "z2"):
+            t3[k].append(_read_epoch(loaders[k], len(cache)))
+    del loaders
+    rates = {w: N / _med(t3[w]) for w in (0, 2)}
+    zeros = {w: N / _med(t3[f"z{w}"]) for w in (0, 2)}
+    raw_t, rawc_t, direct_t = t3["raw"], t3["rawc"], t3["direct"]
     raw_sps, rawc_sps, dir_sps = N / _med(raw_t), N / _med(rawc_t), N / _med(direct_t)
     feat_mib = npy.stat().st_size / 2**20
     print(f"(3) reader (DataLoader batch {rb}, default collate, float32 items) {rates[0]:.0f} samples/s (0 workers), "
-          f"{rates[2]:.0f} samples/s (2 workers, steady state) | raw numpy read of the same {feat_mib:.1f} MiB from one "
-          f".npy in batches of {rb} {raw_sps:.0f} samples/s -> {rates[0] / raw_sps:.2f}x / {rates[2] / raw_sps:.2f}x; "
+          f"{rates[2]:.0f} samples/s (2 workers, steady state) | raw read of the same {feat_mib:.1f} MiB from one "
+          f"file (numpy arrays, preadv per batch of {rb}) {raw_sps:.0f} samples/s -> {rates[0] / raw_sps:.2f}x / {rates[2] / raw_sps:.2f}x; "
           f"raw read + float16->float32 (the minimum the item API needs) {rawc_sps:.0f} samples/s -> "
           f"{rates[0] / rawc_sps:.2f}x / {rates[2] / rawc_sps:.2f}x")  # fmt: skip
     print(f"    cache.__getitems__ alone (no DataLoader/collate) {dir_sps:.0f} samples/s -> {dir_sps / raw_sps:.2f}x raw, "

@@ -54,9 +54,9 @@ def _train(args, out: Path, extra: list[str]) -> list[dict]:
         f"data.local_crops={args.local_crops}",
         f"data.batch_size={args.batch}",
         f"data.num_workers={args.workers}",
-        "head.out_dim=1024",
-        "head.hidden_dim=256",
-        "head.bottleneck_dim=64",
+        f"head.out_dim={args.head_out}",
+        f"head.hidden_dim={2 * args.student_dim}",
+        f"head.bottleneck_dim={max(args.student_dim // 2, 16)}",
         "loss.clip_weight=0",
         "engine.precision=fp32",
         f"engine.zero_stage={args.zero_stage}",
@@ -75,6 +75,39 @@ def _train(args, out: Path, extra: list[str]) -> list[dict]:
     if proc.returncode != 0:
         raise RuntimeError(f"training failed:\n{proc.stderr[-4000:]}")
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def train_step_flops(args, cache_dir: Path) -> float:
+    """FLOPs of one cached training step (forward + backward of student, heads, losses), no DeepSpeed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from distill.config import load_config
+    from distill.task import build_task
+    from distill.train import _Loader
+
+    cfg = load_config(
+        "distill",
+        [
+            f"cache.path={cache_dir}",
+            "student.name=vit_tiny_patch16_224",
+            "student.kwargs=" + json.dumps(student_kwargs(args)),
+            f"data.dataset_kwargs={{split: train, size: {args.images}, image_size: {args.image_size}}}",
+            f"data.image_size={args.image_size}",
+            f"data.local_size={args.local_size}",
+            f"data.local_crops={args.local_crops}",
+            f"data.batch_size={args.batch}",
+            "data.num_workers=0",
+            f"head.out_dim={args.head_out}",
+            f"head.hidden_dim={2 * args.student_dim}",
+            f"head.bottleneck_dim={max(args.student_dim // 2, 16)}",
+            "loss.clip_weight=0",
+        ],
+    )
+    built = build_task(cfg, device=torch.device("cpu"))
+    batch = _Loader(built.dataset, built.sampler, cfg).next()
+    with FlopCounterMode(display=False) as fc:
+        sum(built.task(batch).values()).backward()
+    return float(fc.get_total_flops())
 
 
 def student_kwargs(args) -> dict:
@@ -120,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-depth", type=int, default=4)
     p.add_argument("--teacher-dim", type=int, default=256)
     p.add_argument("--teacher-depth", type=int, default=8)
+    p.add_argument("--head-out", type=int, default=256, help="prototypes of the DINO heads")
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
@@ -189,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     s_cached, s_online = step_time(cached_log), step_time(online_log)
 
+    step_flops = train_step_flops(args, cache_dir)
+    teacher_step_flops = f_t * args.batch
+    ideal = 1.0 + teacher_step_flops / step_flops
+    print(
+        f"FLOPs per step (batch {args.batch}): cached training step (fwd+bwd, heads, locals) "
+        f"{step_flops / 1e9:.2f}G, online teacher forward {teacher_step_flops / 1e9:.2f}G; "
+        f"compute-bound speed-up bound {ideal:.2f}x"
+    )
+
     # data loader alone (same dataset class and settings as the cached run)
     from torch.utils.data import DataLoader
 
@@ -232,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         "flops_student_locals": f_s_local,
         "flops_teacher": f_t,
         "flops_ratio": ratio,
+        "flops_train_step_cached": step_flops,
+        "flops_teacher_step": teacher_step_flops,
+        "speedup_bound_compute": ideal,
         "cache_build_s": cache_s,
         "s_per_step_cached": s_cached,
         "s_per_step_online": s_online,
@@ -247,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| s/step, cached targets | {s_cached:.3f} |\n"
         f"| s/step, online teacher | {s_online:.3f} |\n"
         f"| speed-up of cached | {res['speedup_cached']:.2f}x |\n"
+        f"| compute-bound bound: 1 + teacher fwd / cached step FLOPs | {ideal:.2f}x |\n"
         f"| data loader alone, samples/s ({args.workers} workers) | {loader_sps:.1f} |\n"
         f"| training consumes, samples/s | {consume_sps:.1f} |\n"
         f"| loader headroom | {res['loader_headroom']:.2f}x |"

@@ -74,6 +74,22 @@ def test_two_ranks_two_shards_one_dataset_in_order(data, tmp_path):
         torch.testing.assert_close(
             torch.as_tensor(two.meta[k]), torch.as_tensor(single.meta[k]), atol=1e-3, rtol=1e-3
         )
+    # batched reads across both shards (any order, repeats, negative indices) equal single reads
+    # and the index's virtual datasets (the presentation for external tools)
+    order = [10, 0, 4, 5, 6, 5, -1, 3]
+    batch = two.__getitems__(order)
+    with h5py.File(out / "index.h5") as f:
+        vds = f["patch"][()]
+    for i, it in zip(order, batch):
+        ref = two[i]
+        assert it["index"] == ref["index"] and it["key"] == ref["key"]
+        for k in ("patch", "cls"):
+            torch.testing.assert_close(it[k], ref[k], rtol=0, atol=0)
+        torch.testing.assert_close(it["text"]["alt"], ref["text"]["alt"], rtol=0, atol=0)
+        assert it["text_valid"] == ref["text_valid"]
+        torch.testing.assert_close(it["patch"].reshape(-1, 32), torch.from_numpy(vds[it["index"]]).float())
+    with pytest.raises(IndexError):
+        two.__getitems__([0, 11])
 
 
 @pytest.mark.parametrize("context", ["spawn", "fork"])

@@ -237,11 +237,40 @@ def test_nan_loss_stops_naming_step_and_term(tiny_cache, runs):
     ]  # nothing saved after it
 
 
-@pytest.mark.parametrize("recipe", ["pretrain-tipsv2", "pretrain-tips", "distill-feature"])
+@pytest.mark.parametrize("recipe", ["pretrain-tipsv2", "pretrain-tips", "distill-feature", "online"])
 def test_other_recipes_run(recipe, tiny_cache, runs):
+    from tests.test_train_support import TEACHER_KW
+
     extra = ["steps=2", "loss.teacher_temp_warmup_steps=0", "optim.warmup_steps=1"]
-    r = _run(f"recipe-{recipe}", runs, tiny_cache, extra, recipe=recipe)
+    if recipe == "online":  # the same teacher architecture live (captions still from the cache)
+        kw = json.dumps({"model_name": "vit_tiny_patch16_224", **TEACHER_KW})
+        extra += [
+            "teacher.source=online",
+            "teacher.name=timm",
+            f"teacher.kwargs={kw}",
+            "log.tensorboard=true",
+        ]
+    r = _run(f"recipe-{recipe}", runs, tiny_cache, extra, recipe="distill" if recipe == "online" else recipe)
     terms = set(r["log"][-1])
     want = {"patch", "clip"} | ({"dino"} if recipe.startswith("pretrain") else set())
     assert want <= terms and all(math.isfinite(rec["loss"]) for rec in r["log"])
     assert Path(r["export"], "model.safetensors").exists()
+
+
+def test_user_deepspeed_json(tmp_path):
+    from distill.config import load_config
+    from distill.train import build_ds_config
+
+    cfg = load_config("distill", ["cache.path=/x", "data.batch_size=4", "optim.accum_steps=2"])
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}}))
+    cfg.engine.deepspeed_config = str(user)
+    ds = build_ds_config(cfg, world=2)
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    with pytest.raises(ValueError, match="disagree"):
+        build_ds_config(cfg, world=1)
+    user.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ValueError, match="optimizer"):
+        build_ds_config(cfg, world=1)

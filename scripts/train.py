@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"tipsdistill-train: {e}", file=sys.stderr)
         return 3
+    except (ValueError, FileNotFoundError) as e:  # bad input found before training (cache, output_dir...)
+        print(f"tipsdistill-train: {e}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             json.dumps(

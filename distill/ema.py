@@ -130,16 +130,16 @@ class HeadEMA(nn.Module):
             params = list(head.parameters())
             ctx = gather(params) if gather is not None else contextlib.nullcontext()
             with ctx:
-                self._apply(ema_params, [p.data for p in params], m)
+                self._lerp_(ema_params, [p.data for p in params], m)
                 for b_ema, b in zip(self.ema.buffers(), head.buffers(), strict=False):
                     b_ema.copy_(b)
         else:
-            self._apply(ema_params, list(head), m)
+            self._lerp_(ema_params, list(head), m)
         self.last_momentum = m
         return m
 
     @staticmethod
-    def _apply(ema_params: list[nn.Parameter], src: list[torch.Tensor], m: float) -> None:
+    def _lerp_(ema_params: list[nn.Parameter], src: list[torch.Tensor], m: float) -> None:
         if len(src) != len(ema_params):
             raise ValueError(f"HeadEMA.update got {len(src)} tensors for {len(ema_params)} head parameters")
         for i, (pe, ps) in enumerate(zip(ema_params, src, strict=True)):

@@ -20,11 +20,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from students.io import (
+    CONFIG_FILE,
+    EXTRAS_FILE,
+    MODEL_FILE,
+    load_student,
+    load_student_weights,
+    read_export_config,
+)
+
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
-EXTRAS_FILE = "student_extras.safetensors"
-CONFIG_FILE = "config.json"
+
+__all__ = [
+    "export_student",
+    "load_student",
+    "load_student_weights",
+    "model_card",
+    "read_export_config",
+    "timm_spec",
+]
 
 
 def _cpu_contig(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -88,7 +103,7 @@ def model_card(conf: dict[str, Any]) -> str:
         "## Load",
         "",
         "```python",
-        "from distill.export import load_student",
+        "from students import load_student",
         "student = load_student('PATH')  # a students.Student (DenseEncoder): encode_image(pixels in [0, 1])",
         "",
         "import timm",
@@ -108,42 +123,3 @@ def model_card(conf: dict[str, Any]) -> str:
         lines.append(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")
     lines += ["", "## Training config", "", "```json", json.dumps(tc, indent=2, default=str), "```", ""]
     return "\n".join(lines)
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    f = path / CONFIG_FILE
-    if not f.is_file():
-        raise FileNotFoundError(
-            f"{path} is not a student export (no {CONFIG_FILE}); pass the directory written by export_student"
-        )
-    return json.loads(f.read_text())
-
-
-def load_student_weights(student: nn.Module, path: str | Path) -> nn.Module:
-    """Load exported weights (directory, or a timm-keyed ``.safetensors`` file) into ``student`` strictly."""
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if p.is_file():
-        missing, unexpected = student.vit.load_state_dict(load_file(str(p)), strict=False)
-        if unexpected or missing:
-            raise ValueError(
-                f"{p}: weights do not fit the student ViT (missing {missing[:5]}, unexpected {unexpected[:5]})"
-            )
-        return student
-    sd = {f"vit.{k}": v for k, v in load_file(str(p / MODEL_FILE)).items()}
-    if (p / EXTRAS_FILE).is_file():
-        sd.update(load_file(str(p / EXTRAS_FILE)))
-    student.load_state_dict(sd, strict=True)
-    return student
-
-
-def load_student(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild an exported student (``students.student_from_config``) and load its weights."""
-    from students import student_from_config
-
-    p = Path(path)
-    conf = _read_config(p)
-    student = student_from_config(conf["student"])
-    load_student_weights(student, p)
-    return student.to(device).eval()

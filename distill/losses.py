@@ -37,17 +37,25 @@ def _world() -> tuple[int, int]:
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather ``(B, ...)`` from every rank into ``(world * B, ...)`` (rank order).
+    """All-gather ``(B, ...)`` from every rank into ``(world * B, ...)`` (rank order), differentiably.
 
-    The local slice is the input tensor itself, so gradients flow to it; other ranks' slices are
-    constants. All ranks must pass the same ``B``. Identity without ``torch.distributed``.
+    The backward pass sums, for the local slice, the gradients of every rank's loss (autograd-aware
+    ``torch.distributed.nn.functional.all_gather``). With the usual gradient averaging over ranks
+    (DeepSpeed, DDP) the parameter gradient is then exactly that of the mean of the ranks' losses,
+    i.e. of one process holding the whole global batch. All ranks must pass the same ``B``.
+    Identity without ``torch.distributed``.
     """
-    rank, world = _world()
+    _, world = _world()
     if world == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[rank] = x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def _gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(_world()[1])]
+    dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
 
 
@@ -227,7 +235,7 @@ class ContrastiveLoss(nn.Module):
         rank, world = _world() if self.gather else (0, 1)
         img_all = gather_with_grad(img) if world > 1 else img
         txt_all = gather_with_grad(txt) if world > 1 else txt
-        valid_all = gather_with_grad(valid.to(torch.uint8)).bool() if world > 1 else valid
+        valid_all = _gather_nograd(valid.to(torch.uint8)).bool() if world > 1 else valid
         scale = self.logit_scale()
         neg = torch.finfo(img.dtype).min
         col_mask = ~valid_all.unsqueeze(0)

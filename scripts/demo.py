@@ -352,7 +352,7 @@ def run(cfg: DemoConfig, out: Path, teacher_path: str | None = None, progress: b
     export = stage_distill(cfg, out, cache_path)
     times["distill_s"] = time.time() - t1
     t2 = time.time()
-    from distill.export import load_student
+    from students import load_student
 
     teacher = build_teacher("embedded", **({"path": teacher_path} if teacher_path else {}))
     student = load_student(export)

@@ -42,12 +42,8 @@ def build_model(spec: str) -> Any:
 
         return teachers.build_teacher(name, **_json_kwargs(kw, f"kwargs of teacher {name!r}"))
     if kind == "student" and rest:
-        try:
-            from students import load_student
-        except ImportError as exc:
-            raise SystemExit(
-                f"error: students.load_student is not available in this install ({exc})"
-            ) from exc
+        from students import load_student
+
         return load_student(rest)
     if kind == "python" and rest:
         parts = rest.split(":", 2)

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     import teachers.embedded as emb
     from cache.synthetic import SyntheticScenes
     from distill.evaluation import resolve_class_embeddings
-    from distill.export import load_student
+    from students import load_student
     from teachers import build_teacher
 
     torch.set_num_threads(2)

@@ -9,6 +9,7 @@ from .heads import (
     list_heads,
     register_head,
 )
+from .io import load_student, load_student_weights, read_export_config
 from .text import HFTextTower, TipsStudentTextTower, build_text_tower, train_sentencepiece
 from .vit import CONFIG_KEYS, Student, build_student, student_from_config
 
@@ -27,5 +28,8 @@ __all__ = [
     "list_heads",
     "register_head",
     "student_from_config",
+    "load_student",
+    "load_student_weights",
+    "read_export_config",
     "train_sentencepiece",
 ]

@@ -199,7 +199,7 @@ def test_torchrun_two_processes_match_one(tiny_cache, runs):
 def test_export_reload_identical(tiny_cache, runs):
     import timm
 
-    from distill.export import load_student
+    from students import load_student
 
     r = _run("z0", runs, tiny_cache, Z0)
     export = Path(r["export"])

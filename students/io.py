@@ -1,0 +1,60 @@
+"""Load an exported student (the files ``distill.export.export_student`` writes).
+
+Layout of an export directory: ``model.safetensors`` (the timm ViT's state dict, timm key names),
+``student_extras.safetensors`` (mask token, text tower, when any), ``config.json`` (``student`` is the
+``build_student`` config) and a model card ``README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MODEL_FILE = "model.safetensors"
+EXTRAS_FILE = "student_extras.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def read_export_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of an export directory; a clear error when ``path`` is not one."""
+    path = Path(path)
+    f = path / CONFIG_FILE
+    if not f.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a student export (no {CONFIG_FILE}); pass the directory written by export_student"
+        )
+    return json.loads(f.read_text())
+
+
+def load_student_weights(student: nn.Module, path: str | Path) -> nn.Module:
+    """Load exported weights (directory, or a timm-keyed ``.safetensors`` file) into ``student`` strictly."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_file():
+        missing, unexpected = student.vit.load_state_dict(load_file(str(p)), strict=False)
+        if unexpected or missing:
+            raise ValueError(
+                f"{p}: weights do not fit the student ViT (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        return student
+    sd = {f"vit.{k}": v for k, v in load_file(str(p / MODEL_FILE)).items()}
+    if (p / EXTRAS_FILE).is_file():
+        sd.update(load_file(str(p / EXTRAS_FILE)))
+    student.load_state_dict(sd, strict=True)
+    return student
+
+
+def load_student(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an exported student (``students.student_from_config``) and load its weights."""
+    from .vit import student_from_config
+
+    p = Path(path)
+    conf = read_export_config(p)
+    student = student_from_config(conf["student"])
+    load_student_weights(student, p)
+    return student.to(device).eval()

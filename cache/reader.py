@@ -117,7 +117,9 @@ class FeatureCache(Dataset):
             self._sources = _sources(self.path, f)
             self._spec = {n: (f[n].shape[1:], f[n].dtype) for n in self._datasets(f)}
         # converted to new float32 tensors after reading: their raw arrays can be reused staging buffers
-        self._staged = {n for n in self._spec if n in FEATURES or n.endswith("_scale") or n.startswith("text/")}
+        self._staged = {
+            n for n in self._spec if n in FEATURES or n.endswith("_scale") or n.startswith("text/")
+        }
         if not self.meta.get("complete", False) and not allow_incomplete:
             raise ValueError(
                 f"cache {self.path} is incomplete ({int(done.sum())} of {done.size} samples written); rerun the "

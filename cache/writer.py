@@ -266,7 +266,9 @@ class ShardWriter:
         for pos, block, n in _runs(blocks):
             ks = blocks[pos : pos + n].tolist()
             self._write_rows("block_stats", np.stack([self._pending_stats[k][0] for k in ks]), block)
-            self._write_rows("block_count", np.array([self._pending_stats[k][1] for k in ks], np.int64), block)
+            self._write_rows(
+                "block_count", np.array([self._pending_stats[k][1] for k in ks], np.int64), block
+            )
         self._pending_stats = {}
 
     def _flush_and_mark(self) -> None:

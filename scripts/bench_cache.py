@@ -119,7 +119,9 @@ def _teacher_batches(teacher: Teacher, data: RandomImages, batch_size: int) -> l
     return out
 
 
-def _writer_alone(out: Path, batches: list[dict[str, Any]], n: int, half: bool, fsync: bool) -> tuple[float, int]:
+def _writer_alone(
+    out: Path, batches: list[dict[str, Any]], n: int, half: bool, fsync: bool
+) -> tuple[float, int]:
     """The writer pipeline with no forward running: ShardWriter (thread + queue + HDF5 writes + flushes
     + done flags) on precomputed teacher outputs, float16 arrays (``half``) or float32 (the writer
     thread converts)."""
@@ -202,7 +204,7 @@ def _raw_read(path: Path, batch: int, convert: bool) -> tuple[float, int]:
     try:
         while n < total:
             k = min(batch, total - n)
-            for (off, shape, dt), buf in zip(arrays, bufs):
+            for (off, _shape, _dt), buf in zip(arrays, bufs):
                 row = buf[0].nbytes
                 os.preadv(fd, [memoryview(buf[:k]).cast("B")], off + n * row)
                 if convert:
@@ -291,11 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet = io.StringIO()
     _forward_alone(teacher, RandomImages(args.batch_size, args.image_size), args.batch_size)  # warm-up
     fwd, ext, main_fwd, wthread, waits, loads = [], [], [], [], [], []
-    for r in range(R):
+    for _r in range(R):
         fwd.append(_forward_alone(teacher, data, args.batch_size))
         shutil.rmtree(out / "f16", ignore_errors=True)
         with contextlib.redirect_stdout(quiet):
-            s16 = extract_features(out=str(out / "f16"), storage="float16", teacher=teacher, dataset=data, **common)
+            s16 = extract_features(
+                out=str(out / "f16"), storage="float16", teacher=teacher, dataset=data, **common
+            )
         ext.append(s16["loop_seconds"])
         main_fwd.append(s16["forward_seconds"])
         wthread.append(s16["writer_seconds"])
@@ -321,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     pieces = [a for b in batches for k in ("patch", "cls") for a in b[k].half().numpy()]
     nbytes = sum(a.nbytes for a in pieces)
     res: dict[str, list[float]] = {k: [] for k in ("raw", "w16", "w32", "raw_fs", "w16_fs")}
-    for r in range(R):
+    for _r in range(R):
         res["raw"].append(_raw_write(out / "raw.bin", pieces, fsync=False))
         t, nb = _writer_alone(out, batches, NW, half=True, fsync=False)
         assert nb == nbytes, (nb, nbytes)

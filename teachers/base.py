@@ -55,7 +55,9 @@ def check_pixels(pixels: torch.Tensor, patch_size: int, name: str = "pixels") ->
             "convert grayscale/RGBA images to RGB first (PIL: image.convert('RGB'))"
         )
     if not pixels.is_floating_point():
-        raise ValueError(f"{name} must be floating point in [0, 1], got dtype {pixels.dtype}; divide uint8 images by 255")
+        raise ValueError(
+            f"{name} must be floating point in [0, 1], got dtype {pixels.dtype}; divide uint8 images by 255"
+        )
     if pixels.numel():
         lo, hi = float(pixels.min()), float(pixels.max())
         if lo < -1e-3 or hi > 1 + 1e-3:
@@ -65,7 +67,9 @@ def check_pixels(pixels: torch.Tensor, patch_size: int, name: str = "pixels") ->
             )
     h, w = pixels.shape[-2:]
     if h < patch_size or w < patch_size:
-        raise ValueError(f"{name} is {h}x{w}, smaller than one patch ({patch_size}x{patch_size}); upsample it first")
+        raise ValueError(
+            f"{name} is {h}x{w}, smaller than one patch ({patch_size}x{patch_size}); upsample it first"
+        )
 
 
 class DenseEncoder(nn.Module, ABC):
@@ -96,7 +100,9 @@ class DenseEncoder(nn.Module, ABC):
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Embed a list of strings to ``(B, D)`` (unnormalised)."""
-        raise ValueError(f"{type(self).__name__} has no text tower (has_text=False); use a text model of its own")
+        raise ValueError(
+            f"{type(self).__name__} has no text tower (has_text=False); use a text model of its own"
+        )
 
     def identity(self) -> dict[str, Any]:
         """What identifies this model in cache metadata and reports (JSON serialisable)."""

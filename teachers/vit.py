@@ -56,7 +56,9 @@ def embed_tokens(
             raise ValueError("a patch mask needs a mask token")
         m = mask.reshape(B, -1)
         if m.shape[1] != tokens.shape[1]:
-            raise ValueError(f"mask has {m.shape[1]} entries per image, the image has {tokens.shape[1]} patches")
+            raise ValueError(
+                f"mask has {m.shape[1]} entries per image, the image has {tokens.shape[1]} patches"
+            )
         tokens = torch.where(m.unsqueeze(-1), mask_token.to(tokens.dtype).reshape(1, 1, -1), tokens)
     prefix = []
     if getattr(model, "cls_token", None) is not None:

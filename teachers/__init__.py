@@ -1,10 +1,10 @@
 """Frozen teachers behind one interface: ``build_teacher(name, **kwargs)``.
 
 Importing the package registers the adapters: ``tips`` (official TIPS ``.npz``), ``hf`` (transformers
-models), ``timm`` (any timm ViT) and ``efficientnet-lite0``.
+models), ``timm`` (any timm ViT), ``efficientnet-lite0`` and ``embedded`` (the committed demo teacher).
 """
 
-from . import efficientnet, hf, timm_teacher, tips  # noqa: F401  (register the adapters)
+from . import efficientnet, embedded, hf, timm_teacher, tips  # noqa: F401  (register the adapters)
 from .base import (
     DenseEncoder,
     DenseFeatures,

@@ -44,22 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache.synthetic import SyntheticScenes
+from distill.evaluation.templates import TCL_TEMPLATES as TEMPLATES
 from teachers.tips_text import TipsTextTower, TipsTokenizer
 from teachers.vit import vit_dense_forward
 
 logger = logging.getLogger("pretrain_teacher")
-
-TEMPLATES = (
-    "itap of a {}.",
-    "a bad photo of a {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-    "a photo of many {}.",
-    "a photo of {}s.",
-)
 
 
 def build_vision(cfg: dict[str, Any]) -> nn.Module:

@@ -149,6 +149,13 @@ class TaskModule(nn.Module):
         adapter = None
         if cfg.mode == "distill" and teacher_dim != D:
             adapter = frozen_projection(teacher_dim, D, seed=cfg.seed)
+        # DeepSpeed broadcasts parameters as uint8 views, which fails on 0-dim tensors (e.g. a learnable
+        # temperature): store them as shape (1,) (broadcasting keeps the maths unchanged);
+        # before the EMA copies below, so they match
+        for mod in self.modules():
+            for name, prm in list(mod.named_parameters(recurse=False)):
+                if prm.ndim == 0:
+                    setattr(mod, name, nn.Parameter(prm.detach().reshape(1), requires_grad=prm.requires_grad))
         ext: dict[str, Any] = {"teacher": None, "ema_student": None, "ema_patch": None, "ema_cls": None}
         from .objectives import HeadEMA
 
@@ -170,12 +177,6 @@ class TaskModule(nn.Module):
             ema_s.eval().requires_grad_(False)
             ext["ema_student"] = ema_s
         object.__setattr__(self, "ext", ext)
-        # DeepSpeed broadcasts parameters as uint8 views, which fails on 0-dim tensors (e.g. a learnable
-        # temperature): store them as shape (1,) (broadcasting keeps the maths unchanged)
-        for mod in self.modules():
-            for name, prm in list(mod.named_parameters(recurse=False)):
-                if prm.ndim == 0:
-                    setattr(mod, name, nn.Parameter(prm.detach().reshape(1), requires_grad=prm.requires_grad))
         self.step = 0
         self.caption_grans = [g for g in L.caption_probs]
 

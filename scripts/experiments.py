@@ -10,6 +10,20 @@ object classes) on the validation split. Variants (``--only`` picks some):
 - ``deep_random`` / ``deep_teacher_init``: a student with the teacher's architecture, from random
   init or initialised from the teacher's weights (the paper's "stays in the teacher's basin" ablation).
 
+Runs with the student's **own** trainable TIPS-style text tower (random init, the teacher's
+SentencePiece vocabulary, width 96, 2 layers, 3 heads: the teacher's text layout), each evaluated with
+its own text tower (plus retrieval recall on the validation captions):
+
+- ``pretrain_tipsv2`` / ``pretrain_tips``: no teacher, recipes ``pretrain-tipsv2`` (iBOT++ 75 %
+  masking, head-only EMA, CLS2 on short/detailed captions) and ``pretrain-tips`` (iBOT on masked
+  tokens only, full EMA teacher, short captions), sized like the demo (400 steps, batch 64, width 96,
+  depth 4, 2 local crops of 32 px, lr 1e-3, 40 warm-up steps); the recipes' teacher-temperature
+  warm-up (3000 of 90000 steps) is scaled to the same fraction of 400 steps (13);
+- ``distill_text``: ``seed0`` with a trainable student text tower instead of the cached (locked)
+  teacher caption embeddings; it reads a copy of the cache with the caption embeddings hidden
+  (``<out>/cache_notext``: same features, ``granularities`` set to ``[]``), since the engine prefers
+  cached captions over a student text tower.
+
 Prints a table (mean and spread over seeds) and writes ``experiments.json`` / ``experiments.md``.
 
     python -m scripts.experiments --out runs/experiments            # everything (long on 2 cores)
@@ -34,6 +48,86 @@ logger = logging.getLogger("tipsdistill.experiments")
 
 READOUTS = ("tips", "maskclip")
 
+# variant name -> recipe of the runs trained with the student's own text tower
+OWN_TEXT = {"pretrain_tipsv2": "pretrain-tipsv2", "pretrain_tips": "pretrain-tips", "distill_text": "distill"}
+
+
+def text_tower(teacher_path: Path) -> dict[str, Any]:
+    """A random-init TIPS text tower with the teacher's layout and SentencePiece vocabulary."""
+    return {
+        "kind": "tips",
+        "tokenizer": str((teacher_path / "tokenizer.model").resolve()),
+        "depth": 2,
+        "num_heads": 3,
+        "mlp_dim": 384,
+        "max_len": 48,
+    }
+
+
+def pretrain_config(cfg: DemoConfig, out: Path, recipe: str, run_name: str) -> Any:
+    """The demo's sizes with a pretraining recipe (no teacher, no cache)."""
+    from distill.config import load_config
+
+    kwargs = {
+        "img_size": cfg.image_size,
+        "patch_size": 8,
+        "reg_tokens": 1,
+        "no_embed_class": True,
+        "init_values": 1.0,
+        **cfg.student,
+    }
+    data = {
+        "output_dir": str(out / run_name),
+        "seed": cfg.seed,
+        "steps": cfg.steps,
+        "student": {"name": "vit_base_patch14_reg1_tipsv2", "kwargs": kwargs, "init": cfg.student_init},
+        "data": {
+            "dataset": "synthetic",
+            "dataset_kwargs": {
+                "split": "train",
+                "size": cfg.train_size,
+                "image_size": cfg.image_size,
+                "seed": cfg.data_seed,
+            },
+            "image_size": cfg.image_size,
+            "local_crops": cfg.local_crops,
+            "local_size": cfg.local_size,
+            "flip": False,
+            "global_scale": [0.5, 1.0],
+            "batch_size": cfg.batch_size,
+            "num_workers": 0,
+        },
+        "loss": {"patch": cfg.patch_loss, "teacher_temp_warmup_steps": round(cfg.steps * 3000 / 90000)},
+        "head": {
+            "out_dim": cfg.prototypes,
+            "hidden_dim": cfg.head_hidden,
+            "bottleneck_dim": cfg.head_bottleneck,
+        },
+        "optim": {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps},
+        "engine": {"zero_stage": 2, "precision": "fp32"},
+        "checkpoint": {"every": 0, "keep_last": 1},
+    }
+    return load_config(recipe, data=data)
+
+
+def notext_cache(cache_path: str, dest: Path) -> str:
+    """Copy a stage-1 cache with its caption embeddings hidden (same features; granularities [])."""
+    import shutil
+
+    import h5py
+
+    src = Path(cache_path)
+    index = dest / src.name
+    if not index.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in src.parent.iterdir():
+            if f.is_file():
+                shutil.copy2(f, dest / f.name)
+        with h5py.File(index, "r+") as h:
+            h.attrs["granularities"] = "[]"
+            h.attrs["text_dim"] = 0
+    return str(index)
+
 
 def variants(base: DemoConfig, teacher_cfg: dict[str, Any], teacher_init: str) -> dict[str, DemoConfig]:
     deep = {
@@ -50,6 +144,10 @@ def variants(base: DemoConfig, teacher_cfg: dict[str, Any], teacher_init: str) -
         "cosine": replace(base, patch_loss="cosine"),
         "deep_random": replace(base, student=deep),
         "deep_teacher_init": replace(base, student=deep, student_init=teacher_init),
+        # own trainable text tower (see OWN_TEXT); student["text"] is filled in by main()
+        "pretrain_tipsv2": replace(base, mask_ratio=0.75),
+        "pretrain_tips": replace(base, mask_ratio=0.75),
+        "distill_text": replace(base, seed=0),
     }
 
 
@@ -122,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-size", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--teacher-path", default=None)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when running jobs side by side)")
     ap.add_argument("--cache", default=None, help="reuse this stage-1 cache (e.g. runs/demo/cache/index.h5)")
     ap.add_argument(
         "--reuse",
@@ -140,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     from students import load_student
     from teachers import build_teacher
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     base = FULL
     if args.steps:
         base = replace(base, steps=args.steps)
@@ -156,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     teacher = build_teacher("embedded", path=str(tpath))
     init_file = teacher_vision_file(tpath, out / "teacher_vision.safetensors")
     all_variants = variants(base, teacher.config, init_file)
+    for n in OWN_TEXT:
+        v = all_variants[n]
+        all_variants[n] = replace(v, student={**v.student, "text": text_tower(tpath)})
     names = [n for n in args.only.split(",") if n] or list(all_variants)
     unknown = [n for n in names if n not in all_variants]
     if unknown:
@@ -176,13 +278,42 @@ def main(argv: list[str] | None = None) -> int:
         cfg = all_variants[name]
         t0 = time.time()
         logger.info("run %s: %s", name, asdict(cfg))
-        export = reuse[name] if name in reuse else stage_distill(cfg, out, cache_path, run_name=name)
+        extra: dict[str, Any] = {}
+        if name in reuse:
+            export = reuse[name]
+        elif OWN_TEXT.get(name, "distill") != "distill":
+            from distill.train import train
+
+            res = train(pretrain_config(cfg, out, OWN_TEXT[name], name))
+            if not res.get("export"):
+                raise RuntimeError(f"training in {out / name} finished without an export")
+            export = str(res["export"])
+        elif name in OWN_TEXT:
+            export = stage_distill(cfg, out, notext_cache(cache_path, out / "cache_notext"), run_name=name)
+        else:
+            export = stage_distill(cfg, out, cache_path, run_name=name)
         student = load_student(export)
-        metrics = evaluate({name: student}, val, text, cfg)[name]
+        run_text = text
+        if name in OWN_TEXT:
+            from distill.evaluation.retrieval import retrieval_recall
+
+            with torch.no_grad():
+                run_text = resolve_class_embeddings(
+                    val.class_names, text_model=student, templates="tcl", cache_dir=None
+                )
+                extra["retrieval"] = retrieval_recall(student, val, image_size=base.image_size, ks=(1, 5))
+            extra["text"] = "own text tower"
+            if "retrieval_teacher" not in results:
+                results["retrieval_teacher"] = retrieval_recall(
+                    teacher, val, image_size=base.image_size, ks=(1, 5)
+                )
+        metrics = evaluate({name: student}, val, run_text, cfg)[name]
         results["runs"][name] = {
             "config": asdict(cfg),
+            "recipe": OWN_TEXT.get(name, "distill"),
             "metrics": metrics,
             "minutes": (time.time() - t0) / 60,
+            **extra,
         }
         res_path.write_text(json.dumps(results, indent=2, default=str))
         logger.info("run %s done in %.1f min: %s", name, (time.time() - t0) / 60, metrics)

@@ -119,10 +119,8 @@ def stage_cache(cfg: DemoConfig, out: Path, teacher_path: str | None) -> dict[st
 
 
 # ------------------------------------------------------------------------------------------ stage 2
-def train_config(cfg: DemoConfig, out: Path, cache_path: str, run_name: str = "student") -> Any:
-    """The stage-2 ``TrainConfig``: recipe ``distill`` sized for the embedded benchmark."""
-    from distill.config import load_config
-
+def run_config_dict(cfg: DemoConfig, out: Path, run_name: str) -> dict[str, Any]:
+    """Stage-2 config fields shared by every embedded-benchmark run (student, data, head, optim, engine)."""
     kwargs = {
         "img_size": cfg.image_size,
         "patch_size": 8,
@@ -131,13 +129,11 @@ def train_config(cfg: DemoConfig, out: Path, cache_path: str, run_name: str = "s
         "init_values": 1.0,
         **cfg.student,
     }
-    data = {
+    return {
         "output_dir": str(out / run_name),
         "seed": cfg.seed,
         "steps": cfg.steps,
         "student": {"name": "vit_base_patch14_reg1_tipsv2", "kwargs": kwargs, "init": cfg.student_init},
-        "teacher": {"source": "cache"},
-        "cache": {"path": cache_path},
         "data": {
             "dataset": "synthetic",
             "dataset_kwargs": {
@@ -154,7 +150,6 @@ def train_config(cfg: DemoConfig, out: Path, cache_path: str, run_name: str = "s
             "batch_size": cfg.batch_size,
             "num_workers": 0,
         },
-        "loss": {"patch": cfg.patch_loss, "mask_ratio": cfg.mask_ratio},
         "head": {
             "out_dim": cfg.prototypes,
             "hidden_dim": cfg.head_hidden,
@@ -164,6 +159,16 @@ def train_config(cfg: DemoConfig, out: Path, cache_path: str, run_name: str = "s
         "engine": {"zero_stage": 2, "precision": "fp32"},
         "checkpoint": {"every": 0, "keep_last": 1},
     }
+
+
+def train_config(cfg: DemoConfig, out: Path, cache_path: str, run_name: str = "student") -> Any:
+    """The stage-2 ``TrainConfig``: recipe ``distill`` sized for the embedded benchmark."""
+    from distill.config import load_config
+
+    data = run_config_dict(cfg, out, run_name)
+    data["teacher"] = {"source": "cache"}
+    data["cache"] = {"path": cache_path}
+    data["loss"] = {"patch": cfg.patch_loss, "mask_ratio": cfg.mask_ratio}
     return load_config("distill", data=data)
 
 

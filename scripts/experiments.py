@@ -42,7 +42,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from scripts.demo import FULL, DemoConfig, _f, _setup_env, seg_settings, stage_cache, stage_distill
+from scripts.demo import (
+    FULL,
+    DemoConfig,
+    _f,
+    _setup_env,
+    run_config_dict,
+    seg_settings,
+    stage_cache,
+    stage_distill,
+)
 
 logger = logging.getLogger("tipsdistill.experiments")
 
@@ -68,45 +77,8 @@ def pretrain_config(cfg: DemoConfig, out: Path, recipe: str, run_name: str) -> A
     """The demo's sizes with a pretraining recipe (no teacher, no cache)."""
     from distill.config import load_config
 
-    kwargs = {
-        "img_size": cfg.image_size,
-        "patch_size": 8,
-        "reg_tokens": 1,
-        "no_embed_class": True,
-        "init_values": 1.0,
-        **cfg.student,
-    }
-    data = {
-        "output_dir": str(out / run_name),
-        "seed": cfg.seed,
-        "steps": cfg.steps,
-        "student": {"name": "vit_base_patch14_reg1_tipsv2", "kwargs": kwargs, "init": cfg.student_init},
-        "data": {
-            "dataset": "synthetic",
-            "dataset_kwargs": {
-                "split": "train",
-                "size": cfg.train_size,
-                "image_size": cfg.image_size,
-                "seed": cfg.data_seed,
-            },
-            "image_size": cfg.image_size,
-            "local_crops": cfg.local_crops,
-            "local_size": cfg.local_size,
-            "flip": False,
-            "global_scale": [0.5, 1.0],
-            "batch_size": cfg.batch_size,
-            "num_workers": 0,
-        },
-        "loss": {"patch": cfg.patch_loss, "teacher_temp_warmup_steps": round(cfg.steps * 3000 / 90000)},
-        "head": {
-            "out_dim": cfg.prototypes,
-            "hidden_dim": cfg.head_hidden,
-            "bottleneck_dim": cfg.head_bottleneck,
-        },
-        "optim": {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps},
-        "engine": {"zero_stage": 2, "precision": "fp32"},
-        "checkpoint": {"every": 0, "keep_last": 1},
-    }
+    data = run_config_dict(cfg, out, run_name)
+    data["loss"] = {"patch": cfg.patch_loss, "teacher_temp_warmup_steps": round(cfg.steps * 3000 / 90000)}
     return load_config(recipe, data=data)
 
 

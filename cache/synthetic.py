@@ -10,8 +10,13 @@ Scene model:
   drawn independently of the category (10 colours), so colour never gives the category away.
 - 6 background categories with their own texture and palette (grass, sand, water, sky, brick wall,
   snow); one background or two split by a wavy horizon.
-- 1-4 objects per image, random size (radius 14-38% of the side), position and rotation; later
+- 1-4 objects per image, random size (radius 14-38% of the side), position and tilt; later
   objects occlude earlier ones (a placement that would hide most of an earlier object is retried).
+- Version 2 (default): shapes tilt by at most 25 degrees and the texture keeps its orientation in the
+  image, so every category's pattern is recognisable inside one patch. Version 1 rotated shapes and
+  textures by any angle: horizontal, vertical and diagonal stripes and bands then become the same
+  pattern at different angles, and the embedded teacher learnt almost nothing about objects from it
+  (see ``docs/embedded.md``). ``SyntheticScenes(version=1)`` still renders version 1.
 - ``label``: per-pixel class id, objects ``0..13`` then backgrounds ``14..19``; no ignore pixels.
 - Captions: ``alt`` is noisy web-like alt-text (objects dropped, colours sometimes attached, filler
   words, occasional wrong object, varied phrasing); ``short`` names every visible object and the
@@ -34,7 +39,9 @@ from .datasets import register_dataset
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # the default; version 1 (fully rotated objects and textures) stays reproducible
+VERSIONS = (1, 2)
+MAX_TILT_V2 = np.deg2rad(25.0)  # version 2: objects stand roughly upright, textures keep their orientation
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 DEFAULT_SIZES = {"train": 20000, "validation": 500, "test": 500}
 
@@ -261,7 +268,11 @@ def _background(kind: int, S: int, rng: np.random.Generator, yy: np.ndarray, xx:
 
 
 def render_scene(
-    rng: np.random.Generator, image_size: int = 64, min_objects: int = 1, max_objects: int = 4
+    rng: np.random.Generator,
+    image_size: int = 64,
+    min_objects: int = 1,
+    max_objects: int = 4,
+    version: int = VERSION,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Render one scene. Returns ``image (S, S, 3) uint8``, ``label (S, S) int64`` and the scene description."""
     S = image_size
@@ -290,12 +301,17 @@ def render_scene(
         for _attempt in range(6):
             radius = float(rng.uniform(0.14, 0.38))
             cx, cy = (float(rng.uniform(radius * 0.6, 1 - radius * 0.6)) for _ in range(2))
-            ang = float(rng.uniform(0, 2 * np.pi))
+            ang = float(rng.uniform(0, 2 * np.pi) if version == 1 else rng.uniform(-MAX_TILT_V2, MAX_TILT_V2))
             ca, sa = np.cos(ang), np.sin(ang)
             dx, dy = xx + 0.5 - cx * S, -(yy + 0.5 - cy * S)
             u, v = ca * dx + sa * dy, -sa * dx + ca * dy  # rotated pixel coordinates
             rx, ry = u / (radius * S), v / (radius * S)
             m = _shape_mask(OBJECTS[cat][1], rx, ry)
+            if version == 1:  # the texture turns with the shape
+                tu, tv, trx, try_ = u, v, rx, ry
+            else:  # the texture keeps its orientation in the image
+                tu, tv = dx, dy
+                trx, try_ = tu / (radius * S), tv / (radius * S)
             if m.sum() < 6:
                 continue
             # reject placements that hide most of an earlier object
@@ -304,7 +320,7 @@ def render_scene(
         else:
             continue
         name, _, texture, _ = OBJECTS[cat]
-        t = _texture(texture, u, v, rx, ry, noise)[..., None]
+        t = _texture(texture, tu, tv, trx, try_, noise)[..., None]
         base = np.array(COLOURS[colour], np.float32)
         shade = base * 0.35 if base.mean() > 0.4 else np.clip(base + 0.45, 0, 1)
         obj_img = base * (1 - t) + shade * t
@@ -399,8 +415,8 @@ def captions_for(scene: dict[str, Any], rng: np.random.Generator) -> dict[str, s
 
 
 # -------------------------------------------------------------------------------------------- dataset
-def _rng_for(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), SPLITS[split], int(index), VERSION])
+def _rng_for(seed: int, split: str, index: int, version: int = VERSION) -> np.random.Generator:
+    return np.random.default_rng([int(seed), SPLITS[split], int(index), int(version)])
 
 
 class SyntheticScenes(Dataset):
@@ -413,6 +429,7 @@ class SyntheticScenes(Dataset):
         seed: base seed; the same ``(seed, split, index)`` always gives the same item.
         min_objects, max_objects: objects per image (default 1-4).
         cache_dir: optional folder; :meth:`arrays` stores the rendered split there once (``.npz``).
+        version: scene model version (default 2; 1 rotates objects and their textures by any angle).
     """
 
     def __init__(
@@ -424,7 +441,10 @@ class SyntheticScenes(Dataset):
         min_objects: int = 1,
         max_objects: int = 4,
         cache_dir: str | None = None,
+        version: int = VERSION,
     ) -> None:
+        if int(version) not in VERSIONS:
+            raise ValueError(f"unknown synthetic scene version {version!r}; choose one of {VERSIONS}")
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
         if image_size < 16:
@@ -437,6 +457,7 @@ class SyntheticScenes(Dataset):
         self.seed = int(seed)
         self.min_objects, self.max_objects = int(min_objects), int(max_objects)
         self.cache_dir = cache_dir
+        self.version = int(version)
         self.class_names = class_names()
         self.object_class_ids = list(range(len(OBJECTS)))
         self.background_class_ids = list(range(len(OBJECTS), len(self.class_names)))
@@ -448,7 +469,7 @@ class SyntheticScenes(Dataset):
     def identity(self) -> dict[str, Any]:
         return {
             "name": "synthetic",
-            "version": VERSION,
+            "version": self.version,
             "split": self.split,
             "size": self.size,
             "image_size": self.image_size,
@@ -464,8 +485,10 @@ class SyntheticScenes(Dataset):
         """``image (S,S,3) uint8``, ``label (S,S) int64``, captions and the scene description of one index."""
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for synthetic/{self.split} of size {self.size}")
-        rng = _rng_for(self.seed, self.split, index)
-        img, label, scene = render_scene(rng, self.image_size, self.min_objects, self.max_objects)
+        rng = _rng_for(self.seed, self.split, index, self.version)
+        img, label, scene = render_scene(
+            rng, self.image_size, self.min_objects, self.max_objects, self.version
+        )
         caps = captions_for(scene, rng)
         return img, label, caps, scene
 

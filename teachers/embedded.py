@@ -57,21 +57,31 @@ class EmbeddedTeacher(Teacher):
         cfg = self.config
         self.vit = timm.create_model(cfg["timm_name"], pretrained=False, num_classes=0, **cfg["overrides"])
         tc = cfg["text"]
-        self.text = TipsTextTower(
-            tc["vocab_size"], tc["width"], tc["depth"], tc["num_heads"], tc["mlp_dim"], tc["max_len"]
-        )
-        self.tokenizer = TipsTokenizer(
-            folder / cfg.get("tokenizer", "tokenizer.model"), max_len=tc["max_len"]
-        )
+        self.text_kind = tc.get("kind", "tips")
+        if self.text_kind == "tips":
+            self.text = TipsTextTower(
+                tc["vocab_size"], tc["width"], tc["depth"], tc["num_heads"], tc["mlp_dim"], tc["max_len"]
+            )
+            self.tokenizer = TipsTokenizer(
+                folder / cfg.get("tokenizer", "tokenizer.model"), max_len=tc["max_len"]
+            )
+        elif self.text_kind == "minilm":
+            # locked all-MiniLM-L6-v2 (from its package) + the projection trained with the teacher
+            from students.text import HFTextTower, minilm_path
+
+            self.text = HFTextTower(minilm_path(), out_dim=tc["out_dim"], max_len=tc["max_len"], freeze=True)
+        else:
+            raise ValueError(f"{folder / 'config.json'}: unknown text tower kind {self.text_kind!r}")
         weights = folder / "model.safetensors"
         sd = load_file(str(weights), device="cpu")
         vis = {k.removeprefix("vision."): v.float() for k, v in sd.items() if k.startswith("vision.")}
         txt = {k.removeprefix("text."): v.float() for k, v in sd.items() if k.startswith("text.")}
         for module, part, what in ((self.vit, vis, "vision"), (self.text, txt, "text")):
             res = module.load_state_dict(part, strict=False)
-            if res.missing_keys or res.unexpected_keys:
+            missing = [k for k in res.missing_keys if not (what == "text" and k.startswith("encoder."))]
+            if missing or res.unexpected_keys:
                 raise ValueError(
-                    f"{weights}: {what} weights do not match config.json (missing {res.missing_keys[:5]}, "
+                    f"{weights}: {what} weights do not match config.json (missing {missing[:5]}, "
                     f"unexpected {res.unexpected_keys[:5]}); the folder mixes files of different runs"
                 )
         self._sha = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
@@ -113,6 +123,9 @@ class EmbeddedTeacher(Teacher):
         """``list[str]`` -> ``(B, D)`` unnormalised text embeddings."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
+        if self.text_kind == "minilm":
+            with torch.no_grad():
+                return self.text(list(texts))
         ids, pad = self.tokenizer(list(texts))
         # drop the all-padding tail columns: the same embeddings (padding is masked), less compute
         keep = max(1, int((~pad.bool()).sum(1).max())) if len(texts) else 1

@@ -56,3 +56,41 @@ def test_arrays_cache_roundtrip(tmp_path) -> None:
     again.arrays()  # loads the .npz
     assert torch.equal(again[4]["image"], fresh["image"]) and again[4]["captions"] == fresh["captions"]
     assert torch.equal(again[4]["label"], fresh["label"])
+
+
+def _stripe_periodicity(version: int, n: int = 60) -> list[float]:
+    """For each visible 'heart' (vertical stripes, period 4 px): mean |I(x) - I(x+4)| / mean |I(x) - I(x+2)|."""
+    ds = syn.SyntheticScenes("train", size=n, seed=0, version=version)
+    heart = [o[0] for o in syn.OBJECTS].index("heart")
+    ratios = []
+    for i in range(n):
+        img, label, _, _ = ds.render(i)
+        m = label == heart
+        if m.sum() < 80:
+            continue
+        g = img.astype(np.float64).mean(-1)
+        d = {}
+        for shift in (2, 4):
+            both = m[:, :-shift] & m[:, shift:]
+            d[shift] = np.abs(g[:, :-shift] - g[:, shift:])[both].mean()
+        ratios.append(d[4] / d[2])
+    return ratios
+
+
+def test_version2_textures_keep_their_orientation() -> None:
+    # version 2: vertical stripes stay vertical, so a 4 px shift along x reproduces the pattern
+    r2 = _stripe_periodicity(2)
+    assert len(r2) >= 3 and max(r2) < 0.5, r2
+    # version 1 turned textures with the object: tilted hearts are not periodic along x
+    r1 = _stripe_periodicity(1)
+    assert len(r1) >= 3 and max(r1) > 1.0, r1
+
+
+def test_versions_are_distinct_and_checked() -> None:
+    import pytest
+
+    v1, v2 = syn.SyntheticScenes("validation", size=2, version=1), syn.SyntheticScenes("validation", size=2)
+    assert v1.identity()["version"] == 1 and v2.identity()["version"] == syn.VERSION == 2
+    assert not torch.equal(v1[0]["image"], v2[0]["image"])
+    with pytest.raises(ValueError, match="version"):
+        syn.SyntheticScenes("validation", size=2, version=3)

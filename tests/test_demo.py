@@ -61,6 +61,7 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
             assert (d / "results.json").is_file() and (d / "per_class_iou.png").is_file()
     res = json.loads((out / "results.json").read_text())
     assert len(res["table"]) == 8  # 2 models x 4 settings
+    assert math.isfinite(res["baseline"]["miou"]) and "Baseline" in proc.stdout
     for row in res["table"]:
         for k in ("miou", "miou_objects", "pixel_accuracy"):
             assert row[k] is not None and math.isfinite(row[k]), (

@@ -47,6 +47,7 @@ from scripts.demo import (
     DemoConfig,
     _f,
     _setup_env,
+    majority_background_baseline,
     run_config_dict,
     seg_settings,
     stage_cache,
@@ -175,6 +176,9 @@ def summarise(results: dict[str, Any]) -> str:
                 vals = [s[ro][k] for s in seeds]
                 cells.append(f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}")
         lines.append(f"| seeds mean ± sd (n={len(seeds)}) | " + " | ".join(cells) + " |")
+    if "baseline" in results:
+        b = results["baseline"]
+        lines.append(f"| baseline: majority background (peeks at labels) | {_f(b['miou'])} | 0.0 | | |")
     return "\n".join(lines)
 
 
@@ -246,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.exists() else {"runs": {}}
     results["teacher"] = evaluate({"teacher": teacher}, val, text, base)["teacher"]
     results["teacher_identity"] = teacher.identity()
+    base_m = majority_background_baseline(val)
+    results["baseline"] = {"miou": base_m["miou"], "pixel_accuracy": base_m["pixel_accuracy"]}
     for name in names:
         cfg = all_variants[name]
         t0 = time.time()

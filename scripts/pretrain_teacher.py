@@ -526,9 +526,6 @@ def main(argv: list[str] | None = None) -> int:
         flip = torch.rand(args.batch, generator=gen) < 0.0  # captions name positions: no flips
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         pick = torch.rand(args.batch, generator=gen) >= args.detailed_prob  # True: short caption
-        cap2 = [
-            str(tr["short"][i]) if p else str(tr["detailed"][i]) for i, p in zip(idx.tolist(), pick.tolist())
-        ]
         masked_rows = torch.rand(args.batch, generator=gen) < args.mask_prob
         k = int(round(args.mask_ratio * n_tok))
         scores = torch.rand(args.batch, n_tok, generator=gen)
@@ -567,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.detailed_prob > 0:
                 temb_b = torch.where(pick[:, None], temb_b, encoder.captions("detailed", idx))
         else:
+            cap2 = [
+                str(tr["short"][i]) if p else str(tr["detailed"][i])
+                for i, p in zip(idx.tolist(), pick.tolist())
+            ]
             temb_b = encoder.embed(cap2)
         scale = logit_scale.clamp(max=math.log(100)).exp()
         l_clip = 0.5 * (info_nce(s_cls[:, 0], temb_a, scale) + info_nce(s_cls[:, 1], temb_b, scale))

@@ -48,6 +48,9 @@ class DemoConfig:
     warmup_steps: int = 40
     local_crops: int = 2
     local_size: int = 32
+    # area range of the student's global crop; the cached full-image teacher grid is cut to the crop
+    # with roi_align (cache.target=crop), so below 1.0 the targets are interpolated teacher tokens
+    global_scale: tuple[float, float] = (0.5, 1.0)
     student: dict[str, Any] = field(
         default_factory=lambda: {"embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 4.0}
     )
@@ -56,6 +59,7 @@ class DemoConfig:
     head_bottleneck: int = 128
     patch_loss: str = "proto"
     mask_ratio: float = 0.0
+    teacher_temp: float = 0.07  # prototype-target temperature (DINO/iBOT teacher softmax)
     student_init: str = "random"
     slide_image_size: int = 96
     slide_window: int = 64
@@ -148,7 +152,7 @@ def run_config_dict(cfg: DemoConfig, out: Path, run_name: str) -> dict[str, Any]
             "local_crops": cfg.local_crops,
             "local_size": cfg.local_size,
             "flip": False,
-            "global_scale": [0.5, 1.0],
+            "global_scale": list(cfg.global_scale),
             "batch_size": cfg.batch_size,
             "num_workers": 0,
         },
@@ -170,7 +174,7 @@ def train_config(cfg: DemoConfig, out: Path, cache_path: str, run_name: str = "s
     data = run_config_dict(cfg, out, run_name)
     data["teacher"] = {"source": "cache"}
     data["cache"] = {"path": cache_path}
-    data["loss"] = {"patch": cfg.patch_loss, "mask_ratio": cfg.mask_ratio}
+    data["loss"] = {"patch": cfg.patch_loss, "mask_ratio": cfg.mask_ratio, "teacher_temp": cfg.teacher_temp}
     return load_config("distill", data=data)
 
 

@@ -7,6 +7,10 @@ object classes) on the validation split. Variants (``--only`` picks some):
 - ``seed0``, ``seed1``, ``seed2``: the demo's distillation (random init, mask ratio 0, prototype CE);
 - ``mask75``: the same with 75% of the student's patches masked (loss still on every token);
 - ``cosine``: head-free cosine patch loss instead of prototype cross-entropy;
+- ``full_view``: the student's global crop is the whole image (global_scale 1), so its patch targets
+  are the cached teacher tokens themselves, not roi_align-interpolated pieces of them;
+- ``lr3e-3``: learning rate 3e-3 instead of 1e-3;
+- ``teacher_temp04``: prototype-target temperature 0.04 instead of 0.07 (sharper targets);
 - ``deep_random`` / ``deep_teacher_init``: a student with the teacher's architecture, from random
   init or initialised from the teacher's weights (the paper's "stays in the teacher's basin" ablation).
 
@@ -115,6 +119,10 @@ def variants(base: DemoConfig, teacher_cfg: dict[str, Any], teacher_init: str) -
         "seed2": replace(base, seed=2),
         "mask75": replace(base, mask_ratio=0.75),
         "cosine": replace(base, patch_loss="cosine"),
+        # how fast the teacher's knowledge reaches the student (the probe's bottleneck)
+        "full_view": replace(base, global_scale=(1.0, 1.0)),
+        "lr3e-3": replace(base, lr=3e-3),
+        "teacher_temp04": replace(base, teacher_temp=0.04),
         "deep_random": replace(base, student=deep),
         "deep_teacher_init": replace(base, student=deep, student_init=teacher_init),
         # own trainable text tower (see OWN_TEXT); student["text"] is filled in by main()

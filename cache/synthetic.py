@@ -430,6 +430,9 @@ class SyntheticScenes(Dataset):
         min_objects, max_objects: objects per image (default 1-4).
         cache_dir: optional folder; :meth:`arrays` stores the rendered split there once (``.npz``).
         version: scene model version (default 2; 1 rotates objects and their textures by any angle).
+        preload: render the whole split into memory (:meth:`arrays`) at the first item, so that later
+            items are array lookups: worth it when a training run reads each image several times
+            (about 2 ms an image once; 12 KiB an image at 64 px). Same items either way.
     """
 
     def __init__(
@@ -442,6 +445,7 @@ class SyntheticScenes(Dataset):
         max_objects: int = 4,
         cache_dir: str | None = None,
         version: int = VERSION,
+        preload: bool = False,
     ) -> None:
         if int(version) not in VERSIONS:
             raise ValueError(f"unknown synthetic scene version {version!r}; choose one of {VERSIONS}")
@@ -461,6 +465,7 @@ class SyntheticScenes(Dataset):
         self.class_names = class_names()
         self.object_class_ids = list(range(len(OBJECTS)))
         self.background_class_ids = list(range(len(OBJECTS), len(self.class_names)))
+        self.preload = bool(preload)
         self._arrays: dict[str, Any] | None = None
 
     def __len__(self) -> int:
@@ -493,6 +498,10 @@ class SyntheticScenes(Dataset):
         return img, label, caps, scene
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for synthetic/{self.split} of size {self.size}")
+        if self.preload and self._arrays is None:
+            self.arrays()
         if self._arrays is not None:
             a = self._arrays
             img = torch.from_numpy(a["images"][index]).permute(2, 0, 1).float().div_(255)
@@ -520,6 +529,7 @@ class SyntheticScenes(Dataset):
                 z = np.load(path, allow_pickle=False)
                 self._arrays = {k: z[k] for k in z.files}
                 return self._arrays
+        logger.info("rendering %d synthetic %s images into memory", self.size, self.split)
         S = self.image_size
         images = np.empty((self.size, S, S, 3), np.uint8)
         labels = np.empty((self.size, S, S), np.uint8)

@@ -227,10 +227,30 @@ class DistillDataset(Dataset):
     def __len__(self) -> int:
         return len(self.src_index)
 
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        epoch = self.epoch
+    def _epoch_index(self, index: int | tuple[int, int]) -> tuple[int, int]:
         if isinstance(index, tuple | list):  # (epoch, index) from ResumableSampler
-            epoch, index = int(index[0]), int(index[1])
+            return int(index[0]), int(index[1])
+        return self.epoch, int(index)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = self._epoch_index(index)
+        titem = self.cache[index] if self.cache is not None else None
+        return self._item(epoch, index, titem)
+
+    def __getitems__(self, indices: list[int | tuple[int, int]]) -> list[dict[str, Any]]:
+        """A batch of items (what ``DataLoader`` asks for): the cached targets are read together (one HDF5
+        read per dataset and shard, see :meth:`cache.FeatureCache.__getitems__`); the same items as
+        ``[self[i] for i in indices]``."""
+        pairs = [self._epoch_index(i) for i in indices]
+        if self.cache is None:
+            titems: list[Any] = [None] * len(pairs)
+        elif hasattr(self.cache, "__getitems__"):
+            titems = self.cache.__getitems__([i for _, i in pairs])
+        else:
+            titems = [self.cache[i] for _, i in pairs]
+        return [self._item(e, i, t) for (e, i), t in zip(pairs, titems, strict=True)]
+
+    def _item(self, epoch: int, index: int, titem: dict[str, Any] | None) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         src = self.source[self.src_index[index]]
         image = src["image"]
@@ -241,7 +261,6 @@ class DistillDataset(Dataset):
         H, W = int(image.shape[-2]), int(image.shape[-1])
         c = self.cfg
         item: dict[str, Any] = {"index": index, "key": str(src["key"])}
-        titem = self.cache[index] if self.cache is not None else None
         if titem is not None:
             from .task import _cls_2d
 

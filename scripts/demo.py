@@ -147,6 +147,7 @@ def run_config_dict(cfg: DemoConfig, out: Path, run_name: str) -> dict[str, Any]
                 "size": cfg.train_size,
                 "image_size": cfg.image_size,
                 "seed": cfg.data_seed,
+                "preload": True,  # each image is read several times: render the split once
             },
             "image_size": cfg.image_size,
             "local_crops": cfg.local_crops,

@@ -9,6 +9,7 @@ object classes) on the validation split. Variants (``--only`` picks some):
 - ``cosine``: head-free cosine patch loss instead of prototype cross-entropy;
 - ``full_view``: the student's global crop is the whole image (global_scale 1), so its patch targets
   are the cached teacher tokens themselves, not roi_align-interpolated pieces of them;
+- ``full_view_nolocal``: ``full_view`` without local crops (so without the DINO CLS loss, which needs them);
 - ``lr3e-3``: learning rate 3e-3 instead of 1e-3;
 - ``teacher_temp04``: prototype-target temperature 0.04 instead of 0.07 (sharper targets);
 - ``deep_random`` / ``deep_teacher_init``: a student with the teacher's architecture, from random
@@ -121,6 +122,7 @@ def variants(base: DemoConfig, teacher_cfg: dict[str, Any], teacher_init: str) -
         "cosine": replace(base, patch_loss="cosine"),
         # how fast the teacher's knowledge reaches the student (the probe's bottleneck)
         "full_view": replace(base, global_scale=(1.0, 1.0)),
+        "full_view_nolocal": replace(base, global_scale=(1.0, 1.0), local_crops=0),
         "lr3e-3": replace(base, lr=3e-3),
         "teacher_temp04": replace(base, teacher_temp=0.04),
         "deep_random": replace(base, student=deep),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import cache.synthetic as syn
@@ -56,6 +57,19 @@ def test_arrays_cache_roundtrip(tmp_path) -> None:
     again.arrays()  # loads the .npz
     assert torch.equal(again[4]["image"], fresh["image"]) and again[4]["captions"] == fresh["captions"]
     assert torch.equal(again[4]["label"], fresh["label"])
+
+
+def test_preload_gives_the_same_items() -> None:
+    lazy = syn.SyntheticScenes("train", size=6, image_size=32, seed=3)
+    pre = syn.SyntheticScenes("train", size=6, image_size=32, seed=3, preload=True)
+    assert pre._arrays is None  # nothing rendered until the first item
+    for i in (5, 0, 3):
+        a, b = lazy[i], pre[i]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+        assert a["captions"] == b["captions"] and a["key"] == b["key"]
+    assert pre._arrays is not None and pre.identity() == lazy.identity()
+    with pytest.raises(IndexError, match="out of range"):
+        pre[6]
 
 
 def _stripe_periodicity(version: int, n: int = 60) -> list[float]:

@@ -120,6 +120,16 @@ def test_dataset_matches_cache_and_is_seeded(tiny_cache):
     assert torch.equal(a["global"], b["global"]) and torch.equal(a["t_patch"], b["t_patch"])
     assert a["t_patch"].shape == (4, 4, 48) and a["locals"].shape == (2, 3, 16, 16)
     assert not torch.equal(ds[(1, 5)]["global"], a["global"])  # another epoch, other crops
+    # a batch read (what DataLoader calls: cached targets read together) = the items one by one
+    idx = [(0, 7), (1, 5), (0, 2), (0, 7)]
+    batch = ds.__getitems__(idx)
+    for (e, i), got in zip(idx, batch, strict=True):
+        want = ds[(e, i)]
+        assert got["key"] == want["key"] and got["index"] == want["index"]
+        for k in ("global", "locals", "t_patch", "t_cls", "box"):
+            assert torch.equal(got[k], want[k]), k
+        assert all(torch.equal(got["text"][g], want["text"][g]) for g in want["text"])
+        assert got["captions"] == want["captions"] and got["caption_u"] == want["caption_u"]
     with pytest.raises(ValueError, match="not in the source dataset"):
         DistillDataset(
             build_dataset("synthetic", split="train", size=10, image_size=32),

@@ -139,13 +139,29 @@ class HFTextTower(nn.Module):
     def forward(self, texts: list[str]) -> torch.Tensor:
         return self.proj(self.pool(texts))
 
+    # texts are encoded in chunks of this many, grouped by token length, so that a chunk pads to
+    # its own longest text (captions of mixed lengths padded together cost 1.6-2.3x the tokens)
+    length_bucket = 32
+
     def pool(self, texts: list[str]) -> torch.Tensor:
         """Masked mean of the encoder's last hidden states, ``(B, width)`` (before the projection)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
+        texts = list(texts)
+        n, k = len(texts), self.length_bucket
+        if n <= k:
+            return self._pool(texts)
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_len)["input_ids"]
+        order = sorted(range(n), key=lambda i: len(ids[i]))
+        parts = [self._pool([texts[i] for i in order[a : a + k]]) for a in range(0, n, k)]
+        inv = torch.empty(n, dtype=torch.long)
+        inv[torch.tensor(order)] = torch.arange(n)
+        return torch.cat(parts)[inv.to(parts[0].device)]
+
+    def _pool(self, texts: list[str]) -> torch.Tensor:
         dev = self.proj.weight.device
         tok = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_len, return_tensors="pt"
+            texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt"
         )
         tok = {k: v.to(dev) for k, v in tok.items()}
         hidden = self.encoder(**tok).last_hidden_state  # (B, L, W)

@@ -163,6 +163,13 @@ def test_student_hf_text_tower_minilm() -> None:
     assert not any(p.requires_grad for p in s.text.encoder.parameters())
     with pytest.raises(ValueError, match="no text tower"):
         _tiny().encode_text(["x"])
+    # length-grouped chunks give the same embeddings, in the input order, as one padded batch
+    texts = [("a big red ball " * (i % 5)) + f"on grass number {i}" for i in range(11)]
+    s.text.length_bucket = 3
+    chunked = s.text.pool(texts)
+    s.text.length_bucket = 100
+    whole = s.text.pool(texts)
+    assert torch.allclose(chunked, whole, atol=1e-5), (chunked - whole).abs().max()
 
 
 @pytest.mark.parametrize("loss_kind", ["proto", "cosine"])

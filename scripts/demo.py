@@ -5,15 +5,16 @@
    embeddings of the three granularities);
 2. **distil** (stage 2): a smaller, randomly initialised TIPS-architecture student is trained from
    the cache with the TIPSv2 distillation recipe (``distill``: prototype cross-entropy on **every**
-   patch token, mask ratio 0, DINO on local crops, CLIP against the cached caption embeddings),
-   DeepSpeed ZeRO-2 in one process;
+   patch token, mask ratio 0, CLIP against the cached caption embeddings) on whole-image views, so
+   its patch targets are the cached teacher tokens themselves (no local crops, hence no DINO term:
+   see ``DemoConfig``), DeepSpeed ZeRO-2 in one process;
 3. **measure**: zero-shot segmentation of teacher and student on the validation split, same text
    embeddings (the teacher's locked text tower) and same settings: ``whole`` and ``slide``, TIPS
    value-trick and MaskCLIP readouts; mIoU over all 20 classes and over the 14 object classes; plus
    object mIoU by depth for both models. Prints the comparison table and writes ``report.md``,
    ``results.json`` and PNG figures to ``--out``.
 
-    python -m scripts.demo            # about 10-15 minutes on 2 CPU cores
+    python -m scripts.demo            # about 11 minutes on 2 CPU cores
     python -m scripts.demo --quick    # tiny sizes, under a minute (the test suite runs it)
 """
 

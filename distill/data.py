@@ -220,6 +220,13 @@ class DistillDataset(Dataset):
                 "cache.target=replay needs a cache with several stored views (boxes); use cache.target=crop"
             )
         self.target = target
+        if target == "crop" and min(data_cfg.global_scale) < 1.0:
+            logger.info(
+                "cache.target=crop: the student's crops (data.global_scale=%s) get teacher tokens resampled "
+                "from the cached full-image grid, not the teacher's view of the crop; for exact targets use "
+                "data.global_scale=[1, 1] or a cache with several views (docs/training.md)",
+                list(data_cfg.global_scale),
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

@@ -107,15 +107,17 @@ def test_align_teacher_map_crop_flip_and_grids():
     assert torch.allclose(same, feat, atol=1e-6)
 
 
-def test_dataset_matches_cache_and_is_seeded(tiny_cache):
+def test_dataset_matches_cache_and_is_seeded(tiny_cache, caplog):
     from cache import build_dataset, open_cache
     from distill.config import load_config
     from distill.data import DistillDataset, ResumableSampler
 
     cfg = load_config("distill", base_overrides(tiny_cache, "/tmp/unused"))
     src = build_dataset("synthetic", split="train", size=60, image_size=32)  # 12 images not in the cache
-    ds = DistillDataset(src, cfg.data, (4, 4), cache=open_cache(tiny_cache), seed=0)
+    with caplog.at_level("INFO", logger="distill.data"):
+        ds = DistillDataset(src, cfg.data, (4, 4), cache=open_cache(tiny_cache), seed=0)
     assert len(ds) == 48 and len(ds.skipped_keys) == 12 and ds.target == "crop"
+    assert min(cfg.data.global_scale) < 1 and "resampled from the cached full-image grid" in caplog.text
     a, b = ds[(0, 5)], ds[(0, 5)]
     assert torch.equal(a["global"], b["global"]) and torch.equal(a["t_patch"], b["t_patch"])
     assert a["t_patch"].shape == (4, 4, 48) and a["locals"].shape == (2, 3, 16, 16)

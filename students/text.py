@@ -147,23 +147,23 @@ class HFTextTower(nn.Module):
         """Masked mean of the encoder's last hidden states, ``(B, width)`` (before the projection)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
-        texts = list(texts)
-        n, k = len(texts), self.length_bucket
-        if n <= k:
-            return self._pool(texts)
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_len)["input_ids"]
-        order = sorted(range(n), key=lambda i: len(ids[i]))
-        parts = [self._pool([texts[i] for i in order[a : a + k]]) for a in range(0, n, k)]
+        if len(texts) == 0:
+            return self.proj.weight.new_zeros(0, self.proj.in_features)
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_len)  # tokenised once
+        n, k = len(enc["input_ids"]), self.length_bucket
+        order = sorted(range(n), key=lambda i: len(enc["input_ids"][i]))
+        parts = []
+        for a in range(0, n, k):
+            rows = order[a : a + k]
+            batch = self.tokenizer.pad({key: [enc[key][i] for i in rows] for key in enc}, return_tensors="pt")
+            parts.append(self._pool(batch))
         inv = torch.empty(n, dtype=torch.long)
-        inv[torch.tensor(order)] = torch.arange(n)
+        inv[torch.tensor(order, dtype=torch.long)] = torch.arange(n)
         return torch.cat(parts)[inv.to(parts[0].device)]
 
-    def _pool(self, texts: list[str]) -> torch.Tensor:
+    def _pool(self, tok: Any) -> torch.Tensor:
         dev = self.proj.weight.device
-        tok = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt"
-        )
-        tok = {k: v.to(dev) for k, v in tok.items()}
+        tok = {key: v.to(dev) for key, v in tok.items()}
         hidden = self.encoder(**tok).last_hidden_state  # (B, L, W)
         m = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)

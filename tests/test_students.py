@@ -170,6 +170,7 @@ def test_student_hf_text_tower_minilm() -> None:
     s.text.length_bucket = 100
     whole = s.text.pool(texts)
     assert torch.allclose(chunked, whole, atol=1e-5), (chunked - whole).abs().max()
+    assert s.text.pool([]).shape == (0, s.text.proj.in_features)
 
 
 @pytest.mark.parametrize("loss_kind", ["proto", "cosine"])

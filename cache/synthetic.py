@@ -26,6 +26,7 @@ Scene model:
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -432,7 +433,8 @@ class SyntheticScenes(Dataset):
         version: scene model version (default 2; 1 rotates objects and their textures by any angle).
         preload: render the whole split into memory (:meth:`arrays`) at the first item, so that later
             items are array lookups: worth it when a training run reads each image several times
-            (about 2 ms an image once; 12 KiB an image at 64 px). Same items either way.
+            (about 2 ms an image once; 12 KiB an image at 64 px). Same items either way. Each
+            DataLoader worker holds its own copy (with ``cache_dir`` a finished ``.npz`` is reused).
     """
 
     def __init__(
@@ -543,7 +545,7 @@ class SyntheticScenes(Dataset):
         out.update({g: np.array(v) for g, v in caps.items()})
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # DataLoader workers may write at once
             np.savez(tmp, **out)
             tmp.replace(path)
             logger.info("cached %d synthetic %s images in %s", self.size, self.split, path)

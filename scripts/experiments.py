@@ -122,6 +122,8 @@ def variants(base: DemoConfig, teacher_cfg: dict[str, Any], teacher_init: str) -
         "num_heads": teacher_cfg["overrides"]["num_heads"],
         "mlp_ratio": teacher_cfg["overrides"].get("mlp_ratio", 4.0),
     }
+    # pretraining needs views that differ: random global crops and 2 local crops (DINO)
+    pretrain = replace(base, mask_ratio=0.75, global_scale=(0.5, 1.0), local_crops=2)
     return {
         "seed0": replace(base, seed=0),
         "seed1": replace(base, seed=1),
@@ -137,9 +139,8 @@ def variants(base: DemoConfig, teacher_cfg: dict[str, Any], teacher_init: str) -
         "deep_random": replace(base, student=deep),
         "deep_teacher_init": replace(base, student=deep, student_init=teacher_init),
         # own trainable text tower (see OWN_TEXT); student["text"] is filled in by main()
-        # pretraining needs views that differ: random global crops and 2 local crops (DINO)
-        "pretrain_tipsv2": replace(base, mask_ratio=0.75, global_scale=(0.5, 1.0), local_crops=2),
-        "pretrain_tips": replace(base, mask_ratio=0.75, global_scale=(0.5, 1.0), local_crops=2),
+        "pretrain_tipsv2": pretrain,
+        "pretrain_tips": pretrain,
         "distill_text": replace(base, seed=0),
     }
 

@@ -90,6 +90,7 @@ def model_card(conf: dict[str, Any]) -> str:
         "student = load_student('PATH')  # a students.Student (DenseEncoder): encode_image(pixels in [0, 1])",
         "",
         "import timm",
+        "import students  # registers the small TIPSv2 shapes (vit_w96d4_patch8_reg1_tipsv2_64, ...) with timm",
         f"vit = timm.create_model({spec['model_name']!r}, pretrained=True,",
         "                        pretrained_cfg_overlay=dict(file='PATH/model.safetensors'),",
         f"                        **{spec['kwargs']!r})",

@@ -255,10 +255,8 @@ class DistillDataset(Dataset):
         pairs = [self._epoch_index(i) for i in indices]
         if self.cache is None:
             titems: list[Any] = [None] * len(pairs)
-        elif hasattr(self.cache, "__getitems__"):
-            titems = self.cache.__getitems__([i for _, i in pairs])
         else:
-            titems = [self.cache[i] for _, i in pairs]
+            titems = self.cache.__getitems__([i for _, i in pairs])
         return [self._item(e, i, t) for (e, i), t in zip(pairs, titems, strict=True)]
 
     def _item(self, epoch: int, index: int, titem: dict[str, Any] | None) -> dict[str, Any]:

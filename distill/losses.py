@@ -114,11 +114,11 @@ class _Centered(nn.Module):
         self,
         out_dim: int,
         *,
-        student_temp: float,
-        teacher_temp: float,
-        center_momentum: float,
-        centering: str,
-        sinkhorn_iters: int,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.07,
+        center_momentum: float = 0.9,
+        centering: str = "center",
+        sinkhorn_iters: int = 3,
     ) -> None:
         super().__init__()
         if centering not in CENTERINGS:
@@ -335,28 +335,11 @@ class DINOLoss(_Centered):
 
     Loss = mean over all (student crop, teacher crop) pairs and images of
     ``-sum_k p_t[k] log softmax(s / student_temp)[k]``, ``p_t = softmax((t - center) / teacher_temp)``
-    (or Sinkhorn-Knopp), ``teacher_temp`` from the caller's schedule (default: the constructor's). The center is updated afterwards (EMA, ``center_momentum``) when
-    ``update_center`` and in training mode.
+    (or Sinkhorn-Knopp), ``teacher_temp`` from the caller's schedule (default: the constructor's). The
+    center is updated afterwards (EMA, ``center_momentum``) when ``update_center`` and in training mode.
+    Constructor: ``DINOLoss(out_dim, *, student_temp=0.1, teacher_temp=0.07, center_momentum=0.9,
+    centering="center", sinkhorn_iters=3)``.
     """
-
-    def __init__(
-        self,
-        out_dim: int,
-        *,
-        student_temp: float = 0.1,
-        teacher_temp: float = 0.07,
-        center_momentum: float = 0.9,
-        centering: str = "center",
-        sinkhorn_iters: int = 3,
-    ) -> None:
-        super().__init__(
-            out_dim,
-            student_temp=student_temp,
-            teacher_temp=teacher_temp,
-            center_momentum=center_momentum,
-            centering=centering,
-            sinkhorn_iters=sinkhorn_iters,
-        )
 
     def forward(
         self,
@@ -462,20 +445,11 @@ class PatchPrototypeLoss(_Centered):
         *,
         masked_weight: float = 1.0,
         visible_weight: float = 1.0,
-        student_temp: float = 0.1,
-        teacher_temp: float = 0.07,
-        center_momentum: float = 0.9,
-        centering: str = "center",
-        sinkhorn_iters: int = 3,
+        **centering: Any,
     ) -> None:
         super().__init__(
-            out_dim,
-            student_temp=student_temp,
-            teacher_temp=teacher_temp,
-            center_momentum=center_momentum,
-            centering=centering,
-            sinkhorn_iters=sinkhorn_iters,
-        )
+            out_dim, **centering
+        )  # student_temp, teacher_temp, center_momentum, centering, sinkhorn_iters
         _check_weights(masked_weight, visible_weight)
         self.masked_weight = float(masked_weight)
         self.visible_weight = float(visible_weight)

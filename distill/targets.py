@@ -43,7 +43,7 @@ def _on_grid(patch: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     patch = patch.float()
     if tuple(patch.shape[1:3]) == tuple(grid):
         return patch
-    return torch.stack([resample_grid(p, grid) for p in patch.cpu()]).to(patch.device)
+    return torch.stack([resample_grid(tokens, grid) for tokens in patch.cpu()]).to(patch.device)
 
 
 class Targets:
@@ -142,13 +142,13 @@ class TextSource:
         probs = dict(caption_probs)
         self.sampler = CaptionSampler(probs)
         self.names = list(probs)
-        self.cdf = torch.tensor([probs[g] for g in self.names], dtype=torch.float64).cumsum(0)
+        self.cdf = torch.tensor([probs[gran] for gran in self.names], dtype=torch.float64).cumsum(0)
 
     def granularities(self, batch: Mapping[str, Any], available: list[set[str]]) -> list[str | None]:
         """The caption granularity of each example (``None`` where it has none of them)."""
         draws = batch["caption_u"].double().cpu()
         index = torch.searchsorted(self.cdf, draws * self.cdf[-1], right=True).clamp_(max=len(self.names) - 1)
-        return self.sampler.resolve([self.names[i] for i in index.tolist()], available)
+        return self.sampler.resolve([self.names[k] for k in index.tolist()], available)
 
     def __call__(self, batch: Mapping[str, Any]) -> TextBatch:
         raise NotImplementedError
@@ -165,7 +165,9 @@ class CachedText(TextSource):
             gran: (valid[gran].bool().cpu() if gran in valid else torch.ones(batch_size, dtype=torch.bool))
             for gran in text
         }
-        available = [{g for g in self.names if g in text and bool(ok[g][b])} for b in range(batch_size)]
+        available = [
+            {gran for gran in self.names if gran in text and bool(ok[gran][row])} for row in range(batch_size)
+        ]
         caption, has_caption = self.sampler.pick(text, self.granularities(batch, available))
         return {"alt": alt, "caption": caption}, {"alt": valid.get("alt"), "caption": has_caption}
 
@@ -188,19 +190,19 @@ class TowerText(TextSource):
     def __call__(self, batch: Mapping[str, Any]) -> TextBatch:
         captions, present = batch["captions"], batch["caption_valid"]
         per_example = [
-            {g: (captions[g][i] if bool(present[g][i]) else None) for g in captions}
-            for i in range(len(captions["alt"]))
+            {gran: (captions[gran][row] if bool(present[gran][row]) else None) for gran in captions}
+            for row in range(len(captions["alt"]))
         ]
-        available = [{g for g in self.names if example.get(g)} for example in per_example]
+        available = [{gran for gran in self.names if example.get(gran)} for example in per_example]
         grans = self.granularities(batch, available)
-        caption = [None if g is None else example[g] for g, example in zip(grans, per_example)]
+        caption = [None if gran is None else example[gran] for gran, example in zip(grans, per_example)]
         alt = [example.get("alt") for example in per_example]
         valid = {
-            "alt": torch.tensor([a is not None for a in alt], dtype=torch.bool),
-            "caption": torch.tensor([c is not None for c in caption], dtype=torch.bool),
+            "alt": torch.tensor([text is not None for text in alt], dtype=torch.bool),
+            "caption": torch.tensor([text is not None for text in caption], dtype=torch.bool),
         }
-        alt = [a or "" for a in alt]
-        caption = [c or "" for c in caption]
+        alt = [text or "" for text in alt]
+        caption = [text or "" for text in caption]
         if self.trainable:
             return {"alt": self.encode(alt), "caption": self.encode(caption)}, valid
         with torch.no_grad():

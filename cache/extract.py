@@ -8,6 +8,7 @@ after a barrier when a process group exists) writes ``index.h5``. Rerunning the 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import json
 import logging
@@ -37,10 +38,12 @@ from .format import (
     Layout,
     build_index,
     check_resume,
+    chunk_map_path,
     create_shard,
     git_revision,
     keys_digest,
     layout_from_meta,
+    read_chunk_map,
     read_meta,
     read_skipped,
     shard_complete,
@@ -48,12 +51,17 @@ from .format import (
     shard_range,
     toolkit_version,
 )
+from .lock import CacheBusyError, ShardLock, busy_message, is_hdf5_lock_error
+from .repair import ShardReport, repair_shard, verify_shard
 from .views import ViewSpec, apply_view, sample_views
-from .writer import ShardWriter, WriteBatch, quantise_int8_torch, sample_stats
+from .writer import CacheWriteError, ShardWriter, WriteBatch, is_disk_full, quantise_int8_torch, sample_stats
 
 logger = logging.getLogger(__name__)
 
 STORAGE_DTYPES = ("float16", "int8")
+# "fork" would hand the writer's open HDF5 file and its lock to the workers: a killed run's
+# leftover workers would then keep the shard locked (docs/cache.md "What happens when it crashes")
+WORKER_STARTS = ("forkserver", "spawn", "fork")
 
 
 @dataclass
@@ -87,6 +95,13 @@ class CacheConfig:
     min_side: int | None = None  # images with a shorter side are skipped; default one patch
     space_margin: float = 1.05  # refuse when estimate * margin exceeds the free disk space
     progress: bool = True
+    # faults (docs/cache.md "What happens when it crashes")
+    worker_start: str = "forkserver"  # DataLoader workers: forkserver | spawn never inherit the shard / lock
+    fsync: bool = True  # fsync features before their done flags (survives a machine crash, not only a kill)
+    lock_wait_s: float = 30.0  # a dead run's leftover processes holding the shard lock: wait this long
+    repair: bool = (
+        False  # check every done sample's checksum first; repair a damaged shard, keeping intact samples
+    )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CacheConfig:
@@ -105,6 +120,8 @@ class CacheConfig:
             raise ValueError(f"views must be >= 1, got {self.views}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.worker_start not in WORKER_STARTS:
+            raise ValueError(f"worker_start must be one of {WORKER_STARTS}, got {self.worker_start!r}")
 
 
 def load_object(spec: str) -> Callable[..., Any]:
@@ -284,7 +301,16 @@ def extract_features(
     t_start = time.perf_counter()
     config, teacher, dataset = _resolve_config(config, teacher, dataset, overrides)
     job = _plan_job(config, teacher, dataset)
+    with ShardLock(job.shard_path, wait_s=config.lock_wait_s):
+        summary = _run_job(job)
+    summary["seconds"] = time.perf_counter() - t_start
+    return summary
+
+
+def _run_job(job: ShardJob) -> dict[str, Any]:
+    """Resume, repair, extract and index one rank's shard (holding its lock)."""
     summary = _new_summary(job)
+    _note_missing_shards(job)
     if job.shard_path.exists():
         _check_existing_shard(job)
     if _cache_already_complete(job):
@@ -292,7 +318,6 @@ def extract_features(
         logger.info(msg)
         print(msg, flush=True)
         summary.update(already_complete=True, complete=True, index=str(job.index_path), done=job.count)
-        summary["seconds"] = time.perf_counter() - t_start
         return summary
     _check_disk_space(job)
     if not job.shard_path.exists():
@@ -304,7 +329,6 @@ def extract_features(
     else:
         summary.update(_extract_shard(job))
     summary["index"] = _write_index(job)
-    summary["seconds"] = time.perf_counter() - t_start
     if summary["index"]:
         msg = f"cache complete: {summary['index']} ({job.num_samples} samples)"
         logger.info(msg)
@@ -523,15 +547,39 @@ def _new_summary(job: ShardJob) -> dict[str, Any]:
 
 
 def _check_existing_shard(job: ShardJob) -> None:
-    """Resume: the shard on disk must have been made with this run's settings; adopt its layout."""
+    """Resume: the shard on disk must be readable and made with this run's settings; adopt its layout.
+
+    A damaged shard (HDF5 cannot open it, truncated, or with ``repair`` any done sample whose bytes
+    fail their checksum) is repaired first, keeping every intact write block (:mod:`cache.repair`).
+    Another process holding the file open (HDF5 errno 11) is reported as that, never as damage."""
+    path = job.shard_path
+    stored: dict[str, Any] | None = None
     try:
-        stored = read_meta(job.shard_path)
+        stored = read_meta(path)
     except OSError as e:
-        raise ValueError(
-            f"cannot open the existing shard {job.shard_path} ({e}); it was probably interrupted while being "
-            "finalised. Delete it and rerun the same command to redo this shard."
-        ) from e
-    check_resume(job.shard_path, stored, job.attrs)
+        if is_hdf5_lock_error(e):
+            raise CacheBusyError(busy_message(path, e)) from e
+    if stored is not None:
+        check_resume(path, stored, job.attrs)
+    report = verify_shard(path) if job.config.repair or stored is None else _quick_check(path)
+    if report is not None and not report.ok:
+        if stored is None and report.kept_rows == 0 and not chunk_map_path(path).exists():
+            logger.warning(
+                "%s cannot be read at all (%s): none of its %d samples can be recovered; it is kept aside "
+                "and the shard redone",
+                path.name,
+                "; ".join(report.problems),
+                job.count,
+            )
+        else:
+            logger.warning("%s is damaged: %s", path.name, report.line())
+        repair_shard(path, job.layout, job.attrs, job.keys[job.start : job.start + job.count], report)
+        stored = read_meta(path)
+    elif job.config.repair:
+        msg = f"verified {report.line()}"
+        logger.info(msg)
+        print(msg, flush=True)
+    assert stored is not None
     job.layout = layout_from_meta(stored, job.count)
     if stored.get("block_size") != job.config.batch_size:
         logger.info(
@@ -539,6 +587,35 @@ def _check_existing_shard(job: ShardJob) -> None:
             stored.get("block_size"),
             job.config.batch_size,
         )
+
+
+def _quick_check(path: Path) -> ShardReport | None:
+    """Cheap checks on every resume (no data read): the file reaches the end of its allocated chunks."""
+    try:
+        cmap = read_chunk_map(path)
+    except (OSError, ValueError):
+        return None
+    size = path.stat().st_size
+    end = max(
+        int(offs.max())
+        + int(np.prod(cmap[k + "@shape"], dtype=np.int64))
+        * np.dtype(str(cmap[k + "@dtype"])).itemsize
+        * int(cmap[k + "@rows"])
+        for k, offs in cmap.items()
+        if "@" not in k and offs.size
+    )
+    return verify_shard(path) if size < end else None
+
+
+def _note_missing_shards(job: ShardJob) -> None:
+    """An index that lists this rank's shard while the file is gone: say what is redone."""
+    if job.index_path.exists() and not job.shard_path.exists():
+        msg = (
+            f"{INDEX_NAME} lists {job.shard_path.name}, which is missing: its {job.count} samples are redone "
+            f"(samples {job.start}..{job.start + job.count - 1}); the index is rebuilt afterwards"
+        )
+        logger.warning(msg)
+        print(msg, flush=True)
 
 
 def _cache_already_complete(job: ShardJob) -> bool:
@@ -631,6 +708,7 @@ def _make_loader(job: ShardJob, todo: list[tuple[int, list[int]]]) -> DataLoader
         collate_fn=_collate,
         pin_memory=job.device.type == "cuda",
         prefetch_factor=4 if cfg.num_workers > 0 else None,
+        multiprocessing_context=cfg.worker_start if cfg.num_workers > 0 else None,
     )
 
 
@@ -704,9 +782,18 @@ def _encode_batch(job: ShardJob, batch: dict[str, Any]) -> dict[str, np.ndarray]
 def _extract_shard(job: ShardJob) -> dict[str, Any]:
     """Run the teacher over the shard's remaining write blocks and finalise the shard."""
     cfg, start, count = job.config, job.start, job.count
-    writer = ShardWriter(
-        job.shard_path, job.layout, queue_size=cfg.queue_size, flush_interval_s=cfg.flush_interval_s
-    )
+    try:
+        writer = ShardWriter(
+            job.shard_path,
+            job.layout,
+            queue_size=cfg.queue_size,
+            flush_interval_s=cfg.flush_interval_s,
+            fsync=cfg.fsync,
+        )
+    except OSError as e:
+        if is_hdf5_lock_error(e):
+            raise CacheBusyError(busy_message(job.shard_path, e)) from e
+        raise
     todo = _todo_blocks(job, writer.done)
     todo_n = sum(len(i) for _, i in todo)
     if todo_n < count and todo_n and job.is_main:
@@ -721,25 +808,19 @@ def _extract_shard(job: ShardJob) -> dict[str, Any]:
         dynamic_ncols=True,
     )
     t_loop = time.perf_counter()
-    forward_s = 0.0
     try:
-        for (block, _), batch in zip(todo, _make_loader(job, todo)):
-            rows = np.asarray(batch["index"], np.int64) - start
-            skipped = [(i - start, f"{kind}: {err}") for i, err, kind in batch["bad"]]
-            arrays: dict[str, np.ndarray] = {}
-            if len(rows):
-                t0 = time.perf_counter()
-                arrays = _encode_batch(job, batch)
-                forward_s += time.perf_counter() - t0
-            writer.submit(WriteBatch(block=block, rows=rows, arrays=arrays, skipped=skipped))
-            bar.update(len(rows) + len(skipped))
-            el = max(time.perf_counter() - t_loop, 1e-9)
-            bar.set_postfix_str(f"{writer.bytes_written / el / 2**20:.1f} MB/s", refresh=False)
-    finally:
-        bar.close()
-        writer.close()
+        _extract_blocks(job, writer, todo, bar)
+    except CacheWriteError as e:
+        if is_disk_full(e):
+            raise _disk_full(job, e) from e
+        raise
     loop_s = time.perf_counter() - t_loop  # includes draining the writer queue
-    res = writer.finalize(job.keys[start : start + count], start)
+    try:
+        res = writer.finalize(job.keys[start : start + count], start)
+    except OSError as e:
+        if is_disk_full(e):
+            raise _disk_full(job, e) from e
+        raise
     _log_skipped(job.shard_path, res["skipped"], job.dataset, res.get("captions_missing", {}))
     if not res["complete"]:
         raise RuntimeError(
@@ -749,11 +830,51 @@ def _extract_shard(job: ShardJob) -> dict[str, Any]:
         done=res["done"],
         skipped=res["skipped"],
         complete=res["complete"],
-        forward_seconds=forward_s,
+        forward_seconds=writer.forward_seconds,
         loop_seconds=loop_s,
         bytes_written=writer.bytes_written,
         writer_seconds=writer.write_seconds,
         submit_wait_seconds=writer.submit_wait_seconds,
+        fsync_seconds=writer.fsync_seconds,
+    )
+
+
+def _extract_blocks(job: ShardJob, writer: ShardWriter, todo: list[tuple[int, list[int]]], bar: tqdm) -> None:
+    """The loop: load a block, run the teacher, hand the arrays to the writer thread; always drains
+    and closes the writer (re-raising its error)."""
+    start = job.start
+    t_loop = time.perf_counter()
+    try:
+        for (block, _), batch in zip(todo, _make_loader(job, todo)):
+            rows = np.asarray(batch["index"], np.int64) - start
+            skipped = [(i - start, f"{kind}: {err}") for i, err, kind in batch["bad"]]
+            arrays: dict[str, np.ndarray] = {}
+            if len(rows):
+                t0 = time.perf_counter()
+                arrays = _encode_batch(job, batch)
+                writer.forward_seconds += time.perf_counter() - t0
+            writer.submit(WriteBatch(block=block, rows=rows, arrays=arrays, skipped=skipped))
+            bar.update(len(rows) + len(skipped))
+            el = max(time.perf_counter() - t_loop, 1e-9)
+            bar.set_postfix_str(f"{writer.bytes_written / el / 2**20:.1f} MB/s", refresh=False)
+    finally:
+        bar.close()
+        writer.close()
+
+
+def _disk_full(job: ShardJob, e: BaseException) -> OSError:
+    """The full-disk error: what is safe, how much space the rest needs, and that a rerun resumes."""
+    remaining = _remaining_rows(job)
+    bps = job.layout.bytes_per_sample()
+    need = bps * remaining * job.config.space_margin
+    free = shutil.disk_usage(job.out_dir).free
+    return OSError(
+        errno.ENOSPC,
+        f"the disk of {job.out_dir} is full ({getattr(e, 'cause', e)}): {job.count - remaining} of {job.count} "
+        f"samples of {job.shard_path.name} are written and safe; the other {remaining} need about "
+        f"{_fmt_bytes(need)} ({_fmt_bytes(bps)} per image x {remaining} x margin {job.config.space_margin}), "
+        f"{_fmt_bytes(free)} is free now. Free at least {_fmt_bytes(max(need - free, 0))} (or move the cache "
+        "to a larger disk and point --out there), then rerun the same command: it resumes.",
     )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cache.extract import CacheConfig, extract_features
+from cache.lock import CacheBusyError
 
 
 def parse_kv(items: list[str] | None) -> dict[str, Any]:
@@ -94,6 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--autocast", choices=["none", "bf16", "fp16"])
     p.add_argument("--min-side", type=int, help="skip images with a shorter side (default: one patch)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the cache in --out (every done sample against its checksum, the index) and exit; changes nothing",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="check every done sample first and repair damaged shards, keeping intact samples, then resume",
+    )
+    p.add_argument(
+        "--worker-start", choices=["forkserver", "spawn", "fork"], help="DataLoader worker start method"
+    )
+    p.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="flush without fsync (safe against kills, not machine crashes)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
@@ -155,6 +174,12 @@ def config_from_args(args: argparse.Namespace) -> CacheConfig:
         upd["granularities"] = [g.strip() for g in args.granularities.split(",") if g.strip()]
     if args.quiet:
         upd["progress"] = False
+    if args.repair:
+        upd["repair"] = True
+    if args.no_fsync:
+        upd["fsync"] = False
+    if args.worker_start:
+        upd["worker_start"] = args.worker_start
     cfg = dataclasses.replace(cfg, **upd)
     if cfg.dataset == "folder":
         if "root" not in cfg.dataset_kwargs:
@@ -162,18 +187,45 @@ def config_from_args(args: argparse.Namespace) -> CacheConfig:
     return cfg
 
 
+def verify_main(out: str | None) -> int:
+    """``--verify``: print one line per shard and the index's findings; 0 when all is intact, else 1."""
+    from cache.repair import verify_cache
+
+    if not out:
+        raise SystemExit("error: --verify needs --out DIR (the cache to check)")
+    reports, index_problems = verify_cache(Path(out))
+    for r in reports:
+        print(r.line())
+    for p in index_problems:
+        print(p)
+    bad = [r for r in reports if not r.ok]
+    print(
+        f"verified {len(reports)} shard(s): {sum(r.intact for r in reports)} intact samples, "
+        f"{sum(len(r.damaged) for r in reports)} damaged, {len(bad)} damaged shard(s), "
+        f"{len(index_problems)} index problem(s)"
+        + (
+            "; rerun the same extraction command with --repair to keep the intact samples and redo the rest"
+            if bad or index_problems
+            else ""
+        )
+    )
+    return 1 if bad or index_problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.verify:
+        return verify_main(args.out)
     cfg = config_from_args(args)
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
         return 0
     try:
         summary = extract_features(cfg)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, CacheBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary.get("skipped"):

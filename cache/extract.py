@@ -34,6 +34,7 @@ from . import synthetic  # noqa: F401  (registers the "synthetic" dataset)
 from .datasets import GRANULARITIES, RESIZE_MODES, BadImageError, _as_size, build_dataset, resize_image
 from .format import (
     FORMAT_VERSION,
+    H5_ERRORS,
     INDEX_NAME,
     Layout,
     build_index,
@@ -52,7 +53,7 @@ from .format import (
     toolkit_version,
 )
 from .lock import CacheBusyError, ShardLock, busy_message, is_hdf5_lock_error
-from .repair import ShardReport, repair_shard, verify_shard
+from .repair import ShardReport, check_hdf5, data_end, repair_shard, verify_shard
 from .views import ViewSpec, apply_view, sample_views
 from .writer import CacheWriteError, ShardWriter, WriteBatch, is_disk_full, quantise_int8_torch, sample_stats
 
@@ -556,7 +557,7 @@ def _check_existing_shard(job: ShardJob) -> None:
     stored: dict[str, Any] | None = None
     try:
         stored = read_meta(path)
-    except OSError as e:
+    except H5_ERRORS as e:
         if is_hdf5_lock_error(e):
             raise CacheBusyError(busy_message(path, e)) from e
     if stored is not None:
@@ -573,7 +574,8 @@ def _check_existing_shard(job: ShardJob) -> None:
             )
         else:
             logger.warning("%s is damaged: %s", path.name, report.line())
-        repair_shard(path, job.layout, job.attrs, job.keys[job.start : job.start + job.count], report)
+        layout = dataclasses.replace(job.layout, block_size=report.block_size or job.layout.block_size)
+        repair_shard(path, layout, job.attrs, job.keys[job.start : job.start + job.count], report)
         stored = read_meta(path)
     elif job.config.repair:
         msg = f"verified {report.line()}"
@@ -590,21 +592,15 @@ def _check_existing_shard(job: ShardJob) -> None:
 
 
 def _quick_check(path: Path) -> ShardReport | None:
-    """Cheap checks on every resume (no data read): the file reaches the end of its allocated chunks."""
+    """The checks of every resume, reading no samples: HDF5 opens every object (checksummed
+    metadata) and the file reaches the end of its allocated chunks. On a finding: the full report."""
+    report = ShardReport(path=path)
+    check_hdf5(path, report)
     try:
-        cmap = read_chunk_map(path)
-    except (OSError, ValueError):
-        return None
-    size = path.stat().st_size
-    end = max(
-        int(offs.max())
-        + int(np.prod(cmap[k + "@shape"], dtype=np.int64))
-        * np.dtype(str(cmap[k + "@dtype"])).itemsize
-        * int(cmap[k + "@rows"])
-        for k, offs in cmap.items()
-        if "@" not in k and offs.size
-    )
-    return verify_shard(path) if size < end else None
+        truncated = path.stat().st_size < data_end(read_chunk_map(path))
+    except (OSError, ValueError, KeyError):
+        truncated = False  # no chunk map: verify_shard says so
+    return verify_shard(path) if report.problems or truncated else None
 
 
 def _note_missing_shards(job: ShardJob) -> None:

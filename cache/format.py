@@ -46,6 +46,11 @@ FORMAT_VERSION = 2  # 2: per-sample checksum + chunk map next to each shard
 INDEX_NAME = "index.h5"
 REASON_BYTES = 256
 SMALL_CHUNK = 256
+# what h5py raises on a damaged file: OSError (truncated, bad signature), KeyError / RuntimeError
+# (object header checksum), ValueError (an attribute that no longer decodes)
+H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
+# superblock v3 + object header v2: every metadata block carries a checksum (HDF5 >= 1.10 reads it)
+LIBVER = ("v110", "latest")
 JSON_ATTRS = (
     "teacher",
     "teacher_spec",
@@ -294,7 +299,7 @@ def create_shard(path: Path, layout: Layout, attrs: dict[str, Any], keys: list[s
     """Create a shard file with every dataset allocated; written to a temporary name, then renamed."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     n = layout.count
-    with h5py.File(tmp, "w") as f:
+    with h5py.File(tmp, "w", libver=LIBVER) as f:  # checksummed metadata: flipped bytes are detected
         for name, (shape, dt) in layout.per_sample().items():
             big = name in FEATURES or name.endswith("_scale")
             chunk = (1, *shape) if big else (min(max(n, 1), SMALL_CHUNK), *shape)
@@ -383,7 +388,7 @@ def shard_complete(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return bool(f.attrs.get("complete", False))
-    except OSError:
+    except H5_ERRORS:
         return False
 
 

@@ -31,7 +31,7 @@ def _resolve(path: str | Path) -> Path:
         if shards:
             raise ValueError(
                 f"cache {p} is incomplete: {INDEX_NAME} is missing ({len(shards)} shard file(s) present); "
-                "rerun the extraction command to finish it"
+                f"rerun the extraction command to finish it{_writer_note(shards)}"
             )
         raise ValueError(
             f"{p} holds no feature cache ({INDEX_NAME} or shard-*.h5); run tipsdistill-cache first"
@@ -39,6 +39,17 @@ def _resolve(path: str | Path) -> Path:
     if not p.exists():
         raise ValueError(f"feature cache {p} does not exist; run tipsdistill-cache first")
     return p
+
+
+def _writer_note(shards: list[Path]) -> str:
+    """``"; it is being written now by pid P on host H"`` when a run holds a shard's lock, else ``""``."""
+    from .lock import describe, live_writer
+
+    for sh in shards:
+        holder = live_writer(sh)
+        if holder is not None:
+            return f"; it is being written now by {describe(holder)}: wait for that run to finish"
+    return ""
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -124,6 +135,7 @@ class FeatureCache(Dataset):
             raise ValueError(
                 f"cache {self.path} is incomplete ({int(done.sum())} of {done.size} samples written); rerun the "
                 "extraction command to finish it (or pass allow_incomplete=True to read the finished samples)"
+                + _writer_note([self.path])
             )
         self.valid = np.flatnonzero(done & ok)
         self.grid: tuple[int, int] = tuple(self.meta["grid"])
@@ -286,6 +298,11 @@ def _sources(path: Path, f: h5py.File) -> list[tuple[Path, int, int, int]]:
         src = Path(m.file_name)
         if not src.is_absolute():
             src = path.parent / src
+        if not src.exists():
+            raise ValueError(
+                f"cache index {path} points at {src.name}, which is missing (samples {int(lo[0])}..{int(hi[0])}); "
+                "rerun the extraction command: it redoes that shard and rebuilds the index"
+            )
         out.append((src, int(lo[0]), int(hi[0]) + 1, int(lo[0])))
     return sorted(out, key=lambda s: s[1])
 

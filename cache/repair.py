@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from .format import (
+    H5_ERRORS,
     INDEX_NAME,
     Layout,
     chunk_map,
@@ -134,7 +135,7 @@ def _load_map(path: Path, report: ShardReport) -> dict[str, np.ndarray] | None:
             meta = decode_attrs(f.attrs)
             layout = layout_from_meta(meta, int(f["done"].shape[0]))
             m = chunk_map(f, [*layout.per_sample(), "block_stats", "block_count"])
-    except (OSError, KeyError, RuntimeError) as e:
+    except H5_ERRORS as e:
         report.problems.append(f"HDF5 cannot read its chunk offsets either ({e})")
         return None
     logger.warning("%s: no chunk map, read the chunk offsets from the file", path.name)
@@ -144,6 +145,27 @@ def _load_map(path: Path, report: ShardReport) -> dict[str, np.ndarray] | None:
     return m
 
 
+def check_hdf5(path: Path, report: ShardReport) -> None:
+    """Open the file and every object in it (their metadata blocks carry checksums: format.LIBVER)."""
+    from .lock import is_hdf5_lock_error
+
+    try:
+        with h5py.File(path, "r") as f:
+            report.complete = bool(decode_attrs(f.attrs).get("complete", False))
+            names: list[str] = []
+            f.visit(names.append)
+            for n in names:
+                obj = f[n]
+                dict(obj.attrs)
+                if isinstance(obj, h5py.Dataset):
+                    obj.id.get_space()
+    except H5_ERRORS as e:
+        if is_hdf5_lock_error(e):
+            raise
+        report.complete = False
+        report.problems.append(f"HDF5 cannot read it ({type(e).__name__}: {e})")
+
+
 def verify_shard(path: Path) -> ShardReport:
     """Check one shard: every done sample's bytes against its checksum; HDF5 readability; size."""
     path = Path(path)
@@ -151,15 +173,7 @@ def verify_shard(path: Path) -> ShardReport:
     if not path.exists():
         report.problems.append("the file is missing")
         return report
-    try:
-        meta = read_meta(path)
-        report.complete = bool(meta.get("complete", False))
-    except OSError as e:
-        from .lock import is_hdf5_lock_error
-
-        if is_hdf5_lock_error(e):
-            raise
-        report.problems.append(f"HDF5 cannot open it ({e})")
+    check_hdf5(path, report)
     cmap = _load_map(path, report)
     if cmap is None:
         return report
@@ -171,18 +185,25 @@ def verify_shard(path: Path) -> ShardReport:
     return report
 
 
+def data_end(cmap: dict[str, np.ndarray]) -> int:
+    """The byte where the shard's last allocated chunk ends (a shorter file is truncated)."""
+    ends = [
+        int(offs.max())
+        + int(cmap[k + "@rows"])
+        * int(np.prod(cmap[k + "@shape"], dtype=np.int64))
+        * np.dtype(str(cmap[k + "@dtype"])).itemsize
+        for k, offs in cmap.items()
+        if "@" not in k and offs.size
+    ]
+    return max(ends, default=0)
+
+
 def _verify_rows(raw: _Raw, cmap: dict[str, np.ndarray], report: ShardReport) -> None:
     n = int(cmap["@count"])
     report.rows = n
     checked = [str(x) for x in cmap["@checked"]]
-    ends = [
-        int(offs.max())
-        + int(raw.spec(k)[2]) * int(np.prod(raw.spec(k)[0], dtype=np.int64)) * raw.spec(k)[1].itemsize
-        for k, offs in cmap.items()
-        if "@" not in k and offs.size
-    ]
-    if ends and raw.size < max(ends):
-        report.problems.append(f"truncated: {raw.size} bytes, its data extend to {max(ends)}")
+    if raw.size < data_end(cmap):
+        report.problems.append(f"truncated: {raw.size} bytes, its data extend to {data_end(cmap)}")
     done, dp = raw.column("done", n)
     reason, rp = raw.column("skip_reason", n)
     crc, cp = raw.column("checksum", n)
@@ -285,7 +306,7 @@ def verify_cache(out_dir: Path) -> tuple[list[ShardReport], list[str]]:
     if index.exists():
         try:
             listed = read_meta(index).get("shards") or []
-        except OSError as e:
+        except H5_ERRORS as e:
             listed = []
             index_problems.append(f"{INDEX_NAME} cannot be opened ({e}); the next run rebuilds it")
         for name in listed:

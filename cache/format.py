@@ -49,8 +49,10 @@ SMALL_CHUNK = 256
 # what h5py raises on a damaged file: OSError (truncated, bad signature), KeyError / RuntimeError
 # (object header checksum), ValueError (an attribute that no longer decodes)
 H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
-# superblock v3 + object header v2: every metadata block carries a checksum (HDF5 >= 1.10 reads it)
-LIBVER = ("v110", "latest")
+# superblock v2 + object header v2: every metadata block carries a checksum (HDF5 >= 1.8 reads it).
+# Not v110: its superblock v3 keeps a "file open for write" flag that a killed writer leaves set, and
+# HDF5 then refuses to open the file until h5clear is run
+LIBVER = ("v108", "latest")
 JSON_ATTRS = (
     "teacher",
     "teacher_spec",

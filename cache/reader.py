@@ -52,6 +52,21 @@ def _writer_note(shards: list[Path]) -> str:
     return ""
 
 
+def _open_for_reading(path: Path) -> h5py.File:
+    """``h5py.File(path, "r")``; a file a writer holds (HDF5 errno 11) is reported as incomplete, not damaged."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        from .lock import is_hdf5_lock_error
+
+        if not is_hdf5_lock_error(e):
+            raise
+        raise ValueError(
+            f"cache {path} is incomplete: a process has it open for writing ({e}){_writer_note([path])}. "
+            "It is not damaged; stage 2 reads only complete caches"
+        ) from e
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple, np.ndarray)) or isinstance(b, (list, tuple, np.ndarray)):
         try:
@@ -118,7 +133,7 @@ class FeatureCache(Dataset):
         self, path: str | Path, expect: dict[str, Any] | None = None, allow_incomplete: bool = False
     ) -> None:
         self.path = _resolve(path)
-        with h5py.File(self.path, "r") as f:
+        with _open_for_reading(self.path) as f:
             self.meta: dict[str, Any] = decode_attrs(f.attrs)
             done = f["done"][()].astype(bool)
             ok = f["skip_reason"][()] == b""

@@ -388,7 +388,7 @@ def test_stage2_refuses_a_cache_still_being_written(data, tmp_path):
     p = _start(_cli_args(root, caps, out, prog, workers=0))
     try:
         _wait_calls(prog, 3, p)
-        with pytest.raises(ValueError, match=rf"incomplete .* being written now by pid {p.pid} on host"):
+        with pytest.raises(ValueError, match=rf"incomplete.*being written now by pid {p.pid} on host"):
             open_cache(out)
         import torch
 

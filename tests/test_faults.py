@@ -341,24 +341,35 @@ def _train(tmp: Path, name: str, cache: Path, out: Path, fault: tuple[str, int] 
     }
     spec = tmp / f"{name}.args.json"
     spec.write_text(json.dumps(args))
-    env = ENV | (
-        {"FAULT_KIND": fault[0], "FAULT_AT": str(fault[1])} if fault else {"FAULT_KIND": "-", "FAULT_AT": "0"}
-    )
-    p = subprocess.run(
-        [sys.executable, "-c", KILLER, str(spec)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = ENV | {"FAULT_KIND": fault[0] if fault else "-", "FAULT_AT": str(fault[1] if fault else 0)}
+    # DeepSpeed's CPU communication op is compiled on first use: once per virtualenv, not in the
+    # user-wide cache that other checkouts (other torch paths) would make it rebuild
+    env["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    # output to a file, not a pipe: helper processes the trainer started outlive a kill -9 of it
+    # and would hold a pipe open; its process group is ended once it is gone
+    log = tmp / f"{name}.log"
+    with open(log, "w") as fh:
+        p = subprocess.Popen(
+            [sys.executable, "-c", KILLER, str(spec)],
+            cwd=REPO,
+            env=env,
+            stdout=fh,
+            stderr=fh,
+            start_new_session=True,
+        )
+        rc = p.wait(timeout=300)
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    text = log.read_text()
     if fault:
-        assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
-        return p, None
-    assert p.returncode == 0, p.stderr[-3000:]
+        assert rc == -signal.SIGKILL, text[-3000:]
+        return text, None
+    assert rc == 0, text[-3000:]
     res = json.loads((tmp / f"{name}.json").read_text())
     assert "error" not in res, res["error"]
-    return p, res
+    return text, res
 
 
 def test_stage2_kill_mid_checkpoint_and_mid_step_resume_identical(tmp_path):
@@ -373,10 +384,10 @@ def test_stage2_kill_mid_checkpoint_and_mid_step_resume_identical(tmp_path):
     assert (ck / "step_00000002" / "complete.json").is_file()
     assert (ck / "step_00000004").is_dir() and not (ck / "step_00000004" / "complete.json").exists()
     assert resolve_resume("auto", out) == (ck, "step_00000002")  # the partial one is never loaded
-    p, _ = _train(tmp_path, "b", cache, out, ("step", 3), True)  # resumes at 2; killed inside step 5
-    assert "ignoring 1 incomplete checkpoint(s)" in p.stderr and "step_00000004" in p.stderr
+    log, _ = _train(tmp_path, "b", cache, out, ("step", 3), True)  # resumes at 2; killed inside step 5
+    assert "ignoring 1 incomplete checkpoint(s)" in log and "step_00000004" in log
     assert resolve_resume("auto", out) == (ck, "step_00000004")
-    p, res = _train(tmp_path, "c", cache, out, None, True)
+    _, res = _train(tmp_path, "c", cache, out, None, True)
     assert res["step"] == 6
     assert [r["loss"] for r in res["log"]] == [r["loss"] for r in full["log"]]
     assert res["weights"] == full["weights"]

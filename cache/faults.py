@@ -47,7 +47,7 @@ def cache_contents(out: Path) -> dict[str, dict[str, np.ndarray]]:
     for p in sorted(Path(out).glob("shard-*-of-*.h5")):
         d: dict[str, np.ndarray] = {}
         with h5py.File(p, "r") as f:
-            f.visititems(lambda n, o: d.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+            f.visititems(lambda n, o, d=d: d.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
             for k, v in f.attrs.items():
                 if k not in VOLATILE_ATTRS:
                     d["@" + k] = v

@@ -295,7 +295,8 @@ class ShardWriter:
             for name, arr in out.items():
                 for pos, row, n in runs:  # one HDF5 write per dataset per run (a whole block when no skips)
                     self._write_rows(name, arr[pos : pos + n], row)
-                    self.bytes_written += arr[pos : pos + n].nbytes
+                    if name != "checksum":  # bookkeeping, like done: not counted as feature bytes
+                        self.bytes_written += arr[pos : pos + n].nbytes
         for row, reason in b.skipped:
             self._ds("skip_reason")[row] = reason.encode("utf-8", "replace")[:REASON_BYTES]
         # block statistics are written with the next flush, before that flush and the done flags

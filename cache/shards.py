@@ -106,7 +106,13 @@ def index_shard(path: str | Path, shard: int) -> tuple[list[_Sample], list[dict[
                     ti = tf.next()
                 except (tarfile.ReadError, EOFError, OSError) as e:
                     problems.append(
-                        _problem(path, "truncated", f"unreadable tar header after byte {end}: {e}")
+                        _problem(
+                            path,
+                            "truncated",
+                            f"{path}: truncated tar (unreadable header after byte {end} of {size}: {e}); the "
+                            f"{len(samples)} sample(s) before the cut are read, any after it are lost (re-download "
+                            "this shard to recover them)",
+                        )
                     )
                     break
                 if ti is None:
@@ -148,7 +154,7 @@ def index_shard(path: str | Path, shard: int) -> tuple[list[_Sample], list[dict[
                 _problem(
                     path,
                     "truncated",
-                    f"the tar is truncated after byte {end} of {size}: the samples before "
+                    f"{path}: the tar is truncated after byte {end} of {size}: the samples before "
                     "the cut are read, any after it are lost (re-download this shard to recover them)",
                 )
             )
@@ -278,7 +284,7 @@ class WebDatasetShards(Dataset):
                 f"caption field {f!r} (granularity {g!r}) is in no sample of {self.urls!r}: member extensions found: "
                 f"{exts}; JSON keys found{' in ' + '/'.join(sorted(need_json)) if need_json else ''}: "
                 f"{sorted(json_keys) or 'none'}. Map granularities to these, e.g. caption_fields={{'alt': 'txt', "
-                "'short': 'json.<key>'}}"
+                "'short': 'json.<key>'}"
             )
 
     def _read_captions(self, s: _Sample, i: int) -> dict[str, str]:

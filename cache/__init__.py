@@ -4,6 +4,9 @@ from . import datasets as datasets
 from .datasets import BadImageError, ImageFolderDataset, build_dataset, list_datasets, register_dataset
 from .extract import CacheConfig, extract_features
 from .reader import FeatureCache, open_cache
+from .shards import WebDatasetShards
+from .spec import DatasetSpec, build_from_spec, parse_dataset_spec, source_for_cache
+from .tables import HFImageDataset, TableDataset
 from .views import ViewSpec, apply_view, sample_views
 
 try:  # registers the "synthetic" dataset when present
@@ -14,6 +17,13 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "BadImageError",
     "CacheConfig",
+    "DatasetSpec",
+    "HFImageDataset",
+    "TableDataset",
+    "WebDatasetShards",
+    "build_from_spec",
+    "parse_dataset_spec",
+    "source_for_cache",
     "FeatureCache",
     "ImageFolderDataset",
     "ViewSpec",

@@ -106,7 +106,8 @@ def decode_image(src: str | Path | io.BytesIO, min_side: int = 1) -> torch.Tenso
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         kind = "truncated" if "truncated" in str(e).lower() else "corrupt"
-        raise BadImageError(f"{kind} image: {e}", kind) from e
+        msg = str(e).replace(repr(src), "the image bytes") if isinstance(src, io.BytesIO) else str(e)
+        raise BadImageError(f"{kind} image: {msg}", kind) from e
     h, w = arr.shape[:2]
     if min(h, w) < min_side:
         raise BadImageError(

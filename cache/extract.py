@@ -28,7 +28,15 @@ from tqdm import tqdm
 
 from teachers.base import Teacher, build_teacher
 
-from .datasets import GRANULARITIES, RESIZE_MODES, BadImageError, _as_size, build_dataset, resize_image
+from .datasets import (
+    GRANULARITIES,
+    RESIZE_MODES,
+    BadImageError,
+    _as_size,
+    build_dataset,
+    resize_image,
+    write_problems,
+)
 from .format import (
     FORMAT_VERSION,
     INDEX_NAME,
@@ -46,12 +54,14 @@ from .format import (
     shard_range,
     toolkit_version,
 )
+from .spec import build_from_spec, is_shorthand, recorded_spec, registry_name
 from .views import ViewSpec, apply_view, sample_views
 from .writer import ShardWriter, WriteBatch, quantise_int8_torch, sample_stats
 
 logger = logging.getLogger(__name__)
 
 STORAGE_DTYPES = ("float16", "int8")
+IMAGE_SOURCES = ("folder", "webdataset", "table", "hf")  # datasets that decode + resize to the cache's rule
 
 
 @dataclass
@@ -139,6 +149,8 @@ def make_teacher(spec: str, kwargs: dict[str, Any]) -> Teacher:
 
 
 def make_dataset(spec: str, kwargs: dict[str, Any]) -> Dataset:
+    if is_shorthand(spec):  # wds:..., parquet:..., hf:..., name:{json}
+        return build_from_spec(spec, **kwargs)
     if ":" in spec:
         return load_object(spec)(**kwargs)
     _import_registries()
@@ -287,12 +299,14 @@ def extract_features(
     min_side = config.min_side if config.min_side is not None else patch
     if dataset is None:
         kw = dict(config.dataset_kwargs)
-        if config.dataset == "folder":  # decode + resize in the workers, skip images under one patch
+        if registry_name(config.dataset) in IMAGE_SOURCES:  # decode + resize in the workers, skip < one patch
             kw.setdefault("min_side", min_side)
             kw.setdefault("image_size", list(size))
             kw.setdefault("resize", config.resize)
         dataset = make_dataset(config.dataset, kw)
     ds_identity = _dataset_identity(dataset, config.dataset, config.dataset_kwargs)
+    if is_main:  # every problem the dataset found while indexing (truncated shards, bad captions, ...)
+        write_problems(out_dir, dataset)
     keys = _dataset_keys(dataset)
     N = len(keys)
     start, count = shard_range(N, rank, world)
@@ -349,6 +363,7 @@ def extract_features(
         "granularities": grans,
         "text_dim": text_dim,
         "dataset": ds_identity,
+        "dataset_spec": recorded_spec(dataset, config.dataset, config.dataset_kwargs),
         "num_samples": N,
         "keys_sha1": keys_digest(keys),
         "shard_rank": rank,

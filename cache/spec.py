@@ -57,6 +57,30 @@ class DatasetSpec:
         return f"{self.name} {json.dumps(self.kwargs, default=str, sort_keys=True)}"
 
 
+def is_shorthand(spec: str) -> bool:
+    """True for ``wds:...``, ``parquet:...``, ``hf:...``, ``folder:...`` and ``NAME:{json}`` strings."""
+    scheme, sep, rest = str(spec).partition(":")
+    return bool(sep) and (scheme in SCHEMES or rest.startswith("{"))
+
+
+def registry_name(spec: str) -> str:
+    """The registry name a spec string builds (``wds:...`` -> ``webdataset``); other strings unchanged."""
+    scheme, sep, rest = str(spec).partition(":")
+    if sep and scheme in SCHEMES:
+        return SCHEMES[scheme][0]
+    return scheme if sep and rest.startswith("{") else str(spec)
+
+
+def caption_fields_for(name: str, given: dict[str, str]) -> dict[str, str]:
+    """The default caption fields of dataset ``name`` updated with ``given`` (an empty field drops that
+    granularity): what ``--caption GRAN=FIELD`` means on the command line."""
+    from . import shards, tables
+
+    default = {"webdataset": shards.DEFAULT_CAPTION_FIELDS}.get(name, tables.DEFAULT_CAPTION_FIELDS)
+    merged = {**default, **{str(g): str(f) for g, f in given.items()}}
+    return {g: f for g, f in merged.items() if f}
+
+
 def _registered() -> None:
     """Import the modules that register the built-in datasets."""
     from . import shards as _shards  # noqa: F401

@@ -56,7 +56,7 @@ class CacheConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # cache.datasets registry name
+    dataset: str = ""  # "" = the dataset recorded in the cache; else a registry name or spec (cache.spec)
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)
     image_size: int = 224  # global crop, student side
     local_crops: int = 6

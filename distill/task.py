@@ -355,13 +355,15 @@ def build_student_from_config(cfg: TrainConfig) -> nn.Module:
 
 
 def build_source_dataset(cfg: TrainConfig) -> Any:
-    import cache.datasets as cd
+    """The student's images: by default the dataset recorded in the cache (``cache.path``); an explicit
+    ``data.dataset`` (registry name or spec such as ``wds:...``) overrides it (see ``cache.spec``)."""
+    from cache.spec import build_from_spec, source_for_cache
 
-    try:  # register the built-in datasets
-        import cache.synthetic  # noqa: F401
-    except ImportError:
-        pass
-    return cd.build_dataset(cfg.data.dataset, **cfg.data.dataset_kwargs)
+    if cfg.cache.path:
+        return source_for_cache(cfg.cache.path, cfg.data.dataset or None, cfg.data.dataset_kwargs)
+    if not cfg.data.dataset:
+        logger.info("data.dataset is not set and there is no cache: using the built-in synthetic scenes")
+    return build_from_spec(cfg.data.dataset or "synthetic", **cfg.data.dataset_kwargs)
 
 
 def build_online_teacher(cfg: TrainConfig) -> nn.Module:

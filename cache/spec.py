@@ -173,16 +173,45 @@ def spec_from_meta(meta: dict[str, Any]) -> DatasetSpec | None:
     return parse_dataset_spec(s)
 
 
+class CachedSubset(Dataset):
+    """The items of ``source`` whose keys are in a cache, in the cache's order (the samples stage 1
+    skipped are left out; their number is ``num_left_out``). Attributes such as ``class_names`` pass through."""
+
+    def __init__(self, source: Dataset, keys: list[str]) -> None:
+        src_keys = list(source.keys()) if hasattr(source, "keys") else [str(i) for i in range(len(source))]
+        lookup = {k: i for i, k in enumerate(src_keys)}
+        self.source, self._keys = source, list(keys)
+        self._index = [lookup[k] for k in self._keys]
+        self.num_left_out = len(src_keys) - len(self._keys)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.source[self._index[index]]
+
+
 def source_for_cache(
     cache: Any,
     dataset: str | dict[str, Any] | DatasetSpec | None = None,
     dataset_kwargs: dict[str, Any] | None = None,
+    *,
+    only_cached: bool = False,
 ) -> Dataset:
     """The images a cache was made from, for stage 2 and evaluation.
 
     ``cache``: a ``FeatureCache`` or a cache path. ``dataset``: an explicit spec that overrides the one
     recorded in the cache (``None``/``""`` = the recorded one); ``dataset_kwargs`` update the kwargs of
     whichever spec is used. An explicit spec whose keys do not cover the cache's is refused, naming both.
+    ``only_cached``: return a :class:`CachedSubset` (the cached samples only, in cache order; evaluation).
     """
     from .reader import open_cache
 
@@ -196,20 +225,31 @@ def source_for_cache(
     else:
         raise ValueError(
             f"cache {fc.path} records no dataset spec (made by an older version, or from a dataset object); "
-            "name the images with data.dataset=SPEC (stage 2) or --data SPEC (evaluation), e.g. "
+            "name the images with data.dataset=SPEC (stage 2) or --dataset SPEC (evaluation), e.g. "
             f"data.dataset=folder 'data.dataset_kwargs={{root: ...}}'; the cache's dataset: {fc.meta.get('dataset')}"
         )
     logger.info("source images of cache %s: %s", fc.path, spec)
     _registered()
     source = build_dataset(spec.name, **spec.kwargs)
-    if dataset:
-        src_keys = set(source.keys()) if hasattr(source, "keys") else {str(i) for i in range(len(source))}
-        missing = [k for k in fc.keys() if k not in src_keys]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} of {len(fc)} keys of cache {fc.path} are not in the dataset given ({spec}); "
-                f"the cache was made from {recorded if recorded is not None else fc.meta.get('dataset')} "
-                f"(first missing: {missing[:3]}). Leave the dataset unset to use the recorded one, or point it "
-                "at the same images"
+    src_keys = set(source.keys()) if hasattr(source, "keys") else {str(i) for i in range(len(source))}
+    missing = [k for k in fc.keys() if k not in src_keys]
+    if missing and dataset:
+        raise ValueError(
+            f"{len(missing)} of {len(fc)} keys of cache {fc.path} are not in the dataset given ({spec}); "
+            f"the cache was made from {recorded if recorded is not None else fc.meta.get('dataset')} "
+            f"(first missing: {missing[:3]}). Leave the dataset unset to use the recorded one, or point it "
+            "at the same images"
+        )
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of {len(fc)} keys of cache {fc.path} are not in its recorded dataset ({spec}) any more "
+            f"(first: {missing[:3]}): the images were moved or changed after stage 1; point data.dataset (stage 2) "
+            "or --dataset (evaluation) at where they are now"
+        )
+    if only_cached:
+        source = CachedSubset(source, fc.keys())
+        if source.num_left_out:
+            logger.info(
+                "%d image(s) of the dataset are not in the cache and are left out", source.num_left_out
             )
     return source

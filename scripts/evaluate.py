@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cache:
             from cache.spec import source_for_cache
 
-            dataset = source_for_cache(args.cache, args.dataset, ds_kw)
+            dataset = source_for_cache(args.cache, args.dataset, ds_kw, only_cached=True)
         elif args.dataset:
             dataset = load_eval_dataset(args.dataset, **ds_kw)
         else:

@@ -44,8 +44,8 @@ def looks_like_repo_id(name: str) -> bool:
     return bool(REPO_ID.match(name)) and not os.path.exists(name)
 
 
-def _how_to_get(repo_id: str, revision: str | None, what: str) -> str:
-    rev = f" --revision {revision}" if revision else ""
+def _how_to_get(repo_id: str, revision: str | None, what: str, filename: str = "") -> str:
+    rev = (f" {filename}" if filename else "") + (f" --revision {revision}" if revision else "")
     if offline():
         return (
             f"HF_HUB_OFFLINE=1 and {what} of {repo_id!r}{f' at revision {revision}' if revision else ''} is not in the "
@@ -55,7 +55,7 @@ def _how_to_get(repo_id: str, revision: str | None, what: str) -> str:
         )
     return (
         f"check the id {repo_id!r}{f' and revision {revision!r}' if revision else ''} on https://huggingface.co, "
-        "your network, and a token (`huggingface-cli login`) for gated or private repos"
+        "your network, and a token (`huggingface-cli login`) for gated or private repos; or pass a local path"
     )
 
 
@@ -73,7 +73,7 @@ def snapshot(repo_id: str, revision: str | None = None, allow_patterns: list[str
         )
     except Exception as e:  # the hub client raises many types (offline, 404, gated, network)
         raise ValueError(
-            f"cannot get the hub repo {repo_id!r}: {type(e).__name__}: {e}. {_how_to_get(repo_id, revision, 'the snapshot')}"
+            f"cannot get the hub repo {repo_id!r}: {type(e).__name__}: {str(e).rstrip('.')}. {_how_to_get(repo_id, revision, 'the snapshot')}"
         ) from e
     logger.info("hub repo %s%s -> %s", repo_id, f"@{revision}" if revision else "", path)
     return path
@@ -89,8 +89,8 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None) -> str:
         )
     except Exception as e:
         raise ValueError(
-            f"cannot get {filename!r} from the hub repo {repo_id!r}: {type(e).__name__}: {e}. "
-            f"{_how_to_get(repo_id, revision, repr(filename))}"
+            f"cannot get {filename!r} from the hub repo {repo_id!r}: {type(e).__name__}: {str(e).rstrip('.')}. "
+            f"{_how_to_get(repo_id, revision, repr(filename), filename)}"
         ) from e
 
 

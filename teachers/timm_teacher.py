@@ -215,6 +215,7 @@ def build_timm_teacher(
     if model_name.startswith("hf-hub:"):
         hub_repo = model_name[len("hf-hub:") :]
         model_name, hub_kwargs = _hub_architecture(hub_repo, revision)
+        hub_kwargs.pop("num_classes", None)  # the teacher has no classifier head
         model_kwargs = {**hub_kwargs, **model_kwargs}
     if not timm.is_model(model_name):
         raise ValueError(f"unknown timm model {model_name!r}; see timm.list_models('vit_*')")

@@ -412,22 +412,3 @@ class WebDatasetShards(Dataset):
         if self.image_size is not None:
             image = resize_image(image, self.image_size, self.resize)
         return {"key": key, "image": image, "captions": dict(self._captions[index])}
-
-
-def write_shards(
-    out_dir: str | Path, samples: list[dict[str, Any]], per_shard: int, prefix: str = ""
-) -> list[Path]:
-    """Write ``samples`` (webdataset dicts: ``__key__`` + ``ext -> bytes/str/dict``) into tar shards of
-    ``per_shard`` samples with ``webdataset.TarWriter``; used by the tests and the own-data check."""
-    import webdataset as wds
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for start in range(0, len(samples), per_shard):
-        p = out_dir / f"{prefix}{start // per_shard:05d}.tar"
-        with wds.TarWriter(str(p)) as w:
-            for s in samples[start : start + per_shard]:
-                w.write(s)
-        paths.append(p)
-    return paths

@@ -84,6 +84,13 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     return out
 
 
+def absolute_pattern(urls: str | list[str]) -> str | list[str]:
+    """``urls`` with each ``::``-separated pattern made absolute (braces and globs kept)."""
+    if isinstance(urls, str):
+        return "::".join(os.path.abspath(u) for u in urls.split("::"))
+    return [os.path.abspath(u) for u in urls]
+
+
 @dataclass
 class _Sample:
     shard: int
@@ -386,10 +393,12 @@ class WebDatasetShards(Dataset):
         }
 
     def spec(self) -> dict[str, Any]:
+        """The pattern as given with its paths made absolute (not the expanded list: a cache attribute
+        holding thousands of shard paths would outgrow HDF5's compact attribute storage)."""
         return {
             "name": "webdataset",
             "kwargs": {
-                "urls": self.paths,
+                "urls": absolute_pattern(self.urls),
                 "caption_fields": self.caption_fields,
                 "image_exts": list(self.image_exts),
                 "captions_encoding": self.encoding,

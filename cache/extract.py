@@ -56,7 +56,7 @@ from .format import (
     shard_range,
     toolkit_version,
 )
-from .spec import build_from_spec, is_shorthand, recorded_spec, registry_name
+from .spec import build_from_spec, is_shorthand, recorded_spec, registry_name, remember_spec
 from .views import ViewSpec, apply_view, sample_views
 from .writer import ShardWriter, WriteBatch, quantise_int8_torch, sample_stats
 
@@ -437,7 +437,7 @@ def _build_dataset(config: CacheConfig, size: tuple[int, int], min_side: int) ->
         kw.setdefault("min_side", min_side)
         kw.setdefault("image_size", list(size))
         kw.setdefault("resize", config.resize)
-    return make_dataset(config.dataset, kw)
+    return remember_spec(make_dataset(config.dataset, kw), config.dataset, config.dataset_kwargs)
 
 
 def _probe_image(
@@ -508,7 +508,7 @@ def _shard_attrs(
         "granularities": layout.granularities,
         "text_dim": layout.text_dim,
         "dataset": _dataset_identity(dataset, config.dataset, config.dataset_kwargs),
-        "dataset_spec": recorded_spec(dataset, config.dataset, config.dataset_kwargs),
+        "dataset_spec": recorded_spec(dataset),
         "num_samples": len(keys),
         "keys_sha1": keys_digest(keys),
         "shard_rank": rank,

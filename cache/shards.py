@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import braceexpand
+import numpy as np
 from torch.utils.data import Dataset
 from webdataset.tariterators import base_plus_ext
 
@@ -116,9 +117,9 @@ def index_shard(path: str | Path, shard: int) -> tuple[list[_Sample], list[dict[
                         _problem(
                             path,
                             "truncated",
-                            f"{path}: truncated tar (unreadable header after byte {end} of {size}: {e}); the "
-                            f"{len(samples)} sample(s) before the cut are read, any after it are lost (re-download "
-                            "this shard to recover them)",
+                            f"{path}: truncated tar (unreadable header after byte {end} of {size}: {e}); what lies "
+                            f"before the cut is read ({len(samples)} sample(s) indexed), any sample after it is "
+                            "lost (re-download this shard to recover them)",
                         )
                     )
                     break
@@ -262,6 +263,18 @@ class WebDatasetShards(Dataset):
             raise ValueError(
                 f"no sample found in the {len(self.paths)} shard(s) of {urls!r}; problems: {self.problems[:3]}"
             )
+        # compact per-sample index (a few dozen bytes a sample, not a Python object each): shard id,
+        # image member (offset, size, extension id; -1 when none) and the captions per granularity
+        n = len(all_samples)
+        self._shard = np.fromiter((s.shard for s in all_samples), np.int32, n)
+        self._img = np.full((n, 3), -1, np.int64)
+        for i, s in enumerate(all_samples):
+            ext = self._image_ext(s)
+            if ext is not None:
+                self._img[i] = (*s.members[ext], self.image_exts.index(ext))
+        self._caps = {g: [c.get(g) for c in self._captions] for g in self.caption_fields}
+        self._n = n
+        del self._samples, self._captions
         self.close()
         log_problems(str(urls), self.problems)
 
@@ -372,7 +385,7 @@ class WebDatasetShards(Dataset):
 
     # ------------------------------------------------------------------ Dataset API
     def __len__(self) -> int:
-        return len(self._samples)
+        return self._n
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -386,7 +399,7 @@ class WebDatasetShards(Dataset):
             "name": "webdataset",
             "shards": len(self.paths),
             "first_shard": self.paths[0],
-            "num_samples": len(self._samples),
+            "num_samples": self._n,
             "caption_fields": self.caption_fields,
             "image_size": None if self.image_size is None else list(self.image_size),
             "resize": self.resize,
@@ -406,18 +419,20 @@ class WebDatasetShards(Dataset):
         }
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        s, key = self._samples[index], self._keys[index]
+        key = self._keys[index]
         bad = self._bad.get(index)
         if bad is not None:
             raise BadImageError(f"{key}: {bad[1]}", bad[0])
-        ext = self._image_ext(s)
-        assert ext is not None
+        shard = int(self._shard[index])
+        off, size, e = (int(v) for v in self._img[index])
+        where = f"{self.paths[shard]}:{key.rsplit('/', 1)[-1]}.{self.image_exts[e]}"
         try:
-            image = load_image_bytes(self._read(s, ext), self.min_side)
-        except BadImageError as e:
-            raise BadImageError(f"{self.paths[s.shard]}:{s.key}.{ext}: {e}", e.kind) from e
-        except OSError as e:
-            raise BadImageError(f"{self.paths[s.shard]}:{s.key}.{ext}: cannot read: {e}", "unreadable") from e
+            image = load_image_bytes(os.pread(self._fd(shard), size, off), self.min_side)
+        except BadImageError as err:
+            raise BadImageError(f"{where}: {err}", err.kind) from err
+        except OSError as err:
+            raise BadImageError(f"{where}: cannot read: {err}", "unreadable") from err
         if self.image_size is not None:
             image = resize_image(image, self.image_size, self.resize)
-        return {"key": key, "image": image, "captions": dict(self._captions[index])}
+        caps = {g: c[index] for g, c in self._caps.items() if c[index]}
+        return {"key": key, "image": image, "captions": caps}

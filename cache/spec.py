@@ -150,17 +150,23 @@ def build_from_spec(spec: str | dict[str, Any] | DatasetSpec, **extra: Any) -> D
     return build_dataset(s.name, **s.kwargs)
 
 
-def recorded_spec(
-    dataset: Dataset, name: str | None = None, kwargs: dict[str, Any] | None = None
-) -> dict | None:
+def remember_spec(dataset: Dataset, name: str, kwargs: dict[str, Any]) -> Dataset:
+    """Attach the registry name + kwargs a dataset without ``spec()`` was built from (stage 1 records it)."""
+    if not callable(getattr(dataset, "spec", None)) and ":" not in name:
+        try:
+            dataset.built_from_spec = DatasetSpec(name, dict(kwargs)).to_dict()  # type: ignore[attr-defined]
+        except AttributeError:  # a dataset that refuses attributes: nothing recorded, stage 2 asks for one
+            pass
+    return dataset
+
+
+def recorded_spec(dataset: Dataset) -> dict | None:
     """The spec stage 1 writes into the cache: ``dataset.spec()`` when the dataset has one (absolute
-    paths), else ``name`` + ``kwargs`` when it was built from the registry, else ``None``."""
+    paths), else what :func:`remember_spec` attached, else ``None`` (a dataset object of unknown origin)."""
     fn = getattr(dataset, "spec", None)
     if callable(fn):
         return DatasetSpec(**fn()).to_dict()
-    if name and ":" not in name:
-        return DatasetSpec(name, dict(kwargs or {})).to_dict()
-    return None
+    return getattr(dataset, "built_from_spec", None)
 
 
 def spec_from_meta(meta: dict[str, Any]) -> DatasetSpec | None:

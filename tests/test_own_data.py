@@ -207,3 +207,34 @@ def test_explicit_dataset_overrides_and_a_mismatch_is_refused(data, wds_cache):
         ValueError, match=r"not in the dataset given \(synthetic.*the cache was made from .*webdataset"
     ):
         source_for_cache(wds_cache, "synthetic", {"size": 8})
+
+
+def test_a_dataset_object_without_spec_records_none_and_stage2_asks(tmp_path):
+    from cache import build_dataset, extract_features
+    from cache.spec import CachedSubset
+
+    class Plain(torch.utils.data.Dataset):  # no spec(): where its images come from is unknown
+        def __init__(self) -> None:
+            self.inner = build_dataset("synthetic", split="train", size=4, image_size=32)
+
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int):
+            return self.inner[i]
+
+    common = dict(image_size=32, batch_size=2, num_workers=0, progress=False, granularities=[])
+    extract_features(dict(out=str(tmp_path / "a"), **common), teacher=build_tiny_teacher(), dataset=Plain())
+    assert open_cache(tmp_path / "a").meta["dataset_spec"] is None
+    with pytest.raises(ValueError, match="records no dataset spec.*data.dataset=SPEC"):
+        source_for_cache(tmp_path / "a")
+    # built from the registry by name: the name + kwargs are recorded and rebuild the same items
+    kw = {"split": "train", "size": 4, "image_size": 32}
+    extract_features(
+        dict(out=str(tmp_path / "b"), dataset="synthetic", dataset_kwargs=kw, teacher=TEACHER, **common)
+    )
+    spec = open_cache(tmp_path / "b").meta["dataset_spec"]
+    assert spec["name"] == "synthetic" and spec["kwargs"]["size"] == 4
+    src = source_for_cache(tmp_path / "b", only_cached=True)
+    assert isinstance(src, CachedSubset) and src.keys() == open_cache(tmp_path / "b").keys()
+    assert src.class_names == build_dataset("synthetic", **kw).class_names  # attributes pass through

@@ -264,7 +264,8 @@ class HFImageDataset(_Rows):
     ``path``: a ``save_to_disk`` folder (``load_from_disk``), a folder of images (the ``imagefolder``
     builder; captions from its ``metadata.jsonl``/``.csv``), parquet file(s) (the ``parquet`` builder;
     a glob is fine), or a hub dataset name (``load_dataset(name, split=, revision=)``; offline it must
-    be in the HF cache). ``split`` defaults to the only split, or ``train``.
+    be in the HF cache). ``split`` defaults to the only split, or ``train``. ``cache_dir``: where the
+    builders keep their Arrow files (default the ``datasets`` cache).
     """
 
     name = "hf"
@@ -276,6 +277,7 @@ class HFImageDataset(_Rows):
         image_field: str = "image",
         caption_fields: dict[str, str] | None = None,
         revision: str | None = None,
+        cache_dir: str | None = None,
         image_root: str | Path | None = None,
         image_size: int | tuple[int, int] | None = None,
         resize: str = "short_crop",
@@ -288,7 +290,7 @@ class HFImageDataset(_Rows):
         self.image_field = image_field
         self.caption_fields = dict(DEFAULT_CAPTION_FIELDS if caption_fields is None else caption_fields)
         self._setup(f"hf:{path}", image_size, resize, min_side, captions_encoding)
-        ds, self.builder = _load_hf(self.path, split, revision)
+        ds, self.builder = _load_hf(self.path, split, revision, cache_dir)
         if isinstance(ds, hfd.DatasetDict):
             splits = list(ds)
             if split is None:
@@ -365,22 +367,28 @@ class _LazyColumn:
         return None if self._null[row] else self.ds[int(row)][self.column]
 
 
-def _load_hf(path: str, split: str | None, revision: str | None) -> tuple[Any, str]:
+def _load_hf(
+    path: str, split: str | None, revision: str | None, cache_dir: str | None = None
+) -> tuple[Any, str]:
     import datasets as hfd
 
     p = Path(path)
     if p.is_dir() and any((p / f).exists() for f in ("dataset_dict.json", "state.json", "dataset_info.json")):
         return hfd.load_from_disk(str(p)), "load_from_disk"
     if p.is_dir():
-        return hfd.load_dataset("imagefolder", data_dir=str(p), split=split or "train"), "imagefolder"
+        return hfd.load_dataset(
+            "imagefolder", data_dir=str(p), split=split or "train", cache_dir=cache_dir
+        ), "imagefolder"
     if path.endswith((".parquet", ".pq")) or ("*" in path and ".parquet" in path):
-        return hfd.load_dataset("parquet", data_files=path, split=split or "train"), "parquet"
+        return hfd.load_dataset(
+            "parquet", data_files=path, split=split or "train", cache_dir=cache_dir
+        ), "parquet"
     if p.suffix or path.startswith((".", "/")):
         raise ValueError(
             f"hf:{path} does not exist (expected a save_to_disk folder, an image folder or parquet files)"
         )
     try:
-        return hfd.load_dataset(path, split=split, revision=revision), "hub"
+        return hfd.load_dataset(path, split=split, revision=revision, cache_dir=cache_dir), "hub"
     except Exception as e:  # the hub client raises many types; name the id and the way out
         offline = _offline()
         raise ValueError(

@@ -56,6 +56,13 @@ def build_model(spec: str) -> Any:
     return build_model(f"teacher:{spec}")
 
 
+def _dataset(name: str, kwargs: dict[str, Any], load: Any) -> Any:
+    """A registered evaluation dataset, or a dataset spec (``wds:...``, ``parquet:...``, ``hf:...``)."""
+    from cache.spec import build_from_spec, is_shorthand
+
+    return build_from_spec(name, **kwargs) if is_shorthand(name) else load(name, **kwargs)
+
+
 def parse_models(items: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for i, item in enumerate(items):
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
             dataset = source_for_cache(args.cache, args.dataset, ds_kw, only_cached=True)
         elif args.dataset:
-            dataset = load_eval_dataset(args.dataset, **ds_kw)
+            dataset = _dataset(args.dataset, ds_kw, load_eval_dataset)
         else:
             raise ValueError(
                 "name the images: --dataset NAME (or spec), or --cache CACHE for a cache's own images"
@@ -171,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             text_model = build_model(args.text_model).to(args.device).eval()
         retrieval_ds = None
         if args.retrieval_dataset:
-            retrieval_ds = load_eval_dataset(
-                args.retrieval_dataset, **_json_kwargs(args.retrieval_kwargs, "--retrieval-kwargs")
+            retrieval_ds = _dataset(
+                args.retrieval_dataset,
+                _json_kwargs(args.retrieval_kwargs, "--retrieval-kwargs"),
+                load_eval_dataset,
             )
         if not getattr(dataset, "class_names", None):  # captioned images without labels: retrieval only
             from distill.evaluation.retrieval import retrieval_report

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache import build_from_spec, open_cache, parse_dataset_spec, source_for_cache
+from cache import BadImageError, build_from_spec, open_cache, parse_dataset_spec, source_for_cache
 from cache.datasets import resize_image
 from cache.spec import DatasetSpec
 from tests.cache_helpers import build_tiny_teacher
@@ -238,3 +239,25 @@ def test_a_dataset_object_without_spec_records_none_and_stage2_asks(tmp_path):
     src = source_for_cache(tmp_path / "b", only_cached=True)
     assert isinstance(src, CachedSubset) and src.keys() == open_cache(tmp_path / "b").keys()
     assert src.class_names == build_dataset("synthetic", **kw).class_names  # attributes pass through
+
+
+def test_hf_builders_imagefolder_parquet_and_an_offline_hub_name(data, tmp_path):
+    root, _ = data
+    folder = tmp_path / "imgs"
+    shutil.copytree(root / "images", folder)
+    rows = [{"file_name": f"{i:03d}.jpg", "caption": f"metadata caption {i}"} for i in range(12)]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = build_from_spec(f"hf:{folder}", cache_dir=str(tmp_path / "hfc"))
+    assert ds.builder == "imagefolder" and len(ds) == 12 and ds.keys()[0] == "train/0"
+    assert {ds[i]["captions"]["alt"] for i in (0, 5)} <= {r["caption"] for r in rows}
+    with pytest.raises(BadImageError, match="corrupt"):  # images/003.jpg is corrupt: a skipped row, not a crash
+        [ds[i] for i in range(12)]
+    pq_ds = build_from_spec(
+        f"hf:{root / 'captions.parquet'}", image_field="path", cache_dir=str(tmp_path / "hfc")
+    )
+    assert pq_ds.builder == "parquet" and pq_ds[0]["captions"] == {"alt": "a photo number 0"}
+    assert pq_ds[0]["image"].shape[0] == 3  # relative paths resolved against the table's folder
+    with pytest.raises(
+        ValueError, match=r"'someorg/no-such-dataset'.*HF_HUB_OFFLINE=1.*huggingface-cli download"
+    ):
+        build_from_spec("hf:someorg/no-such-dataset", cache_dir=str(tmp_path / "hfc"))

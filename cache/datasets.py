@@ -10,6 +10,7 @@ and expose ``identity() -> dict`` (what a cache records to match data) and ``key
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import logging
@@ -49,7 +50,12 @@ def build_dataset(name: str, **kwargs: Any) -> Dataset:
         raise ValueError(
             f"unknown dataset {name!r}; registered datasets: {', '.join(list_datasets()) or 'none'}"
         )
-    return _DATASETS[name](**kwargs)
+    fn = _DATASETS[name]
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"dataset {name!r}: {e}; it takes {inspect.signature(fn)}") from e
+    return fn(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------------

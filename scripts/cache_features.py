@@ -203,7 +203,7 @@ def config_from_args(args: argparse.Namespace) -> CacheConfig:
         flags["granularities"] = [g.strip() for g in args.granularities.split(",") if g.strip()]
     if args.quiet:
         flags["progress"] = False
-    merged = _merge(_merge(base, flags), _data_from_args(args, base))
+    merged = _merge(base, flags) | _data_from_args(args, base)  # a new dataset replaces the file's kwargs
     try:
         merged = _merge(merged, parse_overrides(args.overrides or []))
         cfg = CacheConfig.from_dict(merged)

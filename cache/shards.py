@@ -231,13 +231,6 @@ class WebDatasetShards(Dataset):
             self._captions.append(self._read_captions(s, i))
             img = self._image_ext(s)
             where = self._keys[i]
-            if s.key in first_of:
-                self._bad[i] = (
-                    "duplicate",
-                    f"key {s.key!r} was already read from {first_of[s.key]}; this copy is not used",
-                )
-                continue
-            first_of[s.key] = where
             if img is None and any(e in self.image_exts for e in s.truncated):
                 self._bad[i] = (
                     "truncated",
@@ -249,7 +242,14 @@ class WebDatasetShards(Dataset):
                     "no_image",
                     f"no image member ({'/'.join(self.image_exts)}); the sample has {have}",
                 )
-            elif not self._captions[i] and self.caption_fields:
+            elif s.key in first_of:  # the first usable copy of a key is kept
+                self._bad[i] = (
+                    "duplicate",
+                    f"key {s.key!r} was already read from {first_of[s.key]}; this copy is not used",
+                )
+            else:
+                first_of[s.key] = where
+            if i not in self._bad and not self._captions[i] and self.caption_fields:
                 self.problems.append(
                     _problem(
                         Path(self.paths[s.shard]),

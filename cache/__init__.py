@@ -1,11 +1,12 @@
 """The HDF5 feature cache (stage 1): format, writer, reader and the extraction driver."""
 
 from . import datasets as datasets
+from .dataset_spec import DatasetSpec, build_from_spec, parse_dataset_spec, source_for_cache
 from .datasets import BadImageError, ImageFolderDataset, build_dataset, list_datasets, register_dataset
 from .extract import CacheConfig, extract_features
 from .reader import FeatureCache, open_cache
 from .shards import WebDatasetShards
-from .spec import DatasetSpec, build_from_spec, parse_dataset_spec, source_for_cache
+from .spec import CacheSpec
 from .tables import HFImageDataset, TableDataset
 from .views import ViewSpec, apply_view, sample_views
 
@@ -24,6 +25,7 @@ __all__ = [
     "build_from_spec",
     "parse_dataset_spec",
     "source_for_cache",
+    "CacheSpec",
     "FeatureCache",
     "ImageFolderDataset",
     "ViewSpec",

@@ -332,8 +332,8 @@ class ImageFolderDataset(Dataset):
             "resize": self.resize,
         }
 
-    def spec(self) -> dict[str, Any]:
-        """The dataset spec stage 1 records in the cache (absolute paths; see :mod:`cache.spec`)."""
+    def source_spec(self) -> dict[str, Any]:
+        """The dataset spec stage 1 records in the cache (absolute paths; see :mod:`cache.dataset_spec`)."""
         kw: dict[str, Any] = {"root": str(self.root.resolve())}
         if self.captions_path is not None:
             kw["captions"] = str(self.captions_path.resolve())

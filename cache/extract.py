@@ -30,6 +30,7 @@ import teachers  # noqa: F401  (importing the package registers every teacher ad
 from teachers.base import Teacher, build_teacher
 
 from . import synthetic  # noqa: F401  (registers the "synthetic" dataset)
+from .dataset_spec import build_from_spec, is_shorthand, recorded_spec, registry_name, remember_spec
 from .datasets import (
     GRANULARITIES,
     RESIZE_MODES,
@@ -56,7 +57,6 @@ from .format import (
     shard_range,
     toolkit_version,
 )
-from .spec import build_from_spec, is_shorthand, recorded_spec, registry_name, remember_spec
 from .views import ViewSpec, apply_view, sample_views
 from .writer import ShardWriter, WriteBatch, quantise_int8_torch, sample_stats
 

@@ -405,7 +405,7 @@ class WebDatasetShards(Dataset):
             "resize": self.resize,
         }
 
-    def spec(self) -> dict[str, Any]:
+    def source_spec(self) -> dict[str, Any]:
         """The pattern as given with its paths made absolute (not the expanded list: a cache attribute
         holding thousands of shard paths would outgrow HDF5's compact attribute storage)."""
         return {

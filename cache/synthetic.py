@@ -488,8 +488,8 @@ class SyntheticScenes(Dataset):
     def keys(self) -> list[str]:
         return [f"synthetic/{self.split}/{i}" for i in range(self.size)]
 
-    def spec(self) -> dict[str, Any]:
-        """The dataset spec a cache records (:mod:`cache.spec`): rebuilds the same items."""
+    def source_spec(self) -> dict[str, Any]:
+        """The dataset spec a cache records (:mod:`cache.dataset_spec`): rebuilds the same items."""
         return {"name": "synthetic", "kwargs": {k: v for k, v in self.identity().items() if k != "name"}}
 
     def render(self, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, str], dict[str, Any]]:

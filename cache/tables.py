@@ -245,7 +245,7 @@ class TableDataset(_Rows):
             "caption_fields": self.caption_fields,
         }
 
-    def spec(self) -> dict[str, Any]:
+    def source_spec(self) -> dict[str, Any]:
         kw = {
             "path": str(self.path.resolve()),
             "format": self.format,
@@ -334,7 +334,7 @@ class HFImageDataset(_Rows):
             "caption_fields": self.caption_fields,
         }
 
-    def spec(self) -> dict[str, Any]:
+    def source_spec(self) -> dict[str, Any]:
         p = Path(self.path)
         path = str(p.resolve()) if p.exists() or "*" in self.path else self.path
         kw = {

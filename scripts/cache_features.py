@@ -11,7 +11,7 @@ Examples::
     tipsdistill-cache --config cache.yaml batch_size=16 dataset_kwargs.caption_fields.alt=txt   # dotted overrides
 
 Dataset specs (--data): wds:PATTERN (braces expanded), parquet:/csv:/tsv:FILE, hf:PATH_OR_NAME, a folder,
-or a registered name (synthetic, ...); see cache/spec.py. The resolved spec is recorded in the cache, so
+or a registered name (synthetic, ...); see cache/dataset_spec.py. The resolved spec is recorded in the cache, so
 stage 2 and evaluation find the images from the cache alone.
 
 Rerunning the same command resumes an interrupted cache and is a no-op on a complete one.
@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
+from cache.dataset_spec import caption_fields_for, parse_dataset_spec
 from cache.extract import CacheConfig, extract_features
-from cache.spec import caption_fields_for, parse_dataset_spec
 from distill.config import parse_overrides
 
 

@@ -180,6 +180,8 @@ def train_config(cfg: DemoConfig, out: Path, cache_path: str, run_name: str = "s
     data["teacher"] = {"source": "cache"}
     data["cache"] = {"path": cache_path}
     data["loss"] = {"patch": cfg.patch_loss, "mask_ratio": cfg.mask_ratio, "teacher_temp": cfg.teacher_temp}
+    # captions: the cached teacher embeddings, or the student's own text tower when it has one
+    data["loss"]["text_source"] = "student" if cfg.student.get("text") else "cache"
     return load_config("distill", data=data)
 
 

@@ -58,7 +58,7 @@ def build_model(spec: str) -> Any:
 
 def _dataset(name: str, kwargs: dict[str, Any], load: Any) -> Any:
     """A registered evaluation dataset, or a dataset spec (``wds:...``, ``parquet:...``, ``hf:...``)."""
-    from cache.spec import build_from_spec, is_shorthand
+    from cache.dataset_spec import build_from_spec, is_shorthand
 
     return build_from_spec(name, **kwargs) if is_shorthand(name) else load(name, **kwargs)
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             max_images=args.max_images,
         )
         if args.cache:
-            from cache.spec import source_for_cache
+            from cache.dataset_spec import source_for_cache
 
             dataset = source_for_cache(args.cache, args.dataset, ds_kw, only_cached=True)
         elif args.dataset:

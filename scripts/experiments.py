@@ -92,27 +92,12 @@ def pretrain_config(cfg: DemoConfig, out: Path, recipe: str, run_name: str) -> A
     from distill.config import load_config
 
     data = run_config_dict(cfg, out, run_name)
-    data["loss"] = {"patch": cfg.patch_loss, "teacher_temp_warmup_steps": round(cfg.steps * 3000 / 90000)}
+    data["loss"] = {
+        "patch": cfg.patch_loss,
+        "teacher_temp_warmup_steps": round(cfg.steps * 3000 / 90000),
+        "text_source": "student",  # no cache: the student's own text tower (cfg.student["text"])
+    }
     return load_config(recipe, data=data)
-
-
-def notext_cache(cache_path: str, dest: Path) -> str:
-    """Copy a stage-1 cache with its caption embeddings hidden (same features; granularities [])."""
-    import shutil
-
-    import h5py
-
-    src = Path(cache_path)
-    index = dest / src.name
-    if not index.exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in src.parent.iterdir():
-            if f.is_file():
-                shutil.copy2(f, dest / f.name)
-        with h5py.File(index, "r+") as h:
-            h.attrs["granularities"] = "[]"
-            h.attrs["text_dim"] = 0
-    return str(index)
 
 
 def variants(base: DemoConfig, teacher_cfg: dict[str, Any], teacher_init: str) -> dict[str, DemoConfig]:
@@ -294,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             if not res.get("export"):
                 raise RuntimeError(f"training in {out / name} finished without an export")
             export = str(res["export"])
-        elif name in OWN_TEXT:
-            export = stage_distill(cfg, out, notext_cache(cache_path, out / "cache_notext"), run_name=name)
-        else:
+        else:  # distill_text: train_config sets loss.text_source=student (its own text tower)
             export = stage_distill(cfg, out, cache_path, run_name=name)
         student = load_student(export)
         run_text = text

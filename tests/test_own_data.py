@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from cache import BadImageError, build_from_spec, open_cache, parse_dataset_spec, source_for_cache
+from cache.dataset_spec import DatasetSpec
 from cache.datasets import resize_image
-from cache.spec import DatasetSpec
 from tests.cache_helpers import build_tiny_teacher
 from tests.own_data_check import check_cache, make_example_data
 from tests.test_train_support import base_overrides, run_subprocess
@@ -212,7 +212,7 @@ def test_explicit_dataset_overrides_and_a_mismatch_is_refused(data, wds_cache):
 
 def test_a_dataset_object_without_spec_records_none_and_stage2_asks(tmp_path):
     from cache import build_dataset, extract_features
-    from cache.spec import CachedSubset
+    from cache.dataset_spec import CachedSubset
 
     class Plain(torch.utils.data.Dataset):  # no spec(): where its images come from is unknown
         def __init__(self) -> None:
@@ -250,7 +250,9 @@ def test_hf_builders_imagefolder_parquet_and_an_offline_hub_name(data, tmp_path)
     ds = build_from_spec(f"hf:{folder}", cache_dir=str(tmp_path / "hfc"))
     assert ds.builder == "imagefolder" and len(ds) == 12 and ds.keys()[0] == "train/0"
     assert {ds[i]["captions"]["alt"] for i in (0, 5)} <= {r["caption"] for r in rows}
-    with pytest.raises(BadImageError, match="corrupt"):  # images/003.jpg is corrupt: a skipped row, not a crash
+    with pytest.raises(
+        BadImageError, match="corrupt"
+    ):  # images/003.jpg is corrupt: a skipped row, not a crash
         [ds[i] for i in range(12)]
     pq_ds = build_from_spec(
         f"hf:{root / 'captions.parquet'}", image_field="path", cache_dir=str(tmp_path / "hfc")

@@ -11,13 +11,14 @@ import datetime as _dt
 import json
 import logging
 import math
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from cache.format import git_revision
 
 from .segmentation import (
     SegmentationSettings,
@@ -32,17 +33,6 @@ from .templates import apply_synonyms, normalise_class_list
 from .text import ClassEmbeddings, resolve_class_embeddings
 
 logger = logging.getLogger(__name__)
-
-
-def _git_revision() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or None
-    except Exception:
-        return None
 
 
 def _identity(obj: Any) -> dict[str, Any]:
@@ -291,7 +281,7 @@ def compare_models(
         "classes": classes,
         "models": {},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_revision": _git_revision(),
+        "git_revision": git_revision(),
     }
     examples: dict[str, list] = {}
     curves: dict[str, list] = {}

@@ -214,7 +214,7 @@ def test_a_dataset_object_without_spec_records_none_and_stage2_asks(tmp_path):
     from cache import build_dataset, extract_features
     from cache.dataset_spec import CachedSubset
 
-    class Plain(torch.utils.data.Dataset):  # no spec(): where its images come from is unknown
+    class Plain(torch.utils.data.Dataset):  # no source_spec(): where its images come from is unknown
         def __init__(self) -> None:
             self.inner = build_dataset("synthetic", split="train", size=4, image_size=32)
 

@@ -31,7 +31,16 @@ import teachers  # noqa: F401  (importing the package registers every teacher ad
 from teachers.base import Teacher, build_teacher
 
 from . import synthetic  # noqa: F401  (registers the "synthetic" dataset)
-from .datasets import GRANULARITIES, RESIZE_MODES, BadImageError, _as_size, build_dataset, resize_image
+from .dataset_spec import build_from_spec, is_shorthand, recorded_spec, registry_name, remember_spec
+from .datasets import (
+    GRANULARITIES,
+    RESIZE_MODES,
+    BadImageError,
+    _as_size,
+    build_dataset,
+    resize_image,
+    write_problems,
+)
 from .format import (
     FORMAT_VERSION,
     H5_ERRORS,
@@ -63,6 +72,7 @@ STORAGE_DTYPES = ("float16", "int8")
 # "fork" would hand the writer's open HDF5 file and its lock to the workers: a killed run's
 # leftover workers would then keep the shard locked (docs/cache.md "What happens when it crashes")
 WORKER_STARTS = ("forkserver", "spawn", "fork")
+IMAGE_SOURCES = ("folder", "webdataset", "table", "hf")  # datasets that decode + resize to the cache's rule
 
 
 @dataclass
@@ -149,6 +159,8 @@ def make_teacher(spec: str, kwargs: dict[str, Any]) -> Teacher:
 
 
 def make_dataset(spec: str, kwargs: dict[str, Any]) -> Dataset:
+    if is_shorthand(spec):  # wds:..., parquet:..., hf:..., name:{json}
+        return build_from_spec(spec, **kwargs)
     if ":" in spec:
         return load_object(spec)(**kwargs)
     return build_dataset(spec, **kwargs)
@@ -383,6 +395,8 @@ def _plan_job(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | N
     min_side = config.min_side if config.min_side is not None else patch
     if dataset is None:
         dataset = _build_dataset(config, size, min_side)
+    if rank == 0:  # every problem the dataset found while indexing (truncated shards, bad captions, ...)
+        write_problems(out_dir, dataset)
     keys = _dataset_keys(dataset)
     start, count = shard_range(len(keys), rank, world)
     grid, dim, C = _probe_image(teacher, config, size, device)
@@ -444,11 +458,11 @@ def _plan_job(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | N
 
 def _build_dataset(config: CacheConfig, size: tuple[int, int], min_side: int) -> Dataset:
     kw = dict(config.dataset_kwargs)
-    if config.dataset == "folder":  # decode + resize in the workers, skip images under one patch
+    if registry_name(config.dataset) in IMAGE_SOURCES:  # decode + resize in the workers, skip < one patch
         kw.setdefault("min_side", min_side)
         kw.setdefault("image_size", list(size))
         kw.setdefault("resize", config.resize)
-    return make_dataset(config.dataset, kw)
+    return remember_spec(make_dataset(config.dataset, kw), config.dataset, config.dataset_kwargs)
 
 
 def _probe_image(
@@ -519,6 +533,7 @@ def _shard_attrs(
         "granularities": layout.granularities,
         "text_dim": layout.text_dim,
         "dataset": _dataset_identity(dataset, config.dataset, config.dataset_kwargs),
+        "dataset_spec": recorded_spec(dataset),
         "num_samples": len(keys),
         "keys_sha1": keys_digest(keys),
         "shard_rank": rank,

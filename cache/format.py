@@ -59,6 +59,7 @@ JSON_ATTRS = (
     "views",
     "granularities",
     "dataset",
+    "dataset_spec",
     "config",
     "shards",
     "caption_problems",

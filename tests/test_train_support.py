@@ -97,6 +97,9 @@ def run_subprocess(args: dict[str, Any], *, nproc: int = 1, timeout: int = 240) 
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
     }
+    # DeepSpeed JIT-builds a CPU op at start-up: one build folder per virtualenv, so runs from other
+    # checkouts on the same machine neither rebuild it nor hold its lock for minutes
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     script = str(Path(__file__).resolve())

@@ -6,7 +6,10 @@ Examples::
         --teacher timm --teacher-kw model_name=vit_base_patch14_reg1_tipsv2 --image-size 448
     torchrun --nproc_per_node 8 -m scripts.cache_features --config cache.yaml   # one shard per rank
 
-Rerunning the same command resumes an interrupted cache and is a no-op on a complete one.
+Rerunning the same command resumes an interrupted cache (also after kill -9, a machine crash or a
+full disk) and is a no-op on a complete one; ``--verify --out DIR`` checks a cache without changing
+it; ``--repair`` (with the same command) repairs damaged shards keeping every intact sample.
+See docs/cache.md "What happens when it crashes".
 """
 
 from __future__ import annotations

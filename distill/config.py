@@ -93,9 +93,8 @@ class LossConfig:
     teacher_temp_warmup: float = 0.04
     teacher_temp_warmup_steps: int = 0
     center_momentum: float = 0.9
-    centering: str = (
-        "center"  # teacher-side centering of prototype scores: "center" (EMA) or "sinkhorn_knopp"
-    )
+    # teacher-side centering of the prototype scores (DINO, patch): "center" (EMA) or "sinkhorn_knopp"
+    centering: str = "center"
     sinkhorn_iters: int = 3
     clip_temp_init: float = 0.07
     # caption embeddings of the CLIP term: "cache" (the cached teacher text tower, locked), "student"

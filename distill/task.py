@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from cache import FeatureCache, open_cache
+from cache.dataset_spec import build_from_spec, source_for_cache
 from students import build_head, build_student, frozen_projection, load_student_weights
 from teachers import build_teacher
 
@@ -249,8 +250,6 @@ def build_student_from_config(cfg: TrainConfig) -> nn.Module:
 def build_source_dataset(cfg: TrainConfig) -> Any:
     """The student's images: by default the dataset recorded in the cache (``cache.path``); an explicit
     ``data.dataset`` (registry name or spec such as ``wds:...``) overrides it (see ``cache.dataset_spec``)."""
-    from cache.dataset_spec import build_from_spec, source_for_cache
-
     if cfg.cache.path:
         return source_for_cache(cfg.cache.path, cfg.data.dataset or None, cfg.data.dataset_kwargs)
     if not cfg.data.dataset:

@@ -29,12 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-
-def _setup_env() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from scripts import set_offline_cpu_defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _setup_env()
+    set_offline_cpu_defaults()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch

@@ -26,8 +26,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import teachers  # noqa: F401  (importing the package registers every teacher adapter)
 from teachers.base import Teacher, build_teacher
 
+from . import synthetic  # noqa: F401  (registers the "synthetic" dataset)
 from .datasets import GRANULARITIES, RESIZE_MODES, BadImageError, _as_size, build_dataset, resize_image
 from .format import (
     FORMAT_VERSION,
@@ -119,29 +121,18 @@ def load_object(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def _import_registries() -> None:
-    """Import the modules that register teachers and datasets (missing optional ones are fine)."""
-    for mod in ("teachers.timm_teacher", "teachers.hf_teacher", "teachers.tips_npz", "cache.synthetic"):
-        try:
-            importlib.import_module(mod)
-        except ImportError as e:
-            logger.debug("optional module %s not importable: %s", mod, e)
-
-
 def make_teacher(spec: str, kwargs: dict[str, Any]) -> Teacher:
     if ":" in spec:
         teacher = load_object(spec)(**kwargs)
         if not isinstance(teacher, Teacher):
             raise ValueError(f"{spec} returned {type(teacher).__name__}, not a teachers.Teacher")
         return teacher.freeze()
-    _import_registries()
     return build_teacher(spec, **kwargs)
 
 
 def make_dataset(spec: str, kwargs: dict[str, Any]) -> Dataset:
     if ":" in spec:
         return load_object(spec)(**kwargs)
-    _import_registries()
     return build_dataset(spec, **kwargs)
 
 
@@ -234,6 +225,47 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+@dataclass
+class ShardJob:
+    """What one rank writes: the resolved config, the teacher and dataset, and its shard's layout.
+
+    Rows of the shard are the dataset items ``[start, start + count)``; ``attrs`` are the shard's
+    file attributes (also what a resume must match)."""
+
+    config: CacheConfig
+    teacher: Teacher
+    dataset: Dataset
+    device: torch.device
+    out_dir: Path
+    shard_path: Path
+    rank: int
+    world: int
+    keys: list[str]
+    start: int
+    count: int
+    size: tuple[int, int]
+    min_side: int
+    spec: ViewSpec
+    granularities: list[str]
+    layout: Layout
+    attrs: dict[str, Any]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.keys)
+
+    @property
+    def index_path(self) -> Path:
+        return self.out_dir / INDEX_NAME
+
+    def shard_paths(self) -> list[Path]:
+        return [self.out_dir / shard_name(r, self.world) for r in range(self.world)]
+
+
 def extract_features(
     config: CacheConfig | dict[str, Any] | None = None,
     *,
@@ -249,6 +281,45 @@ def extract_features(
     (list of (index, key, reason)), ``complete`` (this shard), ``index`` (path or None),
     ``already_complete``, ``seconds``, ``forward_seconds``, ``bytes_written``.
     """
+    t_start = time.perf_counter()
+    config, teacher, dataset = _resolve_config(config, teacher, dataset, overrides)
+    job = _plan_job(config, teacher, dataset)
+    summary = _new_summary(job)
+    if job.shard_path.exists():
+        _check_existing_shard(job)
+    if _cache_already_complete(job):
+        msg = _complete_message(job)
+        logger.info(msg)
+        print(msg, flush=True)
+        summary.update(already_complete=True, complete=True, index=str(job.index_path), done=job.count)
+        summary["seconds"] = time.perf_counter() - t_start
+        return summary
+    _check_disk_space(job)
+    if not job.shard_path.exists():
+        _create_shard_file(job)
+    if shard_complete(job.shard_path):
+        logger.info("shard %s is already complete; nothing to extract", job.shard_path.name)
+        with h5py.File(job.shard_path, "r") as f:
+            summary.update(done=job.count, complete=True, skipped=read_skipped(f))
+    else:
+        summary.update(_extract_shard(job))
+    summary["index"] = _write_index(job)
+    summary["seconds"] = time.perf_counter() - t_start
+    if summary["index"]:
+        msg = f"cache complete: {summary['index']} ({job.num_samples} samples)"
+        logger.info(msg)
+        print(msg, flush=True)
+    return summary
+
+
+def _resolve_config(
+    config: CacheConfig | dict[str, Any] | None,
+    teacher: Teacher | str | None,
+    dataset: Dataset | str | None,
+    overrides: dict[str, Any],
+) -> tuple[CacheConfig, Teacher | None, Dataset | None]:
+    """The validated config (string ``teacher``/``dataset`` become config overrides) and the objects."""
+    overrides = dict(overrides)
     if isinstance(teacher, str):
         overrides["teacher"], teacher = teacher, None
     if isinstance(dataset, str):
@@ -260,16 +331,16 @@ def extract_features(
     if overrides:
         config = dataclasses.replace(config, **overrides)
     config.validate()
-    t_start = time.perf_counter()
+    return config, teacher, dataset
+
+
+def _plan_job(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | None) -> ShardJob:
+    """Build the teacher and dataset, probe the teacher's shapes, and describe this rank's shard."""
     rank, world, local_rank = dist_env()
-    is_main = rank == 0
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shard_path = out_dir / shard_name(rank, world)
     size = _as_size(config.image_size)
     assert size is not None
-
-    index_path = out_dir / INDEX_NAME
     device = torch.device(config.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     teacher_spec = None
     if teacher is None:
@@ -286,38 +357,11 @@ def extract_features(
         )
     min_side = config.min_side if config.min_side is not None else patch
     if dataset is None:
-        kw = dict(config.dataset_kwargs)
-        if config.dataset == "folder":  # decode + resize in the workers, skip images under one patch
-            kw.setdefault("min_side", min_side)
-            kw.setdefault("image_size", list(size))
-            kw.setdefault("resize", config.resize)
-        dataset = make_dataset(config.dataset, kw)
-    ds_identity = _dataset_identity(dataset, config.dataset, config.dataset_kwargs)
+        dataset = _build_dataset(config, size, min_side)
     keys = _dataset_keys(dataset)
-    N = len(keys)
-    start, count = shard_range(N, rank, world)
-
-    # probe the teacher once for shapes
-    with torch.inference_mode():
-        probe = teacher.encode_image(
-            torch.zeros(1, 3, *size, device=device),
-            value_trick=config.value_trick,
-            value_readout=config.value_readout,
-            layer=config.layer,
-        )
-    grid, dim, C = probe.grid, int(probe.patch.shape[-1]), int(probe.cls.shape[1])
-    grans: list[str] = []
-    text_dim = 0
-    if getattr(teacher, "has_text", False):
-        grans = list(GRANULARITIES) if config.granularities is None else list(config.granularities)
-        if grans:
-            with torch.inference_mode():
-                text_dim = int(teacher.encode_text(["a photo"]).shape[-1])
-    elif config.granularities:
-        raise ValueError(
-            f"granularities {config.granularities} asked for but teacher {type(teacher).__name__} has no text tower"
-        )
-
+    start, count = shard_range(len(keys), rank, world)
+    grid, dim, C = _probe_image(teacher, config, size, device)
+    grans, text_dim = _probe_text(teacher, config)
     spec = ViewSpec(
         num_views=config.views,
         scale=tuple(config.view_scale),
@@ -326,38 +370,6 @@ def extract_features(
         first_view_full=config.first_view_full,
         seed=config.view_seed,
     )
-    attrs: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "toolkit_version": toolkit_version(),
-        "git_revision": git_revision(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "teacher": json.loads(json.dumps(teacher.identity(), default=str)),
-        "teacher_spec": teacher_spec,
-        "image_size": list(size),
-        "resize": config.resize,
-        "patch_size": patch,
-        "grid": list(grid),
-        "dim": dim,
-        "num_global_tokens": C,
-        "num_views": config.views,
-        "views": dataclasses.asdict(spec) if config.views > 1 else None,
-        "value_trick": bool(config.value_trick),
-        "value_readout": config.value_readout if config.value_trick else None,
-        "layer": -1 if config.layer is None else int(config.layer),
-        "storage_dtype": config.storage,
-        "quantisation": "int8_per_token_absmax" if config.storage == "int8" else "none",
-        "granularities": grans,
-        "text_dim": text_dim,
-        "dataset": ds_identity,
-        "num_samples": N,
-        "keys_sha1": keys_digest(keys),
-        "shard_rank": rank,
-        "shard_world": world,
-        "shard_start": start,
-        "shard_count": count,
-        "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
-        "caption_problems": list(getattr(dataset, "caption_problems", []) or [])[:100],
-    }
     layout = Layout(
         count=count,
         grid=grid,
@@ -370,12 +382,136 @@ def extract_features(
         granularities=grans,
         block_size=config.batch_size,
     )
-    summary: dict[str, Any] = {
-        "out": str(out_dir),
-        "rank": rank,
-        "world": world,
-        "shard": str(shard_path),
-        "rows": count,
+    attrs = _shard_attrs(
+        config=config,
+        teacher=teacher,
+        teacher_spec=teacher_spec,
+        dataset=dataset,
+        keys=keys,
+        layout=layout,
+        spec=spec,
+        size=size,
+        patch=patch,
+        rank=rank,
+        world=world,
+        start=start,
+    )
+    return ShardJob(
+        config=config,
+        teacher=teacher,
+        dataset=dataset,
+        device=device,
+        out_dir=out_dir,
+        shard_path=out_dir / shard_name(rank, world),
+        rank=rank,
+        world=world,
+        keys=keys,
+        start=start,
+        count=count,
+        size=size,
+        min_side=min_side,
+        spec=spec,
+        granularities=grans,
+        layout=layout,
+        attrs=attrs,
+    )
+
+
+def _build_dataset(config: CacheConfig, size: tuple[int, int], min_side: int) -> Dataset:
+    kw = dict(config.dataset_kwargs)
+    if config.dataset == "folder":  # decode + resize in the workers, skip images under one patch
+        kw.setdefault("min_side", min_side)
+        kw.setdefault("image_size", list(size))
+        kw.setdefault("resize", config.resize)
+    return make_dataset(config.dataset, kw)
+
+
+def _probe_image(
+    teacher: Teacher, config: CacheConfig, size: tuple[int, int], device: torch.device
+) -> tuple[tuple[int, int], int, int]:
+    """One forward of a black image: the patch grid ``(h, w)``, the feature dim and the global tokens."""
+    with torch.inference_mode():
+        probe = teacher.encode_image(
+            torch.zeros(1, 3, *size, device=device),
+            value_trick=config.value_trick,
+            value_readout=config.value_readout,
+            layer=config.layer,
+        )
+    return probe.grid, int(probe.patch.shape[-1]), int(probe.cls.shape[1])
+
+
+def _probe_text(teacher: Teacher, config: CacheConfig) -> tuple[list[str], int]:
+    """The caption granularities to embed and the text embedding dim (0 without a text tower)."""
+    if not getattr(teacher, "has_text", False):
+        if config.granularities:
+            raise ValueError(
+                f"granularities {config.granularities} asked for but teacher {type(teacher).__name__} has no text tower"
+            )
+        return [], 0
+    grans = list(GRANULARITIES) if config.granularities is None else list(config.granularities)
+    if not grans:
+        return [], 0
+    with torch.inference_mode():
+        return grans, int(teacher.encode_text(["a photo"]).shape[-1])
+
+
+def _shard_attrs(
+    *,
+    config: CacheConfig,
+    teacher: Teacher,
+    teacher_spec: dict[str, Any] | None,
+    dataset: Dataset,
+    keys: list[str],
+    layout: Layout,
+    spec: ViewSpec,
+    size: tuple[int, int],
+    patch: int,
+    rank: int,
+    world: int,
+    start: int,
+) -> dict[str, Any]:
+    """The shard file's attributes (docs/cache.md lists them)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "toolkit_version": toolkit_version(),
+        "git_revision": git_revision(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "teacher": json.loads(json.dumps(teacher.identity(), default=str)),
+        "teacher_spec": teacher_spec,
+        "image_size": list(size),
+        "resize": config.resize,
+        "patch_size": patch,
+        "grid": list(layout.grid),
+        "dim": layout.dim,
+        "num_global_tokens": layout.num_global_tokens,
+        "num_views": config.views,
+        "views": dataclasses.asdict(spec) if config.views > 1 else None,
+        "value_trick": bool(config.value_trick),
+        "value_readout": config.value_readout if config.value_trick else None,
+        "layer": -1 if config.layer is None else int(config.layer),
+        "storage_dtype": config.storage,
+        "quantisation": "int8_per_token_absmax" if config.storage == "int8" else "none",
+        "granularities": layout.granularities,
+        "text_dim": layout.text_dim,
+        "dataset": _dataset_identity(dataset, config.dataset, config.dataset_kwargs),
+        "num_samples": len(keys),
+        "keys_sha1": keys_digest(keys),
+        "shard_rank": rank,
+        "shard_world": world,
+        "shard_start": start,
+        "shard_count": layout.count,
+        "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+        "caption_problems": list(getattr(dataset, "caption_problems", []) or [])[:100],
+    }
+
+
+def _new_summary(job: ShardJob) -> dict[str, Any]:
+    return {
+        "out": str(job.out_dir),
+        "rank": job.rank,
+        "world": job.world,
+        "shard": str(job.shard_path),
+        "rows": job.count,
         "done": 0,
         "skipped": [],
         "complete": False,
@@ -385,219 +521,216 @@ def extract_features(
         "bytes_written": 0,
     }
 
-    # resume or create
-    if shard_path.exists():
-        try:
-            stored = read_meta(shard_path)
-        except OSError as e:
-            raise ValueError(
-                f"cannot open the existing shard {shard_path} ({e}); it was probably interrupted while being "
-                "finalised. Delete it and rerun the same command to redo this shard."
-            ) from e
-        check_resume(shard_path, stored, attrs)
-        layout = layout_from_meta(stored, count)
-        if stored.get("block_size") != config.batch_size:
-            logger.info(
-                "resuming with the cache's write block size %s (batch_size %s ignored)",
-                stored.get("block_size"),
-                config.batch_size,
-            )
-    if is_main and index_path.exists() and shard_complete(shard_path):
-        idx_meta = read_meta(index_path)
-        if idx_meta.get("complete") and all(
-            shard_complete(out_dir / shard_name(r, world)) for r in range(world)
-        ):
-            msg = f"cache {out_dir} is already complete ({idx_meta.get('num_done')} samples, {idx_meta.get('num_skipped')} skipped); nothing to do"
-            logger.info(msg)
-            print(msg, flush=True)
-            summary.update(already_complete=True, complete=True, index=str(index_path), done=count)
-            summary["seconds"] = time.perf_counter() - t_start
-            return summary
 
-    bps = layout.bytes_per_sample()
-    if shard_path.exists():
-        with h5py.File(shard_path, "r") as f:
-            remaining = int((~f["done"][()].astype(bool)).sum())
-    else:
-        remaining = count
-    need = bps * remaining * world * config.space_margin  # all ranks share the disk; slices are balanced
-    free = shutil.disk_usage(out_dir).free
-    if is_main:
+def _check_existing_shard(job: ShardJob) -> None:
+    """Resume: the shard on disk must have been made with this run's settings; adopt its layout."""
+    try:
+        stored = read_meta(job.shard_path)
+    except OSError as e:
+        raise ValueError(
+            f"cannot open the existing shard {job.shard_path} ({e}); it was probably interrupted while being "
+            "finalised. Delete it and rerun the same command to redo this shard."
+        ) from e
+    check_resume(job.shard_path, stored, job.attrs)
+    job.layout = layout_from_meta(stored, job.count)
+    if stored.get("block_size") != job.config.batch_size:
+        logger.info(
+            "resuming with the cache's write block size %s (batch_size %s ignored)",
+            stored.get("block_size"),
+            job.config.batch_size,
+        )
+
+
+def _cache_already_complete(job: ShardJob) -> bool:
+    """Rank 0 only: the index and every shard are complete (a rerun is then a no-op)."""
+    if not (job.is_main and job.index_path.exists() and shard_complete(job.shard_path)):
+        return False
+    return bool(read_meta(job.index_path).get("complete")) and all(
+        shard_complete(p) for p in job.shard_paths()
+    )
+
+
+def _complete_message(job: ShardJob) -> str:
+    m = read_meta(job.index_path)
+    return (
+        f"cache {job.out_dir} is already complete ({m.get('num_done')} samples, "
+        f"{m.get('num_skipped')} skipped); nothing to do"
+    )
+
+
+def _remaining_rows(job: ShardJob) -> int:
+    if not job.shard_path.exists():
+        return job.count
+    with h5py.File(job.shard_path, "r") as f:
+        return int((~f["done"][()].astype(bool)).sum())
+
+
+def _check_disk_space(job: ShardJob) -> None:
+    """Print the size estimate; refuse when the rows still to write do not fit on the disk."""
+    bps = job.layout.bytes_per_sample()
+    remaining = _remaining_rows(job)
+    world, margin = job.world, job.config.space_margin
+    need = bps * remaining * world * margin  # all ranks share the disk; slices are balanced
+    free = shutil.disk_usage(job.out_dir).free
+    if job.is_main:
         msg = (
-            f"cache estimate: {_fmt_bytes(bps)} per image x {N} images = {_fmt_bytes(bps * N)} in total; "
-            f"{_fmt_bytes(bps * remaining * world)} still to write; {_fmt_bytes(free)} free on {out_dir}"
+            f"cache estimate: {_fmt_bytes(bps)} per image x {job.num_samples} images = "
+            f"{_fmt_bytes(bps * job.num_samples)} in total; {_fmt_bytes(bps * remaining * world)} still to "
+            f"write; {_fmt_bytes(free)} free on {job.out_dir}"
         )
         logger.info(msg)
         print(msg, flush=True)
     if need > free:
         raise OSError(
-            f"not enough disk space for the cache in {out_dir}: needs about {_fmt_bytes(need)} "
-            f"({_fmt_bytes(bps)} per image x {remaining} images x {world} rank(s) x margin {config.space_margin}), "
+            f"not enough disk space for the cache in {job.out_dir}: needs about {_fmt_bytes(need)} "
+            f"({_fmt_bytes(bps)} per image x {remaining} images x {world} rank(s) x margin {margin}), "
             f"only {_fmt_bytes(free)} free. Free space, write elsewhere (--out), use --storage int8, or a smaller image size."
         )
-    if not shard_path.exists():
-        create_shard(shard_path, layout, attrs, keys[start : start + count])
-        if is_main:
-            (out_dir / "cache_config.json").write_text(
-                json.dumps(attrs["config"] | {"git_revision": attrs["git_revision"]}, indent=2)
-            )
 
-    if shard_complete(shard_path):
-        logger.info("shard %s is already complete; nothing to extract", shard_path.name)
-        with h5py.File(shard_path, "r") as f:
-            summary.update(done=count, complete=True, skipped=read_skipped(f))
-    else:
-        summary.update(
-            _extract_shard(
-                config,
-                teacher,
-                dataset,
-                device,
-                shard_path,
-                layout,
-                keys,
-                start,
-                count,
-                spec,
-                size,
-                min_side,
-                grans,
-                is_main,
-            )
+
+def _create_shard_file(job: ShardJob) -> None:
+    create_shard(job.shard_path, job.layout, job.attrs, job.keys[job.start : job.start + job.count])
+    if job.is_main:
+        (job.out_dir / "cache_config.json").write_text(
+            json.dumps(job.attrs["config"] | {"git_revision": job.attrs["git_revision"]}, indent=2)
         )
 
-    # the index: rank 0 after a barrier when a process group exists, else the last rank to finish
+
+def _write_index(job: ShardJob) -> str | None:
+    """The index: rank 0 after a barrier when a process group exists, else the last rank to finish."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-        if is_main:
-            summary["index"] = str(build_index(out_dir, world))
+        path = str(build_index(job.out_dir, job.world)) if job.is_main else None
         torch.distributed.barrier()
-    elif all(shard_complete(out_dir / shard_name(r, world)) for r in range(world)):
-        summary["index"] = str(build_index(out_dir, world))
-    else:
-        logger.info("shard %s complete; index.h5 is written by the last rank to finish", shard_path.name)
-    summary["seconds"] = time.perf_counter() - t_start
-    if summary["index"]:
-        msg = f"cache complete: {summary['index']} ({N} samples)"
-        logger.info(msg)
-        print(msg, flush=True)
-    return summary
+        return path
+    if all(shard_complete(p) for p in job.shard_paths()):
+        return str(build_index(job.out_dir, job.world))
+    logger.info("shard %s complete; index.h5 is written by the last rank to finish", job.shard_path.name)
+    return None
 
 
-def _extract_shard(
-    config: CacheConfig,
-    teacher: Teacher,
-    dataset: Dataset,
-    device: torch.device,
-    shard_path: Path,
-    layout: Layout,
-    keys: list[str],
-    start: int,
-    count: int,
-    spec: ViewSpec,
-    size: tuple[int, int],
-    min_side: int,
-    grans: list[str],
-    is_main: bool,
-) -> dict[str, Any]:
-    """Run the teacher over the shard's remaining write blocks and finalise the shard."""
-    dim, C, text_dim = layout.dim, layout.num_global_tokens, layout.text_dim
-    out_dir = shard_path.parent
-    writer = ShardWriter(
-        shard_path, layout, queue_size=config.queue_size, flush_interval_s=config.flush_interval_s
-    )
-    B = layout.block_size
+def _todo_blocks(job: ShardJob, done: np.ndarray) -> list[tuple[int, list[int]]]:
+    """``[(block, dataset indices)]`` of the write blocks with at least one row not done."""
+    B, start, count = job.layout.block_size, job.start, job.count
     blocks = [
         (b, list(range(start + b * B, start + min((b + 1) * B, count))))
-        for b in range(layout.num_blocks)
+        for b in range(job.layout.num_blocks)
         if b * B < count
     ]
-    todo = [(b, idx) for b, idx in blocks if not writer.done[b * B : b * B + len(idx)].all()]
-    todo_n = sum(len(i) for _, i in todo)
-    if todo_n < count and todo_n and is_main:
-        logger.info(
-            "resuming: %d of %d samples of %s already written", count - todo_n, count, shard_path.name
-        )
+    return [(b, idx) for b, idx in blocks if not done[b * B : b * B + len(idx)].all()]
 
-    items = _Items(dataset, size, config.resize, spec, min_side)
-    loader = DataLoader(
+
+def _make_loader(job: ShardJob, todo: list[tuple[int, list[int]]]) -> DataLoader:
+    """Decode, resize and cut views in worker processes, one batch per write block."""
+    cfg = job.config
+    items = _Items(job.dataset, job.size, cfg.resize, job.spec, job.min_side)
+    return DataLoader(
         items,
         batch_sampler=[idx for _, idx in todo],
-        num_workers=config.num_workers,
+        num_workers=cfg.num_workers,
         collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if config.num_workers > 0 else None,
+        pin_memory=job.device.type == "cuda",
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
     )
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.autocast)
+
+
+def _embed_captions(
+    job: ShardJob, captions: list[dict[str, str]], g: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Granularity ``g`` of a batch's captions -> ``(emb (B, Dt), valid (B,))``; each distinct caption
+    is encoded once (short captions repeat a lot); missing or blank captions get zeros, valid False."""
+    device, nb = job.device, len(captions)
+    texts = [c.get(g) for c in captions]
+    ok = [isinstance(t, str) and t.strip() != "" for t in texts]
+    emb = torch.zeros(nb, job.layout.text_dim, device=device)
+    if any(ok):
+        kept = [t for t, o in zip(texts, ok) if o]
+        uniq = list(dict.fromkeys(kept))
+        enc = job.teacher.encode_text(uniq).float()
+        pos = {t: i for i, t in enumerate(uniq)}
+        which = torch.tensor([pos[t] for t in kept], device=enc.device)
+        emb[torch.tensor(ok, device=device)] = enc[which].to(device)
+    return emb, torch.tensor(ok)
+
+
+def _encode_batch(job: ShardJob, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Teacher forward of one batch -> the arrays of a :class:`WriteBatch`, in the storage dtype.
+
+    ``batch["views"] (B, V, 3, H, W)`` -> ``patch (B, [V,] h*w, D)``, ``cls (B, [V,] C, D)``, optional
+    ``value_patch``, ``text/<g> (B, Dt)``, ``text_valid/<g> (B,)``, ``_stats (B, 2 + 2C, D)``."""
+    cfg, dim, C = job.config, job.layout.dim, job.layout.num_global_tokens
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.autocast)
+    views = batch["views"].to(job.device, non_blocking=True)
+    nb, V = views.shape[:2]
+    arrays: dict[str, torch.Tensor] = {}
+    with (
+        torch.inference_mode(),
+        torch.autocast(
+            job.device.type,
+            dtype=amp or torch.float32,
+            enabled=amp is not None and job.device.type == "cuda",
+        ),
+    ):
+        feats = job.teacher.encode_image(
+            views.flatten(0, 1),
+            value_trick=cfg.value_trick,
+            value_readout=cfg.value_readout,
+            layer=cfg.layer,
+        )
+        vshape = (nb, V) if cfg.views > 1 else (nb,)
+        arrays["patch"] = feats.patch.reshape(*vshape, -1, dim)
+        arrays["cls"] = feats.cls.reshape(*vshape, C, dim)
+        if cfg.value_trick:
+            arrays["value_patch"] = feats.value_patch.reshape(*vshape, -1, dim)
+        for g in job.granularities:
+            arrays[f"text/{g}"], arrays[f"text_valid/{g}"] = _embed_captions(job, batch["captions"], g)
+        arrays["_stats"] = sample_stats(arrays["patch"], arrays["cls"])
+        # encode to the storage dtype here, once per batch, vectorised (on the GPU when there is one:
+        # halves / quarters the copy to the host); the writer thread then only writes
+        for k in ("patch", "cls", "value_patch"):
+            if k in arrays:
+                if cfg.storage == "int8":
+                    arrays[k], arrays[k + "_scale"] = quantise_int8_torch(arrays[k])
+                else:
+                    arrays[k] = arrays[k].half()
+        for g in job.granularities:
+            arrays[f"text/{g}"] = arrays[f"text/{g}"].half()
+    out = {k: (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy() for k, v in arrays.items()}
+    if cfg.views > 1:
+        out["boxes"], out["flips"] = batch["boxes"], batch["flips"]
+    return out
+
+
+def _extract_shard(job: ShardJob) -> dict[str, Any]:
+    """Run the teacher over the shard's remaining write blocks and finalise the shard."""
+    cfg, start, count = job.config, job.start, job.count
+    writer = ShardWriter(
+        job.shard_path, job.layout, queue_size=cfg.queue_size, flush_interval_s=cfg.flush_interval_s
+    )
+    todo = _todo_blocks(job, writer.done)
+    todo_n = sum(len(i) for _, i in todo)
+    if todo_n < count and todo_n and job.is_main:
+        logger.info(
+            "resuming: %d of %d samples of %s already written", count - todo_n, count, job.shard_path.name
+        )
     bar = tqdm(
         total=todo_n,
         unit="img",
-        disable=not (config.progress and is_main),
-        desc=f"cache {out_dir.name}",
+        disable=not (cfg.progress and job.is_main),
+        desc=f"cache {job.out_dir.name}",
         dynamic_ncols=True,
     )
     t_loop = time.perf_counter()
     forward_s = 0.0
     try:
-        for (block, _), batch in zip(todo, loader):
+        for (block, _), batch in zip(todo, _make_loader(job, todo)):
             rows = np.asarray(batch["index"], np.int64) - start
             skipped = [(i - start, f"{kind}: {err}") for i, err, kind in batch["bad"]]
             arrays: dict[str, np.ndarray] = {}
             if len(rows):
                 t0 = time.perf_counter()
-                views = batch["views"].to(device, non_blocking=True)
-                nb, V = views.shape[:2]
-                with (
-                    torch.inference_mode(),
-                    torch.autocast(
-                        device.type,
-                        dtype=amp or torch.float32,
-                        enabled=amp is not None and device.type == "cuda",
-                    ),
-                ):
-                    feats = teacher.encode_image(
-                        views.flatten(0, 1),
-                        value_trick=config.value_trick,
-                        value_readout=config.value_readout,
-                        layer=config.layer,
-                    )
-                    vshape = (nb, V) if config.views > 1 else (nb,)
-                    arrays["patch"] = feats.patch.reshape(*vshape, -1, dim)
-                    arrays["cls"] = feats.cls.reshape(*vshape, C, dim)
-                    if config.value_trick:
-                        arrays["value_patch"] = feats.value_patch.reshape(*vshape, -1, dim)
-                    for g in grans:
-                        texts = [c.get(g) for c in batch["captions"]]
-                        ok = [isinstance(t, str) and t.strip() != "" for t in texts]
-                        emb = torch.zeros(nb, text_dim, device=device)
-                        if any(ok):
-                            # encode each distinct caption once (short captions repeat a lot)
-                            kept = [t for t, o in zip(texts, ok) if o]
-                            uniq = list(dict.fromkeys(kept))
-                            enc = teacher.encode_text(uniq).float()
-                            pos = {t: i for i, t in enumerate(uniq)}
-                            which = torch.tensor([pos[t] for t in kept], device=enc.device)
-                            emb[torch.tensor(ok, device=device)] = enc[which].to(device)
-                        arrays[f"text/{g}"] = emb
-                        arrays[f"text_valid/{g}"] = torch.tensor(ok)
-                    arrays["_stats"] = sample_stats(arrays["patch"], arrays["cls"])
-                    # encode to the storage dtype here, once per batch, vectorised (on the GPU when there
-                    # is one: halves / quarters the copy to the host); the writer thread then only writes
-                    for k in ("patch", "cls", "value_patch"):
-                        if k in arrays:
-                            if config.storage == "int8":
-                                arrays[k], arrays[k + "_scale"] = quantise_int8_torch(arrays[k])
-                            else:
-                                arrays[k] = arrays[k].half()
-                    for g in grans:
-                        arrays[f"text/{g}"] = arrays[f"text/{g}"].half()
-                arrays = {
-                    k: (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy()
-                    for k, v in arrays.items()
-                }
+                arrays = _encode_batch(job, batch)
                 forward_s += time.perf_counter() - t0
-                if config.views > 1:
-                    arrays["boxes"], arrays["flips"] = batch["boxes"], batch["flips"]
             writer.submit(WriteBatch(block=block, rows=rows, arrays=arrays, skipped=skipped))
             bar.update(len(rows) + len(skipped))
             el = max(time.perf_counter() - t_loop, 1e-9)
@@ -606,11 +739,11 @@ def _extract_shard(
         bar.close()
         writer.close()
     loop_s = time.perf_counter() - t_loop  # includes draining the writer queue
-    res = writer.finalize(keys[start : start + count], start)
-    _log_skipped(shard_path, res["skipped"], dataset, res.get("captions_missing", {}))
+    res = writer.finalize(job.keys[start : start + count], start)
+    _log_skipped(job.shard_path, res["skipped"], job.dataset, res.get("captions_missing", {}))
     if not res["complete"]:
         raise RuntimeError(
-            f"{shard_path} is incomplete ({res['done']} of {count} done); rerun the same command to resume"
+            f"{job.shard_path} is incomplete ({res['done']} of {count} done); rerun the same command to resume"
         )
     return dict(
         done=res["done"],

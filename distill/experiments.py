@@ -245,8 +245,12 @@ def run_experiments(
     for name in names:
         v = all_variants[name]
         t0 = time.time()
-        copy_cache = v.own_text and not v.pretrain and name not in reuse  # captions hidden: own text tower
-        run_cache = notext_cache(cache_path, out / "cache_notext") if copy_cache else cache_path
+        run_cache = cache_path
+        if v.own_text and not v.pretrain:  # a copy with the captions hidden, so the own text tower is used
+            notext = out / "cache_notext"
+            run_cache = (
+                str(notext / Path(cache_path).name) if name in reuse else notext_cache(cache_path, notext)
+            )
         tcfg = variant_config(bench, v, out, run_cache, name, base)
         logger.info("run %s: %s", name, list(v.overrides))
         export = reuse[name] if name in reuse else stage_distill(tcfg)

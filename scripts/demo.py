@@ -14,8 +14,8 @@
    ``results.json`` and PNG figures to ``--out``.
 
 The pipeline is :mod:`distill.embedded`; stage-2 settings are dotted overrides of the recipe
-(``python -m scripts.demo optim.lr=3e-3``, as ``tipsdistill-train`` takes them), the sizes of stage 1 and of the measurement are
-:class:`distill.embedded.DemoConfig` (``FULL``, ``QUICK``).
+(``python -m scripts.demo optim.lr=3e-3``, as ``tipsdistill-train`` takes them); the sizes of stage 1
+and of the measurement are :class:`distill.embedded.DemoConfig` (``FULL``, ``QUICK``).
 
     python -m scripts.demo            # about 11 minutes on 2 CPU cores
     python -m scripts.demo --quick    # tiny sizes, under a minute (the test suite runs it)

@@ -106,7 +106,11 @@ def test_load_model_reads_the_folder_format(tmp_path) -> None:
 
     assert isinstance(load_model(str(emb.default_path())), emb.EmbeddedTeacher)
     (tmp_path / "config.json").write_text(json.dumps({"format": "something-else/1"}))
-    with pytest.raises(ValueError, match="--kind teacher or --kind student"):
+    with pytest.raises(ValueError, match="neither tipsdistill-student"):
         load_model(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_model(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(str(tmp_path / "missing"))
+    assert isinstance(load_model(str(emb.default_path()), kind="teacher"), emb.EmbeddedTeacher)

@@ -19,7 +19,6 @@ scores the validation patches. ``python -m scripts.probe`` is the command line.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from pathlib import Path
@@ -34,12 +33,10 @@ from teachers.embedded import EmbeddedTeacher
 from teachers.vit import vit_dense_forward
 
 from .metrics import ConfusionMatrix, roc_auc
+from .models import build_model
 from .text import encode_class_names
 
 logger = logging.getLogger(__name__)
-
-STUDENT_FORMAT = "tipsdistill-student/"
-TEACHER_FORMAT = "tipsdistill-embedded-teacher/"
 
 
 def patch_labels(labels: torch.Tensor, grid: tuple[int, int], num_classes: int) -> torch.Tensor:
@@ -162,32 +159,13 @@ def probe(
 
 
 def load_model(spec: str, kind: str = "auto") -> Any:
-    """``embedded`` (the committed teacher), an embedded-teacher folder or a student export.
-
-    ``kind="auto"`` reads the folder's ``config.json`` ``format`` (written by
-    ``scripts/pretrain_teacher.py`` and ``distill.export.export_student``)."""
-    if spec == "embedded":
-        return EmbeddedTeacher()
+    """``embedded`` (the committed teacher), an embedded-teacher folder or a student export
+    (``kind="auto"`` reads the folder's ``config.json`` ``format``), or any :func:`build_model` spec."""
     if kind not in ("auto", "teacher", "student"):
         raise ValueError(f"kind must be auto, teacher or student, got {kind!r}")
-    folder = Path(spec)
     if kind == "auto":
-        conf = folder / "config.json"
-        if not conf.is_file():
-            raise FileNotFoundError(
-                f"{folder} has no config.json: pass 'embedded', an embedded-teacher folder or a student export"
-            )
-        fmt = str(json.loads(conf.read_text()).get("format", ""))
-        if fmt.startswith(TEACHER_FORMAT):
-            kind = "teacher"
-        elif fmt.startswith(STUDENT_FORMAT):
-            kind = "student"
-        else:
-            raise ValueError(
-                f"{conf}: format {fmt!r} is neither {TEACHER_FORMAT}* nor {STUDENT_FORMAT}*; "
-                "pass --kind teacher or --kind student"
-            )
-    return EmbeddedTeacher(folder) if kind == "teacher" else load_student(folder)
+        return build_model(spec)
+    return EmbeddedTeacher(Path(spec)) if kind == "teacher" else load_student(spec)
 
 
 def random_like(model: Any) -> Any:

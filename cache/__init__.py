@@ -4,6 +4,7 @@ from . import datasets as datasets
 from .datasets import BadImageError, ImageFolderDataset, build_dataset, list_datasets, register_dataset
 from .extract import CacheConfig, extract_features
 from .reader import FeatureCache, open_cache
+from .spec import CacheSpec
 from .views import ViewSpec, apply_view, sample_views
 
 try:  # registers the "synthetic" dataset when present
@@ -14,6 +15,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "BadImageError",
     "CacheConfig",
+    "CacheSpec",
     "FeatureCache",
     "ImageFolderDataset",
     "ViewSpec",

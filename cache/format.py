@@ -92,16 +92,19 @@ def toolkit_version() -> str:
 
 
 def git_revision() -> str:
+    """The toolkit checkout's ``HEAD`` commit, ``-dirty`` when it has local changes; ``"unknown"`` outside git."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
         )
-        return out.stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
+        if rev.returncode != 0 or not rev.stdout.strip():
+            return "unknown"
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        return rev.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .format import FEATURES, INDEX_NAME, decode_attrs, read_skipped
+from .spec import CacheSpec
 
 
 def _resolve(path: str | Path) -> Path:
@@ -92,6 +93,9 @@ class _Shard:
 class FeatureCache(Dataset):
     """The cached teacher features, one item per usable sample (skipped images are left out).
 
+    ``spec`` (:class:`cache.spec.CacheSpec`) holds its facts (dim, grid, global tokens, views,
+    granularities, storage), worked out once from ``meta``.
+
     Item dict: ``index`` (source dataset index), ``key``, ``patch`` float32 ``(h, w, D)`` (or
     ``(V, h, w, D)`` with ``boxes (V, 4)`` and ``flips (V,)`` when several views are stored),
     ``cls`` ``(C, D)`` (or ``(V, C, D)``), optional ``value_patch``, and when captions were embedded
@@ -109,6 +113,7 @@ class FeatureCache(Dataset):
         self.path = _resolve(path)
         with h5py.File(self.path, "r") as f:
             self.meta: dict[str, Any] = decode_attrs(f.attrs)
+            self.spec = CacheSpec.from_meta(self.meta, str(self.path))
             done = f["done"][()].astype(bool)
             ok = f["skip_reason"][()] == b""
             self._keys = [k.decode() if isinstance(k, bytes) else k for k in f["keys"][()]]
@@ -126,10 +131,10 @@ class FeatureCache(Dataset):
                 "extraction command to finish it (or pass allow_incomplete=True to read the finished samples)"
             )
         self.valid = np.flatnonzero(done & ok)
-        self.grid: tuple[int, int] = tuple(self.meta["grid"])
-        self.num_views = int(self.meta.get("num_views", 1))
-        self.granularities: list[str] = list(self.meta.get("granularities") or [])
-        self.int8 = self.meta.get("storage_dtype") == "int8"
+        self.grid: tuple[int, int] = self.spec.grid
+        self.num_views = self.spec.num_views
+        self.granularities: list[str] = list(self.spec.granularities)
+        self.int8 = self.spec.storage_dtype == "int8"
         self._shards: list[_Shard] | None = None
         self._pid = -1
         if expect:
@@ -137,11 +142,11 @@ class FeatureCache(Dataset):
 
     def _datasets(self, f: h5py.File) -> list[str]:
         names = list(self._names)
-        if self.meta.get("storage_dtype") == "int8":
+        if self.spec.storage_dtype == "int8":
             names += [n + "_scale" for n in self._names]
-        if int(self.meta.get("num_views", 1)) > 1:
+        if self.spec.has_views:
             names += ["boxes", "flips"]
-        for g in self.meta.get("granularities") or []:
+        for g in self.spec.granularities:
             names += [f"text/{g}", f"text_valid/{g}"]
         return [n for n in names if n in f]
 
@@ -264,10 +269,10 @@ class FeatureCache(Dataset):
             self._shards = None
 
     def __repr__(self) -> str:
-        m = self.meta
+        sp = self.spec
         return (
-            f"FeatureCache({self.path}, {len(self)} samples, grid {self.grid}, dim {m.get('dim')}, "
-            f"{m.get('num_global_tokens')} global tokens, {m.get('storage_dtype')}, views {self.num_views})"
+            f"FeatureCache({self.path}, {len(self)} samples, grid {sp.grid}, dim {sp.dim}, "
+            f"{sp.num_global_tokens} global tokens, {sp.storage_dtype}, views {sp.num_views})"
         )
 
 

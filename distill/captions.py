@@ -121,13 +121,23 @@ class CaptionSampler:
         vmask = {g: (valid[g].bool().cpu() if g in valid else torch.ones(B, dtype=torch.bool)) for g in text}
         avail = [{g for g in text if bool(vmask[g][b])} for b in range(B)]
         grans = self.resolve(self.draw(B), avail)
+        emb, ok = self.pick(text, grans)
+        return emb, ok, grans
+
+    @staticmethod
+    def pick(
+        text: Mapping[str, torch.Tensor], grans: Sequence[str | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ``b`` of ``text[grans[b]]`` for every example: ``emb (B, D)`` (zeros where ``grans[b]`` is
+        ``None``) and ``ok (B,)`` bool (an embedding was picked)."""
+        first = next(iter(text.values()))
         emb = torch.zeros_like(first)
-        ok = torch.zeros(B, dtype=torch.bool, device=first.device)
-        for g in set(x for x in grans if x is not None):
+        ok = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
+        for g in {x for x in grans if x is not None}:
             sel = torch.tensor([x == g for x in grans], dtype=torch.bool, device=first.device)
             emb = torch.where(sel.unsqueeze(-1), text[g].to(emb.dtype), emb)
             ok |= sel
-        return emb, ok, grans
+        return emb, ok
 
     def state_dict(self) -> dict[str, object]:
         return {"generator": self.generator.get_state()}

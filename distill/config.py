@@ -10,15 +10,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
-import subprocess
 import types
 import typing
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
+
+from cache.format import git_revision
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +39,8 @@ class StudentConfig:
 
 @dataclass
 class TeacherConfig:
-    """Where targets come from. ``source``: cache (stage-1 HDF5), online (live frozen teacher),
-    ema (self-distillation: pretraining recipes, no external teacher)."""
+    """Where targets come from, and so what the run is. ``source``: cache (stage-1 HDF5) or online
+    (live frozen teacher): distillation; ema (self-distillation, no external teacher): pretraining."""
 
     source: str = "cache"
     name: str = ""  # build_teacher name (online)
@@ -47,7 +50,9 @@ class TeacherConfig:
 
 
 @dataclass
-class CacheConfig:
+class CacheSection:
+    """The stage-1 cache a stage-2 run reads (``cache.*``; the stage-1 settings are ``cache.CacheConfig``)."""
+
     path: str = ""  # cache index / file (cache.open_cache)
     target: str = "auto"  # "auto", "replay" (stored views) or "crop" (roi_align of the full-image map)
     expect_dim: int = 0  # 0 = no check; otherwise the teacher dim this recipe needs
@@ -88,7 +93,14 @@ class LossConfig:
     teacher_temp_warmup: float = 0.04
     teacher_temp_warmup_steps: int = 0
     center_momentum: float = 0.9
+    centering: str = (
+        "center"  # teacher-side centering of prototype scores: "center" (EMA) or "sinkhorn_knopp"
+    )
+    sinkhorn_iters: int = 3
     clip_temp_init: float = 0.07
+    # caption embeddings of the CLIP term: "cache" (the cached teacher text tower, locked), "student"
+    # (the student's own text tower, student.kwargs.text), "teacher" (the online teacher's tower), "none"
+    text_source: str = "cache"
     caption_probs: dict[str, float] = field(default_factory=lambda: {"short": 0.5, "detailed": 0.5})
 
 
@@ -103,8 +115,15 @@ class HeadConfig:
 
 @dataclass
 class EMAConfig:
-    kind: str = "head"  # "head" (TIPSv2 head-only EMA), "full" (TIPS v1 EMA teacher), "none"
-    momentum: float = 0.996
+    """EMA targets of the prototype heads; the momentum follows a cosine from ``momentum`` to ``momentum_end``.
+
+    ``kind``: "head" (TIPSv2 head-only EMA: an EMA copy of each projection head scores the targets),
+    "full" (TIPS v1: an EMA copy of the whole student makes the targets; pretraining only), "none"
+    (no EMA: only for head-free recipes, i.e. no prototype patch loss and no DINO term).
+    """
+
+    kind: str = "head"
+    momentum: float = 0.994  # the recipes' value (TIPSv2)
     momentum_end: float = 1.0
 
 
@@ -146,13 +165,12 @@ class LogConfig:
 @dataclass
 class TrainConfig:
     recipe: str = "distill"
-    mode: str = "distill"  # "distill" (external frozen teacher) or "pretrain" (self-distillation)
     output_dir: str = "runs/distill"
     seed: int = 0
     steps: int = 1000  # optimizer steps
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
+    cache: CacheSection = field(default_factory=CacheSection)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -162,30 +180,66 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    @property
+    def pretraining(self) -> bool:
+        """Self-distillation (no external teacher): ``teacher.source=ema``."""
+        return self.teacher.source == "ema"
+
+    @property
+    def uses_heads(self) -> bool:
+        """Whether a prototype head scores targets (prototype patch loss or the DINO term)."""
+        loss = self.loss
+        proto = loss.patch_weight > 0 and loss.patch == "proto"
+        return proto or (loss.dino_weight > 0 and self.data.local_crops > 0)
+
     def validate(self) -> TrainConfig:
         """Cross-field checks; raise ValueError naming the key and the fix."""
         checks = [
-            ("mode", self.mode, ("distill", "pretrain")),
             ("teacher.source", self.teacher.source, ("cache", "online", "ema")),
             ("cache.target", self.cache.target, ("auto", "replay", "crop")),
             ("loss.patch", self.loss.patch, ("proto", "cosine", "smooth_l1", "mse")),
             ("ema.kind", self.ema.kind, ("head", "full", "none")),
+            ("loss.centering", self.loss.centering, ("center", "sinkhorn_knopp")),
+            ("loss.text_source", self.loss.text_source, ("cache", "student", "teacher", "none")),
             ("engine.precision", self.engine.precision, ("fp32", "bf16")),
             ("engine.zero_stage", self.engine.zero_stage, (0, 1, 2, 3)),
         ]
         for key, val, ok in checks:
             if val not in ok:
                 raise ValueError(f"config {key}={val!r} is invalid; choose one of {list(ok)}")
-        if self.mode == "distill" and self.teacher.source == "ema":
-            raise ValueError("mode=distill needs teacher.source=cache or online (ema is for mode=pretrain)")
-        if self.mode == "pretrain" and self.teacher.source != "ema":
-            raise ValueError("mode=pretrain needs teacher.source=ema (no external teacher)")
         if self.teacher.source == "cache" and not self.cache.path:
             raise ValueError("teacher.source=cache needs cache.path=<path to the stage-1 cache>")
         if self.teacher.source == "online" and not self.teacher.name:
             raise ValueError("teacher.source=online needs teacher.name=<build_teacher name>")
-        if self.mode == "pretrain" and self.ema.kind == "none":
-            raise ValueError("mode=pretrain needs ema.kind=head or full (targets come from the EMA)")
+        if self.pretraining and self.ema.kind == "none":
+            raise ValueError(
+                "teacher.source=ema (pretraining) needs ema.kind=head or full (targets come from the EMA)"
+            )
+        if self.ema.kind == "full" and not self.pretraining:
+            raise ValueError(
+                f"ema.kind=full (an EMA copy of the student makes the targets) is for pretraining "
+                f"(teacher.source=ema); with teacher.source={self.teacher.source} the teacher makes them: "
+                "use ema.kind=head"
+            )
+        if self.ema.kind == "none" and self.uses_heads:
+            raise ValueError(
+                "ema.kind=none, but the prototype patch loss (loss.patch=proto) or the DINO term scores teacher "
+                "tokens with an EMA head; set ema.kind=head, or use a head-free recipe (loss.patch=cosine and "
+                "loss.dino_weight=0)"
+            )
+        text = self.loss.text_source
+        if self.loss.clip_weight > 0 and text == "none":
+            raise ValueError(
+                "loss.clip_weight > 0 needs caption embeddings: set loss.text_source=cache (cached teacher text), "
+                "student (student.kwargs.text=...) or teacher (online teacher), or loss.clip_weight=0"
+            )
+        if self.loss.clip_weight > 0 and text == "teacher" and self.teacher.source != "online":
+            raise ValueError(
+                "loss.text_source=teacher needs teacher.source=online (a live teacher's text tower)"
+            )
+        for key, m in (("ema.momentum", self.ema.momentum), ("ema.momentum_end", self.ema.momentum_end)):
+            if not 0.0 <= m <= 1.0:
+                raise ValueError(f"config {key}={m} must be in [0, 1]")
         if not 0.0 <= self.loss.mask_ratio < 1.0:
             raise ValueError(f"loss.mask_ratio={self.loss.mask_ratio} must be in [0, 1)")
         if self.steps < 1 or self.data.batch_size < 1 or self.optim.accum_steps < 1:
@@ -242,9 +296,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str):
             try:
-                return int(float(value)) if float(value).is_integer() else value
+                number = float(value)
             except ValueError:
-                pass
+                number = math.nan
+            if number.is_integer():
+                return int(number)
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise TypeError(f"config key {key!r} must be an integer, got {value!r}")
@@ -347,32 +403,33 @@ def load_config(
         merged = _merge(merged, data)
     if overrides:
         merged = _merge(merged, parse_overrides(overrides))
-    return _from_dict(TrainConfig, merged).validate()
+    return _from_dict(TrainConfig, _drop_mode(merged)).validate()
+
+
+def _drop_mode(merged: dict[str, Any]) -> dict[str, Any]:
+    """Configs written before ``mode`` was folded into ``teacher.source``: a ``mode`` that agrees with
+    the teacher source is dropped (with a warning), one that disagrees is an error naming the new key."""
+    if "mode" not in merged:
+        return merged
+    merged = dict(merged)
+    mode = merged.pop("mode")
+    source = (merged.get("teacher") or {}).get("source", TeacherConfig.source)
+    implied = "pretrain" if source == "ema" else "distill"
+    if mode != implied:
+        raise ValueError(
+            f"config key 'mode' ({mode!r}) was replaced by teacher.source, which says {implied!r} here "
+            f"(teacher.source={source}); drop 'mode' and set teacher.source=ema for pretraining or "
+            "teacher.source=cache|online for distillation"
+        )
+    logger.warning("config key 'mode' is no longer read (teacher.source=%s says %s); drop it", source, mode)
+    return merged
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return asdict(cfg)
 
 
-def git_revision() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-        if rev.returncode != 0:
-            return "unknown"
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in (
         "tipsdistill",

@@ -24,8 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 from torchvision.ops import roi_align
+
+from cache import FeatureCache
+from cache.datasets import resize_image
+from cache.views import apply_view
+
+from .config import DataConfig
+from .masking import random_mask
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +170,10 @@ class DistillDataset(Dataset):
     def __init__(
         self,
         source: Dataset,
-        data_cfg: Any,  # distill.config.DataConfig
+        data_cfg: DataConfig,
         student_grid: tuple[int, int],
         *,
-        cache: Any = None,
+        cache: FeatureCache | None = None,
         target: str = "auto",
         teacher_image_size: int = 0,
         seed: int = 0,
@@ -183,12 +190,13 @@ class DistillDataset(Dataset):
         self.skipped_keys: list[str] = []
         self.base_size: tuple[int, int] | None = None
         self.base_resize = "exact"
+        self.views = False  # the cache stores several views per sample (a leading view axis)
         src_keys = list(source.keys()) if hasattr(source, "keys") else [str(i) for i in range(len(source))]
         if cache is None:
             self.src_index = list(range(len(source)))
             self.target = "none"
             return
-        cache_keys = _cache_keys(cache)
+        cache_keys = cache.keys()
         lookup = {k: i for i, k in enumerate(src_keys)}
         missing = [k for k in cache_keys if k not in lookup]
         if missing:
@@ -206,16 +214,12 @@ class DistillDataset(Dataset):
                 len(self.skipped_keys),
                 self.skipped_keys[:5],
             )
-        meta = dict(getattr(cache, "meta", {}) or {})
-        size = meta.get("image_size")
-        if size is not None:
-            size = (int(size), int(size)) if isinstance(size, int | float) else tuple(int(v) for v in size)
-        self.base_size, self.base_resize = size, str(meta.get("resize", "exact"))
-        self.num_global = int(meta.get("num_global_tokens") or 1)
-        views = _cache_views(cache)
+        spec = cache.spec
+        self.base_size, self.base_resize = spec.image_size, spec.resize
+        self.views = spec.has_views
         if target == "auto":
-            target = "replay" if views > 1 else "crop"
-        if target == "replay" and views <= 1:
+            target = "replay" if spec.has_views else "crop"
+        if target == "replay" and not spec.has_views:
             raise ValueError(
                 "cache.target=replay needs a cache with several stored views (boxes); use cache.target=crop"
             )
@@ -251,10 +255,8 @@ class DistillDataset(Dataset):
         pairs = [self._epoch_index(i) for i in indices]
         if self.cache is None:
             titems: list[Any] = [None] * len(pairs)
-        elif hasattr(self.cache, "__getitems__"):
-            titems = self.cache.__getitems__([i for _, i in pairs])
         else:
-            titems = [self.cache[i] for _, i in pairs]
+            titems = self.cache.__getitems__([i for _, i in pairs])
         return [self._item(e, i, t) for (e, i), t in zip(pairs, titems, strict=True)]
 
     def _item(self, epoch: int, index: int, titem: dict[str, Any] | None) -> dict[str, Any]:
@@ -262,22 +264,14 @@ class DistillDataset(Dataset):
         src = self.source[self.src_index[index]]
         image = src["image"]
         if self.base_size is not None:  # crops and cached boxes refer to the cache's base image
-            from cache.datasets import resize_image
-
             image = resize_image(image.float(), self.base_size, self.base_resize)
         H, W = int(image.shape[-2]), int(image.shape[-1])
         c = self.cfg
         item: dict[str, Any] = {"index": index, "key": str(src["key"])}
-        if titem is not None:
-            from .task import _cls_2d
-
-            titem["cls"] = _cls_2d(titem["cls"], self.num_global, self.target == "replay")
         if titem is not None and str(titem["key"]) != item["key"]:
             raise RuntimeError(f"cache item {index} has key {titem['key']!r}, source has {item['key']!r}")
         # ---- global crop (+ teacher targets)
         if self.target == "replay":
-            from cache.views import apply_view
-
             v = int(torch.randint(0, titem["patch"].shape[0], (1,), generator=gen))
             nbox = [float(x) for x in titem["boxes"][v]]
             flip = bool(titem["flips"][v]) if "flips" in titem else False
@@ -295,10 +289,10 @@ class DistillDataset(Dataset):
             pbox = sample_box(gen, H, W, c.global_scale, c.ratio, region)
             flip = bool(c.flip) and bool(torch.rand(1, generator=gen) < 0.5)
             nbox = list(pixel_box_to_norm(pbox, H, W))
-            if titem is not None:
-                feat = titem["patch"][0] if titem["patch"].ndim == 4 else titem["patch"]
+            if titem is not None:  # the first stored view is the full image
+                feat = titem["patch"][0] if self.views else titem["patch"]
                 t_patch = align_teacher_map(feat, nbox, self.student_grid, flip=flip, source_box=src_box)
-                t_cls = titem["cls"][0] if titem["cls"].ndim == 3 else titem["cls"]
+                t_cls = titem["cls"][0] if self.views else titem["cls"]
         if pbox is None:
             pbox = norm_box_to_pixel(nbox, H, W)
         else:
@@ -327,30 +321,8 @@ class DistillDataset(Dataset):
         item["caption_valid"] = {g: bool(caps.get(g)) for g in c.granularities}
         item["caption_u"] = float(torch.rand(1, generator=gen))  # CLS2 caption granularity draw
         if self.mask_ratio > 0:  # iBOT mask of the global crop, drawn per sample
-            from .masking import random_mask
-
             item["mask"] = random_mask(1, self.student_grid, self.mask_ratio, generator=gen)[0]
         return item
-
-
-def _cache_keys(cache: Any) -> list[str]:
-    for attr in ("keys",):
-        k = getattr(cache, attr, None)
-        if callable(k):
-            return [str(x) for x in k()]
-        if k is not None:
-            return [str(x) for x in k]
-    return [str(cache[i]["key"]) for i in range(len(cache))]
-
-
-def _cache_views(cache: Any) -> int:
-    meta = getattr(cache, "meta", {}) or {}
-    if isinstance(meta.get("num_views"), int | np.integer):
-        return int(meta["num_views"])
-    if len(cache) == 0:
-        return 1
-    p = cache[0]["patch"]
-    return int(p.shape[0]) if p.ndim == 4 else 1
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):
@@ -388,6 +360,4 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Default collation of :class:`DistillDataset` items (strings become lists)."""
-    from torch.utils.data import default_collate
-
     return default_collate(items)

@@ -1,8 +1,10 @@
 """Teacher targets for prototype losses: a frozen head, or a head-only EMA head (TIPSv2).
 
 Head-only EMA: the encoder is shared between student and "teacher"; only the projection head has an
-EMA copy, ``h_t <- m * h_t + (1 - m) * h_s``, with ``m`` following a cosine schedule from
-``momentum_start`` (0.994) to ``momentum_end`` (1.0). Targets are ``stopgrad(h_t(adapter(tokens)))``.
+EMA copy, ``h_t <- m * h_t + (1 - m) * h_s``. The momentum ``m`` is the caller's: the training loop
+evaluates its schedule (``distill.schedules.Schedules.momentum``, a cosine from ``ema.momentum`` 0.994
+to ``ema.momentum_end`` 1.0) and passes it in, ``ema.update(head, momentum=m)`` (as DINOv3 does).
+Targets are ``stopgrad(h_t(adapter(tokens)))``.
 
 DeepSpeed ZeRO-3: the student head's parameters are partitioned, so reading them needs a gather.
 :meth:`HeadEMA.update` accepts either
@@ -21,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,14 +30,6 @@ import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
-
-
-def cosine_momentum(step: int, total_steps: int, start: float = 0.994, end: float = 1.0) -> float:
-    """``end - (end - start) * (cos(pi * step / total_steps) + 1) / 2``; ``start`` at 0, ``end`` at ``total_steps``."""
-    if total_steps <= 0:
-        return end
-    t = min(max(step, 0), total_steps) / total_steps
-    return end - (end - start) * (math.cos(math.pi * t) + 1.0) / 2.0
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -70,39 +63,20 @@ class HeadEMA(nn.Module):
 
     Args:
         head: the student head (copied at construction; build before ZeRO-3 partitioning).
-        total_steps: length of the cosine momentum schedule.
-        momentum_start, momentum_end: schedule endpoints (default 0.994 -> 1.0).
         adapter: optional frozen width adapter applied to tokens before the EMA head (feed teacher
             tokens of width ``D_t`` to a head built for ``D_s``; see ``students.frozen_projection``).
-    Call ``ema(tokens (..., D)) -> (..., K)`` targets (no grad); ``ema.update(head, step)`` after each
-    optimizer step.
+    Call ``ema(tokens (..., D)) -> (..., K)`` targets (no grad); ``ema.update(head, momentum=m)`` after
+    each optimizer step, ``m`` from the loop's schedule.
     """
 
-    def __init__(
-        self,
-        head: nn.Module,
-        *,
-        total_steps: int,
-        momentum_start: float = 0.994,
-        momentum_end: float = 1.0,
-        adapter: nn.Module | None = None,
-    ) -> None:
+    def __init__(self, head: nn.Module, *, adapter: nn.Module | None = None) -> None:
         super().__init__()
-        for name, m in (("momentum_start", momentum_start), ("momentum_end", momentum_end)):
-            if not 0.0 <= m <= 1.0:
-                raise ValueError(f"HeadEMA {name} must be in [0, 1], got {m}")
         self.ema = _freeze(copy.deepcopy(head))
         self.adapter = _freeze(adapter) if adapter is not None else nn.Identity()
-        self.total_steps = int(total_steps)
-        self.momentum_start = float(momentum_start)
-        self.momentum_end = float(momentum_end)
         self.last_momentum: float | None = None
 
     def train(self, mode: bool = True) -> HeadEMA:
         return super().train(False)
-
-    def momentum(self, step: int) -> float:
-        return cosine_momentum(step, self.total_steps, self.momentum_start, self.momentum_end)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -113,18 +87,21 @@ class HeadEMA(nn.Module):
     def update(
         self,
         head: nn.Module | Sequence[torch.Tensor],
-        step: int,
         *,
+        momentum: float,
         gather: Callable[[list[nn.Parameter]], contextlib.AbstractContextManager[Any]] | None = None,
-        momentum: float | None = None,
     ) -> float:
-        """``ema_p <- m * ema_p + (1 - m) * p`` for every head parameter; returns ``m``.
+        """``ema_p <- m * ema_p + (1 - m) * p`` for every head parameter, ``m = momentum``; returns ``m``.
 
         Only the EMA head's parameters change (buffers are copied). ``head`` is the student head
         module (use ``gather`` under ZeRO-3) or a sequence of full tensors in ``head.parameters()``
-        order. ``momentum`` overrides the schedule.
+        order.
         """
-        m = self.momentum(step) if momentum is None else float(momentum)
+        m = float(momentum)
+        if not 0.0 <= m <= 1.0:
+            raise ValueError(
+                f"HeadEMA momentum must be in [0, 1], got {m}; check ema.momentum / ema.momentum_end"
+            )
         ema_params = list(self.ema.parameters())
         if isinstance(head, nn.Module):
             params = list(head.parameters())
@@ -149,3 +126,45 @@ class HeadEMA(nn.Module):
                     "under ZeRO-3 pass gather=... so full parameters are read"
                 )
             pe.mul_(m).add_(ps.detach().to(pe.device, pe.dtype), alpha=1.0 - m)
+
+
+class EMAHeads:
+    """The EMA copies of a task's prototype heads (patch and CLS; one copy when the head is shared).
+
+    A plain object, not an ``nn.Module``: the copies stay outside the DeepSpeed engine. Build it from
+    the student heads before ``deepspeed.initialize``; ``update(patch_head, cls_head, momentum=m,
+    gather=...)`` after each optimizer step. ``adapter``: the frozen width projection applied to teacher
+    tokens before the EMA heads (``None`` when teacher and student widths match).
+    """
+
+    def __init__(
+        self, patch_head: nn.Module | None, cls_head: nn.Module | None, adapter: nn.Module | None = None
+    ) -> None:
+        self.patch = HeadEMA(patch_head, adapter=copy.deepcopy(adapter)) if patch_head is not None else None
+        if cls_head is not None and cls_head is patch_head:
+            self.cls = self.patch
+        else:
+            self.cls = HeadEMA(cls_head, adapter=copy.deepcopy(adapter)) if cls_head is not None else None
+
+    def modules(self) -> dict[str, HeadEMA]:
+        """The EMA heads by checkpoint name (a shared head appears once)."""
+        out = {}
+        if self.patch is not None:
+            out["ema_patch"] = self.patch
+        if self.cls is not None and self.cls is not self.patch:
+            out["ema_cls"] = self.cls
+        return out
+
+    @torch.no_grad()
+    def update(
+        self,
+        patch_head: nn.Module | None,
+        cls_head: nn.Module | None,
+        *,
+        momentum: float,
+        gather: Callable[[list[nn.Parameter]], contextlib.AbstractContextManager[Any]] | None = None,
+    ) -> None:
+        if self.patch is not None:
+            self.patch.update(patch_head, momentum=momentum, gather=gather)
+        if self.cls is not None and self.cls is not self.patch:
+            self.cls.update(cls_head, momentum=momentum, gather=gather)

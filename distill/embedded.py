@@ -72,6 +72,7 @@ PRETRAIN_SIZE_KEYS = (
     "checkpoint.every",
     "checkpoint.keep_last",
     "loss.patch",
+    "loss.text_source",
 )
 NO_CACHE = "(pretraining: no cache)"
 
@@ -201,7 +202,8 @@ def pretrain_config(
     """A pretraining recipe (no teacher, no cache) at the embedded benchmark's sizes.
 
     The run takes :data:`PRETRAIN_SIZE_KEYS` of the embedded run's resolved config (student, data
-    sizes and views, head sizes, lr and warm-up, engine, checkpoints, patch loss); losses, EMA and
+    sizes and views, head sizes, lr and warm-up, engine, checkpoints, patch loss, caption source:
+    ``loss.text_source=student`` with ``student.kwargs.text``, as there is no cache); losses, EMA and
     schedules stay the pretraining recipe's, its teacher-temperature warm-up scaled to the same
     fraction of the steps."""
     sized = config_to_dict(train_config(cfg, out, NO_CACHE, run_name, overrides))

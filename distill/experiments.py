@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import statistics
 import time
 from collections.abc import Sequence
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -86,9 +84,10 @@ def variants(teacher_config: dict[str, Any], teacher_init: str, tokenizer: str |
     teacher-sized students); ``teacher_init``: a timm-keyed file of the teacher's vision weights."""
     arch = {"mlp_ratio": 4.0, **teacher_config["overrides"]}
     deep = tuple(f"student.kwargs.{k}={arch[k]}" for k in ("embed_dim", "depth", "num_heads", "mlp_ratio"))
-    own_text = "student.kwargs.text=" + json.dumps(text_tower(tokenizer))
+    # the student's own trainable text tower makes the CLIP term's caption embeddings
+    own_text = ("student.kwargs.text=" + json.dumps(text_tower(tokenizer)), "loss.text_source=student")
     # pretraining needs views that differ: random global crops and 2 local crops (DINO)
-    pretrain = ("data.global_scale=[0.5, 1.0]", "data.local_crops=2", own_text)
+    pretrain = ("data.global_scale=[0.5, 1.0]", "data.local_crops=2", *own_text)
     return {
         "seed0": Variant(("seed=0",)),
         "seed1": Variant(("seed=1",)),
@@ -105,7 +104,7 @@ def variants(teacher_config: dict[str, Any], teacher_init: str, tokenizer: str |
         "deep_teacher_init": Variant((*deep, "student.init=" + json.dumps(teacher_init))),
         "pretrain_tipsv2": Variant(pretrain, pretrain="pretrain-tipsv2", own_text=True),
         "pretrain_tips": Variant(pretrain, pretrain="pretrain-tips", own_text=True),
-        "distill_text": Variant(("seed=0", own_text), own_text=True),
+        "distill_text": Variant(("seed=0", *own_text), own_text=True),
     }
 
 
@@ -117,27 +116,12 @@ def variant_config(
     name: str,
     base: Sequence[str] = (),
 ) -> TrainConfig:
-    """The stage-2 config of ``variant`` (``base`` overrides first); a distillation variant with its
-    own text tower reads ``cache_path`` as given (pass :func:`notext_cache`'s copy)."""
+    """The stage-2 config of ``variant`` (``base`` overrides first), reading the stage-1 cache
+    ``cache_path`` unless it is a pretraining variant."""
     overrides = (*base, *variant.overrides)
     if variant.pretrain:
         return pretrain_config(bench, out, variant.pretrain, name, overrides)
     return train_config(bench, out, cache_path, name, overrides)
-
-
-def notext_cache(cache_path: str, dest: Path) -> str:
-    """Copy a stage-1 cache with its caption embeddings hidden (same features; granularities [])."""
-    src = Path(cache_path)
-    index = dest / src.name
-    if not index.exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in src.parent.iterdir():
-            if f.is_file():
-                shutil.copy2(f, dest / f.name)
-        with h5py.File(index, "r+") as h:
-            h.attrs["granularities"] = "[]"
-            h.attrs["text_dim"] = 0
-    return str(index)
 
 
 def teacher_vision_file(teacher_path: Path, dest: Path) -> str:
@@ -245,13 +229,7 @@ def run_experiments(
     for name in names:
         v = all_variants[name]
         t0 = time.time()
-        run_cache = cache_path
-        if v.own_text and not v.pretrain:  # a copy with the captions hidden, so the own text tower is used
-            notext = out / "cache_notext"
-            run_cache = (
-                str(notext / Path(cache_path).name) if name in reuse else notext_cache(cache_path, notext)
-            )
-        tcfg = variant_config(bench, v, out, run_cache, name, base)
+        tcfg = variant_config(bench, v, out, cache_path, name, base)
         logger.info("run %s: %s", name, list(v.overrides))
         export = reuse[name] if name in reuse else stage_distill(tcfg)
         student = load_student(export)

@@ -18,28 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from students.io import (
-    CONFIG_FILE,
-    EXTRAS_FILE,
-    MODEL_FILE,
-    load_student,
-    load_student_weights,
-    read_export_config,
-)
+from students.io import CONFIG_FILE, EXTRAS_FILE, MODEL_FILE
 
 logger = logging.getLogger(__name__)
-
-
-__all__ = [
-    "export_student",
-    "load_student",
-    "load_student_weights",
-    "model_card",
-    "read_export_config",
-    "timm_spec",
-]
 
 
 def _cpu_contig(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -61,8 +45,6 @@ def export_student(
     metrics: dict[str, Any] | None = None,
 ) -> Path:
     """Write the export files of ``student`` (a ``students.Student``) to ``out_dir``; returns it."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = student.state_dict()
@@ -95,7 +77,8 @@ def model_card(conf: dict[str, Any]) -> str:
     lines = [
         f"# Student `{spec['model_name']}` distilled with tipsdistill",
         "",
-        f"- recipe: `{tc.get('recipe', '?')}` (mode `{tc.get('mode', '?')}`), {tc.get('steps', '?')} steps",
+        f"- recipe: `{tc.get('recipe', '?')}` (teacher source `{(tc.get('teacher') or {}).get('source', '?')}`), "
+        f"{tc.get('steps', '?')} steps",
         f"- patch size {conf['patch_size']}, width {conf['embed_dim']}, {conf['num_global_tokens']} global tokens",
         f"- teacher: {json.dumps(tc.get('teacher', {}))}",
         f"- cache: {json.dumps(tc.get('cache', {}))}",
@@ -107,6 +90,7 @@ def model_card(conf: dict[str, Any]) -> str:
         "student = load_student('PATH')  # a students.Student (DenseEncoder): encode_image(pixels in [0, 1])",
         "",
         "import timm",
+        "import students  # registers the small TIPSv2 shapes (vit_w96d4_patch8_reg1_tipsv2_64, ...) with timm",
         f"vit = timm.create_model({spec['model_name']!r}, pretrained=True,",
         "                        pretrained_cfg_overlay=dict(file='PATH/model.safetensors'),",
         f"                        **{spec['kwargs']!r})",

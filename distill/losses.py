@@ -9,6 +9,10 @@ Some objectives hold trainable parameters (the learnable temperature, width adap
 Paper defaults (``docs/objectives.md``): ``L = L_CLIP + 1.0 * L_DINO + 2.0 * L_iBOT++``; student temp
 0.1; teacher temp 0.04 -> 0.07 warm-up; center momentum 0.9; iBOT++ mask ratio 0.75 with uniform
 weights over all tokens; distillation mask ratio 0.
+
+Schedules are not owned here: the training loop (``distill.train`` with ``distill.schedules``) passes the
+scheduled teacher temperature into each call (``loss(..., teacher_temp=t)``, as DINOv3 does); a loss
+built with ``teacher_temp=`` uses that constant when the caller passes none.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.nn.functional import all_gather
 from torch.nn import functional as F
+
+from students.heads import build_head
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +55,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     _, world = _world()
     if world == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
@@ -63,15 +68,6 @@ def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if _world()[1] > 1:
         dist.all_reduce(x)
     return x
-
-
-def teacher_temperature(
-    step: int, teacher_temp: float, warmup_teacher_temp: float, warmup_steps: int
-) -> float:
-    """Linear warm-up ``warmup_teacher_temp -> teacher_temp`` over ``warmup_steps``, then constant."""
-    if warmup_steps <= 0 or step >= warmup_steps:
-        return float(teacher_temp)
-    return float(warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * max(step, 0) / warmup_steps)
 
 
 @torch.no_grad()
@@ -112,19 +108,17 @@ def _check_temp(name: str, t: float) -> float:
 
 
 class _Centered(nn.Module):
-    """Teacher-side softmax with EMA centering (or Sinkhorn-Knopp) and a warmed-up temperature."""
+    """Teacher-side softmax with EMA centering (or Sinkhorn-Knopp) at the caller's teacher temperature."""
 
     def __init__(
         self,
         out_dim: int,
         *,
-        student_temp: float,
-        teacher_temp: float,
-        warmup_teacher_temp: float,
-        warmup_teacher_temp_steps: int,
-        center_momentum: float,
-        centering: str,
-        sinkhorn_iters: int,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.07,
+        center_momentum: float = 0.9,
+        centering: str = "center",
+        sinkhorn_iters: int = 3,
     ) -> None:
         super().__init__()
         if centering not in CENTERINGS:
@@ -134,18 +128,15 @@ class _Centered(nn.Module):
         self.out_dim = int(out_dim)
         self.student_temp = _check_temp("student_temp", student_temp)
         self.teacher_temp = _check_temp("teacher_temp", teacher_temp)
-        self.warmup_teacher_temp = _check_temp("warmup_teacher_temp", warmup_teacher_temp)
-        self.warmup_teacher_temp_steps = int(warmup_teacher_temp_steps)
         self.center_momentum = float(center_momentum)
         self.centering = centering
         self.sinkhorn_iters = int(sinkhorn_iters)
         self.register_buffer("center", torch.zeros(1, self.out_dim))
         self.metrics: dict[str, float] = {}
 
-    def teacher_temp_at(self, step: int) -> float:
-        return teacher_temperature(
-            step, self.teacher_temp, self.warmup_teacher_temp, self.warmup_teacher_temp_steps
-        )
+    def _temp(self, teacher_temp: float | None) -> float:
+        """The caller's (scheduled) teacher temperature, or the constant the loss was built with."""
+        return self.teacher_temp if teacher_temp is None else _check_temp("teacher_temp", teacher_temp)
 
     def _check_dim(self, x: torch.Tensor, what: str) -> None:
         if x.shape[-1] != self.out_dim:
@@ -154,10 +145,10 @@ class _Centered(nn.Module):
             )
 
     @torch.no_grad()
-    def teacher_probs(self, teacher_logits: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float | None = None) -> torch.Tensor:
         """``(..., K)`` logits -> ``(..., K)`` target probabilities (float32), no gradient."""
         self._check_dim(teacher_logits, "teacher logits")
-        temp = self.teacher_temp_at(step)
+        temp = self._temp(teacher_temp)
         t = _up(teacher_logits.detach())
         if self.centering == "center":
             return F.softmax((t - self.center) / temp, dim=-1)
@@ -336,7 +327,7 @@ class ImageTextLoss(nn.Module):
 class DINOLoss(_Centered):
     """DINO cross-entropy between teacher global-crop and student local-crop prototype scores.
 
-    ``forward(student_logits, teacher_logits, step=0, update_center=True) -> {"dino": loss}``:
+    ``forward(student_logits, teacher_logits, *, teacher_temp=None, update_center=True) -> {"dino": loss}``:
 
     - ``student_logits``: ``(S, B, K)`` (or a list of ``(B, K)``), the head applied to the CLS of
       each of the S local crops;
@@ -344,38 +335,18 @@ class DINOLoss(_Centered):
 
     Loss = mean over all (student crop, teacher crop) pairs and images of
     ``-sum_k p_t[k] log softmax(s / student_temp)[k]``, ``p_t = softmax((t - center) / teacher_temp)``
-    (or Sinkhorn-Knopp). The center is updated afterwards (EMA, ``center_momentum``) when
-    ``update_center`` and in training mode.
+    (or Sinkhorn-Knopp), ``teacher_temp`` from the caller's schedule (default: the constructor's). The
+    center is updated afterwards (EMA, ``center_momentum``) when ``update_center`` and in training mode.
+    Constructor: ``DINOLoss(out_dim, *, student_temp=0.1, teacher_temp=0.07, center_momentum=0.9,
+    centering="center", sinkhorn_iters=3)``.
     """
-
-    def __init__(
-        self,
-        out_dim: int,
-        *,
-        student_temp: float = 0.1,
-        teacher_temp: float = 0.07,
-        warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_steps: int = 0,
-        center_momentum: float = 0.9,
-        centering: str = "center",
-        sinkhorn_iters: int = 3,
-    ) -> None:
-        super().__init__(
-            out_dim,
-            student_temp=student_temp,
-            teacher_temp=teacher_temp,
-            warmup_teacher_temp=warmup_teacher_temp,
-            warmup_teacher_temp_steps=warmup_teacher_temp_steps,
-            center_momentum=center_momentum,
-            centering=centering,
-            sinkhorn_iters=sinkhorn_iters,
-        )
 
     def forward(
         self,
         student_logits: torch.Tensor | Sequence[torch.Tensor],
         teacher_logits: torch.Tensor,
-        step: int = 0,
+        *,
+        teacher_temp: float | None = None,
         update_center: bool = True,
     ) -> dict[str, torch.Tensor]:
         s = (
@@ -389,7 +360,8 @@ class DINOLoss(_Centered):
                 f"DINOLoss needs student (S, B, K) and teacher (T, B, K), got {tuple(s.shape)}, {tuple(t.shape)}"
             )
         self._check_dim(s, "student logits")
-        p_t = self.teacher_probs(t, step)  # (T, B, K)
+        temp = self._temp(teacher_temp)
+        p_t = self.teacher_probs(t, temp)  # (T, B, K)
         logp_s = F.log_softmax(_up(s) / self.student_temp, dim=-1)  # (S, B, K)
         # mean over pairs (i, j) and images of -sum_k p_t[j] log p_s[i]
         loss = -torch.einsum("tbk,sbk->", p_t.to(logp_s.dtype), logp_s) / (
@@ -397,7 +369,7 @@ class DINOLoss(_Centered):
         )
         if update_center and self.training and self.centering == "center":
             self.update_center(t)
-        self.metrics = {"teacher_temp": self.teacher_temp_at(step)}
+        self.metrics = {"teacher_temp": temp}
         return {"dino": loss}
 
 
@@ -458,10 +430,10 @@ class PatchPrototypeLoss(_Centered):
     """iBOT-style prototype cross-entropy per patch, with separate weights for masked/visible tokens.
 
     ``forward(student_logits (B, N, K) | (B, h, w, K), teacher_logits (same), mask (B, N) bool | None,
-    step=0, update_center=True) -> {"patch": loss}``.
+    *, teacher_temp=None, update_center=True) -> {"patch": loss}``.
 
     Per token ``l = -sum_k p_t log softmax(s / student_temp)``, ``p_t`` from the teacher logits with
-    centering (or Sinkhorn-Knopp) and the warmed-up teacher temperature; reduced with
+    centering (or Sinkhorn-Knopp) at the caller's (scheduled) teacher temperature; reduced with
     :func:`weighted_token_mean`. ``masked_weight=1, visible_weight=0``: iBOT; ``1, 1``: iBOT++ (paper
     default); ``mask=None`` (ratio 0) with ``visible_weight=1``: all-token distillation. The center is
     the EMA of the mean teacher logit over all tokens.
@@ -473,24 +445,11 @@ class PatchPrototypeLoss(_Centered):
         *,
         masked_weight: float = 1.0,
         visible_weight: float = 1.0,
-        student_temp: float = 0.1,
-        teacher_temp: float = 0.07,
-        warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_steps: int = 0,
-        center_momentum: float = 0.9,
-        centering: str = "center",
-        sinkhorn_iters: int = 3,
+        **centering: Any,
     ) -> None:
         super().__init__(
-            out_dim,
-            student_temp=student_temp,
-            teacher_temp=teacher_temp,
-            warmup_teacher_temp=warmup_teacher_temp,
-            warmup_teacher_temp_steps=warmup_teacher_temp_steps,
-            center_momentum=center_momentum,
-            centering=centering,
-            sinkhorn_iters=sinkhorn_iters,
-        )
+            out_dim, **centering
+        )  # student_temp, teacher_temp, center_momentum, centering, sinkhorn_iters
         _check_weights(masked_weight, visible_weight)
         self.masked_weight = float(masked_weight)
         self.visible_weight = float(visible_weight)
@@ -500,7 +459,8 @@ class PatchPrototypeLoss(_Centered):
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor,
         mask: torch.Tensor | None = None,
-        step: int = 0,
+        *,
+        teacher_temp: float | None = None,
         update_center: bool = True,
     ) -> dict[str, torch.Tensor]:
         s = _flatten_tokens(student_logits, "student logits")
@@ -508,13 +468,14 @@ class PatchPrototypeLoss(_Centered):
         if s.shape != t.shape:
             raise ValueError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ")
         self._check_dim(s, "student logits")
-        p_t = self.teacher_probs(t, step)
+        temp = self._temp(teacher_temp)
+        p_t = self.teacher_probs(t, temp)
         per_token = -(p_t * F.log_softmax(_up(s) / self.student_temp, dim=-1)).sum(-1)  # (B, N)
         w = token_weights(mask, per_token.shape, self.masked_weight, self.visible_weight, per_token.device)
         loss = weighted_token_mean(per_token, w)
         if update_center and self.training and self.centering == "center":
             self.update_center(t)
-        self.metrics = {"teacher_temp": self.teacher_temp_at(step)}
+        self.metrics = {"teacher_temp": temp}
         return {"patch": loss}
 
 
@@ -560,8 +521,6 @@ class PatchFeatureLoss(nn.Module):
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
         self.adapter: nn.Module = nn.Identity()
         if adapter is not None and student_dim is not None and teacher_dim is not None:
-            from students.heads import build_head
-
             self.adapter = build_head(adapter, student_dim, teacher_dim, **dict(adapter_kwargs or {}))
         elif (
             adapter is None

@@ -4,11 +4,19 @@
 - weight decay: cosine from ``weight_decay`` to ``weight_decay_end``;
 - EMA momentum: cosine from ``momentum`` to ``momentum_end`` (DINO);
 - teacher temperature: linear warm-up then constant (DINOv2).
+
+The training loop owns them (as DINOv3's ``train.py`` does): it builds one :class:`Schedules` per run,
+evaluates it once per optimizer step, sets lr and weight decay on the optimizer and passes the EMA
+momentum and the teacher temperature into the EMA update and the losses. Nothing else computes them.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 
 def cosine(step: int, total: int, start: float, end: float) -> float:
@@ -34,9 +42,10 @@ def linear_warmup(step: int, warmup: int, start: float, end: float) -> float:
 
 
 class Schedules:
-    """All schedules of one run, evaluated at an optimizer step."""
+    """All schedules of one run, evaluated at an optimizer step: ``at(step) -> {lr, wd, momentum,
+    teacher_temp}``."""
 
-    def __init__(self, cfg) -> None:  # cfg: distill.config.TrainConfig
+    def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
 
     def lr(self, step: int) -> float:

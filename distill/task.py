@@ -1,23 +1,21 @@
-"""The training task: student + heads + losses per recipe, computing the dict of weighted loss terms.
+"""The training task: student + heads + losses, computing the dict of weighted loss terms.
 
-:func:`build_task` returns a :class:`BuiltTask`: the ``nn.Module`` handed to DeepSpeed (student,
-student heads, loss modules with their trainable parts and DINO/iBOT centers as buffers) plus state
-kept *outside* the engine so ZeRO never partitions it: the EMA head(s) (head-only EMA, TIPSv2), the
-full EMA student (TIPS v1 baseline), and the online teacher.
+:func:`build_task` returns a :class:`BuiltTask`: the ``nn.Module`` handed to DeepSpeed
+(:class:`TaskModule`: student, student heads, loss modules with their trainable parts and DINO/iBOT
+centers as buffers) plus state kept *outside* the engine so ZeRO never partitions it: the EMA heads
+(:class:`distill.ema.EMAHeads`, head-only EMA, TIPSv2) and the targets object
+(:mod:`distill.targets`: cached teacher tokens, a live teacher, the student itself or its full EMA copy).
 
-Targets per mode:
-- ``distill`` + ``cache``: teacher patch/CLS tokens from the cache, aligned to the student's crop
-  (``distill.data``); caption embeddings from the cache (locked teacher text tower);
-- ``distill`` + ``online``: the teacher runs live on the student's global crop (same box and flip);
-- ``pretrain``: targets from the student's own encoder on the unmasked crop (head-only EMA) or from a
-  full EMA copy of the student (``ema.kind=full``).
-Prototype losses feed teacher tokens through the EMA copy of the student head, after a frozen width
-projection when teacher and student widths differ (``students.frozen_projection``).
+The task is told where its targets and captions come from (one injected :class:`~distill.targets.Targets`
+and one :class:`~distill.targets.TextSource`, chosen by ``teacher.source`` and ``loss.text_source``);
+it does not branch on the mode. Prototype losses feed teacher tokens through the EMA copy of the
+student head, after a frozen width projection when teacher and student widths differ
+(``students.frozen_projection``). Scheduled values (teacher temperature, EMA momentum) come from the
+training loop.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,273 +24,185 @@ from typing import Any
 import torch
 from torch import nn
 
+from cache import FeatureCache, build_dataset, open_cache
+from students import build_head, build_student, frozen_projection, load_student_weights
+from teachers import build_teacher
+
 from .config import TrainConfig
-from .data import DistillDataset, ResumableSampler, resample_grid
+from .data import DistillDataset, ResumableSampler
+from .ema import EMAHeads
+from .losses import DINOLoss, ImageTextLoss, KoLeoLoss, PatchFeatureLoss, PatchPrototypeLoss
+from .targets import (
+    CachedTargets,
+    CachedText,
+    EMAStudentTargets,
+    OnlineTargets,
+    SelfTargets,
+    Targets,
+    TextSource,
+    TowerText,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def open_cache(path: str, expect: dict[str, Any] | None = None) -> Any:
-    """Open a stage-1 cache (indirection so tests can substitute a stand-in)."""
-    from cache import open_cache as _open
-
-    return _open(path, expect=expect)
-
-
-def check_cache(cache: Any, cfg: TrainConfig) -> dict[str, Any]:
-    """Refuse a cache whose teacher width or grid disagrees with the config, naming both values."""
-    meta = dict(getattr(cache, "meta", {}) or {})
+def check_cache(cache: FeatureCache, cfg: TrainConfig) -> dict[str, Any]:
+    """Refuse a cache whose teacher width or grid disagrees with the config, naming both values and the
+    key; returns the cache's facts (:meth:`cache.CacheSpec.summary`)."""
     if len(cache) == 0:
         raise ValueError(f"cache {cfg.cache.path} has no completed samples; finish stage 1 first")
-    first = cache[0]
-    patch = first["patch"]
-    grid = tuple(int(v) for v in (meta.get("grid") or patch.shape[-3:-1]))
-    dim = int(meta.get("dim") or patch.shape[-1])
-    if cfg.cache.expect_dim and dim != cfg.cache.expect_dim:
+    spec = cache.spec
+    if cfg.cache.expect_dim and spec.dim != cfg.cache.expect_dim:
         raise ValueError(
-            f"cache {cfg.cache.path} holds teacher features of dim {dim}, but the config expects dim "
+            f"cache {cfg.cache.path} holds teacher features of dim {spec.dim}, but the config expects dim "
             f"{cfg.cache.expect_dim} (cache.expect_dim); use the cache built for this teacher or fix cache.expect_dim"
         )
-    if cfg.cache.expect_grid and tuple(cfg.cache.expect_grid) != grid:
+    if cfg.cache.expect_grid and tuple(cfg.cache.expect_grid) != spec.grid:
         raise ValueError(
-            f"cache {cfg.cache.path} holds a teacher grid {list(grid)}, but the config expects grid "
+            f"cache {cfg.cache.path} holds a teacher grid {list(spec.grid)}, but the config expects grid "
             f"{list(cfg.cache.expect_grid)} (cache.expect_grid); rebuild the cache at that size or fix cache.expect_grid"
         )
-    cls = _cls_2d(first["cls"], int(meta.get("num_global_tokens") or 1), patch.ndim == 4)
-    text = first.get("text") or {}
-    return {
-        "dim": dim,
-        "grid": list(grid),
-        "num_global_tokens": int(cls.shape[-2]),
-        "text_dim": int(next(iter(text.values())).shape[-1]) if text else 0,
-        "granularities": sorted(text),
-        "views": int(patch.shape[0]) if patch.ndim == 4 else 1,
-        "meta_teacher": meta.get("teacher"),
-    }
+    return spec.summary()
 
 
-def _cls_2d(cls: torch.Tensor, num_global: int, views: bool) -> torch.Tensor:
-    """Cache ``cls`` as ``(C, D)`` (``(V, C, D)`` with views), whatever squeezing the reader did."""
-    want = 3 if views else 2
-    if cls.ndim == want:
-        return cls
-    if views:
-        return cls.reshape(cls.shape[0], num_global, -1)
-    return cls.reshape(num_global, -1)
+def _head_dtype(module: nn.Module) -> torch.dtype:
+    for prm in module.parameters():
+        return prm.dtype if prm.numel() else torch.float32
+    return torch.float32
+
+
+def _scalar_params_as_vectors(module: nn.Module) -> None:
+    """DeepSpeed broadcasts parameters as uint8 views, which fails on 0-dim tensors (e.g. a learnable
+    temperature): store them as shape (1,) (broadcasting keeps the maths unchanged)."""
+    for mod in module.modules():
+        for name, prm in list(mod.named_parameters(recurse=False)):
+            if prm.ndim == 0:
+                setattr(mod, name, nn.Parameter(prm.detach().reshape(1), requires_grad=prm.requires_grad))
 
 
 class TaskModule(nn.Module):
-    """What DeepSpeed trains. ``forward(batch) -> {term: weighted scalar}``; the engine sums the terms."""
+    """What DeepSpeed trains. ``forward(batch, *, teacher_temp) -> {term: weighted scalar}``; the engine
+    sums the terms.
+
+    Args:
+        cfg: the run config (loss weights, head sizes).
+        student: the student (a ``students.Student``).
+        targets: where the teacher tokens come from (:mod:`distill.targets`); its ``dim`` is ``D_t``.
+        text: where the caption embeddings come from, with their width; ``None`` without a CLIP term.
+    """
 
     def __init__(
-        self, cfg: TrainConfig, student: nn.Module, *, teacher_dim: int, text_dim: int, text_source: str
+        self,
+        cfg: TrainConfig,
+        student: nn.Module,
+        *,
+        targets: Targets,
+        text: tuple[TextSource, int] | None = None,
     ) -> None:
         super().__init__()
-        from students import build_head, frozen_projection
-
-        from .objectives import DINOLoss, ImageTextLoss, KoLeoLoss, PatchFeatureLoss, PatchPrototypeLoss
-
         self.cfg = cfg
-        L = cfg.loss
         self.student = student
-        D = student.embed_dim
-        self.teacher_dim = teacher_dim
-        self.text_source = text_source
-        hk = {
-            "hidden_dim": cfg.head.hidden_dim,
-            "bottleneck_dim": cfg.head.bottleneck_dim,
-            "nlayers": cfg.head.nlayers,
-        }
-        cent = {
-            "student_temp": L.student_temp,
-            "teacher_temp": L.teacher_temp,
-            "warmup_teacher_temp": L.teacher_temp_warmup,
-            "warmup_teacher_temp_steps": L.teacher_temp_warmup_steps,
-            "center_momentum": L.center_momentum,
-        }
-        self.use_patch = L.patch_weight > 0
-        self.use_dino = L.dino_weight > 0 and cfg.data.local_crops > 0
-        self.use_clip = L.clip_weight > 0
-        self.use_koleo = L.koleo_weight > 0
-        self.proto = L.patch == "proto"
-        self.patch_head = self.cls_head = None
-        if self.use_patch and self.proto:
-            self.patch_head = build_head("dino", D, cfg.head.out_dim, **hk)
-            self.patch_loss = PatchPrototypeLoss(
-                cfg.head.out_dim,
-                masked_weight=L.patch_masked_weight,
-                visible_weight=L.patch_visible_weight,
-                **cent,
-            )
-        elif self.use_patch:
-            self.patch_loss = PatchFeatureLoss(
-                L.patch,
-                masked_weight=L.patch_masked_weight,
-                visible_weight=L.patch_visible_weight,
-                student_dim=D,
-                teacher_dim=teacher_dim,
-            )
-        if self.use_dino:
-            if cfg.head.shared and self.patch_head is not None:
-                self.cls_head = self.patch_head
-            else:
-                self.cls_head = build_head("dino", D, cfg.head.out_dim, **hk)
-            self.dino_loss = DINOLoss(cfg.head.out_dim, **cent)
-        if self.use_clip:
+        self.targets = targets
+        self.text, text_dim = text if text is not None else (None, 0)
+        width = student.embed_dim
+        self.patch_head, self.patch_loss = self._patch_term(cfg, width, targets.dim)
+        self.cls_head = self.dino_loss = None
+        if cfg.loss.dino_weight > 0 and cfg.data.local_crops > 0:
+            shared = cfg.head.shared and self.patch_head is not None
+            self.cls_head = self.patch_head if shared else self._head(width)
+            self.dino_loss = DINOLoss(cfg.head.out_dim, **self._centering())
+        self.clip_loss = None
+        if cfg.loss.clip_weight > 0:
             pairs = (("alt", 0), ("caption", 1 if student.num_global_tokens > 1 else 0))
             self.clip_loss = ImageTextLoss(
-                pairs=pairs, image_dim=D, text_dim=text_dim, init_temperature=L.clip_temp_init
+                pairs=pairs, image_dim=width, text_dim=text_dim, init_temperature=cfg.loss.clip_temp_init
             )
-        if self.use_koleo:
-            self.koleo_loss = KoLeoLoss()
-        # ---- state outside the engine (not submodules: ZeRO must not partition them)
-        adapter = None
-        if cfg.mode == "distill" and teacher_dim != D:
-            adapter = frozen_projection(teacher_dim, D, seed=cfg.seed)
-        # DeepSpeed broadcasts parameters as uint8 views, which fails on 0-dim tensors (e.g. a learnable
-        # temperature): store them as shape (1,) (broadcasting keeps the maths unchanged);
-        # before the EMA copies below, so they match
-        for mod in self.modules():
-            for name, prm in list(mod.named_parameters(recurse=False)):
-                if prm.ndim == 0:
-                    setattr(mod, name, nn.Parameter(prm.detach().reshape(1), requires_grad=prm.requires_grad))
-        ext: dict[str, Any] = {"teacher": None, "ema_student": None, "ema_patch": None, "ema_cls": None}
-        from .objectives import HeadEMA
+        self.koleo_loss = KoLeoLoss() if cfg.loss.koleo_weight > 0 else None
+        _scalar_params_as_vectors(self)  # before the EMA copies, so they match
+        adapter = frozen_projection(targets.dim, width, seed=cfg.seed) if targets.dim != width else None
+        self.ema_heads = EMAHeads(self.patch_head, self.cls_head, adapter)
 
-        mk = {
-            "total_steps": cfg.steps,
-            "momentum_start": cfg.ema.momentum,
-            "momentum_end": cfg.ema.momentum_end,
+    def _head(self, width: int) -> nn.Module:
+        head = self.cfg.head
+        return build_head(
+            "dino",
+            width,
+            head.out_dim,
+            hidden_dim=head.hidden_dim,
+            bottleneck_dim=head.bottleneck_dim,
+            nlayers=head.nlayers,
+        )
+
+    def _centering(self) -> dict[str, Any]:
+        loss = self.cfg.loss
+        return {
+            "student_temp": loss.student_temp,
+            "teacher_temp": loss.teacher_temp,
+            "center_momentum": loss.center_momentum,
+            "centering": loss.centering,
+            "sinkhorn_iters": loss.sinkhorn_iters,
         }
-        if self.patch_head is not None:
-            ext["ema_patch"] = HeadEMA(self.patch_head, adapter=copy.deepcopy(adapter), **mk)
-        if self.cls_head is not None:
-            ext["ema_cls"] = (
-                ext["ema_patch"]
-                if self.cls_head is self.patch_head
-                else HeadEMA(self.cls_head, adapter=copy.deepcopy(adapter), **mk)
-            )
-        if cfg.mode == "pretrain" and cfg.ema.kind == "full":
-            ema_s = copy.deepcopy(student)
-            ema_s.eval().requires_grad_(False)
-            ext["ema_student"] = ema_s
-        object.__setattr__(self, "ext", ext)
-        self.step = 0
-        self.caption_grans = [g for g in L.caption_probs]
 
-    # ------------------------------------------------------------------ targets
-    @torch.no_grad()
-    def _targets(self, batch: dict[str, Any], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
-        g = batch["global"]
-        if cfg.mode == "distill" and cfg.teacher.source == "cache":
-            return batch["t_patch"].float(), batch["t_cls"].float()
-        if cfg.mode == "distill":
-            teacher = self.ext["teacher"]
-            x = batch.get("t_image", g).to(next(teacher.parameters()).dtype)
-            tf = teacher.encode_image(x, layer=cfg.teacher.layer)
-        elif self.ext["ema_student"] is not None:
-            tf = self.ext["ema_student"](g, None)
-        else:  # head-only EMA: the shared encoder on the unmasked crop
-            tf = self.student(g, None)
-        patch = tf.patch.float()
-        if tuple(patch.shape[1:3]) != tuple(grid):
-            patch = torch.stack([resample_grid(p, grid) for p in patch.cpu()]).to(g.device)
-        return patch, tf.cls.float()
+    def _patch_term(
+        self, cfg: TrainConfig, width: int, teacher_dim: int
+    ) -> tuple[nn.Module | None, nn.Module | None]:
+        """The patch head (prototype loss only) and the patch loss; ``(None, None)`` without the term."""
+        loss = cfg.loss
+        weights = {"masked_weight": loss.patch_masked_weight, "visible_weight": loss.patch_visible_weight}
+        if loss.patch_weight <= 0:
+            return None, None
+        if loss.patch == "proto":
+            return self._head(width), PatchPrototypeLoss(cfg.head.out_dim, **weights, **self._centering())
+        return None, PatchFeatureLoss(loss.patch, **weights, student_dim=width, teacher_dim=teacher_dim)
 
-    def _draw_granularities(self, batch: dict[str, Any], available: list[set[str]]) -> list[str | None]:
-        """CLS2's caption granularity per example: drawn from the sample's own uniform ``caption_u``
-        (seeded per sample in the data, so independent of batch split and world size), then the
-        :class:`CaptionSampler` fallback order for missing captions."""
-        from .objectives import CaptionSampler
-
-        probs = dict(self.cfg.loss.caption_probs)
-        sampler = CaptionSampler(probs)
-        names = list(probs)
-        cdf = torch.tensor([probs[g] for g in names], dtype=torch.float64).cumsum(0)
-        u = batch["caption_u"].double().cpu()
-        idx = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=len(names) - 1)
-        return sampler.resolve([names[i] for i in idx.tolist()], available)
-
-    def _text(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        if self.text_source == "cache":
-            text, valid = batch["text"], batch.get("text_valid", {})
-            B = text["alt"].shape[0]
-            vm = {g: (valid[g].bool().cpu() if g in valid else torch.ones(B, dtype=torch.bool)) for g in text}
-            avail = [{g for g in self.caption_grans if g in text and bool(vm[g][b])} for b in range(B)]
-            grans = self._draw_granularities(batch, avail)
-            ref = text["alt"]
-            emb = torch.zeros_like(ref)
-            for gname in {x for x in grans if x is not None}:
-                sel = torch.tensor([x == gname for x in grans], dtype=torch.bool, device=ref.device)
-                emb = torch.where(sel.unsqueeze(-1), text[gname].to(emb.dtype), emb)
-            ok = torch.tensor([x is not None for x in grans], dtype=torch.bool, device=ref.device)
-            return {"alt": ref, "caption": emb}, {"alt": valid.get("alt"), "caption": ok}
-        caps = batch["captions"]
-        B = len(caps["alt"])
-        per_ex = [
-            {g: (caps[g][i] if bool(batch["caption_valid"][g][i]) else None) for g in caps} for i in range(B)
-        ]
-        avail = [{g for g in self.caption_grans if c.get(g)} for c in per_ex]
-        grans = self._draw_granularities(batch, avail)
-        texts = [None if g is None else c[g] for g, c in zip(grans, per_ex)]
-        alt = [c.get("alt") for c in per_ex]
-        valid = {
-            "alt": torch.tensor([a is not None for a in alt], dtype=torch.bool),
-            "caption": torch.tensor([t is not None for t in texts], dtype=torch.bool),
-        }
-        alt = [a or "" for a in alt]
-        texts = [t or "" for t in texts]
-        if self.text_source == "student":
-            enc = self.student.encode_text
-            return {"alt": enc(alt), "caption": enc(texts)}, valid
-        with torch.no_grad():
-            enc = self.ext["teacher"].encode_text
-            return {"alt": enc(alt).float(), "caption": enc(texts).float()}, valid
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        L = self.cfg.loss
-        g = batch["global"]
-        B = g.shape[0]
-        p = self.student.patch_size
-        grid = (g.shape[-2] // p, g.shape[-1] // p)
-        mask = batch["mask"].bool() if L.mask_ratio > 0 else None  # drawn per sample by the data
-        feats = self.student(g, mask)
-        t_patch, t_cls = self._targets(batch, grid)
+    # ------------------------------------------------------------------------------------- forward
+    def forward(self, batch: dict[str, Any], *, teacher_temp: float) -> dict[str, torch.Tensor]:
+        loss = self.cfg.loss
+        pixels = batch["global"]
+        patch_size = self.student.patch_size
+        grid = (pixels.shape[-2] // patch_size, pixels.shape[-1] // patch_size)
+        mask = batch["mask"].bool() if loss.mask_ratio > 0 else None  # drawn per sample by the data
+        feats = self.student(pixels, mask)
+        t_patch, t_cls = self.targets(batch, grid)
         terms: dict[str, torch.Tensor] = {}
-        step = self.step
-        if self.use_patch:
-            if self.proto:
-                s_logits = self.patch_head(feats.patch.float().to(self._head_dtype(self.patch_head)))
-                t_logits = self.ext["ema_patch"](t_patch.to(self._head_dtype(self.ext["ema_patch"])))
-                out = self.patch_loss(s_logits.float(), t_logits.float(), mask, step)
-            else:
-                out = self.patch_loss(feats.patch.to(self._head_dtype(self.patch_loss)), t_patch, mask)
-            terms["patch"] = L.patch_weight * out["patch"]
-        if self.use_dino:
-            loc = batch["locals"]
-            n = loc.shape[1]
-            lf = self.student(loc.reshape(B * n, *loc.shape[2:]), None)
-            s_cls = self.cls_head(lf.cls[:, 0].to(self._head_dtype(self.cls_head)))  # (B*n, K)
-            s_cls = s_cls.float().reshape(B, n, -1).transpose(0, 1)  # (n, B, K)
-            t_logits = self.ext["ema_cls"](t_cls[:, 0].to(self._head_dtype(self.ext["ema_cls"]))).float()
-            terms["dino"] = L.dino_weight * self.dino_loss(s_cls, t_logits, step)["dino"]
-        if self.use_clip:
-            text, valid = self._text(batch)
-            gt = feats.cls.float().to(self._head_dtype(self.clip_loss))
-            text = {k: v.to(gt.dtype) for k, v in text.items()}
-            valid = {k: v.to(g.device) for k, v in valid.items() if v is not None}
-            terms["clip"] = L.clip_weight * self.clip_loss(gt, text, valid)["clip"].float()
-        if self.use_koleo:
-            terms["koleo"] = L.koleo_weight * self.koleo_loss(feats.cls[:, 0].float())["koleo"]
+        if self.patch_loss is not None:
+            terms["patch"] = loss.patch_weight * self._patch(feats.patch, t_patch, mask, teacher_temp)
+        if self.dino_loss is not None:
+            terms["dino"] = loss.dino_weight * self._dino(batch["locals"], t_cls, teacher_temp)
+        if self.clip_loss is not None:
+            terms["clip"] = loss.clip_weight * self._clip(feats.cls, batch, pixels.device)
+        if self.koleo_loss is not None:
+            terms["koleo"] = loss.koleo_weight * self.koleo_loss(feats.cls[:, 0].float())["koleo"]
         return terms
 
-    @staticmethod
-    def _head_dtype(m: nn.Module) -> torch.dtype:
-        for p in m.parameters():
-            return p.dtype if p.numel() else torch.float32
-        return torch.float32
+    def _patch(
+        self, tokens: torch.Tensor, t_patch: torch.Tensor, mask: torch.Tensor | None, teacher_temp: float
+    ) -> torch.Tensor:
+        """Student patch tokens ``(B, h, w, D)`` vs teacher tokens ``(B, h, w, D_t)``."""
+        if self.patch_head is None:  # head-free feature loss
+            return self.patch_loss(tokens.to(_head_dtype(self.patch_loss)), t_patch, mask)["patch"]
+        ema = self.ema_heads.patch
+        s_logits = self.patch_head(tokens.float().to(_head_dtype(self.patch_head)))
+        t_logits = ema(t_patch.to(_head_dtype(ema)))
+        return self.patch_loss(s_logits.float(), t_logits.float(), mask, teacher_temp=teacher_temp)["patch"]
+
+    def _dino(self, local_crops: torch.Tensor, t_cls: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Local crops ``(B, n, 3, s, s)`` through the student vs the teacher's CLS1 ``(B, D_t)``."""
+        batch_size, n_local = local_crops.shape[:2]
+        local_feats = self.student(local_crops.reshape(batch_size * n_local, *local_crops.shape[2:]), None)
+        s_logits = self.cls_head(local_feats.cls[:, 0].to(_head_dtype(self.cls_head)))  # (B*n, K)
+        s_logits = s_logits.float().reshape(batch_size, n_local, -1).transpose(0, 1)  # (n, B, K)
+        ema = self.ema_heads.cls
+        t_logits = ema(t_cls[:, 0].to(_head_dtype(ema))).float()
+        return self.dino_loss(s_logits, t_logits, teacher_temp=teacher_temp)["dino"]
+
+    def _clip(self, global_tokens: torch.Tensor, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """Global tokens ``(B, C, D)`` vs the caption embeddings of the batch."""
+        text, valid = self.text(batch)
+        image = global_tokens.float().to(_head_dtype(self.clip_loss))
+        text = {key: emb.to(image.dtype) for key, emb in text.items()}
+        valid = {key: ok.to(device) for key, ok in valid.items() if ok is not None}
+        return self.clip_loss(image, text, valid)["clip"].float()
 
 
 @dataclass
@@ -303,143 +213,132 @@ class BuiltTask:
     sampler: ResumableSampler
     info: dict[str, Any] = field(default_factory=dict)
 
-    def set_step(self, step: int, vals: dict[str, float]) -> None:
-        self.task.step = step
+    def _outside(self) -> dict[str, nn.Module]:
+        """The out-of-engine modules that train (EMA copies), by checkpoint name."""
+        task = self.task
+        modules = {**task.ema_heads.modules(), **task.targets.modules()}
+        return {name: module for name, module in modules.items() if name != "teacher"}
 
     @torch.no_grad()
-    def after_step(self, step: int, engine: Any, gather: Callable) -> None:
-        """EMA updates after optimizer step ``step`` (parameters gathered under ZeRO-3)."""
-        t, ext = self.task, self.task.ext
-        m = None
-        done = set()
-        for key, head in (("ema_patch", t.patch_head), ("ema_cls", t.cls_head)):
-            ema = ext[key]
-            if ema is None or id(ema) in done:
-                continue
-            done.add(id(ema))
-            m = ema.update(head, step, gather=gather)
-        if ext["ema_student"] is not None:
-            m = ext["ema_patch"].momentum(step) if m is None else m
-            params = list(t.student.parameters())
-            with gather(params):
-                for pe, ps in zip(ext["ema_student"].parameters(), params, strict=True):
-                    pe.mul_(m).add_(ps.detach().to(pe.dtype), alpha=1.0 - m)
+    def after_step(self, *, momentum: float, gather: Callable) -> None:
+        """EMA updates after an optimizer step at the scheduled ``momentum`` (parameters gathered under ZeRO-3)."""
+        task = self.task
+        task.ema_heads.update(task.patch_head, task.cls_head, momentum=momentum, gather=gather)
+        task.targets.update(task.student, momentum=momentum, gather=gather)
 
     def aux_state(self) -> dict[str, Any]:
-        ext = self.task.ext
-        out = {k: ext[k].state_dict() for k in ("ema_patch", "ema_cls", "ema_student") if ext[k] is not None}
-        out["step"] = self.task.step
-        return out
+        return {name: module.state_dict() for name, module in self._outside().items()}
 
     def load_aux_state(self, state: dict[str, Any]) -> None:
-        ext = self.task.ext
-        for k in ("ema_patch", "ema_cls", "ema_student"):
-            if ext[k] is not None:
-                if k not in state:
-                    raise ValueError(
-                        f"checkpoint lacks the {k} state this recipe needs; resume with the same recipe"
-                    )
-                ext[k].load_state_dict(state[k])
-        self.task.step = int(state.get("step", 0))
+        for name, module in self._outside().items():
+            if name not in state:
+                raise ValueError(
+                    f"checkpoint lacks the {name} state this recipe needs; resume with the same recipe"
+                )
+            module.load_state_dict(state[name])
 
 
+# ------------------------------------------------------------------------------------------ building
 def build_student_from_config(cfg: TrainConfig) -> nn.Module:
-    from students import build_student
-
     student = build_student(cfg.student.name, **cfg.student.kwargs)
     if cfg.student.init != "random":
-        from .export import load_student_weights
-
         load_student_weights(student, cfg.student.init)
     return student
 
 
-def build_source_dataset(cfg: TrainConfig) -> Any:
-    import cache.datasets as cd
+def _build_targets(
+    cfg: TrainConfig, student: nn.Module, cache: FeatureCache | None, device: torch.device
+) -> Targets:
+    source = cfg.teacher.source
+    if source == "cache":
+        return CachedTargets(cache.spec.dim)
+    if source == "online":
+        return OnlineTargets(
+            build_teacher(cfg.teacher.name, **cfg.teacher.kwargs).to(device), cfg.teacher.layer
+        )
+    if cfg.ema.kind == "full":
+        return EMAStudentTargets(student)
+    return SelfTargets(student)
 
-    try:  # register the built-in datasets
-        import cache.synthetic  # noqa: F401
-    except ImportError:
-        pass
-    return cd.build_dataset(cfg.data.dataset, **cfg.data.dataset_kwargs)
 
-
-def build_online_teacher(cfg: TrainConfig) -> nn.Module:
-    import teachers
-
-    try:
-        import teachers.timm_teacher  # noqa: F401
-    except ImportError:
-        pass
-    return teachers.build_teacher(cfg.teacher.name, **cfg.teacher.kwargs)
+def _build_text(
+    cfg: TrainConfig, student: nn.Module, targets: Targets, cache: FeatureCache | None
+) -> tuple[TextSource, int] | None:
+    """The caption source named by ``loss.text_source`` and its width; ``None`` without a CLIP term."""
+    source, probs = cfg.loss.text_source, cfg.loss.caption_probs
+    if cfg.loss.clip_weight <= 0:
+        return None
+    if source == "cache":
+        if cache is None or not cache.spec.has_text:
+            where = (
+                f"cache {cfg.cache.path} has no caption embeddings (incl. 'alt')"
+                if cache
+                else "no cache.path"
+            )
+            raise ValueError(
+                f"loss.text_source=cache, but {where}; cache captions in stage 1 (a teacher with a text tower), "
+                "or set loss.text_source=student (student.kwargs.text=...) or loss.clip_weight=0"
+            )
+        return CachedText(probs), cache.spec.text_dim
+    if source == "student":
+        if not getattr(student, "has_text", False):
+            raise ValueError(
+                "loss.text_source=student needs a student text tower: student.kwargs.text={kind: tips, ...}"
+            )
+        return TowerText(student.encode_text, probs, trainable=True), student.embed_dim
+    teacher = targets.modules().get("teacher")
+    if not getattr(teacher, "has_text", False):
+        raise ValueError(
+            "loss.text_source=teacher needs an online teacher with a text tower (teacher.source=online)"
+        )
+    return TowerText(teacher.encode_text, probs, trainable=False), teacher.embed_dim
 
 
 def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: int = 1) -> BuiltTask:
-    """Build the student, heads, losses, data and the out-of-engine state for ``cfg``."""
+    """Build the student, heads, losses, targets, data and the out-of-engine state for ``cfg``."""
     torch.manual_seed(cfg.seed)
     student = build_student_from_config(cfg)
-    p = student.patch_size
-    if cfg.data.image_size % p or cfg.data.local_size % p:
+    patch_size = student.patch_size
+    if cfg.data.image_size % patch_size or cfg.data.local_size % patch_size:
         raise ValueError(
             f"data.image_size={cfg.data.image_size} and data.local_size={cfg.data.local_size} must be multiples "
-            f"of the student's patch size {p}"
+            f"of the student's patch size {patch_size}"
         )
-    grid = (cfg.data.image_size // p, cfg.data.image_size // p)
-    source = build_source_dataset(cfg)
-    cache = None
+    grid = (cfg.data.image_size // patch_size, cfg.data.image_size // patch_size)
+    source = build_dataset(cfg.data.dataset, **cfg.data.dataset_kwargs)
     info: dict[str, Any] = {"student": getattr(student, "config", {}), "student_grid": list(grid)}
-    teacher = None
-    teacher_dim = student.embed_dim
-    text_dim, text_source = student.embed_dim, "none"
-    if cfg.cache.path:
-        expect = {}
-        if cfg.cache.expect_dim:
-            expect["dim"] = cfg.cache.expect_dim
-        if cfg.cache.expect_grid:
-            expect["grid"] = tuple(cfg.cache.expect_grid)
-        cache = open_cache(cfg.cache.path, expect=expect or None)
-        cinfo = check_cache(cache, cfg)
-        info["cache"] = cinfo
-        if cfg.teacher.source == "cache":
-            teacher_dim = cinfo["dim"]
-        if cinfo["text_dim"] and "alt" in cinfo["granularities"]:
-            text_dim, text_source = cinfo["text_dim"], "cache"
-    if cfg.teacher.source == "online":
-        teacher = build_online_teacher(cfg).to(device)
-        teacher_dim = teacher.embed_dim
-        info["teacher"] = teacher.identity()
-    if text_source == "none":
-        if getattr(student, "has_text", False):
-            text_dim, text_source = student.embed_dim, "student"
-        elif teacher is not None and getattr(teacher, "has_text", False):
-            text_dim, text_source = teacher.embed_dim, "teacher"
-    if cfg.loss.clip_weight > 0 and text_source == "none":
-        raise ValueError(
-            "loss.clip_weight > 0 needs caption embeddings: a cache with text embeddings (incl. 'alt'), a student "
-            "text tower (student.kwargs.text=...) or an online teacher with a text tower; or set loss.clip_weight=0"
+    cache = open_cache(cfg.cache.path) if cfg.cache.path else None
+    if cache is not None:
+        info["cache"] = check_cache(cache, cfg)
+    targets = _build_targets(cfg, student, cache, device)
+    if isinstance(targets, OnlineTargets):
+        info["teacher"] = targets.teacher.identity()
+    text = _build_text(cfg, student, targets, cache)
+    info["text_source"] = cfg.loss.text_source if text is not None else "none"
+    if not cfg.uses_heads and cfg.ema.kind == "head":
+        logger.info(
+            "ema.kind=head: this recipe has no prototype head (no proto patch loss, no DINO); nothing to average"
         )
-    info["text_source"] = text_source
-    task = TaskModule(cfg, student, teacher_dim=teacher_dim, text_dim=text_dim, text_source=text_source)
-    task.ext["teacher"] = teacher
-    for k in ("ema_patch", "ema_cls", "ema_student"):
-        m = task.ext[k]
-        if m is not None:  # move children (HeadEMA shadows nn.Module._apply, so no .to() on it)
-            for child in m.children():
-                child.to(device)
+    task = TaskModule(cfg, student, targets=targets, text=text)
+    for module in task.ema_heads.modules().values():  # HeadEMA shadows nn.Module._apply: move its children
+        for child in module.children():
+            child.to(device)
+    for module in task.targets.modules().values():
+        module.to(device)
     task.to(device)
-    t_size = cfg.teacher.image_size if cfg.teacher.source == "online" else 0
+    reads_cache = cfg.teacher.source == "cache" or isinstance(task.text, CachedText)
     dataset = DistillDataset(
         source,
         cfg.data,
         grid,
-        cache=cache if cfg.teacher.source == "cache" or text_source == "cache" else None,
+        cache=cache if reads_cache else None,
         target=cfg.cache.target,
-        teacher_image_size=t_size,
+        teacher_image_size=cfg.teacher.image_size if cfg.teacher.source == "online" else 0,
         seed=cfg.seed,
         mask_ratio=cfg.loss.mask_ratio,
     )
     sampler = ResumableSampler(len(dataset), rank=rank, world=world, seed=cfg.seed)
     info["num_samples"] = len(dataset)
     info["skipped"] = len(dataset.skipped_keys)
-    info["trainable_params"] = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    info["trainable_params"] = sum(prm.numel() for prm in task.parameters() if prm.requires_grad)
     return BuiltTask(task=task, student=student, dataset=dataset, sampler=sampler, info=info)

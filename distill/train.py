@@ -7,10 +7,12 @@
   ``deepspeed`` they come from the launcher. Backend nccl on CUDA, gloo otherwise;
 - ``deepspeed.initialize`` with ZeRO stage 0-3 (or a user DeepSpeed JSON), fp32 or bf16, gradient
   accumulation and clipping; a client ``torch.optim.AdamW`` with parameter groups (no weight decay
-  on norms, biases, tokens and position embeddings); LR warm-up + cosine and a weight-decay cosine set
-  on the param groups before every optimizer step (step-indexed, see ``distill.schedules``);
-- after each optimizer step the head-only EMA (or the full EMA teacher) is updated from the trained
-  parameters, gathered under ZeRO-3 with ``deepspeed.zero.GatheredParameters``;
+  on norms, biases, tokens and position embeddings);
+- the loop owns every schedule (``distill.schedules.Schedules``, step-indexed, built once): before each
+  optimizer step it sets lr and weight decay on the param groups and passes the teacher temperature
+  into the task (``engine(batch, teacher_temp=...)``); after it, the EMA momentum into the EMA updates
+  (head-only EMA, or the full EMA teacher), read from the trained parameters gathered under ZeRO-3
+  with ``deepspeed.zero.GatheredParameters``;
 - every micro step is seeded from ``(seed, step, micro, rank)`` and every sample from
   ``(seed, epoch, index)``, so ``--resume auto`` continues bit-identically;
 - a non-finite loss term stops the run (all ranks agree) naming the step and the term, before the
@@ -21,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,11 +35,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict, save_resolved
-from .data import sample_seed
+from .data import collate, sample_seed
+from .export import export_student
 from .schedules import Schedules
+from .task import build_task
+
+# deepspeed is imported inside the functions that use it: it reads DS_ACCELERATOR when imported,
+# which setup_env() sets first
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +155,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def _gather_ctx(zero_stage: int):
     """Callable ``params -> context`` materialising ZeRO-3 partitioned parameters (no-op otherwise)."""
-    import contextlib
-
     if zero_stage == 3:
         import deepspeed
 
@@ -154,7 +162,9 @@ def _gather_ctx(zero_stage: int):
     return lambda params: contextlib.nullcontext()
 
 
-def register_zero3_external(task: torch.nn.Module, probe_batch: dict[str, Any]) -> int:
+def register_zero3_external(
+    task: torch.nn.Module, probe_batch: dict[str, Any], *, teacher_temp: float
+) -> int:
     """Under ZeRO-3, parameters read outside their own module's ``forward`` (patch-embed weights used
     through ``F.conv2d``, cls/reg/mask tokens, position tables) must be registered as external
     parameters of the root, or they stay partitioned. Found with one probe forward: every parameter
@@ -168,7 +178,7 @@ def register_zero3_external(task: torch.nn.Module, probe_batch: dict[str, Any]) 
     try:
         task.eval()  # no center updates
         with torch.no_grad():
-            task(probe_batch)
+            task(probe_batch, teacher_temp=teacher_temp)
     finally:
         for h in hooks:
             h.remove()
@@ -201,10 +211,6 @@ class _Loader:
     """Endless, resumable iteration over epochs: tracks ``(epoch, consumed)`` of this rank."""
 
     def __init__(self, dataset, sampler, cfg: TrainConfig) -> None:
-        from torch.utils.data import DataLoader
-
-        from .data import collate
-
         self.dataset, self.sampler, self.cfg = dataset, sampler, cfg
         self.batch = cfg.data.batch_size
         if len(sampler.order()) < self.batch:
@@ -268,8 +274,6 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     setup_env()
     import deepspeed
 
-    from .task import build_task
-
     device = device_for_rank()
     backend = cfg.engine.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
@@ -307,18 +311,18 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
         weight_decay=cfg.optim.weight_decay,
     )
     apply_wd = [g["apply_wd"] for g in groups]
+    schedules = Schedules(cfg)  # every schedule of the run: lr, weight decay, EMA momentum, teacher temp
     if zero_stage == 3:
         # probe on a tiny batch to find parameters read outside their module's forward
         probe = _to_device(loader.next(), device)
         loader.seek(0, 0)
         torch.manual_seed(sample_seed(cfg.seed, 99991))
-        n_ext = register_zero3_external(task, probe)
+        n_ext = register_zero3_external(task, probe, teacher_temp=schedules.teacher_temp(0))
         logger.info("ZeRO-3: %d parameters registered as external to the root module", n_ext)
     engine, _, _, _ = deepspeed.initialize(
         model=task, optimizer=optimizer, config=ds_cfg, dist_init_required=False
     )
     gather = _gather_ctx(zero_stage)
-    sched = Schedules(cfg)
 
     # ---- resume
     step = 0
@@ -344,14 +348,12 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     log_f = open(log_path, "a") if is_main else None
     tb = None
     if is_main and cfg.log.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
 
         tb = SummaryWriter(str(out / "tensorboard"))
     bar = None
     stop = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
     if is_main and cfg.log.progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.recipe}", dynamic_ncols=True)
     global_batch = cfg.data.batch_size * cfg.optim.accum_steps * world
     history: list[dict[str, float]] = []
@@ -359,11 +361,10 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     t_last = time.time()
     try:
         while step < stop:
-            vals = sched.at(step)
+            vals = schedules.at(step)
             for g, wd_on in zip(engine.optimizer.param_groups, apply_wd):
                 g["lr"] = vals["lr"]
                 g["weight_decay"] = vals["wd"] if wd_on else 0.0
-            built.set_step(step, vals)
             acc: dict[str, float] = {}
             t_data = 0.0
             for micro in range(cfg.optim.accum_steps):
@@ -371,7 +372,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                 batch = _to_device(loader.next(), device)
                 t_data += time.time() - t0
                 torch.manual_seed(sample_seed(cfg.seed, step, micro, rank))
-                terms = engine(batch)
+                terms = engine(batch, teacher_temp=vals["teacher_temp"])
                 total = sum(terms.values())
                 terms = {**terms, "loss": total}
                 red = _all_reduce_terms(terms, world)
@@ -386,7 +387,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                 engine.step()
                 for k, v in red.items():
                     acc[k] = acc.get(k, 0.0) + v / cfg.optim.accum_steps
-            built.after_step(step, engine, gather)
+            built.after_step(momentum=vals["momentum"], gather=gather)
             step += 1
             now = time.time()
             rec = {
@@ -439,8 +440,6 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
         final = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1]}
     export_path = None
     if step == cfg.steps:
-        from .export import export_student
-
         export_path = out / "export"
         with gather(list(built.student.parameters())):
             if is_main:

@@ -105,7 +105,7 @@ def train_step_flops(args: argparse.Namespace, cache_dir: Path) -> float:
     built = build_task(cfg, device=torch.device("cpu"))
     batch = _Loader(built.dataset, built.sampler, cfg).next()
     with FlopCounterMode(display=False) as fc:
-        sum(built.task(batch).values()).backward()
+        sum(built.task(batch, teacher_temp=cfg.loss.teacher_temp).values()).backward()
     return float(fc.get_total_flops())
 
 

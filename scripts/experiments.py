@@ -31,9 +31,7 @@ its own text tower (plus retrieval recall on the validation captions):
   measured with ``--steps 400``; the recipes' teacher-temperature warm-up (3000 of 90000 steps) is
   scaled to the same fraction of the steps (13 of 400);
 - ``distill_text``: ``seed0`` with a trainable student text tower instead of the cached (locked)
-  teacher caption embeddings; it reads a copy of the cache with the caption embeddings hidden
-  (``<out>/cache_notext``: same features, ``granularities`` set to ``[]``), since the engine prefers
-  cached captions over a student text tower.
+  teacher caption embeddings (``loss.text_source=student``; same cache).
 
 Prints a table (mean and spread over seeds) and writes ``experiments.json`` / ``experiments.md``.
 

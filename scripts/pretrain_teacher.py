@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--export-from", default=None, help="only export: copy RUN's checkpoint to --export-to and measure it"
     )
-    ap.add_argument("--export-to", default="distill/assets/embedded_teacher")
+    ap.add_argument("--export-to", default="teachers/assets/embedded_teacher")
     ap.add_argument("--out", default="runs/embedded_teacher")
     ap.add_argument(
         "--minutes", type=float, default=40.0, help="wall-clock budget; the schedule is sized to it"
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             tc["vocab_size"], tc["width"], tc["depth"], tc["num_heads"], tc["mlp_dim"], tc["max_len"]
         )
     else:
-        from students.text import HFTextTower, minilm_path
+        from teachers.text import HFTextTower, minilm_path
 
         text = HFTextTower(minilm_path(), out_dim=tc["out_dim"], max_len=tc["max_len"], freeze=True)
     t1 = time.time()

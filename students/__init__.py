@@ -11,6 +11,7 @@ from .heads import (
 )
 from .io import load_student, load_student_weights, read_export_config
 from .text import HFTextTower, TipsStudentTextTower, build_text_tower, train_sentencepiece
+from .variants import VARIANTS  # registers the small TIPSv2 shapes with timm
 from .vit import CONFIG_KEYS, Student, build_student, student_from_config
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "MLPAdapter",
     "Student",
     "TipsStudentTextTower",
+    "VARIANTS",
     "build_head",
     "build_student",
     "build_text_tower",

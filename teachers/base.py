@@ -152,3 +152,30 @@ def build_teacher(name: str, **kwargs: Any) -> Teacher:
         raise ValueError(f"unknown teacher {name!r}; known teachers: {', '.join(list_teachers())}")
     teacher = _REGISTRY[name](**kwargs)
     return teacher.freeze()
+
+
+def normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(pixels - mean) / std`` per channel; ``mean``/``std`` are ``(3,)`` buffers."""
+    return (pixels - mean.to(pixels).view(1, -1, 1, 1)) / std.to(pixels).view(1, -1, 1, 1)
+
+
+def strict_load(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:5]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
+        if shapes:
+            parts.append(f"{len(shapes)} with wrong shape (e.g. {shapes[:3]})")
+        raise ValueError(f"checkpoint {source} does not match the model key set: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)

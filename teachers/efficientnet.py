@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from .base import DenseFeatures, Teacher, check_pixels, register_teacher
-from .timm_teacher import normalise, strict_load
+from .base import DenseFeatures, Teacher, check_pixels, normalise, register_teacher, strict_load
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The embedded teacher: a small TIPS-architecture ViT + TIPS text tower pretrained on the synthetic scenes.
 
-``build_teacher("embedded")`` loads the checkpoint committed under ``distill/assets/embedded_teacher/``
+``build_teacher("embedded")`` loads the checkpoint committed under ``teachers/assets/embedded_teacher/``
 (``model.safetensors``, ``config.json``, ``tokenizer.model``); ``path=`` points at another folder
 with the same files (for example a run of ``python -m scripts.pretrain_teacher --out DIR``).
 
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .base import DenseFeatures, Teacher, check_pixels, register_teacher
+from .text import HFTextTower, minilm_path
 from .tips_text import TipsTextTower, TipsTokenizer
 from .vit import vit_dense_forward
 
@@ -35,8 +36,8 @@ REQUIRED_FILES = ("model.safetensors", "config.json", "tokenizer.model")
 
 
 def default_path() -> Path:
-    """``distill/assets/embedded_teacher`` next to this package (works installed or from a checkout)."""
-    return Path(__file__).resolve().parents[1] / "distill" / "assets" / "embedded_teacher"
+    """``teachers/assets/embedded_teacher`` next to this package (works installed or from a checkout)."""
+    return Path(__file__).resolve().parent / "assets" / "embedded_teacher"
 
 
 class EmbeddedTeacher(Teacher):
@@ -53,7 +54,7 @@ class EmbeddedTeacher(Teacher):
         missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
         if missing:
             raise FileNotFoundError(
-                f"embedded teacher folder {folder} lacks {missing}; restore distill/assets/embedded_teacher from "
+                f"embedded teacher folder {folder} lacks {missing}; restore teachers/assets/embedded_teacher from "
                 "git, or pretrain one with `python -m scripts.pretrain_teacher --out DIR` and pass path=DIR"
             )
         self.path = folder
@@ -71,8 +72,6 @@ class EmbeddedTeacher(Teacher):
             )
         elif self.text_kind == "minilm":
             # locked all-MiniLM-L6-v2 (from its package) + the projection trained with the teacher
-            from students.text import HFTextTower, minilm_path
-
             self.text = HFTextTower(minilm_path(), out_dim=tc["out_dim"], max_len=tc["max_len"], freeze=True)
         else:
             raise ValueError(f"{folder / 'config.json'}: unknown text tower kind {self.text_kind!r}")

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import VALUE_READOUTS, DenseFeatures, Teacher, check_pixels, register_teacher
-from .timm_teacher import normalise
+from .base import VALUE_READOUTS, DenseFeatures, Teacher, check_pixels, normalise, register_teacher
 
 logger = logging.getLogger(__name__)
 

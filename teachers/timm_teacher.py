@@ -14,17 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import DenseFeatures, Teacher, check_pixels, register_teacher
+from .base import DenseFeatures, Teacher, check_pixels, normalise, register_teacher, strict_load
 from .vit import vit_dense_forward
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
-
-def normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``(pixels - mean) / std`` per channel; ``mean``/``std`` are ``(3,)`` buffers."""
-    return (pixels - mean.to(pixels).view(1, -1, 1, 1)) / std.to(pixels).view(1, -1, 1, 1)
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -51,28 +46,6 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if not isinstance(sd, dict):
         raise ValueError(f"checkpoint {path!r} does not hold a state dict (got {type(sd).__name__})")
     return {k.removeprefix("module."): v for k, v in sd.items()}
-
-
-def strict_load(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists missing/unexpected/mis-shaped keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and sd[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:5]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
-        if shapes:
-            parts.append(f"{len(shapes)} with wrong shape (e.g. {shapes[:3]})")
-        raise ValueError(f"checkpoint {source} does not match the model key set: " + "; ".join(parts))
-    model.load_state_dict(sd, strict=True)
 
 
 class TimmViTTeacher(Teacher):

@@ -6,7 +6,10 @@ every experiment variant on both bases and the experiments' size flags, the ``(r
 ``scripts/demo.py`` / ``scripts/experiments.py`` passed to ``load_config`` at commit 830404a (captured
 by wrapping ``load_config``, with output folder ``OUT``, cache ``CACHE/index.h5``, teacher folder
 ``/TEACHER``). Resolving those inputs today gives the old config; the new construction must equal it
-in every field but ``recipe`` (the old runs were named ``distill``, they are now ``embedded``).
+in every field but ``recipe`` (the old runs were named ``distill``, they are now ``embedded``), and
+but the one intended change: a run with the student's own text tower used to find its captions by
+reading a copy of the cache with the caption embeddings hidden (``OUT/cache_notext``; pretraining runs:
+no cache), it now says ``loss.text_source=student`` and reads the cache itself.
 """
 
 from __future__ import annotations
@@ -40,19 +43,31 @@ def new_configs() -> dict[str, object]:
     }
     for bname, base in BASES.items():
         for name, v in vs.items():
-            cache = "OUT/cache_notext/index.h5" if name == "distill_text" else CACHE
-            out[f"{bname}/{name}"] = variant_config(FULL, v, OUT, cache, name, base)
+            out[f"{bname}/{name}"] = variant_config(FULL, v, OUT, CACHE, name, base)
     cli_bench, cli_base = replace(FULL, train_size=2000), ("steps=300", "data.batch_size=32")
     for name in ("seed1", "pretrain_tips"):
         out[f"cli/{name}"] = variant_config(cli_bench, vs[name], OUT, CACHE, name, cli_base)
     return out
 
 
+def own_text_source(data: dict) -> dict:
+    """The old inputs of an own-text-tower run with its caption source said, not hidden (see above)."""
+    data = json.loads(json.dumps(data))
+    if data["student"]["kwargs"].get("text"):
+        data.setdefault("loss", {})["text_source"] = "student"
+        if data.get("cache", {}).get("path") == "OUT/cache_notext/index.h5":
+            data["cache"]["path"] = CACHE
+    return data
+
+
 def test_every_run_resolves_to_the_old_python_recipe() -> None:
     new = new_configs()
     assert set(new) == set(BEFORE)
+    own_text = {n for n, b in BEFORE.items() if b["data"]["student"]["kwargs"].get("text")}
+    runs = ("distill_text", "pretrain_tips", "pretrain_tipsv2")
+    assert own_text == {f"{b}/{n}" for b in BASES for n in runs} | {"cli/pretrain_tips"}
     for name, before in sorted(BEFORE.items()):
-        old = config_to_dict(load_config(before["recipe"], data=before["data"]))
+        old = config_to_dict(load_config(before["recipe"], data=own_text_source(before["data"])))
         got = config_to_dict(new[name])
         want_recipe = "embedded" if before["recipe"] == "distill" else before["recipe"]
         assert (old.pop("recipe"), got.pop("recipe")) == (before["recipe"], want_recipe), name
@@ -84,7 +99,7 @@ def test_experiment_variants_reach_the_train_config(tmp_path: Path) -> None:
     # the pretraining runs scale the recipe's teacher-temperature warm-up (3000 of 90000) to their steps
     assert (
         prev["pretrain_tipsv2"].loss.teacher_temp_warmup_steps == 13
-        and prev["pretrain_tips"].mode == "pretrain"
+        and prev["pretrain_tips"].teacher.source == "ema"
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -11,26 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import teachers.embedded as emb
-from cache import open_cache
-from distill.embedded import FULL, stage_cache
-from distill.experiments import all_finite, notext_cache, summarise, teacher_vision_file
-
-
-def test_notext_cache_hides_the_captions_and_keeps_the_features(tmp_path: Path) -> None:
-    bench = replace(FULL, train_size=4, cache_batch=4)
-    index = stage_cache(bench, tmp_path, None, progress=False)["index"]
-    with_text = open_cache(index)
-    assert with_text.meta["granularities"] == ["alt", "short", "detailed"] and "text" in with_text[0]
-    copy = notext_cache(index, tmp_path / "cache_notext")
-    assert (
-        Path(copy).parent == tmp_path / "cache_notext"
-        and notext_cache(index, tmp_path / "cache_notext") == copy
-    )
-    hidden = open_cache(copy)
-    assert hidden.meta["granularities"] == [] and "text" not in hidden[0]
-    assert torch.equal(hidden[3]["patch"], with_text[3]["patch"]) and torch.equal(
-        hidden[3]["cls"], with_text[3]["cls"]
-    )
+from distill.experiments import all_finite, summarise, teacher_vision_file
 
 
 def test_teacher_vision_file_loads_into_the_teachers_timm_layout(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill.objectives import (
+from distill import (
     CaptionSampler,
     ContrastiveLoss,
     DINOLoss,
@@ -22,11 +22,10 @@ from distill.objectives import (
     PatchPrototypeLoss,
     block_mask,
     build_loss,
-    cosine_momentum,
     random_mask,
     sinkhorn_knopp,
-    teacher_temperature,
 )
+from distill.schedules import cosine, linear_warmup
 from students import build_head
 
 torch.set_num_threads(1)
@@ -193,11 +192,11 @@ def test_dino_loss_matches_loop_and_updates_center() -> None:
     S, T, B, K = 3, 2, 4, 6
     s = _leaf(S, B, K, seed=8)
     t = _leaf(T, B, K, seed=9).detach()
-    loss_mod = DINOLoss(K, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_steps=10).double()
+    loss_mod = DINOLoss(K, teacher_temp=0.07).double()
     center0 = torch.randn(1, K, dtype=torch.float64) * 0.1
     loss_mod.center.copy_(center0)
     step = 4
-    out = loss_mod(s, t, step=step)["dino"]
+    out = loss_mod(s, t, teacher_temp=linear_warmup(step, 10, 0.04, 0.07))["dino"]  # the loop's schedule
     tt = 0.04 + 0.03 * 4 / 10
     ref = s.new_zeros(())
     for i in range(S):
@@ -219,10 +218,10 @@ def test_dino_loss_matches_loop_and_updates_center() -> None:
 
 
 def test_teacher_temperature_schedule() -> None:
-    assert teacher_temperature(0, 0.07, 0.04, 100) == pytest.approx(0.04)
-    assert teacher_temperature(50, 0.07, 0.04, 100) == pytest.approx(0.055)
-    assert teacher_temperature(100, 0.07, 0.04, 100) == pytest.approx(0.07)
-    assert teacher_temperature(5000, 0.07, 0.04, 100) == pytest.approx(0.07)
+    assert linear_warmup(0, 100, 0.04, 0.07) == pytest.approx(0.04)
+    assert linear_warmup(50, 100, 0.04, 0.07) == pytest.approx(0.055)
+    assert linear_warmup(100, 100, 0.04, 0.07) == pytest.approx(0.07)
+    assert linear_warmup(5000, 100, 0.04, 0.07) == pytest.approx(0.07)
 
 
 def test_sinkhorn_knopp_marginals() -> None:
@@ -424,7 +423,11 @@ def test_head_ema_update_formula_and_only_head_params() -> None:
     torch.manual_seed(0)
     encoder = nn.Linear(4, 8)
     head = build_head("dino", 8, 16, hidden_dim=12, bottleneck_dim=6)
-    ema = HeadEMA(head, total_steps=100, momentum_start=0.9, momentum_end=1.0)
+    ema = HeadEMA(head)
+
+    def momentum(step: int) -> float:  # the loop's schedule
+        return cosine(step, 100, 0.9, 1.0)
+
     enc_before = [p.detach().clone() for p in encoder.parameters()]
     with torch.no_grad():
         for p in head.parameters():
@@ -438,7 +441,7 @@ def test_head_ema_update_formula_and_only_head_params() -> None:
         calls.append(len(params))
         yield
 
-    m = ema.update(head, step=0, gather=gather)
+    m = ema.update(head, momentum=momentum(0), gather=gather)
     assert m == pytest.approx(0.9) and calls == [len(head_before)]
     for pe, e0, h0 in zip(ema.ema.parameters(), ema_before, head_before, strict=True):
         assert torch.allclose(pe, 0.9 * e0 + 0.1 * h0)
@@ -449,19 +452,19 @@ def test_head_ema_update_formula_and_only_head_params() -> None:
     assert all(not p.requires_grad for p in ema.parameters())
     # plain tensors path (e.g. gathered by the caller under ZeRO-3)
     ema_mid = [p.detach().clone() for p in ema.ema.parameters()]
-    ema.update([p.detach() for p in head.parameters()], step=100)  # momentum 1.0 -> unchanged
+    ema.update([p.detach() for p in head.parameters()], momentum=momentum(100))  # momentum 1.0 -> unchanged
     for pe, e0 in zip(ema.ema.parameters(), ema_mid, strict=True):
         assert torch.equal(pe, e0)
     with pytest.raises(ValueError, match="tensors"):
-        ema.update([torch.zeros(1)], step=1)
+        ema.update([torch.zeros(1)], momentum=momentum(1))
     x = torch.randn(3, 8, requires_grad=True)
     assert not ema(x).requires_grad
 
 
 def test_cosine_momentum_and_frozen_head() -> None:
-    assert cosine_momentum(0, 10, 0.994, 1.0) == pytest.approx(0.994)
-    assert cosine_momentum(5, 10, 0.994, 1.0) == pytest.approx(0.997)
-    assert cosine_momentum(10, 10, 0.994, 1.0) == pytest.approx(1.0)
+    assert cosine(0, 10, 0.994, 1.0) == pytest.approx(0.994)
+    assert cosine(5, 10, 0.994, 1.0) == pytest.approx(0.997)
+    assert cosine(10, 10, 0.994, 1.0) == pytest.approx(1.0)
     fh = FrozenHead(build_head("linear", 4, 3))
     fh.train()
     assert not fh.training and not fh(torch.randn(2, 4, requires_grad=True)).requires_grad

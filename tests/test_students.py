@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.objectives import PatchFeatureLoss, PatchPrototypeLoss
+from distill import PatchFeatureLoss, PatchPrototypeLoss
 from students import build_head, build_student, student_from_config, train_sentencepiece
 from teachers.vit import embed_tokens
 
@@ -183,7 +183,7 @@ def test_tiny_end_to_end_patch_loss_goes_down(loss_kind: str) -> None:
     if loss_kind == "proto":
         head = build_head("dino", 32, K, hidden_dim=32, bottleneck_dim=16)
         teacher = torch.randn(8, 16, K) * 3
-        loss = PatchPrototypeLoss(K, teacher_temp=0.07, warmup_teacher_temp=0.07)
+        loss = PatchPrototypeLoss(K, teacher_temp=0.07)
         factor = 10.0  # excess over the teacher entropy; measured ~30x
     else:
         head = torch.nn.Identity()
@@ -194,11 +194,11 @@ def test_tiny_end_to_end_patch_loss_goes_down(loss_kind: str) -> None:
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
     t0 = time.time()
     losses = []
-    for step in range(200):
+    for _ in range(200):
         f = s(images)
         out = head(f.patch.reshape(8, 16, -1))
         if loss_kind == "proto":
-            value = loss(out, teacher, None, step=step, update_center=False)["patch"]
+            value = loss(out, teacher, None, update_center=False)["patch"]
         else:
             value = loss(out, teacher)["patch"]
         opt.zero_grad()
@@ -214,3 +214,51 @@ def test_tiny_end_to_end_patch_loss_goes_down(loss_kind: str) -> None:
     print(f"{loss_kind}: excess loss {first:.3f} -> {last:.3f} ({first / last:.1f}x)")
     assert last < first / factor, (first, last)
     assert time.time() - t0 < 30
+
+
+@pytest.mark.parametrize("name", ["vit_w96d4_patch8_reg1_tipsv2_64", "vit_w96d6_patch8_reg1_tipsv2_64"])
+def test_small_variants_are_named_by_shape(name: str, tmp_path: Path) -> None:
+    """Every registered small variant has the width, depth, patch and size its name says, is the
+    ``vit_base_patch14_reg1_tipsv2`` layout with those dims set explicitly (same init), and reloads by
+    name through timm's pretrained path."""
+    import re
+
+    import timm
+    from safetensors.torch import save_file
+
+    from students import VARIANTS
+
+    assert name in VARIANTS and timm.is_model(name)
+    width, depth, patch, size = (
+        int(v) for v in re.fullmatch(r"vit_w(\d+)d(\d+)_patch(\d+)_reg1_tipsv2_(\d+)", name).groups()
+    )
+    torch.manual_seed(0)
+    s = build_student(name)
+    assert (s.embed_dim, s.num_layers, s.patch_size, s.num_global_tokens) == (width, depth, patch, 2)
+    assert s.encode_image(torch.rand(1, 3, size, size)).patch.shape == (
+        1,
+        size // patch,
+        size // patch,
+        width,
+    )
+    torch.manual_seed(0)
+    old = build_student(
+        "vit_base_patch14_reg1_tipsv2",
+        img_size=size,
+        patch_size=patch,
+        embed_dim=width,
+        depth=depth,
+        num_heads=width // 32,
+        mlp_ratio=4.0,
+        reg_tokens=1,
+        no_embed_class=True,
+        init_values=1.0,
+    )
+    new_sd, old_sd = s.state_dict(), old.state_dict()
+    assert new_sd.keys() == old_sd.keys() and all(torch.equal(new_sd[k], old_sd[k]) for k in new_sd)
+    file = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in s.vit.state_dict().items()}, str(file))
+    vit = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), num_classes=0)
+    assert all(
+        torch.equal(a, b) for a, b in zip(vit.state_dict().values(), s.vit.state_dict().values(), strict=True)
+    )

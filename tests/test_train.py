@@ -84,6 +84,96 @@ def test_schedules():
     assert s.weight_decay(100) == pytest.approx(cfg.optim.weight_decay_end)
 
 
+def test_config_keys_say_one_thing_each():
+    from distill.config import CacheSection, TrainConfig, load_config
+
+    assert isinstance(TrainConfig().cache, CacheSection)
+    with pytest.raises(TypeError, match="data.batch_size.*integer.*1.5"):  # an int field refuses "1.5"
+        load_config("distill", ["cache.path=/x", "data.batch_size='1.5'"])
+    with pytest.raises(TypeError, match="steps"):
+        load_config("distill", ["cache.path=/x", "steps=2.5"])
+    assert load_config("distill", ["cache.path=/x", "steps='3'"]).steps == 3
+    # `mode` was folded into teacher.source: kept when it agrees, refused naming teacher.source when not
+    assert load_config("pretrain-tips", data={"mode": "pretrain"}).pretraining
+    assert not load_config("distill", ["cache.path=/x"], data={"mode": "distill"}).pretraining
+    with pytest.raises(ValueError, match="teacher.source"):
+        load_config("distill", ["cache.path=/x"], data={"mode": "pretrain"})
+    # ema.kind does what it says
+    with pytest.raises(ValueError, match="ema.kind=none.*ema.kind=head"):
+        load_config("distill", ["cache.path=/x", "ema.kind=none"])
+    with pytest.raises(ValueError, match="ema.kind=full.*pretraining"):
+        load_config("distill", ["cache.path=/x", "ema.kind=full"])
+    assert load_config("distill-feature", ["cache.path=/x"]).ema.kind == "none"
+    with pytest.raises(ValueError, match="loss.text_source"):
+        load_config("distill", ["cache.path=/x", "loss.text_source=none"])
+    with pytest.raises(ValueError, match="teacher.source=online"):
+        load_config("distill", ["cache.path=/x", "loss.text_source=teacher"])
+    with pytest.raises(ValueError, match="loss.centering"):
+        load_config("distill", ["cache.path=/x", "loss.centering=none"])
+    with pytest.raises(ValueError, match=r"ema.momentum=1.5 must be in \[0, 1\]"):
+        load_config("distill", ["cache.path=/x", "ema.momentum=1.5"])
+
+
+def test_task_takes_its_targets_and_captions_from_the_config(tiny_cache):
+    from distill.config import load_config
+    from distill.targets import CachedTargets, CachedText, EMAStudentTargets, SelfTargets, TowerText
+    from distill.task import build_task
+
+    cpu = torch.device("cpu")
+    base = base_overrides(tiny_cache, "/tmp/unused")
+    built = build_task(load_config("distill", [*base, "loss.centering=sinkhorn_knopp"]), device=cpu)
+    task = built.task
+    assert isinstance(task.targets, CachedTargets) and task.targets.dim == 48
+    assert isinstance(task.text, CachedText) and built.info["text_source"] == "cache"
+    assert task.patch_loss.centering == "sinkhorn_knopp" and task.dino_loss.centering == "sinkhorn_knopp"
+    assert built.info["cache"]["dim"] == 48 and built.info["cache"]["grid"] == [4, 4]
+    # state outside the engine is not a submodule of what DeepSpeed trains
+    names = {n for n, _ in task.named_modules()}
+    assert not any("ema" in n for n in names) and set(built.aux_state()) == {"ema_patch", "ema_cls"}
+    pre = build_task(load_config("pretrain-tips", base), device=cpu)
+    assert isinstance(pre.task.targets, EMAStudentTargets) and "ema_student" in pre.aux_state()
+    assert isinstance(build_task(load_config("pretrain-tipsv2", base), device=cpu).task.targets, SelfTargets)
+    with pytest.raises(ValueError, match="loss.text_source=student needs a student text tower"):
+        build_task(load_config("distill", [*base, "loss.text_source=student"]), device=cpu)
+    tower = "student.kwargs=" + json.dumps(
+        {**json.loads(base[3].split("=", 1)[1]), "text": {"kind": "tips", "tokenizer": str(_tokenizer())}}
+    )
+    own = build_task(load_config("distill", [*base, tower, "loss.text_source=student"]), device=cpu)
+    assert isinstance(own.task.text, TowerText) and own.task.text.trainable
+    batch = own.dataset.__getitems__([(0, 0), (0, 1)])
+    from distill.data import collate
+
+    terms = own.task(collate(batch), teacher_temp=0.07)
+    assert set(terms) == {"patch", "dino", "clip"} and all(torch.isfinite(v) for v in terms.values())
+    with pytest.raises(ValueError, match="no cache.path"):
+        build_task(
+            load_config("pretrain-tipsv2", [o for o in base if not o.startswith("cache.path")]), device=cpu
+        )
+
+
+def _tokenizer() -> Path:
+    from teachers.embedded import default_path
+
+    return default_path() / "tokenizer.model"
+
+
+def test_cache_spec_from_meta(tiny_cache):
+    from cache import CacheSpec, open_cache
+
+    cache = open_cache(tiny_cache)
+    spec = cache.spec
+    assert spec == CacheSpec.from_meta(cache.meta, str(cache.path))
+    assert (spec.dim, spec.grid, spec.num_global_tokens, spec.num_views) == (48, (4, 4), 1, 1)
+    assert spec.has_text and spec.text_dim == 48 and set(spec.granularities) == {"alt", "short", "detailed"}
+    item = cache[0]
+    assert item["patch"].shape == (*spec.grid, spec.dim) and item["cls"].shape == (
+        spec.num_global_tokens,
+        spec.dim,
+    )
+    with pytest.raises(ValueError, match=r"lacks the metadata field\(s\) \['dim'\].*rebuild"):
+        CacheSpec.from_meta({k: v for k, v in cache.meta.items() if k != "dim"}, "x.h5")
+
+
 # ------------------------------------------------------------------------------------------- data
 
 

@@ -177,7 +177,7 @@ def _main(spec_path: str) -> None:
             torch.save(
                 {"cls": feats.cls, "patch": feats.patch}, Path(args["result"]).with_suffix(".probe.pt")
             )
-        ema = engine.module.ext.get("ema_patch")
+        ema = engine.module.ema_heads.patch
         if ema is not None:
             result["ema"] = weights_digest(ema)
         log = Path(cfg.output_dir) / "log.jsonl"

@@ -11,13 +11,14 @@ import datetime as _dt
 import json
 import logging
 import math
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from cache.format import git_revision
 
 from .retrieval import retrieval_recall
 from .segmentation import (
@@ -33,17 +34,6 @@ from .templates import apply_synonyms, normalise_class_list
 from .text import ClassEmbeddings, resolve_class_embeddings
 
 logger = logging.getLogger(__name__)
-
-
-def _git_revision() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or None
-    except Exception:
-        return None
 
 
 def _identity(obj: Any) -> dict[str, Any]:
@@ -406,7 +396,7 @@ def compare_models(
         "classes": classes,
         "models": {},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_revision": _git_revision(),
+        "git_revision": git_revision(),
     }
     examples: dict[str, list] = {}
     for mname, model in models.items():

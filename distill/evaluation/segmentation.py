@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .metrics import IGNORE_INDEX, ConfusionMatrix
 from .text import ClassEmbeddings
@@ -345,8 +346,6 @@ def evaluate_segmentation(
     dname = _dataset_name(dataset)
     text = text.to(model_device(model))
     try:
-        from tqdm.auto import tqdm
-
         it = tqdm(range(n), desc=desc, disable=not progress, leave=False)
     except ImportError:  # pragma: no cover
         it = range(n)

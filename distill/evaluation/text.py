@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .templates import get_templates, normalise_class_list
 
@@ -216,8 +218,6 @@ def save_text_embeddings(ce: ClassEmbeddings, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         meta = {"class_names": json.dumps(ce.class_names), "templates": json.dumps(list(ce.templates))}
         save_file(
             {"embeddings": ce.embeddings.contiguous(), "class_index": ce.class_index},
@@ -259,8 +259,6 @@ def load_text_embeddings(
     templates: tuple[str, ...] = ()
     class_index = None
     if suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
             meta = f.metadata() or {}

@@ -10,8 +10,11 @@ and expose ``identity() -> dict`` (what a cache records to match data) and ``key
 
 from __future__ import annotations
 
+import inspect
+import io
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,12 @@ def build_dataset(name: str, **kwargs: Any) -> Dataset:
         raise ValueError(
             f"unknown dataset {name!r}; registered datasets: {', '.join(list_datasets()) or 'none'}"
         )
-    return _DATASETS[name](**kwargs)
+    fn = _DATASETS[name]
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"dataset {name!r}: {e}; it takes {inspect.signature(fn)}") from e
+    return fn(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,8 +91,20 @@ def load_image(path: str | Path, min_side: int = 1) -> torch.Tensor:
         raise BadImageError(f"cannot read: {e.strerror or e}", "unreadable") from e
     if size == 0:
         raise BadImageError("empty file (0 bytes)", "empty")
+    return decode_image(path, min_side)
+
+
+def load_image_bytes(data: bytes | None, min_side: int = 1) -> torch.Tensor:
+    """:func:`load_image` for encoded bytes held in memory (a tar member, a table cell): ``(3, H, W)``."""
+    if not data:
+        raise BadImageError("empty image (0 bytes)", "empty")
+    return decode_image(io.BytesIO(data), min_side)
+
+
+def decode_image(src: str | Path | io.BytesIO, min_side: int = 1) -> torch.Tensor:
+    """Decode an opened image source (path or bytes buffer) to ``(3, H, W)``; see :func:`load_image`."""
     try:
-        with Image.open(path) as im:
+        with Image.open(src) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
             arr = _to_rgb_array(im)
@@ -92,7 +112,8 @@ def load_image(path: str | Path, min_side: int = 1) -> torch.Tensor:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         kind = "truncated" if "truncated" in str(e).lower() else "corrupt"
-        raise BadImageError(f"{kind} image: {e}", kind) from e
+        msg = str(e).replace(repr(src), "the image bytes") if isinstance(src, io.BytesIO) else str(e)
+        raise BadImageError(f"{kind} image: {msg}", kind) from e
     h, w = arr.shape[:2]
     if min(h, w) < min_side:
         raise BadImageError(
@@ -212,6 +233,35 @@ def read_captions(path: str | Path, encoding: str = "utf-8") -> tuple[dict[str, 
     return captions, problems
 
 
+def log_problems(where: str, problems: list[dict[str, Any]], show: int = 10) -> None:
+    """Log each of the first ``show`` problems and a count by kind (all are kept in ``problems``)."""
+    for p in problems[:show]:
+        logger.warning("%s", p["message"])
+    if problems:
+        kinds: dict[str, int] = {}
+        for p in problems:
+            kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
+        logger.warning(
+            "%s: %d problem(s) (%s); all are listed in the cache's dataset_problems.jsonl",
+            where,
+            len(problems),
+            ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
+        )
+
+
+def write_problems(out_dir: str | Path, dataset: Any) -> Path | None:
+    """Write every problem a dataset found while indexing (``dataset.problems``: dicts with ``kind`` and
+    ``message``, plus ``shard``/``row``/``key`` where known) to ``out_dir/dataset_problems.jsonl``."""
+    problems = list(getattr(dataset, "problems", None) or [])
+    if not problems:
+        return None
+    path = Path(out_dir) / "dataset_problems.jsonl"
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(p, default=str) + "\n" for p in problems), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 @register_dataset("folder")
 class ImageFolderDataset(Dataset):
     """All jpg/jpeg/png/webp files under ``root`` (recursive), in sorted relative-path order.
@@ -281,6 +331,13 @@ class ImageFolderDataset(Dataset):
             "image_size": None if self.image_size is None else list(self.image_size),
             "resize": self.resize,
         }
+
+    def source_spec(self) -> dict[str, Any]:
+        """The dataset spec stage 1 records in the cache (absolute paths; see :mod:`cache.dataset_spec`)."""
+        kw: dict[str, Any] = {"root": str(self.root.resolve())}
+        if self.captions_path is not None:
+            kw["captions"] = str(self.captions_path.resolve())
+        return {"name": "folder", "kwargs": kw}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         key = self._keys[index]

@@ -8,6 +8,7 @@ after a barrier when a process group exists) writes ``index.h5``. Rerunning the 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import json
 import logging
@@ -30,17 +31,29 @@ import teachers  # noqa: F401  (importing the package registers every teacher ad
 from teachers.base import Teacher, build_teacher
 
 from . import synthetic  # noqa: F401  (registers the "synthetic" dataset)
-from .datasets import GRANULARITIES, RESIZE_MODES, BadImageError, _as_size, build_dataset, resize_image
+from .dataset_spec import build_from_spec, is_shorthand, recorded_spec, registry_name, remember_spec
+from .datasets import (
+    GRANULARITIES,
+    RESIZE_MODES,
+    BadImageError,
+    _as_size,
+    build_dataset,
+    resize_image,
+    write_problems,
+)
 from .format import (
     FORMAT_VERSION,
+    H5_ERRORS,
     INDEX_NAME,
     Layout,
     build_index,
     check_resume,
+    chunk_map_path,
     create_shard,
     git_revision,
     keys_digest,
     layout_from_meta,
+    read_chunk_map,
     read_meta,
     read_skipped,
     shard_complete,
@@ -48,12 +61,18 @@ from .format import (
     shard_range,
     toolkit_version,
 )
+from .lock import CacheBusyError, ShardLock, busy_message, is_hdf5_lock_error
+from .repair import ShardReport, check_hdf5, data_end, repair_shard, verify_shard
 from .views import ViewSpec, apply_view, sample_views
-from .writer import ShardWriter, WriteBatch, quantise_int8_torch, sample_stats
+from .writer import CacheWriteError, ShardWriter, WriteBatch, is_disk_full, quantise_int8_torch, sample_stats
 
 logger = logging.getLogger(__name__)
 
 STORAGE_DTYPES = ("float16", "int8")
+# "fork" would hand the writer's open HDF5 file and its lock to the workers: a killed run's
+# leftover workers would then keep the shard locked (docs/cache.md "What happens when it crashes")
+WORKER_STARTS = ("forkserver", "spawn", "fork")
+IMAGE_SOURCES = ("folder", "webdataset", "table", "hf")  # datasets that decode + resize to the cache's rule
 
 
 @dataclass
@@ -87,6 +106,13 @@ class CacheConfig:
     min_side: int | None = None  # images with a shorter side are skipped; default one patch
     space_margin: float = 1.05  # refuse when estimate * margin exceeds the free disk space
     progress: bool = True
+    # faults (docs/cache.md "What happens when it crashes")
+    worker_start: str = "forkserver"  # DataLoader workers: forkserver | spawn never inherit the shard / lock
+    fsync: bool = True  # fsync features before their done flags (survives a machine crash, not only a kill)
+    lock_wait_s: float = 30.0  # a dead run's leftover processes holding the shard lock: wait this long
+    repair: bool = (
+        False  # check every done sample's checksum first; repair a damaged shard, keeping intact samples
+    )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CacheConfig:
@@ -105,6 +131,8 @@ class CacheConfig:
             raise ValueError(f"views must be >= 1, got {self.views}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.worker_start not in WORKER_STARTS:
+            raise ValueError(f"worker_start must be one of {WORKER_STARTS}, got {self.worker_start!r}")
 
 
 def load_object(spec: str) -> Callable[..., Any]:
@@ -131,6 +159,8 @@ def make_teacher(spec: str, kwargs: dict[str, Any]) -> Teacher:
 
 
 def make_dataset(spec: str, kwargs: dict[str, Any]) -> Dataset:
+    if is_shorthand(spec):  # wds:..., parquet:..., hf:..., name:{json}
+        return build_from_spec(spec, **kwargs)
     if ":" in spec:
         return load_object(spec)(**kwargs)
     return build_dataset(spec, **kwargs)
@@ -284,7 +314,16 @@ def extract_features(
     t_start = time.perf_counter()
     config, teacher, dataset = _resolve_config(config, teacher, dataset, overrides)
     job = _plan_job(config, teacher, dataset)
+    with ShardLock(job.shard_path, wait_s=config.lock_wait_s):
+        summary = _run_job(job)
+    summary["seconds"] = time.perf_counter() - t_start
+    return summary
+
+
+def _run_job(job: ShardJob) -> dict[str, Any]:
+    """Resume, repair, extract and index one rank's shard (holding its lock)."""
     summary = _new_summary(job)
+    _note_missing_shards(job)
     if job.shard_path.exists():
         _check_existing_shard(job)
     if _cache_already_complete(job):
@@ -292,7 +331,6 @@ def extract_features(
         logger.info(msg)
         print(msg, flush=True)
         summary.update(already_complete=True, complete=True, index=str(job.index_path), done=job.count)
-        summary["seconds"] = time.perf_counter() - t_start
         return summary
     _check_disk_space(job)
     if not job.shard_path.exists():
@@ -304,7 +342,6 @@ def extract_features(
     else:
         summary.update(_extract_shard(job))
     summary["index"] = _write_index(job)
-    summary["seconds"] = time.perf_counter() - t_start
     if summary["index"]:
         msg = f"cache complete: {summary['index']} ({job.num_samples} samples)"
         logger.info(msg)
@@ -358,6 +395,8 @@ def _plan_job(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | N
     min_side = config.min_side if config.min_side is not None else patch
     if dataset is None:
         dataset = _build_dataset(config, size, min_side)
+    if rank == 0:  # every problem the dataset found while indexing (truncated shards, bad captions, ...)
+        write_problems(out_dir, dataset)
     keys = _dataset_keys(dataset)
     start, count = shard_range(len(keys), rank, world)
     grid, dim, C = _probe_image(teacher, config, size, device)
@@ -419,11 +458,11 @@ def _plan_job(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | N
 
 def _build_dataset(config: CacheConfig, size: tuple[int, int], min_side: int) -> Dataset:
     kw = dict(config.dataset_kwargs)
-    if config.dataset == "folder":  # decode + resize in the workers, skip images under one patch
+    if registry_name(config.dataset) in IMAGE_SOURCES:  # decode + resize in the workers, skip < one patch
         kw.setdefault("min_side", min_side)
         kw.setdefault("image_size", list(size))
         kw.setdefault("resize", config.resize)
-    return make_dataset(config.dataset, kw)
+    return remember_spec(make_dataset(config.dataset, kw), config.dataset, config.dataset_kwargs)
 
 
 def _probe_image(
@@ -494,6 +533,7 @@ def _shard_attrs(
         "granularities": layout.granularities,
         "text_dim": layout.text_dim,
         "dataset": _dataset_identity(dataset, config.dataset, config.dataset_kwargs),
+        "dataset_spec": recorded_spec(dataset),
         "num_samples": len(keys),
         "keys_sha1": keys_digest(keys),
         "shard_rank": rank,
@@ -523,15 +563,40 @@ def _new_summary(job: ShardJob) -> dict[str, Any]:
 
 
 def _check_existing_shard(job: ShardJob) -> None:
-    """Resume: the shard on disk must have been made with this run's settings; adopt its layout."""
+    """Resume: the shard on disk must be readable and made with this run's settings; adopt its layout.
+
+    A damaged shard (HDF5 cannot open it, truncated, or with ``repair`` any done sample whose bytes
+    fail their checksum) is repaired first, keeping every intact write block (:mod:`cache.repair`).
+    Another process holding the file open (HDF5 errno 11) is reported as that, never as damage."""
+    path = job.shard_path
+    stored: dict[str, Any] | None = None
     try:
-        stored = read_meta(job.shard_path)
-    except OSError as e:
-        raise ValueError(
-            f"cannot open the existing shard {job.shard_path} ({e}); it was probably interrupted while being "
-            "finalised. Delete it and rerun the same command to redo this shard."
-        ) from e
-    check_resume(job.shard_path, stored, job.attrs)
+        stored = read_meta(path)
+    except H5_ERRORS as e:
+        if is_hdf5_lock_error(e):
+            raise CacheBusyError(busy_message(path, e)) from e
+    if stored is not None:
+        check_resume(path, stored, job.attrs)
+    report = verify_shard(path) if job.config.repair or stored is None else _quick_check(path)
+    if report is not None and not report.ok:
+        if stored is None and report.kept_rows == 0 and not chunk_map_path(path).exists():
+            logger.warning(
+                "%s cannot be read at all (%s): none of its %d samples can be recovered; it is kept aside "
+                "and the shard redone",
+                path.name,
+                "; ".join(report.problems),
+                job.count,
+            )
+        else:
+            logger.warning("%s is damaged: %s", path.name, report.line())
+        layout = dataclasses.replace(job.layout, block_size=report.block_size or job.layout.block_size)
+        repair_shard(path, layout, job.attrs, job.keys[job.start : job.start + job.count], report)
+        stored = read_meta(path)
+    elif job.config.repair:
+        msg = f"verified {report.line()}"
+        logger.info(msg)
+        print(msg, flush=True)
+    assert stored is not None
     job.layout = layout_from_meta(stored, job.count)
     if stored.get("block_size") != job.config.batch_size:
         logger.info(
@@ -539,6 +604,29 @@ def _check_existing_shard(job: ShardJob) -> None:
             stored.get("block_size"),
             job.config.batch_size,
         )
+
+
+def _quick_check(path: Path) -> ShardReport | None:
+    """The checks of every resume, reading no samples: HDF5 opens every object (checksummed
+    metadata) and the file reaches the end of its allocated chunks. On a finding: the full report."""
+    report = ShardReport(path=path)
+    check_hdf5(path, report)
+    try:
+        truncated = path.stat().st_size < data_end(read_chunk_map(path))
+    except (OSError, ValueError, KeyError):
+        truncated = False  # no chunk map: verify_shard says so
+    return verify_shard(path) if report.problems or truncated else None
+
+
+def _note_missing_shards(job: ShardJob) -> None:
+    """An index that lists this rank's shard while the file is gone: say what is redone."""
+    if job.index_path.exists() and not job.shard_path.exists():
+        msg = (
+            f"{INDEX_NAME} lists {job.shard_path.name}, which is missing: its {job.count} samples are redone "
+            f"(samples {job.start}..{job.start + job.count - 1}); the index is rebuilt afterwards"
+        )
+        logger.warning(msg)
+        print(msg, flush=True)
 
 
 def _cache_already_complete(job: ShardJob) -> bool:
@@ -631,6 +719,7 @@ def _make_loader(job: ShardJob, todo: list[tuple[int, list[int]]]) -> DataLoader
         collate_fn=_collate,
         pin_memory=job.device.type == "cuda",
         prefetch_factor=4 if cfg.num_workers > 0 else None,
+        multiprocessing_context=cfg.worker_start if cfg.num_workers > 0 else None,
     )
 
 
@@ -704,9 +793,18 @@ def _encode_batch(job: ShardJob, batch: dict[str, Any]) -> dict[str, np.ndarray]
 def _extract_shard(job: ShardJob) -> dict[str, Any]:
     """Run the teacher over the shard's remaining write blocks and finalise the shard."""
     cfg, start, count = job.config, job.start, job.count
-    writer = ShardWriter(
-        job.shard_path, job.layout, queue_size=cfg.queue_size, flush_interval_s=cfg.flush_interval_s
-    )
+    try:
+        writer = ShardWriter(
+            job.shard_path,
+            job.layout,
+            queue_size=cfg.queue_size,
+            flush_interval_s=cfg.flush_interval_s,
+            fsync=cfg.fsync,
+        )
+    except OSError as e:
+        if is_hdf5_lock_error(e):
+            raise CacheBusyError(busy_message(job.shard_path, e)) from e
+        raise
     todo = _todo_blocks(job, writer.done)
     todo_n = sum(len(i) for _, i in todo)
     if todo_n < count and todo_n and job.is_main:
@@ -721,25 +819,19 @@ def _extract_shard(job: ShardJob) -> dict[str, Any]:
         dynamic_ncols=True,
     )
     t_loop = time.perf_counter()
-    forward_s = 0.0
     try:
-        for (block, _), batch in zip(todo, _make_loader(job, todo)):
-            rows = np.asarray(batch["index"], np.int64) - start
-            skipped = [(i - start, f"{kind}: {err}") for i, err, kind in batch["bad"]]
-            arrays: dict[str, np.ndarray] = {}
-            if len(rows):
-                t0 = time.perf_counter()
-                arrays = _encode_batch(job, batch)
-                forward_s += time.perf_counter() - t0
-            writer.submit(WriteBatch(block=block, rows=rows, arrays=arrays, skipped=skipped))
-            bar.update(len(rows) + len(skipped))
-            el = max(time.perf_counter() - t_loop, 1e-9)
-            bar.set_postfix_str(f"{writer.bytes_written / el / 2**20:.1f} MB/s", refresh=False)
-    finally:
-        bar.close()
-        writer.close()
+        _extract_blocks(job, writer, todo, bar)
+    except CacheWriteError as e:
+        if is_disk_full(e):
+            raise _disk_full(job, e) from e
+        raise
     loop_s = time.perf_counter() - t_loop  # includes draining the writer queue
-    res = writer.finalize(job.keys[start : start + count], start)
+    try:
+        res = writer.finalize(job.keys[start : start + count], start)
+    except OSError as e:
+        if is_disk_full(e):
+            raise _disk_full(job, e) from e
+        raise
     _log_skipped(job.shard_path, res["skipped"], job.dataset, res.get("captions_missing", {}))
     if not res["complete"]:
         raise RuntimeError(
@@ -749,11 +841,51 @@ def _extract_shard(job: ShardJob) -> dict[str, Any]:
         done=res["done"],
         skipped=res["skipped"],
         complete=res["complete"],
-        forward_seconds=forward_s,
+        forward_seconds=writer.forward_seconds,
         loop_seconds=loop_s,
         bytes_written=writer.bytes_written,
         writer_seconds=writer.write_seconds,
         submit_wait_seconds=writer.submit_wait_seconds,
+        fsync_seconds=writer.fsync_seconds,
+    )
+
+
+def _extract_blocks(job: ShardJob, writer: ShardWriter, todo: list[tuple[int, list[int]]], bar: tqdm) -> None:
+    """The loop: load a block, run the teacher, hand the arrays to the writer thread; always drains
+    and closes the writer (re-raising its error)."""
+    start = job.start
+    t_loop = time.perf_counter()
+    try:
+        for (block, _), batch in zip(todo, _make_loader(job, todo)):
+            rows = np.asarray(batch["index"], np.int64) - start
+            skipped = [(i - start, f"{kind}: {err}") for i, err, kind in batch["bad"]]
+            arrays: dict[str, np.ndarray] = {}
+            if len(rows):
+                t0 = time.perf_counter()
+                arrays = _encode_batch(job, batch)
+                writer.forward_seconds += time.perf_counter() - t0
+            writer.submit(WriteBatch(block=block, rows=rows, arrays=arrays, skipped=skipped))
+            bar.update(len(rows) + len(skipped))
+            el = max(time.perf_counter() - t_loop, 1e-9)
+            bar.set_postfix_str(f"{writer.bytes_written / el / 2**20:.1f} MB/s", refresh=False)
+    finally:
+        bar.close()
+        writer.close()
+
+
+def _disk_full(job: ShardJob, e: BaseException) -> OSError:
+    """The full-disk error: what is safe, how much space the rest needs, and that a rerun resumes."""
+    remaining = _remaining_rows(job)
+    bps = job.layout.bytes_per_sample()
+    need = bps * remaining * job.config.space_margin
+    free = shutil.disk_usage(job.out_dir).free
+    return OSError(
+        errno.ENOSPC,
+        f"the disk of {job.out_dir} is full ({getattr(e, 'cause', e)}): {job.count - remaining} of {job.count} "
+        f"samples of {job.shard_path.name} are written and safe; the other {remaining} need about "
+        f"{_fmt_bytes(need)} ({_fmt_bytes(bps)} per image x {remaining} x margin {job.config.space_margin}), "
+        f"{_fmt_bytes(free)} is free now. Free at least {_fmt_bytes(max(need - free, 0))} (or move the cache "
+        "to a larger disk and point --out there), then rerun the same command: it resumes.",
     )
 
 

@@ -5,6 +5,8 @@ shards as one dataset in the original order through h5py virtual datasets. Per s
 contiguous slice ``[shard_start, shard_start + shard_count)`` of the source dataset:
 
 - ``keys (N,)`` str; ``done (N,)`` bool; ``skip_reason (N,)`` bytes (empty = not skipped);
+- ``checksum (N,)`` uint32: CRC-32 of the sample's stored bytes (:func:`row_checksum`), written with
+  the sample, before its ``done`` flag; ``--verify`` / ``--repair`` check every done sample against it;
 - ``patch (N, [V,] h*w, D)`` float16 or int8 (+ ``patch_scale (N, [V,] h*w)`` float32 when int8);
 - ``cls (N, [V,] C, D)`` (+ ``cls_scale``); optional ``value_patch`` (+ ``value_patch_scale``);
 - ``boxes (N, V, 4)`` float32 and ``flips (N, V)`` bool when ``num_views > 1``;
@@ -17,6 +19,9 @@ contiguous slice ``[shard_start, shard_start + shard_count)`` of the source data
 
 All feature chunks hold one sample and are allocated when the file is created, so writing a sample
 only writes raw bytes into place: a killed writer never leaves the file's metadata half updated.
+Because chunks never move, their byte offsets are saved next to the shard when it is created
+(``<shard>.chunks.npz``, :func:`chunk_map`): a damaged shard (truncated, metadata bytes flipped) is
+read back row by row from those offsets, without HDF5, by :mod:`cache.repair`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import logging
 import os
 import subprocess
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,16 +42,24 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-sample checksum + chunk map next to each shard
 INDEX_NAME = "index.h5"
 REASON_BYTES = 256
 SMALL_CHUNK = 256
+# what h5py raises on a damaged file: OSError (truncated, bad signature), KeyError / RuntimeError
+# (object header checksum), ValueError (an attribute that no longer decodes)
+H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
+# superblock v2 + object header v2: every metadata block carries a checksum (HDF5 >= 1.8 reads it).
+# Not v110: its superblock v3 keeps a "file open for write" flag that a killed writer leaves set, and
+# HDF5 then refuses to open the file until h5clear is run
+LIBVER = ("v108", "latest")
 JSON_ATTRS = (
     "teacher",
     "teacher_spec",
     "views",
     "granularities",
     "dataset",
+    "dataset_spec",
     "config",
     "shards",
     "caption_problems",
@@ -70,6 +84,8 @@ RESUME_FIELDS = (
     "granularities",
 )
 FEATURES = ("patch", "cls", "value_patch")
+BOOKKEEPING = ("done", "skip_reason", "checksum")  # per-sample arrays that are not the sample's data
+CHUNK_MAP_SUFFIX = ".chunks.npz"
 
 
 def shard_name(rank: int, world: int) -> str:
@@ -156,7 +172,12 @@ class Layout:
             out[f"text_valid/{g}"] = ((), np.dtype("bool"))
         out["done"] = ((), np.dtype("bool"))
         out["skip_reason"] = ((), np.dtype(f"S{REASON_BYTES}"))
+        out["checksum"] = ((), np.dtype("uint32"))
         return out
+
+    def checked(self) -> list[str]:
+        """The per-sample arrays covered by ``checksum``, in checksum order."""
+        return [n for n in self.per_sample() if n not in BOOKKEEPING]
 
     def bytes_per_sample(self) -> int:
         return int(sum(int(np.prod(s)) * dt.itemsize for s, dt in self.per_sample().values()))
@@ -186,6 +207,63 @@ def _create_dataset(
     h5py.h5d.create(
         parent.id, name.encode(), h5py.h5t.py_create(dtype), h5py.h5s.create_simple(shape), dcpl=dcpl
     )
+
+
+def row_checksum(rows: dict[str, np.ndarray], i: int, names: list[str]) -> int:
+    """CRC-32 of sample ``i``'s stored bytes: ``rows[name][i]`` for ``name`` in ``names`` order
+    (arrays in their on-disk dtype, C-contiguous)."""
+    crc = 0
+    for name in names:
+        crc = zlib.crc32(np.ascontiguousarray(rows[name][i]).view(np.uint8).reshape(-1), crc)
+    return crc
+
+
+def fsync_file(f: h5py.File) -> None:
+    """Flush ``f`` and ask the OS to put its bytes on the disk (``fsync``), not only in the page cache."""
+    f.flush()
+    handle = f.id.get_vfd_handle()
+    if isinstance(handle, int):
+        os.fsync(handle)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def chunk_map_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + CHUNK_MAP_SUFFIX)
+
+
+def chunk_map(f: h5py.File, names: list[str]) -> dict[str, np.ndarray]:
+    """Byte offset of every chunk of the datasets ``names`` (chunk index order), plus rows per chunk:
+    ``{name: offsets int64 (num_chunks,), name + "@rows": int64 ()}``. Early-allocated chunks never move."""
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        ds = f[name]
+        per = int(ds.chunks[0])
+        found: list[tuple[int, int]] = []
+        ds.id.chunk_iter(lambda si, found=found: found.append((int(si.chunk_offset[0]), int(si.byte_offset))))
+        found.sort()
+        want = -(-int(ds.shape[0]) // per) if ds.shape[0] else 0
+        if len(found) != want or any(c != k * per for k, (c, _) in enumerate(found)):
+            raise RuntimeError(
+                f"{f.filename}: dataset {name} has {len(found)} chunks allocated, expected {want}"
+            )
+        out[name] = np.array([o for _, o in found], np.int64)
+        out[name + "@rows"] = np.array(per, np.int64)
+        out[name + "@shape"] = np.array(ds.shape[1:], np.int64)
+        out[name + "@dtype"] = np.array(ds.dtype.str)
+    return out
 
 
 def encode_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -227,7 +305,7 @@ def create_shard(path: Path, layout: Layout, attrs: dict[str, Any], keys: list[s
     """Create a shard file with every dataset allocated; written to a temporary name, then renamed."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     n = layout.count
-    with h5py.File(tmp, "w") as f:
+    with h5py.File(tmp, "w", libver=LIBVER) as f:  # checksummed metadata: flipped bytes are detected
         for name, (shape, dt) in layout.per_sample().items():
             big = name in FEATURES or name.endswith("_scale")
             chunk = (1, *shape) if big else (min(max(n, 1), SMALL_CHUNK), *shape)
@@ -239,7 +317,25 @@ def create_shard(path: Path, layout: Layout, attrs: dict[str, Any], keys: list[s
         f.attrs.update(encode_attrs(attrs))
         f.attrs["block_size"] = layout.block_size
         f.attrs["complete"] = False
+        cmap = chunk_map(f, [*layout.per_sample(), "block_stats", "block_count"])
+        cmap["@checked"] = np.array(layout.checked())
+        cmap["@count"] = np.array(n, np.int64)
+        cmap["@block_size"] = np.array(layout.block_size, np.int64)
+        fsync_file(f)
+    tmp_map = chunk_map_path(tmp)
+    with open(tmp_map, "wb") as fh:
+        np.savez(fh, **{k.replace("/", "|"): v for k, v in cmap.items()})
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp_map, chunk_map_path(path))
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_chunk_map(shard: Path) -> dict[str, np.ndarray]:
+    """The chunk offsets saved by :func:`create_shard` (raises OSError / ValueError when unreadable)."""
+    with np.load(chunk_map_path(shard)) as z:
+        return {k.replace("|", "/"): z[k] for k in z.files}
 
 
 def layout_from_meta(meta: dict[str, Any], count: int) -> Layout:
@@ -282,7 +378,7 @@ def check_resume(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> 
                 b = {x: b.get(x) for x in diff}
             raise ValueError(
                 f"refusing to resume {path}: {k} differs: the cache has {a!r}, this run has {b!r}. "
-                f"Write to another output directory, or delete {path.parent} to start over."
+                f"Write to another output directory (--out), or rerun with the cache's settings."
             )
 
 
@@ -298,7 +394,7 @@ def shard_complete(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return bool(f.attrs.get("complete", False))
-    except OSError:
+    except H5_ERRORS:
         return False
 
 
@@ -387,5 +483,7 @@ def build_index(out_dir: Path, world: int) -> Path:
         attrs.update(summarise_stats(np.concatenate(stats), np.concatenate(counts), layout.num_global_tokens))
         attrs["complete"] = True
         f.attrs.update(encode_attrs(attrs))
+        fsync_file(f)
     os.replace(tmp, out_dir / INDEX_NAME)
+    fsync_dir(out_dir)
     return out_dir / INDEX_NAME

@@ -32,7 +32,7 @@ def _resolve(path: str | Path) -> Path:
         if shards:
             raise ValueError(
                 f"cache {p} is incomplete: {INDEX_NAME} is missing ({len(shards)} shard file(s) present); "
-                "rerun the extraction command to finish it"
+                f"rerun the extraction command to finish it{_writer_note(shards)}"
             )
         raise ValueError(
             f"{p} holds no feature cache ({INDEX_NAME} or shard-*.h5); run tipsdistill-cache first"
@@ -40,6 +40,32 @@ def _resolve(path: str | Path) -> Path:
     if not p.exists():
         raise ValueError(f"feature cache {p} does not exist; run tipsdistill-cache first")
     return p
+
+
+def _writer_note(shards: list[Path]) -> str:
+    """``"; it is being written now by pid P on host H"`` when a run holds a shard's lock, else ``""``."""
+    from .lock import describe, live_writer
+
+    for sh in shards:
+        holder = live_writer(sh)
+        if holder is not None:
+            return f"; it is being written now by {describe(holder)}: wait for that run to finish"
+    return ""
+
+
+def _open_for_reading(path: Path) -> h5py.File:
+    """``h5py.File(path, "r")``; a file a writer holds (HDF5 errno 11) is reported as incomplete, not damaged."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        from .lock import is_hdf5_lock_error
+
+        if not is_hdf5_lock_error(e):
+            raise
+        raise ValueError(
+            f"cache {path} is incomplete: a process has it open for writing ({e}){_writer_note([path])}. "
+            "It is not damaged; stage 2 reads only complete caches"
+        ) from e
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -111,7 +137,7 @@ class FeatureCache(Dataset):
         self, path: str | Path, expect: dict[str, Any] | None = None, allow_incomplete: bool = False
     ) -> None:
         self.path = _resolve(path)
-        with h5py.File(self.path, "r") as f:
+        with _open_for_reading(self.path) as f:
             self.meta: dict[str, Any] = decode_attrs(f.attrs)
             self.spec = CacheSpec.from_meta(self.meta, str(self.path))
             done = f["done"][()].astype(bool)
@@ -129,6 +155,7 @@ class FeatureCache(Dataset):
             raise ValueError(
                 f"cache {self.path} is incomplete ({int(done.sum())} of {done.size} samples written); rerun the "
                 "extraction command to finish it (or pass allow_incomplete=True to read the finished samples)"
+                + _writer_note([self.path])
             )
         self.valid = np.flatnonzero(done & ok)
         self.grid: tuple[int, int] = self.spec.grid
@@ -291,6 +318,11 @@ def _sources(path: Path, f: h5py.File) -> list[tuple[Path, int, int, int]]:
         src = Path(m.file_name)
         if not src.is_absolute():
             src = path.parent / src
+        if not src.exists():
+            raise ValueError(
+                f"cache index {path} points at {src.name}, which is missing (samples {int(lo[0])}..{int(hi[0])}); "
+                "rerun the extraction command: it redoes that shard and rebuilds the index"
+            )
         out.append((src, int(lo[0]), int(hi[0]) + 1, int(lo[0])))
     return sorted(out, key=lambda s: s[1])
 

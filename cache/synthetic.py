@@ -488,6 +488,10 @@ class SyntheticScenes(Dataset):
     def keys(self) -> list[str]:
         return [f"synthetic/{self.split}/{i}" for i in range(self.size)]
 
+    def source_spec(self) -> dict[str, Any]:
+        """The dataset spec a cache records (:mod:`cache.dataset_spec`): rebuilds the same items."""
+        return {"name": "synthetic", "kwargs": {k: v for k, v in self.identity().items() if k != "name"}}
+
     def render(self, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, str], dict[str, Any]]:
         """``image (S,S,3) uint8``, ``label (S,S) int64``, captions and the scene description of one index."""
         if not 0 <= index < self.size:

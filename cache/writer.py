@@ -3,6 +3,7 @@ waits on the disk (only a full queue makes it wait; the queue is bounded to boun
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import queue
@@ -16,7 +17,7 @@ import h5py
 import numpy as np
 import torch
 
-from .format import FEATURES, REASON_BYTES, Layout, summarise_stats, write_skipped
+from .format import FEATURES, REASON_BYTES, Layout, fsync_file, row_checksum, summarise_stats, write_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -100,20 +101,51 @@ def _uncached(f: h5py.File, name: str) -> h5py.Dataset:
     return h5py.Dataset(h5py.h5d.open(f.id, name.encode(), dapl=dapl))
 
 
+class CacheWriteError(RuntimeError):
+    """The writer thread failed; ``cause`` is the original exception (e.g. an ``OSError`` ENOSPC)."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        super().__init__(f"the cache writer for {path} failed: {cause}")
+        self.path, self.cause = path, cause
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """``e`` (or what caused it) is a full disk (ENOSPC / EDQUOT), also as reported through HDF5."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "errno = 28," in str(e):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__
+    return False
+
+
 class ShardWriter:
     """Writes :class:`WriteBatch` es into an existing shard file from a background thread.
 
-    Order of durability: feature rows are written and flushed before their ``done`` flags are set
-    and flushed, at most every ``flush_interval_s`` seconds; ``done`` therefore never claims a row
-    whose bytes are not in the file. ``finalize`` marks the shard complete only when every row is done.
+    Order of durability, at most every ``flush_interval_s`` seconds: the feature rows, their
+    checksums and the block statistics are written, flushed and ``fsync`` ed; only then are their
+    ``done`` flags written, flushed and ``fsync`` ed. ``done`` therefore never claims a row whose
+    bytes are not on the disk, also after a machine crash (``fsync=False`` keeps the order but only up
+    to the OS page cache: safe against a killed process, not a lost machine). ``finalize`` marks the
+    shard complete, last, only when every row is done.
     """
 
     def __init__(
-        self, path: Path, layout: Layout, queue_size: int = 4, flush_interval_s: float = 2.0
+        self,
+        path: Path,
+        layout: Layout,
+        queue_size: int = 4,
+        flush_interval_s: float = 2.0,
+        fsync: bool = True,
     ) -> None:
         self.path = Path(path)
         self.layout = layout
         self.flush_interval_s = flush_interval_s
+        self.fsync = fsync
+        self.fsync_seconds = 0.0
+        self.forward_seconds = 0.0  # the producer's teacher time, kept here for the summary
+        self._checked = layout.checked()
         self.file = h5py.File(self.path, "r+")
         self.done = self.file["done"][()].astype(bool)
         self._dsets: dict[str, h5py.Dataset] = {}
@@ -131,7 +163,7 @@ class ShardWriter:
     # ---- main thread -------------------------------------------------------------------------
     def submit(self, batch: WriteBatch) -> None:
         if self._error is not None:
-            raise RuntimeError(f"the cache writer for {self.path} failed: {self._error}") from self._error
+            raise CacheWriteError(self.path, self._error) from self._error
         t0 = time.perf_counter()
         while True:
             try:
@@ -139,9 +171,7 @@ class ShardWriter:
                 break
             except queue.Full:
                 if self._error is not None or not self._thread.is_alive():
-                    raise RuntimeError(
-                        f"the cache writer for {self.path} failed: {self._error}"
-                    ) from self._error
+                    raise CacheWriteError(self.path, self._error) from self._error
         self.submit_wait_seconds += time.perf_counter() - t0
 
     def close(self) -> None:
@@ -150,11 +180,17 @@ class ShardWriter:
             self.queue.put(None)
             self._thread.join()
         if self._error is None:
-            self._flush_and_mark()
+            try:
+                self._flush_and_mark()
+            except Exception as e:  # noqa: BLE001 - e.g. the disk filled up on the last flush
+                self._error = e
         err = self._error
         if err is not None:
-            self.file.close()
-            raise RuntimeError(f"the cache writer for {self.path} failed: {err}") from err
+            try:  # rows written but not flagged done are redone by the next run
+                self.file.close()
+            except Exception as e2:  # noqa: BLE001 - the first error is the one to report
+                logger.warning("closing %s after a writer error also failed: %s", self.path, e2)
+            raise CacheWriteError(self.path, err) from err
 
     def finalize(self, keys: list[str], start: int) -> dict[str, Any]:
         """After :meth:`close`: if every row is done, write statistics and the skip list, mark complete."""
@@ -180,8 +216,9 @@ class ShardWriter:
             f.attrs["captions_missing"] = json.dumps(missing)
             summary["captions_missing"] = missing
             f.attrs["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            f.flush()
-            f.attrs["complete"] = True  # last: only after every sample is written and flushed
+            self._sync()
+            f.attrs["complete"] = True  # last: only after every sample is written and on the disk
+            self._sync()
             summary["complete"] = True
         f.close()
         return summary
@@ -247,11 +284,19 @@ class ShardWriter:
             # per-sample statistics (B, 2 + 2C, D), computed next to the forward; summed here in float64
             stats[:] = b.arrays["_stats"].astype(np.float64).sum(0)
             out = self._encode(b)
+            if sorted(out) != sorted(self._checked):
+                raise ValueError(
+                    f"write block {b.block} has arrays {sorted(out)}, the shard stores {sorted(self._checked)}"
+                )
+            out["checksum"] = np.array(
+                [row_checksum(out, i, self._checked) for i in range(len(b.rows))], np.uint32
+            )
             runs = _runs(b.rows)
             for name, arr in out.items():
                 for pos, row, n in runs:  # one HDF5 write per dataset per run (a whole block when no skips)
                     self._write_rows(name, arr[pos : pos + n], row)
-                    self.bytes_written += arr[pos : pos + n].nbytes
+                    if name != "checksum":  # bookkeeping, like done: not counted as feature bytes
+                        self.bytes_written += arr[pos : pos + n].nbytes
         for row, reason in b.skipped:
             self._ds("skip_reason")[row] = reason.encode("utf-8", "replace")[:REASON_BYTES]
         # block statistics are written with the next flush, before that flush and the done flags
@@ -275,11 +320,19 @@ class ShardWriter:
         if not self._pending_done:
             return
         self._write_block_stats()
-        self.file.flush()  # feature bytes and block statistics reach the file before their done flags
+        self._sync()  # feature bytes, checksums and block statistics reach the disk before their done flags
         rows = np.unique(np.concatenate(self._pending_done))
         for _, row, n in _runs(rows):
             self._write_rows("done", np.ones(n, np.bool_), row)
         self.done[rows] = True
-        self.file.flush()
+        self._sync()
         self._pending_done = []
         self._last_flush = time.monotonic()
+
+    def _sync(self) -> None:
+        if not self.fsync:
+            self.file.flush()
+            return
+        t0 = time.perf_counter()
+        fsync_file(self.file)
+        self.fsync_seconds += time.perf_counter() - t0

@@ -3,8 +3,9 @@
 DeepSpeed writes the model and optimizer states (every ZeRO stage); the run's own state (step, data
 position, EMA head, DINO centers, RNG states) travels as DeepSpeed ``client_state`` (one file per
 rank under ZeRO, so per-rank RNG states come back to their rank). A checkpoint counts only once
-``complete.json`` is written, after every rank finished saving; ``--resume auto`` picks the newest
-complete one, so an interrupted save is never resumed from. Older complete checkpoints beyond
+``complete.json`` is written, after every rank finished saving and fsynced its files; ``--resume
+auto`` picks the newest complete one (and names the incomplete ones it skips), so an interrupted
+save, even one cut by a machine crash, is never resumed from. Older complete checkpoints beyond
 ``keep_last`` are deleted.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -56,6 +58,7 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> tuple[Path, st
         return None
     if resume == "auto":
         found = list_complete(checkpoint_dir(output_dir))
+        _note_incomplete(checkpoint_dir(output_dir), found)
         if not found:
             logger.info(
                 "--resume auto: no complete checkpoint in %s, starting fresh", checkpoint_dir(output_dir)
@@ -73,6 +76,39 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> tuple[Path, st
             f"--resume {resume}: checkpoint is incomplete (no {COMPLETE}); pick an older one or use --resume auto"
         )
     return p.parent, p.name
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` and the directories themselves (a machine crash after the
+    completion marker then never finds the marker without the files)."""
+    for d, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(d, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(d))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _note_incomplete(root: Path, complete: list[tuple[int, Path]]) -> None:
+    """Say which checkpoint directories are skipped because their save was interrupted."""
+    if not root.is_dir():
+        return
+    done = {p.name for _, p in complete}
+    partial = sorted(p.name for p in root.iterdir() if TAG_RE.match(p.name) and p.name not in done)
+    if partial:
+        logger.warning(
+            "--resume auto: ignoring %d incomplete checkpoint(s) (no %s: interrupted while saving): %s",
+            len(partial),
+            COMPLETE,
+            ", ".join(partial),
+        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -100,6 +136,7 @@ def save(
     ok = engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
     if ok is False:
         raise RuntimeError(f"DeepSpeed failed to save checkpoint {root / tag}")
+    _fsync_tree(root / tag)  # every rank: its files are on the disk before the marker says complete
     if dist.is_initialized():
         dist.barrier()
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -110,8 +147,12 @@ def save(
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         }
         tmp = root / tag / (COMPLETE + ".tmp")
-        tmp.write_text(json.dumps(marker))
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(marker))
+            fh.flush()
+            os.fsync(fh.fileno())
         tmp.replace(root / tag / COMPLETE)
+        _fsync_dir(root / tag)
         if keep_last > 0:
             for _, old in list_complete(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

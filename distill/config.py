@@ -61,7 +61,7 @@ class CacheSection:
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # cache.datasets registry name
+    dataset: str = ""  # "" = the one the cache recorded; else a name or spec (cache.dataset_spec)
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)
     image_size: int = 224  # global crop, student side
     local_crops: int = 6

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cache import FeatureCache, build_dataset, open_cache
+from cache import FeatureCache, open_cache
 from students import build_head, build_student, frozen_projection, load_student_weights
 from teachers import build_teacher
 
@@ -246,6 +246,18 @@ def build_student_from_config(cfg: TrainConfig) -> nn.Module:
     return student
 
 
+def build_source_dataset(cfg: TrainConfig) -> Any:
+    """The student's images: by default the dataset recorded in the cache (``cache.path``); an explicit
+    ``data.dataset`` (registry name or spec such as ``wds:...``) overrides it (see ``cache.dataset_spec``)."""
+    from cache.dataset_spec import build_from_spec, source_for_cache
+
+    if cfg.cache.path:
+        return source_for_cache(cfg.cache.path, cfg.data.dataset or None, cfg.data.dataset_kwargs)
+    if not cfg.data.dataset:
+        logger.info("data.dataset is not set and there is no cache: using the built-in synthetic scenes")
+    return build_from_spec(cfg.data.dataset or "synthetic", **cfg.data.dataset_kwargs)
+
+
 def _build_targets(
     cfg: TrainConfig, student: nn.Module, cache: FeatureCache | None, device: torch.device
 ) -> Targets:
@@ -305,7 +317,7 @@ def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: 
             f"of the student's patch size {patch_size}"
         )
     grid = (cfg.data.image_size // patch_size, cfg.data.image_size // patch_size)
-    source = build_dataset(cfg.data.dataset, **cfg.data.dataset_kwargs)
+    source = build_source_dataset(cfg)
     info: dict[str, Any] = {"student": getattr(student, "config", {}), "student_grid": list(grid)}
     cache = open_cache(cfg.cache.path) if cfg.cache.path else None
     if cache is not None:

@@ -140,7 +140,7 @@ def _writer_alone(
     path = out / f"writer-alone-{int(half)}.h5"
     path.unlink(missing_ok=True)
     create_shard(path, layout, {"bench": 1}, [f"img{i:06d}" for i in range(n)])
-    w = ShardWriter(path, layout)  # opening the file is set-up, not throughput
+    w = ShardWriter(path, layout, fsync=fsync)  # opening the file is set-up, not throughput
     t0 = time.perf_counter()
     for b in wb:
         w.submit(b)
@@ -266,6 +266,47 @@ def _extract_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         granularities=[],
         progress=False,
     )
+
+
+def _durability(
+    teacher: Teacher, data: RandomImages, out: Path, common: dict[str, Any], repeats: int
+) -> None:
+    """(5) the cost of the crash-safety: extraction with fsync before the done flags (the default) vs
+    without, at the default flush interval (2 s) and flushing after every block (the worst case); and
+    the DataLoader worker start methods (forkserver, the default, never hands the shard to workers)."""
+    quiet = io.StringIO()
+    t: dict[str, list[float]] = {k: [] for k in ("nofs", "fs", "nofs0", "fs0")}
+    fs_s: list[float] = []
+    for _ in range(repeats):
+        for key, fsync, interval in (
+            ("nofs", False, 2.0),
+            ("fs", True, 2.0),
+            ("nofs0", False, 0.0),
+            ("fs0", True, 0.0),
+        ):
+            shutil.rmtree(out / "dur", ignore_errors=True)
+            with contextlib.redirect_stdout(quiet):
+                s = extract_features(out=str(out / "dur"), teacher=teacher, dataset=data, fsync=fsync,
+                                     flush_interval_s=interval, **common)  # fmt: skip
+            t[key].append(s["loop_seconds"])
+            if key == "fs0":
+                fs_s.append(s["fsync_seconds"])
+    m = {k: _med(v) for k, v in t.items()}
+    print(f"(5) durability: extraction loop with fsync before the done flags {m['fs']:.2f}s vs without {m['nofs']:.2f}s "
+          f"-> {m['fs'] / m['nofs']:.3f}x (flush every 2 s, the default) | flushing after every block: "
+          f"{m['fs0']:.2f}s vs {m['nofs0']:.2f}s -> {m['fs0'] / m['nofs0']:.3f}x (fsync time {_med(fs_s):.3f}s, on the writer thread)")  # fmt: skip
+    starts: dict[str, list[float]] = {k: [] for k in ("fork", "forkserver", "spawn")}
+    for _ in range(max(1, repeats // 2)):
+        for ctx in starts:
+            shutil.rmtree(out / "ws", ignore_errors=True)
+            with contextlib.redirect_stdout(quiet):
+                s = extract_features(out=str(out / "ws"), teacher=teacher, dataset=data, worker_start=ctx,
+                                     **(common | {"num_workers": 2}))  # fmt: skip
+            starts[ctx].append(s["loop_seconds"])
+    w = {k: _med(v) for k, v in starts.items()}
+    print(f"    extraction loop with 2 workers by start method: fork {w['fork']:.2f}s, forkserver {w['forkserver']:.2f}s "
+          f"({w['forkserver'] / w['fork']:.2f}x), spawn {w['spawn']:.2f}s ({w['spawn'] / w['fork']:.2f}x); the difference is "
+          "the workers' start-up, paid once per run")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -427,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     s16 = measure_extraction(teacher, data, args, out)
     measure_writer(teacher, data, args, out)
     measure_reader(args, out)
+    _durability(teacher, data, out, _extract_kwargs(args), args.repeats)
     measure_bytes(teacher, data, args, out, s16)
     return 0
 

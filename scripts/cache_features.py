@@ -4,7 +4,15 @@ Examples::
 
     tipsdistill-cache --images photos/ --captions captions.jsonl --out cache/ \\
         --teacher timm --teacher-kw model_name=vit_base_patch14_reg1_tipsv2 --image-size 448
+    tipsdistill-cache --data 'wds:/data/cc3m/{00000..00331}.tar' --caption short=json.short_caption ...
+    tipsdistill-cache --data parquet:captions.parquet --image-column path --caption alt=caption ...
+    tipsdistill-cache --data hf:my_saved_dataset --caption alt=text ...
     torchrun --nproc_per_node 8 -m scripts.cache_features --config cache.yaml   # one shard per rank
+    tipsdistill-cache --config cache.yaml batch_size=16 dataset_kwargs.caption_fields.alt=txt   # dotted overrides
+
+Dataset specs (--data): wds:PATTERN (braces expanded), parquet:/csv:/tsv:FILE, hf:PATH_OR_NAME, a folder,
+or a registered name (synthetic, ...); see cache/dataset_spec.py. The resolved spec is recorded in the cache, so
+stage 2 and evaluation find the images from the cache alone.
 
 Rerunning the same command resumes an interrupted cache and is a no-op on a complete one.
 """
@@ -19,7 +27,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from cache.dataset_spec import caption_fields_for, parse_dataset_spec
 from cache.extract import CacheConfig, extract_features
+from cache.lock import CacheBusyError
+from distill.config import parse_overrides
 
 
 def parse_kv(items: list[str] | None) -> dict[str, Any]:
@@ -45,11 +58,15 @@ def parse_kv(items: list[str] | None) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Flags whose ``dest`` is a :class:`CacheConfig` field override that field directly."""
     p = argparse.ArgumentParser(
         prog="tipsdistill-cache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--config", help="YAML or JSON file of CacheConfig fields (command-line flags override it)"
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted CacheConfig overrides, applied last"
     )
     p.add_argument("--out", help="output directory (shards + index.h5)")
     p.add_argument("--teacher", help="teacher registry name (e.g. timm) or package.module:factory")
@@ -59,17 +76,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K=V",
         help="teacher keyword arguments: key=value ... or a JSON object",
     )
-    p.add_argument(
+    d = p.add_argument_group("data (one of --data, --images, --dataset)")
+    d.add_argument(
+        "--data",
+        metavar="SPEC",
+        help="dataset spec: wds:/d/{00000..00009}.tar, parquet:f.parquet, csv:f.csv, tsv:f.tsv, hf:name_or_dir, "
+        "a folder, or a registered name",
+    )
+    d.add_argument("--image-column", "--image-field", dest="image_field", help="image column / field")
+    d.add_argument(
+        "--caption",
+        action="append",
+        metavar="GRAN=FIELD",
+        help="caption granularity (alt/short/detailed) -> column, member extension or json.KEY; repeatable. "
+        "Defaults: webdataset alt=txt, tables and HF alt=caption",
+    )
+    d.add_argument("--no-captions", action="store_true", help="the dataset has no caption fields")
+    d.add_argument("--split", help="split of an HF dataset")
+    d.add_argument(
         "--dataset", help="dataset registry name (folder, synthetic, ...) or package.module:factory"
     )
-    p.add_argument(
+    d.add_argument(
         "--data-kw",
         nargs="*",
         metavar="K=V",
         help="dataset keyword arguments: key=value ... or a JSON object",
     )
-    p.add_argument("--images", help="shorthand for --dataset folder --data-kw root=IMAGES")
-    p.add_argument("--captions", help="captions JSON-lines file for the folder dataset")
+    d.add_argument("--images", help="shorthand for --dataset folder --data-kw root=IMAGES")
+    d.add_argument("--captions", help="captions JSON-lines file for the folder dataset")
     p.add_argument(
         "--image-size", type=int, nargs="+", help="side (or height width) teacher inputs are resized to"
     )
@@ -94,72 +128,137 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--autocast", choices=["none", "bf16", "fp16"])
     p.add_argument("--min-side", type=int, help="skip images with a shorter side (default: one patch)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the cache in --out (every done sample against its checksum, the index) and exit; changes nothing",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        default=None,
+        help="check every done sample first and repair damaged shards, keeping intact samples, then resume",
+    )
+    p.add_argument(
+        "--worker-start", choices=["forkserver", "spawn", "fork"], help="DataLoader worker start method"
+    )
+    p.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="flush without fsync (safe against kills, not machine crashes)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> CacheConfig:
-    base: dict[str, Any] = {}
-    if args.config:
-        text = Path(args.config).read_text(encoding="utf-8")
-        if args.config.endswith((".yaml", ".yml")):
-            import yaml
+def _merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
-            base = yaml.safe_load(text) or {}
-        else:
-            base = json.loads(text)
-    cfg = CacheConfig.from_dict(base)
+
+def _load_file(path: str) -> dict[str, Any]:
+    text = Path(path).read_text(encoding="utf-8")
+    data = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path} must hold a mapping of CacheConfig fields")
+    return data
+
+
+def _data_from_args(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
+    """``dataset`` / ``dataset_kwargs`` from --data / --images / --dataset and the column options."""
+    extra: dict[str, Any] = {}
+    if args.image_field:
+        extra["image_field"] = args.image_field
+    given_caps = None if args.no_captions else {str(g): str(f) for g, f in parse_kv(args.caption).items()}
+    if args.no_captions:
+        extra["caption_fields"] = {}
+    if args.split:
+        extra["split"] = args.split
     upd: dict[str, Any] = {}
-    for name in (
-        "out",
-        "teacher",
-        "dataset",
-        "resize",
-        "storage",
-        "value_trick",
-        "value_readout",
-        "layer",
-        "views",
-    ):
-        if getattr(args, name) is not None:
-            upd[name] = getattr(args, name)
-    for name in (
-        "flip_prob",
-        "view_seed",
-        "batch_size",
-        "num_workers",
-        "flush_interval_s",
-        "device",
-        "autocast",
-        "min_side",
-    ):
-        if getattr(args, name) is not None:
-            upd[name] = getattr(args, name)
-    if args.view_scale:
-        upd["view_scale"] = list(args.view_scale)
-    if args.image_size:
-        upd["image_size"] = args.image_size[0] if len(args.image_size) == 1 else list(args.image_size[:2])
-    if args.teacher_kw is not None:
-        upd["teacher_kwargs"] = {**cfg.teacher_kwargs, **parse_kv(args.teacher_kw)}
-    data_kw = {**cfg.dataset_kwargs, **parse_kv(args.data_kw)}
-    if args.images:
-        upd["dataset"] = "folder"
-        data_kw["root"] = args.images
+    given = [n for n in ("data", "images", "dataset") if getattr(args, n)]
+    if len(given) > 1:
+        raise SystemExit(
+            f"error: give one of --data, --images, --dataset (got {', '.join('--' + g for g in given)})"
+        )
+    if args.data:
+        try:
+            spec = parse_dataset_spec(args.data, **extra)
+        except ValueError as e:
+            raise SystemExit(f"error: --data: {e}") from e
+        upd = {"dataset": spec.name, "dataset_kwargs": spec.kwargs}
+        if given_caps and spec.name in ("webdataset", "table", "hf"):  # --caption adds to the defaults
+            upd["dataset_kwargs"]["caption_fields"] = caption_fields_for(spec.name, given_caps)
+    elif args.images:
+        upd = {"dataset": "folder", "dataset_kwargs": {"root": args.images}}
+    elif args.dataset:
+        upd = {"dataset": args.dataset, "dataset_kwargs": {}}
+    kw = dict(upd.get("dataset_kwargs", base.get("dataset_kwargs") or {}))
+    if not args.data:
+        kw.update(extra)
+        if given_caps:
+            kw["caption_fields"] = caption_fields_for(upd.get("dataset", base.get("dataset", "")), given_caps)
     if args.captions:
-        data_kw["captions"] = args.captions
-    upd["dataset_kwargs"] = data_kw
+        kw["captions"] = args.captions
+    kw.update(parse_kv(args.data_kw))
+    upd["dataset_kwargs"] = kw
+    return upd
+
+
+def config_from_args(args: argparse.Namespace) -> CacheConfig:
+    """Build the stage-1 config once: file, then flags (by field name), then dotted overrides."""
+    base = _load_file(args.config) if args.config else {}
+    names = {f.name for f in dataclasses.fields(CacheConfig)}
+    flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    flags.pop("dataset", None)  # handled with the other data options
+    if args.image_size:
+        flags["image_size"] = args.image_size[0] if len(args.image_size) == 1 else list(args.image_size[:2])
+    if args.teacher_kw is not None:
+        flags["teacher_kwargs"] = {**base.get("teacher_kwargs", {}), **parse_kv(args.teacher_kw)}
     if args.no_text:
-        upd["granularities"] = []
+        flags["granularities"] = []
     elif args.granularities:
-        upd["granularities"] = [g.strip() for g in args.granularities.split(",") if g.strip()]
+        flags["granularities"] = [g.strip() for g in args.granularities.split(",") if g.strip()]
     if args.quiet:
-        upd["progress"] = False
-    cfg = dataclasses.replace(cfg, **upd)
-    if cfg.dataset == "folder":
-        if "root" not in cfg.dataset_kwargs:
-            raise SystemExit("error: the folder dataset needs --images DIR (or --data-kw root=DIR)")
+        flags["progress"] = False
+    if args.no_fsync:
+        flags["fsync"] = False
+    merged = _merge(base, flags) | _data_from_args(args, base)  # a new dataset replaces the file's kwargs
+    try:
+        merged = _merge(merged, parse_overrides(args.overrides or []))
+        cfg = CacheConfig.from_dict(merged)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from e
+    if cfg.dataset == "folder" and "root" not in cfg.dataset_kwargs:
+        raise SystemExit("error: the folder dataset needs --images DIR (or --data DIR)")
     return cfg
+
+
+def verify_main(out: str | None) -> int:
+    """``--verify``: print one line per shard and the index's findings; 0 when all is intact, else 1."""
+    from cache.repair import verify_cache
+
+    if not out:
+        raise SystemExit("error: --verify needs --out DIR (the cache to check)")
+    reports, index_problems = verify_cache(Path(out))
+    for r in reports:
+        print(r.line())
+    for p in index_problems:
+        print(p)
+    bad = [r for r in reports if not r.ok]
+    print(
+        f"verified {len(reports)} shard(s): {sum(r.intact for r in reports)} intact samples, "
+        f"{sum(len(r.damaged) for r in reports)} damaged, {len(bad)} damaged shard(s), "
+        f"{len(index_problems)} index problem(s)"
+        + (
+            "; rerun the same extraction command with --repair to keep the intact samples and redo the rest"
+            if bad or index_problems
+            else ""
+        )
+    )
+    return 1 if bad or index_problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,13 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.verify:
+        return verify_main(args.out)
     cfg = config_from_args(args)
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
         return 0
     try:
         summary = extract_features(cfg)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, CacheBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary.get("skipped"):

@@ -20,12 +20,29 @@ from typing import Any
 logger = logging.getLogger("tipsdistill.eval")
 
 
+def _dataset(name: str, kwargs: dict[str, Any], load: Any) -> Any:
+    """A registered evaluation dataset, or a dataset spec (``wds:...``, ``parquet:...``, ``hf:...``)."""
+    from cache.dataset_spec import build_from_spec, is_shorthand
+
+    return build_from_spec(name, **kwargs) if is_shorthand(name) else load(name, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tipsdistill-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", action="append", required=True, help="NAME=SPEC (repeatable); see above")
-    p.add_argument("--dataset", required=True, help="registered dataset: ade20k, seg_folder, synthetic, ...")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="registered dataset: ade20k, seg_folder, synthetic, ... or a spec (wds:...)",
+    )
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="a stage-1 cache: evaluate on the images it was made from (segmentation when they have labels, "
+        "else retrieval); --dataset then overrides the recorded dataset",
+    )
     p.add_argument(
         "--dataset-kwargs", default=None, help='JSON kwargs, e.g. {"split": "validation", "size": 8}'
     )
@@ -94,7 +111,16 @@ def main(argv: list[str] | None = None) -> int:
             window_batch=args.window_batch,
             max_images=args.max_images,
         )
-        dataset = load_eval_dataset(args.dataset, **ds_kw)
+        if args.cache:
+            from cache.dataset_spec import source_for_cache
+
+            dataset = source_for_cache(args.cache, args.dataset, ds_kw, only_cached=True)
+        elif args.dataset:
+            dataset = _dataset(args.dataset, ds_kw, load_eval_dataset)
+        else:
+            raise ValueError(
+                "name the images: --dataset NAME (or spec), or --cache CACHE for a cache's own images"
+            )
         models = {
             name: build_model(spec).to(args.device).eval() for name, spec in parse_models(args.model).items()
         }
@@ -105,9 +131,25 @@ def main(argv: list[str] | None = None) -> int:
             text_model = build_model(args.text_model).to(args.device).eval()
         retrieval_ds = None
         if args.retrieval_dataset:
-            retrieval_ds = load_eval_dataset(
-                args.retrieval_dataset, **json_kwargs(args.retrieval_kwargs, "--retrieval-kwargs")
+            retrieval_ds = _dataset(
+                args.retrieval_dataset,
+                json_kwargs(args.retrieval_kwargs, "--retrieval-kwargs"),
+                load_eval_dataset,
             )
+        if not getattr(dataset, "class_names", None):  # captioned images without labels: retrieval only
+            from distill.evaluation.retrieval import retrieval_report
+
+            results = retrieval_report(
+                models,
+                dataset,
+                args.out,
+                text_model=text_model,
+                image_size=args.retrieval_image_size,
+                max_images=args.max_images,
+            )
+            print(Path(results["files"]["markdown"]).read_text())
+            print(f"wrote: results.json, results.md in {args.out}")
+            return 0
         layers: Any = args.layers
         if layers and layers != "all":
             layers = [int(x) for x in layers.split(",")]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hub
 from .base import VALUE_READOUTS, DenseFeatures, Teacher, check_pixels, normalise, register_teacher
 
 logger = logging.getLogger(__name__)
@@ -272,8 +273,10 @@ def build_hf_teacher(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
 ) -> HFTeacher:
-    """A transformers teacher from a local model directory, a config object, or a model instance.
+    """A transformers teacher from a hub repo id (``google/tipsv2-l14``; ``revision=`` pins it; from the HF
+    cache when ``HF_HUB_OFFLINE=1``), a local model directory, a config object, or a model instance.
 
     ``tokenizer``: a tokenizer object or a local directory (default: the model directory). ``mean``/``std``
     override the image statistics (default: ``preprocessor_config.json`` next to the weights, else the
@@ -285,19 +288,18 @@ def build_hf_teacher(
     stats = None
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
+        repo_id = path[len("hf-hub:") :] if path.startswith("hf-hub:") else path
+        if not os.path.isdir(path) and hub.looks_like_repo_id(repo_id):
+            path = hub.snapshot(repo_id, revision)
+            model = f"{repo_id}@{revision}" if revision else repo_id
         if not os.path.isdir(path):
             if os.path.exists(path):
                 raise ValueError(
                     f"{path!r} is a file; the hf teacher needs a model directory (config.json + weights)"
                 )
-            how = (
-                "downloads are disabled (HF_HUB_OFFLINE=1)"
-                if _offline()
-                else "only local directories are read"
-            )
             raise ValueError(
-                f"{path!r} is not an existing local directory and {how}: pass a local path to a saved model "
-                f"(e.g. huggingface-cli download {path} --local-dir models/{path.split('/')[-1]}, then model='models/...')"
+                f"{path!r} is neither a hub repo id (org/name) nor an existing local model directory: pass a repo "
+                "id such as google/tipsv2-l14 (revision= pins it) or the folder of a saved model (config.json + weights)"
             )
         config = transformers.AutoConfig.from_pretrained(path)
         cls_name = CONFIG_TO_MODEL.get(type(config).__name__)
@@ -306,7 +308,7 @@ def build_hf_teacher(
                 f"{path!r} holds a {type(config).__name__}; the hf teacher supports {sorted(CONFIG_TO_MODEL)}"
             )
         net = getattr(transformers, cls_name).from_pretrained(path, dtype=dtype)
-        source = path
+        source = os.fspath(model)  # the repo id (@revision) for hub models: the same on every machine
         stats = _stats_from_dir(path)
         if tokenizer is None and cls_name != "Dinov2Model":
             try:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .base import DenseFeatures, Teacher, check_pixels, normalise, register_teacher, strict_load
+from .hub import hub_file, resolve_file
 from .vit import vit_dense_forward
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,31 @@ class TimmViTTeacher(Teacher):
         return out
 
 
+def _hub_architecture(repo_id: str, revision: str | None) -> tuple[str, dict[str, Any]]:
+    """``(timm architecture, model kwargs)`` from a timm hub repo's ``config.json``."""
+    import json
+
+    with open(hub_file(repo_id, "config.json", revision)) as fh:
+        cfg = json.load(fh)
+    arch = cfg.get("architecture")
+    if not arch:
+        raise ValueError(
+            f"hf-hub:{repo_id}: config.json names no timm 'architecture'; is it a timm model repo?"
+        )
+    return arch, dict(cfg.get("model_args") or {})
+
+
+def _hub_weights(repo_id: str, revision: str | None) -> str:
+    """The weights file of a timm hub repo (``model.safetensors``, else ``pytorch_model.bin``)."""
+    try:
+        return hub_file(repo_id, "model.safetensors", revision)
+    except ValueError as first:
+        try:
+            return hub_file(repo_id, "pytorch_model.bin", revision)
+        except ValueError:
+            raise first from None
+
+
 @register_teacher("timm")
 def build_timm_teacher(
     model_name: str,
@@ -142,9 +168,14 @@ def build_timm_teacher(
     std: Sequence[float] | None = None,
     img_size: int | None = None,
     pos_interp: str | None = None,
+    pretrained: bool = False,
+    revision: str | None = None,
     **model_kwargs: Any,
 ) -> TimmViTTeacher:
-    """Build a timm ViT by name (no download) and load ``checkpoint`` (``.safetensors``/``.pth``/``.bin``).
+    """Build a timm ViT by name and load ``checkpoint`` (``.safetensors``/``.pth``/``.bin``, a local path, an
+    ``hf-hub:org/name/file`` or a URL), or its released weights from the Hub: ``model_name="hf-hub:timm/<name>"``
+    or ``pretrained=True`` (the model's ``hf_hub_id``); from the HF cache when ``HF_HUB_OFFLINE=1``
+    (:mod:`teachers.hub`). ``revision`` pins the hub revision.
 
     ``num_global_tokens`` defaults to 2 for TIPSv2 models (CLS + register), else 1 with a class token
     and 0 without one. ``mean``/``std`` default to the model's ``pretrained_cfg``. ``img_size`` sets the
@@ -153,8 +184,25 @@ def build_timm_teacher(
     """
     import timm
 
+    hub_repo = None
+    if model_name.startswith("hf-hub:"):
+        hub_repo = model_name[len("hf-hub:") :]
+        model_name, hub_kwargs = _hub_architecture(hub_repo, revision)
+        hub_kwargs.pop("num_classes", None)  # the teacher has no classifier head
+        model_kwargs = {**hub_kwargs, **model_kwargs}
     if not timm.is_model(model_name):
         raise ValueError(f"unknown timm model {model_name!r}; see timm.list_models('vit_*')")
+    if pretrained and hub_repo is None and checkpoint is None:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+        hub_repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        if not hub_repo:
+            raise ValueError(
+                f"timm model {model_name!r} has no Hub weights (pretrained_cfg.hf_hub_id); pass checkpoint=FILE"
+            )
+    if hub_repo is not None and checkpoint is None:
+        checkpoint = _hub_weights(hub_repo, revision)
+    elif checkpoint is not None:
+        checkpoint = resolve_file(checkpoint, "timm checkpoint")
     if img_size is not None:
         model_kwargs["img_size"] = img_size
     model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
@@ -171,7 +219,9 @@ def build_timm_teacher(
         ) as exc:  # the filter adapts foreign layouts; a failure here is reported by strict_load
             logger.debug("timm checkpoint filter failed on %s: %s", checkpoint, exc)
         strict_load(model, sd, repr(os.fspath(checkpoint)))
-        source = os.fspath(checkpoint)
+        source = (
+            f"hf-hub:{hub_repo}" + (f"@{revision}" if revision else "") if hub_repo else os.fspath(checkpoint)
+        )
     else:
         logger.warning("timm teacher %s built without a checkpoint: random weights", model_name)
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})

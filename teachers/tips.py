@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .base import DenseFeatures, Teacher, check_pixels, register_teacher
+from .hub import resolve_file
 from .tips_text import TEXT_CONFIGS, TextTowerConfig, TipsTextTower, TipsTokenizer
 from .vit import vit_dense_forward
 
@@ -357,6 +358,16 @@ def build_tips_teacher(
     """
     if version not in GRID_BY_VERSION:
         raise ValueError(f"TIPS version must be 1 or 2, got {version!r}")
+    # local paths, hub files (hf-hub:org/name/file.npz) or URLs; from the HF cache when offline. The names
+    # as given are the teacher's identity (the same on every machine), not the resolved cache paths.
+    given = {
+        "vision_ckpt": os.fspath(vision_ckpt),
+        "text_ckpt": None if text_ckpt is None else os.fspath(text_ckpt),
+        "tokenizer": None if tokenizer is None else os.fspath(tokenizer),
+    }
+    vision_ckpt = resolve_file(vision_ckpt, "TIPS vision checkpoint")
+    text_ckpt = None if text_ckpt is None else resolve_file(text_ckpt, "TIPS text checkpoint")
+    tokenizer = None if tokenizer is None else resolve_file(tokenizer, "TIPS tokenizer")
     want = resolve_variant(variant)
     if text_ckpt is not None and tokenizer is None:
         raise ValueError(
@@ -413,9 +424,5 @@ def build_tips_teacher(
         text=text,
         tokenizer=tok,
         mask_token=sd["mask_token"].float(),
-        sources={
-            "vision_ckpt": os.fspath(vision_ckpt),
-            "text_ckpt": None if text_ckpt is None else os.fspath(text_ckpt),
-            "tokenizer": None if tokenizer is None else os.fspath(tokenizer),
-        },
+        sources=given,
     )

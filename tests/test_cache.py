@@ -81,7 +81,7 @@ def test_round_trip_float16(data, tmp_path):
         else:
             assert not it["text"]["short"].any()
     m = cache.meta
-    assert m["storage_dtype"] == "float16" and m["format_version"] == 1 and m["complete"]
+    assert m["storage_dtype"] == "float16" and m["format_version"] == 2 and m["complete"]
     assert (
         m["teacher"]["name"] == "tiny"
         and m["image_size"] == (32, 32)

@@ -52,21 +52,63 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 def load_image(path: Path) -> torch.Tensor:
     """RGB ``(3, H, W)`` float in [0, 1]."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"image {path} cannot be read ({e}); replace it or remove it with its label") from e
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)
 
 
 def load_label(path: Path) -> torch.Tensor:
     """Label PNG (palette or grayscale, 8 or 16 bit) -> ``(H, W)`` int64 of raw ids."""
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(
-                f"label {path} has mode {im.mode}; label maps must be single-channel (L, P or I;16) with class ids "
-                "as pixel values, not colour-coded RGB"
-            )
-        arr = np.asarray(im).astype(np.int64)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise ValueError(
+                    f"label {path} has mode {im.mode}; label maps must be single-channel (L, P or I;16) with class "
+                    "ids as pixel values, not colour-coded RGB"
+                )
+            arr = np.asarray(im).astype(np.int64)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"label {path} cannot be read ({e}); re-export it as a single-channel PNG") from e
     return torch.from_numpy(arr)
+
+
+def check_class_names(synonyms: list[list[str]], source: str) -> None:
+    """Refuse a class list with a name twice (two label ids would get the same text embedding)."""
+    seen: dict[str, int] = {}
+    dups = []
+    for i, names in enumerate(synonyms):
+        key = names[0].strip().lower()
+        if key in seen:
+            dups.append(f"{names[0]!r} (label ids {seen[key]} and {i})")
+        seen.setdefault(key, i)
+    if dups:
+        raise ValueError(
+            f"class names in {source} are not unique: {len(dups)} duplicate(s): {', '.join(dups[:10])}; each line is "
+            "one label id, so a repeated name means two ids share a text embedding. Rename one (or merge the ids)"
+        )
+
+
+def check_label(
+    label: torch.Tensor, image_hw: tuple[int, int], num_classes: int, label_path: Path, image_path: Path
+) -> None:
+    """A mapped label ``(H, W)`` must have the image's size and ids in ``0..num_classes-1`` or the ignore id."""
+    if tuple(label.shape) != tuple(image_hw):
+        raise ValueError(
+            f"label {label_path} is {tuple(label.shape)} but image {image_path} is {tuple(image_hw)} (H, W); label "
+            "maps must have the image's size (re-export the label PNG at the image resolution, nearest-neighbour)"
+        )
+    bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= num_classes))
+    if bool(bad.any()):
+        ids, counts = torch.unique(label[bad], return_counts=True)
+        shown = ", ".join(f"{int(i)} ({int(c)} px)" for i, c in zip(ids[:10], counts[:10]))
+        raise ValueError(
+            f"label {label_path}: ids {shown} are outside 0..{num_classes - 1} and are not the ignore id "
+            f"{IGNORE_INDEX}: the class list and the label ids disagree; check the class-name file (one line per "
+            "label id) and label_offset / zero_is_ignore (ADE20K: 0 -> ignore, others minus 1)"
+        )
 
 
 def map_labels(
@@ -112,6 +154,9 @@ class SegmentationFolder(Dataset):
             self.class_synonyms = load_class_names(p)
         else:
             self.class_synonyms = [[c] if isinstance(c, str) else list(c) for c in class_names]
+        check_class_names(
+            self.class_synonyms, str(class_names) if isinstance(class_names, (str, Path)) else "class_names"
+        )
         self.class_names = [c[0] for c in self.class_synonyms]
         self.label_offset = label_offset
         self.zero_is_ignore = zero_is_ignore
@@ -126,6 +171,17 @@ class SegmentationFolder(Dataset):
             )
         if not imgs:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) in {self.image_dir}")
+        stems = {p.stem for p in imgs}
+        self.unmatched_labels = sorted(p.name for s, p in labels_by_stem.items() if s not in stems)
+        if self.unmatched_labels:
+            logger.warning(
+                "%d label PNG(s) in %s have no image in %s and are not used: %s%s",
+                len(self.unmatched_labels),
+                self.label_dir,
+                self.image_dir,
+                ", ".join(self.unmatched_labels[:10]),
+                " ..." if len(self.unmatched_labels) > 10 else "",
+            )
         if max_images is not None:
             imgs = imgs[:max_images]
         self.items = [(p, labels_by_stem[p.stem]) for p in imgs]
@@ -159,9 +215,11 @@ class SegmentationFolder(Dataset):
         ip, lp = self.items[i]
         raw = load_label(lp)
         label = map_labels(raw, zero_is_ignore=self.zero_is_ignore, label_offset=self.label_offset)
+        image = load_image(ip)
+        check_label(label, tuple(image.shape[-2:]), len(self.class_names), lp, ip)
         return {
             "key": str(ip.relative_to(self.root)),
-            "image": load_image(ip),
+            "image": image,
             "captions": {},
             "label": label,
         }

@@ -3,8 +3,10 @@ image->text and text->image, one caption per image (in-set retrieval)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,3 +93,45 @@ def retrieval_recall(
             row = {f"i2t_r{k}": v for k, v in i2t.items()} | {f"t2i_r{k}": v for k, v in t2i.items()}
             results[f"cls{c}/{g}"] = row | {"num": len(idx)}
     return results
+
+
+def retrieval_report(
+    models: dict[str, Any],
+    dataset: Any,
+    out_dir: str | Path,
+    *,
+    text_model: Any = None,
+    image_size: int = 224,
+    max_images: int | None = None,
+) -> dict[str, Any]:
+    """Recall@1/5 of every model on a captioned dataset with no labels (e.g. the images of a cache);
+    writes ``results.json`` and ``results.md`` to ``out_dir`` and returns the results (``files`` lists them)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        ident = dict(dataset.identity())
+    except Exception:  # noqa: BLE001
+        ident = {"name": type(dataset).__name__}
+    res: dict[str, Any] = {"dataset": ident, "task": "retrieval", "models": {}}
+    for name, model in models.items():
+        logger.info("retrieval: %s", name)
+        res["models"][name] = retrieval_recall(
+            model, dataset, text_model=text_model, image_size=image_size, max_images=max_images
+        )
+    lines = [
+        "| model | pair | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 | images |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in res["models"].items():
+        for pair, r in rows.items():
+            if pair.startswith("skipped/"):
+                lines.append(f"| {name} | {pair} ({r['reason']}) | | | | | {r['num']} |")
+                continue
+            lines.append(
+                f"| {name} | {pair} | {r['i2t_r1']:.1f} | {r['i2t_r5']:.1f} | {r['t2i_r1']:.1f} | {r['t2i_r5']:.1f} "
+                f"| {r['num']} |"
+            )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    res["files"] = {"markdown": str(out / "results.md"), "json": str(out / "results.json")}
+    (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
+    return res

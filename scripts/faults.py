@@ -1,0 +1,63 @@
+"""Random kill -9 / resume rounds of stage 1 on a real folder of images (``cache.faults``).
+
+Example (the issue's scenario, 5 rounds)::
+
+    python -m scripts.faults --rounds 5 --images photos/ --work /tmp/faults -- \\
+        --teacher efficientnet-lite0 --image-size 160 --batch-size 8 --quiet
+
+Everything after ``--`` is passed to ``tipsdistill-cache`` (``--images`` and ``--out`` are added).
+Prints one line per round (kills: how, when, done samples after each), then rounds, samples lost
+(goal 0) and whether every final cache equals the uninterrupted reference run's, dataset by dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cache.faults import main_cmd, run_rounds
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="folder of images (recursive jpg/png/webp)")
+    p.add_argument(
+        "--work", default="/tmp/tipsdistill-faults", help="where the reference and round caches go"
+    )
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--max-kills", type=int, default=3, help="kills per round: 1..this many, at random")
+    p.add_argument("--kill-after", type=float, nargs=2, default=(2.0, 12.0), metavar=("MIN", "MAX"),
+                   help="seconds after the start a kill lands (capped at 0.9x the reference run's time)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    cmd = main_cmd(["--images", args.images, *extra])
+    results, ref = run_rounds(
+        cmd, Path(args.work), rounds=args.rounds, max_kills=args.max_kills,
+        kill_window=tuple(args.kill_after), seed=args.seed,
+    )  # fmt: skip
+    for i, r in enumerate(results):
+        kills = ", ".join(
+            f"{how} @{t:.1f}s -> {d} done" for (how, t, _), d in zip(r.kills, r.done_after_kill)
+        )
+        print(
+            f"round {i}: kills [{kills}]; final run rc {r.final_rc}; identical {r.identical}; lost {r.lost}"
+        )
+        for m in r.messages:
+            print(f"    {m[:200]}")
+    lost = sum(max(r.lost, 0) for r in results)
+    ok = all(r.identical for r in results)
+    print(f"rounds {len(results)}, kills {sum(len(r.kills) for r in results)}, samples lost {lost}, "
+          f"every final cache identical to the uninterrupted run: {ok} (reference {ref})")  # fmt: skip
+    return 0 if ok and lost == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -133,6 +133,7 @@ def run_rounds(
     if r.returncode != 0 or not (ref / INDEX_NAME).exists():
         raise RuntimeError(f"the reference run failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
     ref_s = time.time() - t0
+    logger.warning("reference run: %.1f s", ref_s)
     lo, hi = kill_window
     hi = min(hi, max(lo + 0.5, 0.9 * ref_s))
     results = []

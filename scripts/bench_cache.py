@@ -257,6 +257,17 @@ def _runs(xs: list[float]) -> str:
     return ", ".join(f"{x:.3f}" for x in xs)
 
 
+def _extract_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``extract_features`` settings every extraction of the benchmark shares."""
+    return dict(
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_workers=0,
+        granularities=[],
+        progress=False,
+    )
+
+
 def _durability(
     teacher: Teacher, data: RandomImages, out: Path, common: dict[str, Any], repeats: int
 ) -> None:
@@ -298,7 +309,7 @@ def _durability(
           "the workers' start-up, paid once per run")  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
@@ -309,28 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-mib", type=int, default=256, help="bytes of features written in each test of (2)")
     p.add_argument("--repeats", type=int, default=5, help="repeats of every timed measurement (median shown)")
     p.add_argument("--out", default="/tmp/tipsdistill-bench-cache")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    teacher = BenchTeacher(args.dim, args.depth).freeze()
-    data = RandomImages(args.images, args.image_size)
-    N, R = args.images, args.repeats
-    common = dict(
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        num_workers=0,
-        granularities=[],
-        progress=False,
-    )
-    print(f"# bench_cache: {N} images {args.image_size}px, ViT dim {args.dim} depth {args.depth}, batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f}, device cpu, "
-          f"{R} repeats per measurement (median), out {out}")  # fmt: skip
-    print("# page cache: warm throughout (nothing is dropped: this is a shared machine); every write goes to the "
-          "page cache and is not fsynced unless a figure says +fsync; every read is preceded by an untimed pass")  # fmt: skip
+    return p
 
-    # ---- (1) extraction with writing vs the forward alone, interleaved to share the machine's noise
+
+def measure_extraction(
+    teacher: Teacher, data: RandomImages, args: argparse.Namespace, out: Path
+) -> dict[str, Any]:
+    """(1) extraction with writing vs the forward alone, interleaved to share the machine's noise; returns
+    the last float16 extraction summary."""
+    N, R, common = args.images, args.repeats, _extract_kwargs(args)
     quiet = io.StringIO()
     _forward_alone(teacher, RandomImages(args.batch_size, args.image_size), args.batch_size)  # warm-up
     fwd, ext, main_fwd, wthread, waits, loads = [], [], [], [], [], []
@@ -355,7 +353,12 @@ def main(argv: list[str] | None = None) -> int:
           f"(item prep + collate, measured alone) {_med(loads):.3f}s, producer waited on the writer queue {_med(waits):.4f}s, "
           f"writer thread busy {_med(wthread):.3f}s ({100 * _med(wthread) / e_m:.1f}% of the loop, on a separate thread)")  # fmt: skip
 
-    # ---- (2) writer alone vs a raw sequential write of the same bytes
+    return s16
+
+
+def measure_writer(teacher: Teacher, data: RandomImages, args: argparse.Namespace, out: Path) -> None:
+    """(2) the writer alone vs a raw sequential write of the same bytes."""
+    N, R = args.images, args.repeats
     batches = _teacher_batches(teacher, data, args.batch_size)
     # repeat the teacher outputs (same memory, new rows) up to --write-mib: ~20 MiB written in ~15 ms
     # is too short to time on a shared machine
@@ -390,7 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    runs (s): raw {_runs(res['raw'])} | writer {_runs(res['w16'])} | float32->float16 in the forward "
           f"thread (what extraction does) {1e3 * _med(conv) / len(batches):.2f} ms per batch of {args.batch_size}")  # fmt: skip
 
-    # ---- (3) reader vs a raw numpy read of the same bytes from one file
+
+def measure_reader(args: argparse.Namespace, out: Path) -> None:
+    """(3) the reader vs a raw numpy read of the same bytes from one file."""
+    N, R = args.images, args.repeats
     cache = open_cache(out / "f16")
     npy = out / "raw-features.npy"  # patch.npy + cls.npy, back to back
     _raw_npy(out / "f16", npy)
@@ -429,9 +435,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{zeros[0]:.0f} / {zeros[2]:.0f} samples/s (0 / 2 workers) -> the reader reaches {rates[0] / zeros[0]:.2f}x / "
           f"{rates[2] / zeros[2]:.2f}x of it")  # fmt: skip
 
-    _durability(teacher, data, out, common, R)
 
-    # ---- (4) bytes per image
+def measure_bytes(
+    teacher: Teacher, data: RandomImages, args: argparse.Namespace, out: Path, s16: dict[str, Any]
+) -> None:
+    """(4) bytes per image, float16 and int8 (``s16``: the float16 extraction summary of (1))."""
+    N, common, quiet = args.images, _extract_kwargs(args), io.StringIO()
     with contextlib.redirect_stdout(quiet):
         s8 = extract_features(out=str(out / "i8"), storage="int8", teacher=teacher, dataset=data, **common)
     b16 = (out / "f16" / "shard-00000-of-00001.h5").stat().st_size / N
@@ -439,6 +448,28 @@ def main(argv: list[str] | None = None) -> int:
     feat16, feat8 = s16["bytes_written"] / N, s8["bytes_written"] / N
     print(f"(4) bytes per image: float16 {b16:,.0f} on disk ({feat16:,.0f} feature bytes) | int8 {b8:,.0f} on disk "
           f"({feat8:,.0f} feature bytes incl. per-token scales) -> int8/float16 {b8 / b16:.2f}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    teacher = BenchTeacher(args.dim, args.depth).freeze()
+    data = RandomImages(args.images, args.image_size)
+    N, R = args.images, args.repeats
+    print(f"# bench_cache: {N} images {args.image_size}px, ViT dim {args.dim} depth {args.depth}, batch {args.batch_size}, "
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f}, device cpu, "
+          f"{R} repeats per measurement (median), out {out}")  # fmt: skip
+    print("# page cache: warm throughout (nothing is dropped: this is a shared machine); every write goes to the "
+          "page cache and is not fsynced unless a figure says +fsync; every read is preceded by an untimed pass")  # fmt: skip
+
+    s16 = measure_extraction(teacher, data, args, out)
+    measure_writer(teacher, data, args, out)
+    measure_reader(args, out)
+    _durability(teacher, data, out, _extract_kwargs(args), args.repeats)
+    measure_bytes(teacher, data, args, out, s16)
     return 0
 
 

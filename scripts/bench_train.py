@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def flops_per_image(model: torch.nn.Module, size: int) -> float:
+    """FLOPs of ``model.encode_image`` on one ``size`` x ``size`` image (``torch.utils.flop_counter``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.rand(1, 3, size, size)
@@ -37,7 +39,25 @@ def flops_per_image(model: torch.nn.Module, size: int) -> float:
     return float(fc.get_total_flops())
 
 
-def _train(args, out: Path, extra: list[str]) -> list[dict]:
+def distill_overrides(args: argparse.Namespace) -> list[str]:
+    """The stage-2 overrides of the benchmarked run (the ``distill`` recipe at the benchmark's sizes)."""
+    return [
+        "student.name=vit_tiny_patch16_224",
+        "student.kwargs=" + json.dumps(student_kwargs(args)),
+        f"data.dataset_kwargs={{split: train, size: {args.images}, image_size: {args.image_size}}}",
+        f"data.image_size={args.image_size}",
+        f"data.local_size={args.local_size}",
+        f"data.local_crops={args.local_crops}",
+        f"data.batch_size={args.batch}",
+        f"head.out_dim={args.head_out}",
+        f"head.hidden_dim={2 * args.student_dim}",
+        f"head.bottleneck_dim={max(args.student_dim // 2, 16)}",
+        "loss.clip_weight=0",
+    ]
+
+
+def _train(args: argparse.Namespace, out: Path, extra: list[str]) -> list[dict]:
+    """``tipsdistill-train`` in its own process; returns its JSON-lines log."""
     cmd = [
         sys.executable,
         "-m",
@@ -46,18 +66,8 @@ def _train(args, out: Path, extra: list[str]) -> list[dict]:
         "distill",
         f"output_dir={out}",
         f"steps={args.steps}",
-        "student.name=vit_tiny_patch16_224",
-        "student.kwargs=" + json.dumps(student_kwargs(args)),
-        f"data.dataset_kwargs={{split: train, size: {args.images}, image_size: {args.image_size}}}",
-        f"data.image_size={args.image_size}",
-        f"data.local_size={args.local_size}",
-        f"data.local_crops={args.local_crops}",
-        f"data.batch_size={args.batch}",
+        *distill_overrides(args),
         f"data.num_workers={args.workers}",
-        f"head.out_dim={args.head_out}",
-        f"head.hidden_dim={2 * args.student_dim}",
-        f"head.bottleneck_dim={max(args.student_dim // 2, 16)}",
-        "loss.clip_weight=0",
         "engine.precision=fp32",
         f"engine.zero_stage={args.zero_stage}",
         "checkpoint.every=0",
@@ -77,7 +87,13 @@ def _train(args, out: Path, extra: list[str]) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def train_step_flops(args, cache_dir: Path) -> float:
+def step_time(log: list[dict], batch: int, warmup: int) -> float:
+    """Mean seconds per optimizer step of a training log, the first ``warmup`` steps excluded."""
+    recs = log[warmup:]
+    return sum(batch / r["samples_per_s"] for r in recs) / len(recs)
+
+
+def train_step_flops(args: argparse.Namespace, cache_dir: Path) -> float:
     """FLOPs of one cached training step (forward + backward of student, heads, losses), no DeepSpeed."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -85,24 +101,7 @@ def train_step_flops(args, cache_dir: Path) -> float:
     from distill.task import build_task
     from distill.train import _Loader
 
-    cfg = load_config(
-        "distill",
-        [
-            f"cache.path={cache_dir}",
-            "student.name=vit_tiny_patch16_224",
-            "student.kwargs=" + json.dumps(student_kwargs(args)),
-            f"data.dataset_kwargs={{split: train, size: {args.images}, image_size: {args.image_size}}}",
-            f"data.image_size={args.image_size}",
-            f"data.local_size={args.local_size}",
-            f"data.local_crops={args.local_crops}",
-            f"data.batch_size={args.batch}",
-            "data.num_workers=0",
-            f"head.out_dim={args.head_out}",
-            f"head.hidden_dim={2 * args.student_dim}",
-            f"head.bottleneck_dim={max(args.student_dim // 2, 16)}",
-            "loss.clip_weight=0",
-        ],
-    )
+    cfg = load_config("distill", [f"cache.path={cache_dir}", *distill_overrides(args), "data.num_workers=0"])
     built = build_task(cfg, device=torch.device("cpu"))
     batch = _Loader(built.dataset, built.sampler, cfg).next()
     with FlopCounterMode(display=False) as fc:
@@ -110,7 +109,7 @@ def train_step_flops(args, cache_dir: Path) -> float:
     return float(fc.get_total_flops())
 
 
-def student_kwargs(args) -> dict:
+def student_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         img_size=args.image_size,
         patch_size=args.patch,
@@ -122,7 +121,7 @@ def student_kwargs(args) -> dict:
     )
 
 
-def teacher_kwargs(args, ckpt: Path | None) -> dict:
+def teacher_kwargs(args: argparse.Namespace, ckpt: Path | None) -> dict:
     kw = dict(
         model_name="vit_tiny_patch16_224",
         img_size=args.image_size,
@@ -136,7 +135,7 @@ def teacher_kwargs(args, ckpt: Path | None) -> dict:
     return kw
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench_train")
     p.add_argument("--images", type=int, default=256)
@@ -154,15 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-dim", type=int, default=256)
     p.add_argument("--teacher-depth", type=int, default=8)
     p.add_argument("--head-out", type=int, default=256, help="prototypes of the DINO heads")
-    args = p.parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    return p
 
+
+def saved_teacher(args: argparse.Namespace, out: Path) -> tuple[Any, Path]:
+    """A random-init timm teacher, saved to ``out/teacher.safetensors`` and rebuilt from that file (what
+    the online run loads)."""
     from safetensors.torch import save_file
 
-    from cache import build_dataset, extract_features, open_cache
-    from students import build_student
     from teachers.timm_teacher import build_timm_teacher
 
     torch.manual_seed(0)
@@ -174,11 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         else {},
         str(ckpt),
     )
-    teacher = build_timm_teacher(**teacher_kwargs(args, ckpt)).freeze()
+    return build_timm_teacher(**teacher_kwargs(args, ckpt)).freeze(), ckpt
+
+
+def measure_flops(args: argparse.Namespace, teacher: Any) -> dict[str, float]:
+    """FLOPs per image of the student (global and local crops) and of the teacher; prints them."""
+    from students import build_student
+
     student = build_student("vit_tiny_patch16_224", **student_kwargs(args))
     f_s, f_t = flops_per_image(student, args.image_size), flops_per_image(teacher, args.image_size)
-    # per training sample the student also runs the local crops
-    f_s_local = flops_per_image(student, args.local_size) * args.local_crops
     ratio = f_t / f_s
     print(
         f"FLOPs/image at {args.image_size}px: student {f_s / 1e6:.1f}M, teacher {f_t / 1e6:.1f}M ({ratio:.1f}x)"
@@ -188,10 +190,22 @@ def main(argv: list[str] | None = None) -> int:
             "warning: teacher is < 8x the student's FLOPs; raise --teacher-dim/--teacher-depth",
             file=sys.stderr,
         )
+    # per training sample the student also runs the local crops
+    f_s_local = flops_per_image(student, args.local_size) * args.local_crops
+    return {
+        "flops_student_global": f_s,
+        "flops_student_locals": f_s_local,
+        "flops_teacher": f_t,
+        "flops_ratio": ratio,
+    }
+
+
+def build_cache(args: argparse.Namespace, teacher: Any, cache_dir: Path) -> tuple[Any, float]:
+    """The stage-1 cache of the synthetic training images with ``teacher``; returns (dataset, seconds)."""
+    from cache import build_dataset, extract_features
 
     t0 = time.time()
     ds = build_dataset("synthetic", split="train", size=args.images, image_size=args.image_size)
-    cache_dir = out / "cache"
     extract_features(
         dict(
             out=str(cache_dir),
@@ -206,35 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     cache_s = time.time() - t0
     print(f"stage-1 cache of {args.images} images: {cache_s:.1f}s")
+    return ds, cache_s
 
-    def step_time(log: list[dict]) -> float:
-        recs = log[args.warmup :]
-        return sum(args.batch / r["samples_per_s"] for r in recs) / len(recs)
 
-    cached_log = _train(args, out / "cached", [f"cache.path={cache_dir}"])
-    online_log = _train(
-        args,
-        out / "online",
-        [
-            "teacher.source=online",
-            "teacher.name=timm",
-            "teacher.kwargs=" + json.dumps(teacher_kwargs(args, ckpt)),
-        ],
-    )
-    s_cached, s_online = step_time(cached_log), step_time(online_log)
-
-    step_flops = train_step_flops(args, cache_dir)
-    teacher_step_flops = f_t * args.batch
-    ideal = 1.0 + teacher_step_flops / step_flops
-    print(
-        f"FLOPs per step (batch {args.batch}): cached training step (fwd+bwd, heads, locals) "
-        f"{step_flops / 1e9:.2f}G, online teacher forward {teacher_step_flops / 1e9:.2f}G; "
-        f"compute-bound speed-up bound {ideal:.2f}x"
-    )
-
-    # data loader alone (same dataset class and settings as the cached run)
+def loader_samples_per_s(args: argparse.Namespace, ds: Any, cache_dir: Path) -> float:
+    """Samples/s of the training data loader alone (same dataset class and settings as the cached run),
+    worker start-up excluded."""
     from torch.utils.data import DataLoader
 
+    from cache import open_cache
     from distill.config import load_config
     from distill.data import DistillDataset, ResumableSampler, collate
 
@@ -264,17 +258,60 @@ def main(argv: list[str] | None = None) -> int:
             t0, n = time.time(), 0
         elif i > 1:
             n += b["global"].shape[0]
-    loader_sps = n / (time.time() - t0) if t0 and n else float("nan")
+    return n / (time.time() - t0) if t0 and n else float("nan")
+
+
+def format_table(res: dict[str, Any], workers: int) -> str:
+    return (
+        "\n| measure | value |\n|---|---|\n"
+        f"| teacher / student FLOPs per image | {res['flops_ratio']:.1f}x |\n"
+        f"| s/step, cached targets | {res['s_per_step_cached']:.3f} |\n"
+        f"| s/step, online teacher | {res['s_per_step_online']:.3f} |\n"
+        f"| speed-up of cached | {res['speedup_cached']:.2f}x |\n"
+        f"| compute-bound bound: 1 + teacher fwd / cached step FLOPs | {res['speedup_bound_compute']:.2f}x |\n"
+        f"| data loader alone, samples/s ({workers} workers) | {res['loader_samples_per_s']:.1f} |\n"
+        f"| training consumes, samples/s | {res['train_consumes_samples_per_s']:.1f} |\n"
+        f"| loader headroom | {res['loader_headroom']:.2f}x |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher, ckpt = saved_teacher(args, out)
+    flops = measure_flops(args, teacher)
+    cache_dir = out / "cache"
+    ds, cache_s = build_cache(args, teacher, cache_dir)
+    cached_log = _train(args, out / "cached", [f"cache.path={cache_dir}"])
+    online = [
+        "teacher.source=online",
+        "teacher.name=timm",
+        "teacher.kwargs=" + json.dumps(teacher_kwargs(args, ckpt)),
+    ]
+    online_log = _train(args, out / "online", online)
+    s_cached = step_time(cached_log, args.batch, args.warmup)
+    s_online = step_time(online_log, args.batch, args.warmup)
+    step_flops = train_step_flops(args, cache_dir)
+    teacher_step_flops = flops["flops_teacher"] * args.batch
+    ideal = 1.0 + teacher_step_flops / step_flops
+    print(
+        f"FLOPs per step (batch {args.batch}): cached training step (fwd+bwd, heads, locals) "
+        f"{step_flops / 1e9:.2f}G, online teacher forward {teacher_step_flops / 1e9:.2f}G; "
+        f"compute-bound speed-up bound {ideal:.2f}x"
+    )
+    loader_sps = loader_samples_per_s(args, ds, cache_dir)
     consume_sps = args.batch / s_cached
-    res = {
-        "device": "cuda"
+    device = (
+        "cuda"
         if torch.cuda.is_available()
-        else f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
+        else f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    )
+    res = {
+        "device": device,
         "settings": vars(args),
-        "flops_student_global": f_s,
-        "flops_student_locals": f_s_local,
-        "flops_teacher": f_t,
-        "flops_ratio": ratio,
+        **flops,
         "flops_train_step_cached": step_flops,
         "flops_teacher_step": teacher_step_flops,
         "speedup_bound_compute": ideal,
@@ -287,17 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "loader_headroom": loader_sps / consume_sps,
     }
     (out / "bench_train.json").write_text(json.dumps(res, indent=2))
-    print(
-        "\n| measure | value |\n|---|---|\n"
-        f"| teacher / student FLOPs per image | {ratio:.1f}x |\n"
-        f"| s/step, cached targets | {s_cached:.3f} |\n"
-        f"| s/step, online teacher | {s_online:.3f} |\n"
-        f"| speed-up of cached | {res['speedup_cached']:.2f}x |\n"
-        f"| compute-bound bound: 1 + teacher fwd / cached step FLOPs | {ideal:.2f}x |\n"
-        f"| data loader alone, samples/s ({args.workers} workers) | {loader_sps:.1f} |\n"
-        f"| training consumes, samples/s | {consume_sps:.1f} |\n"
-        f"| loader headroom | {res['loader_headroom']:.2f}x |"
-    )
+    print(format_table(res, args.workers))
     return 0
 
 

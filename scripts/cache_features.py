@@ -14,7 +14,10 @@ Dataset specs (--data): wds:PATTERN (braces expanded), parquet:/csv:/tsv:FILE, h
 or a registered name (synthetic, ...); see cache/dataset_spec.py. The resolved spec is recorded in the cache, so
 stage 2 and evaluation find the images from the cache alone.
 
-Rerunning the same command resumes an interrupted cache and is a no-op on a complete one.
+Rerunning the same command resumes an interrupted cache (also after kill -9, a machine crash or a
+full disk) and is a no-op on a complete one; ``--verify --out DIR`` checks a cache without changing
+it; ``--repair`` (with the same command) repairs damaged shards keeping every intact sample.
+See docs/cache.md "What happens when it crashes".
 """
 
 from __future__ import annotations

@@ -1,18 +1,17 @@
 """``tipsdistill-eval``: zero-shot segmentation (and optionally retrieval) of one or several models.
 
-Model specs (``--model NAME=SPEC``, repeatable):
+Model specs (``--model NAME=SPEC``, repeatable; ``distill.evaluation.models``):
   ``teacher:<registry name>[:<json kwargs>]``   e.g. ``teacher:timm:{"model_name": "vit_base_patch14_reg4_dinov2"}``
   ``student:<export dir>``                      a student export (``students.load_student``)
   ``python:<module>:<factory>[:<json kwargs>]`` any callable returning a DenseEncoder
-A bare existing directory is a student; a bare name is a teacher.
+A bare existing directory is a student export or an embedded-teacher folder (by its config.json);
+a bare name is a teacher.
 Writes ``results.json``, ``results.md`` and PNG figures to ``--out``; prints the Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -21,58 +20,11 @@ from typing import Any
 logger = logging.getLogger("tipsdistill.eval")
 
 
-def _json_kwargs(text: str | None, what: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        kw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: {what} is not valid JSON ({exc}): {text!r}") from exc
-    if not isinstance(kw, dict):
-        raise SystemExit(f"error: {what} must be a JSON object, got {text!r}")
-    return kw
-
-
-def build_model(spec: str) -> Any:
-    """Build a DenseEncoder from a spec string (see the module docstring)."""
-    kind, _, rest = spec.partition(":")
-    if kind == "teacher" and rest:
-        name, _, kw = rest.partition(":")
-        import teachers
-
-        return teachers.build_teacher(name, **_json_kwargs(kw, f"kwargs of teacher {name!r}"))
-    if kind == "student" and rest:
-        from students import load_student
-
-        return load_student(rest)
-    if kind == "python" and rest:
-        parts = rest.split(":", 2)
-        if len(parts) < 2:
-            raise SystemExit(f"error: python spec needs python:<module>:<factory>[:<json>], got {spec!r}")
-        fn = getattr(importlib.import_module(parts[0]), parts[1])
-        return fn(**_json_kwargs(parts[2] if len(parts) > 2 else None, f"kwargs of {parts[0]}.{parts[1]}"))
-    if Path(spec).is_dir():
-        return build_model(f"student:{spec}")
-    return build_model(f"teacher:{spec}")
-
-
 def _dataset(name: str, kwargs: dict[str, Any], load: Any) -> Any:
     """A registered evaluation dataset, or a dataset spec (``wds:...``, ``parquet:...``, ``hf:...``)."""
     from cache.dataset_spec import build_from_spec, is_shorthand
 
     return build_from_spec(name, **kwargs) if is_shorthand(name) else load(name, **kwargs)
-
-
-def parse_models(items: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for i, item in enumerate(items):
-        name, sep, spec = item.partition("=")
-        if not sep or ":" in name or "{" in name:
-            name, spec = f"model{i}", item
-        if name in out:
-            raise SystemExit(f"error: model name {name!r} given twice")
-        out[name] = spec
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from distill.evaluation import SegmentationSettings, compare_models, load_eval_dataset
+    from distill.evaluation.models import build_model, json_kwargs, parse_models
 
-    ds_kw = _json_kwargs(args.dataset_kwargs, "--dataset-kwargs")
-    if args.data_root:
-        ds_kw["root"] = args.data_root
     try:
+        ds_kw = json_kwargs(args.dataset_kwargs, "--dataset-kwargs")
+        if args.data_root:
+            ds_kw["root"] = args.data_root
         settings = SegmentationSettings(
             image_size=args.image_size or None,
             mode=args.mode,
@@ -180,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.retrieval_dataset:
             retrieval_ds = _dataset(
                 args.retrieval_dataset,
-                _json_kwargs(args.retrieval_kwargs, "--retrieval-kwargs"),
+                json_kwargs(args.retrieval_kwargs, "--retrieval-kwargs"),
                 load_eval_dataset,
             )
         if not getattr(dataset, "class_names", None):  # captioned images without labels: retrieval only
@@ -216,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
             plots=not args.no_plots,
         )
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(Path(results["files"]["markdown"]).read_text())

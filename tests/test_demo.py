@@ -108,25 +108,3 @@ def test_pretrain_teacher_tiny_run_loads_as_embedded_teacher(tmp_path: Path, tex
     assert f.patch.shape == (2, 8, 8, 32)
     e = t.encode_text(["a red ball on grass.", "snow"])
     assert e.shape == (2, 32) and torch.isfinite(e).all()
-
-
-def test_experiment_variants_reach_the_train_config(tmp_path: Path) -> None:
-    """Every ablation knob of scripts.experiments lands in the stage-2 config it trains with."""
-    from scripts.demo import FULL, train_config
-    from scripts.experiments import PREVIOUS, variants
-
-    arch = {"overrides": {"embed_dim": 96, "depth": 6, "num_heads": 3}}
-    v = variants(FULL, arch, "teacher.safetensors")
-    cfgs = {n: train_config(c, tmp_path, "cache/index.h5", n) for n, c in v.items() if n != "pretrain_tips"}
-    assert cfgs["seed0"].data.global_scale == [1.0, 1.0] and cfgs["crop_view"].data.global_scale == [0.5, 1.0]
-    assert cfgs["seed0"].data.local_crops == 0 and cfgs["with_locals"].data.local_crops == 2
-    assert cfgs["seed0"].loss.teacher_temp == 0.07 and cfgs["teacher_temp04"].loss.teacher_temp == 0.04
-    assert cfgs["lr3e-3"].optim.lr == 3e-3 and cfgs["seed0"].optim.lr == 1e-3
-    assert cfgs["mask75"].loss.mask_ratio == 0.75 and cfgs["cosine"].loss.patch == "cosine"
-    assert cfgs["deep_teacher_init"].student.init == "teacher.safetensors"
-    assert cfgs["deep_random"].student.kwargs["depth"] == 6 and cfgs["seed1"].seed == 1
-    assert cfgs["pretrain_tipsv2"].data.local_crops == 2 and cfgs["pretrain_tipsv2"].loss.mask_ratio == 0.75
-    prev = {n: train_config(c, tmp_path, "c.h5", n) for n, c in variants(PREVIOUS, arch, "t").items()}
-    assert prev["seed0"].steps == 400 and prev["seed0"].data.global_scale == [0.5, 1.0]
-    assert prev["seed0"].data.local_crops == 2 and prev["full_view_nolocal"].data.local_crops == 0
-    assert prev["full_view"].data.global_scale == [1.0, 1.0] and prev["full_view"].data.local_crops == 2

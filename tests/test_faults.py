@@ -413,3 +413,54 @@ def test_stage2_refuses_a_cache_still_being_written(data, tmp_path):
     finally:
         p.kill()
         p.communicate()
+
+
+# ------------------------------------------------------------------------------- evaluation inputs
+
+
+def test_eval_dataset_bad_inputs_name_the_file(tmp_path, caplog):
+    from PIL import Image
+
+    from distill.evaluation.datasets import load_eval_dataset
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for stem in ("a", "b"):
+        Image.fromarray((rng.random((20, 30, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / f"images/{stem}.png"
+        )
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "labels/a.png")
+    Image.fromarray(np.full((20, 30), 7, np.uint8)).save(tmp_path / "labels/b.png")  # id 7 of 3 classes
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "labels/orphan.png")
+    (tmp_path / "classes.txt").write_text("cat\ndog\nsky\n")
+    with caplog.at_level("WARNING"):
+        ds = load_eval_dataset("seg_folder", root=str(tmp_path))
+    assert ds.unmatched_labels == ["orphan.png"] and "1 label PNG(s)" in caplog.text
+    assert ds[0]["label"].shape == (20, 30)
+    with pytest.raises(
+        ValueError,
+        match=r"labels/b.png: ids 7 \(600 px\) are outside 0..2 .* class list and the label ids disagree",
+    ):
+        ds[1]
+    Image.fromarray(np.zeros((21, 30), np.uint8)).save(tmp_path / "labels/b.png")
+    with pytest.raises(
+        ValueError,
+        match=r"labels/b.png is \(21, 30\) but image .*images/b.png is \(20, 30\).*label maps must have the image's size",
+    ):
+        load_eval_dataset("seg_folder", root=str(tmp_path))[1]
+    (tmp_path / "labels/b.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"label .*labels/b.png cannot be read"):
+        load_eval_dataset("seg_folder", root=str(tmp_path))[1]
+    (tmp_path / "labels/b.png").unlink()
+    with pytest.raises(ValueError, match=r"1 images in .*images have no label PNG .*\['b.png'\]"):
+        load_eval_dataset("seg_folder", root=str(tmp_path))
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "labels/b.png")
+    (tmp_path / "classes.txt").write_text("cat\ndog\nCat\n")
+    with pytest.raises(
+        ValueError, match=r"classes.txt are not unique: 1 duplicate\(s\): 'Cat' \(label ids 0 and 2\)"
+    ):
+        load_eval_dataset("seg_folder", root=str(tmp_path))
+    (tmp_path / "classes.txt").write_text("cat\n\ndog\n")
+    with pytest.raises(ValueError, match=r"classes.txt:2 is blank"):
+        load_eval_dataset("seg_folder", root=str(tmp_path))

@@ -1,4 +1,4 @@
-"""``scripts.probe``: the linear probes that separate "knows the objects" from "aligned with text"."""
+"""``distill.evaluation.probe`` (``scripts.probe``): the linear probes that separate "knows the objects" from "aligned with text"."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from cache.synthetic import SyntheticScenes
-from scripts.probe import patch_labels, probe, random_like, roc_auc
+from distill.evaluation.metrics import roc_auc
+from distill.evaluation.probe import learnability, patch_labels, probe, random_like
 from teachers.base import DenseFeatures
 
 
@@ -72,10 +73,44 @@ def test_probe_runs_on_the_embedded_teacher_and_a_random_copy() -> None:
 
 def test_learnability_trains_and_scores() -> None:
     import teachers.embedded as emb
-    from scripts.probe import learnability
 
     t = emb.EmbeddedTeacher()
     train, val = SyntheticScenes("train", size=16), SyntheticScenes("validation", size=6)
     r = learnability(t, train, val, max_steps=2, batch=4)
     assert r["steps"] == 2 and np.isfinite(r["final_loss"]) and 0 <= r["miou"] <= 100
     assert not any(p.grad is not None for p in t.vit.parameters())  # the model itself is untouched
+
+
+def test_patch_miou_is_the_evaluation_miou() -> None:
+    """A class predicted but absent from the labels counts (IoU 0), as in ``tipsdistill-eval``."""
+    from distill.evaluation.metrics import ConfusionMatrix
+    from distill.evaluation.probe import patch_miou
+
+    target = torch.tensor([0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 3, 1, 1, 2, 0])  # class 3 is predicted, never in the labels
+    got = patch_miou(pred, target, 4, objects=[1, 2, 3])
+    cm = ConfusionMatrix(4)
+    cm.update(pred, target)
+    want = cm.compute(subsets={"objects": [1, 2, 3]})
+    assert got == {"miou": want["miou"], "miou_objects": want["miou_objects"]}
+    # IoUs 1/3, 1, 1/2, 0 (class 3): the old probe-only definition skipped class 3 (61.1 / 75.0)
+    assert got["miou"] == pytest.approx(100 * (1 / 3 + 1 + 1 / 2 + 0) / 4)
+    assert got["miou_objects"] == pytest.approx(100 * (1 + 1 / 2 + 0) / 3)
+
+
+def test_load_model_reads_the_folder_format(tmp_path) -> None:
+    import json
+
+    import teachers.embedded as emb
+    from distill.evaluation.probe import load_model
+
+    assert isinstance(load_model(str(emb.default_path())), emb.EmbeddedTeacher)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "something-else/1"}))
+    with pytest.raises(ValueError, match="neither tipsdistill-student"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_model(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(str(tmp_path / "missing"))
+    assert isinstance(load_model(str(emb.default_path()), kind="teacher"), emb.EmbeddedTeacher)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from sklearn.metrics import roc_auc_score
 
 IGNORE_INDEX = 255
 
@@ -113,3 +114,12 @@ def segmentation_metrics(
         if isinstance(out[k], float) and math.isnan(out[k]):
             out[k] = None
     return out
+
+
+def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """ROC AUC of ``scores`` ``(N,)`` for the boolean ``positive`` ``(N,)`` (scikit-learn's
+    ``roc_auc_score``, ties averaged); NaN when ``positive`` holds a single class (AUC undefined)."""
+    pos = positive.reshape(-1).bool().cpu()
+    if bool(pos.all()) or not bool(pos.any()):
+        return float("nan")
+    return float(roc_auc_score(pos.numpy(), scores.reshape(-1).double().cpu().numpy()))

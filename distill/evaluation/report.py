@@ -20,6 +20,7 @@ import torch
 
 from cache.format import git_revision
 
+from .retrieval import retrieval_recall
 from .segmentation import (
     SegmentationSettings,
     dataset_class_names,
@@ -216,19 +217,35 @@ def plot_pca(images: list[torch.Tensor], feats: dict[str, list[np.ndarray]], pat
     return path
 
 
-def plot_layer_curve(curves: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> Path:
+LAYER_CURVE_LABELS = {"miou": "mIoU, all classes (%)", "miou_objects": "object mIoU (%)"}
+
+
+def plot_layer_curve(
+    curves: dict[str, list[dict[str, Any]]],
+    path: Path,
+    title: str = "",
+    keys: Sequence[str] = ("miou",),
+    relative_depth: bool = False,
+) -> Path:
+    """One panel per metric in ``keys`` (rows of :func:`layer_curve`), one line per model; the x axis
+    is the block index, or ``block / last block`` with ``relative_depth`` (models of different depth)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, rows in curves.items():
-        ax.plot([r["layer"] for r in rows], [r["miou"] or 0.0 for r in rows], marker="o", label=name)
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("block (0-based)")
-    ax.set_ylabel("mIoU (%)")
-    ax.set_title(title or "mIoU by depth")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, rows in curves.items():
+            depth = max(len(rows) - 1, 1)
+            xs = [r["layer"] / depth if relative_depth else r["layer"] for r in rows]
+            ys = [float("nan") if r.get(key) is None else r[key] for r in rows]
+            ax.plot(xs, ys, marker="o", label=name)
+        if not relative_depth:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("relative depth (block / last block)" if relative_depth else "block (0-based)")
+        ax.set_ylabel(LAYER_CURVE_LABELS.get(key, f"{key} (%)"))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title or "mIoU by depth", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -236,6 +253,109 @@ def plot_layer_curve(curves: dict[str, list[dict[str, Any]]], path: Path, title:
 
 
 # ----------------------------------------------------------------------------------------- driver
+def dataset_identity(dataset: Any, num_classes: int) -> dict[str, Any]:
+    """``dataset.identity()`` (its class name when it has none) with ``num_classes``."""
+    try:
+        ident = dict(dataset.identity())
+    except Exception:
+        ident = {"name": type(dataset).__name__}
+    ident.setdefault("num_classes", num_classes)
+    return ident
+
+
+def text_source_label(text: ClassEmbeddings, text_model: Any, text_embeddings: Any) -> str:
+    """Where the class embeddings came from, for the report's ``text`` column."""
+    if text_embeddings is not None:
+        return f"file {Path(str(text.source.get('path', 'given'))).name}"
+    if text_model is not None:
+        return f"shared {_identity(text_model).get('class', 'text model')}"
+    return "own"
+
+
+def evaluate_model(
+    model: Any,
+    dataset: Any,
+    text: ClassEmbeddings,
+    settings: SegmentationSettings,
+    *,
+    text_source: str,
+    layers: Sequence[int] | str | None,
+    num_examples: int,
+    retrieval_dataset: Any,
+    retrieval_text_model: Any,
+    retrieval_image_size: int,
+    progress: bool,
+    desc: str,
+) -> tuple[dict[str, Any], list]:
+    """One model's report entry (metrics, optional layer curve and retrieval) and its kept examples."""
+    res = evaluate_segmentation(
+        model, dataset, text, settings, keep_examples=num_examples, progress=progress, desc=desc
+    )
+    entry: dict[str, Any] = {
+        "identity": _identity(model),
+        "text_source": text_source,
+        "text": dict(text.source),
+        "num_images": res["num_images"],
+        "metrics": res["metrics"],
+    }
+    if layers is not None:
+        entry["layer_curve"] = layer_curve(model, dataset, text, settings, layers, progress=progress)
+    if retrieval_dataset is not None:
+        entry["retrieval"] = retrieval_recall(
+            model, retrieval_dataset, text_model=retrieval_text_model, image_size=retrieval_image_size
+        )
+    return entry, res["examples"]
+
+
+def pca_figure(models: dict[str, Any], examples: list, settings: SegmentationSettings, path: Path) -> Path:
+    """PCA-to-RGB of every model's patch features on the images of ``examples`` (same readout/layer)."""
+    images = [resize_short_side(ex.image, settings.image_size, settings.resize_backend) for ex in examples]
+    feats = {}
+    for name, model in models.items():
+        feats[name] = [
+            pca_rgb(
+                dense_patch_features(
+                    model, im[None].to(model_device(model)), settings.readout, settings.layer, False
+                )[0].cpu()
+            )
+            for im in images
+        ]
+    return plot_pca(images, feats, path)
+
+
+def write_figures(
+    results: dict[str, Any],
+    models: dict[str, Any],
+    examples: dict[str, list],
+    settings: SegmentationSettings,
+    out: Path,
+    *,
+    num_examples: int,
+    num_pca: int,
+) -> dict[str, str]:
+    """The report's PNGs (per-class IoU, examples, PCA, layer curves); returns ``{figure: path}``."""
+    files = {"per_class_iou": str(plot_per_class_iou(results, out / "per_class_iou.png"))}
+    if num_examples > 0 and all(examples.values()):
+        files["examples"] = str(plot_examples(examples, len(results["classes"]), out / "examples.png"))
+    first = next(iter(examples.values()))[:num_pca] if examples and num_pca > 0 else []
+    if first:
+        files["pca"] = str(pca_figure(models, first, settings, out / "pca.png"))
+    curves = {n: r["layer_curve"] for n, r in results["models"].items() if r.get("layer_curve")}
+    if curves:
+        title = f"mIoU by depth ({settings.readout})"
+        files["layer_curve"] = str(plot_layer_curve(curves, out / "layer_curve.png", title))
+    return files
+
+
+def write_report(results: dict[str, Any], out: Path, files: dict[str, str]) -> None:
+    """``results.md`` and ``results.json`` in ``out``; ``files`` gains both paths and is stored."""
+    results["files"] = files
+    (out / "results.md").write_text(markdown_table(results))
+    files["markdown"] = str(out / "results.md")
+    files["json"] = str(out / "results.json")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
+
 def compare_models(
     models: dict[str, Any],
     dataset: Any,
@@ -270,13 +390,8 @@ def compare_models(
     classes = apply_synonyms(
         normalise_class_list(getattr(dataset, "class_synonyms", None) or names), synonyms
     )
-    try:
-        ds_ident = dict(dataset.identity())
-    except Exception:
-        ds_ident = {"name": type(dataset).__name__}
-    ds_ident.setdefault("num_classes", len(names))
     results: dict[str, Any] = {
-        "dataset": ds_ident,
+        "dataset": dataset_identity(dataset, len(names)),
         "settings": settings.to_dict(),
         "classes": classes,
         "models": {},
@@ -284,7 +399,6 @@ def compare_models(
         "git_revision": git_revision(),
     }
     examples: dict[str, list] = {}
-    curves: dict[str, list] = {}
     for mname, model in models.items():
         logger.info("evaluating %s", mname)
         text = resolve_class_embeddings(
@@ -295,69 +409,24 @@ def compare_models(
             templates=settings.templates,
             cache_dir=cache_dir,
         )
-        if text_embeddings is not None:
-            tsrc = f"file {Path(str(text.source.get('path', 'given'))).name}"
-        elif text_model is not None:
-            tsrc = f"shared {_identity(text_model).get('class', 'text model')}"
-        else:
-            tsrc = "own"
-        res = evaluate_segmentation(
-            model, dataset, text, settings, keep_examples=num_examples, progress=progress, desc=mname
+        results["models"][mname], examples[mname] = evaluate_model(
+            model,
+            dataset,
+            text,
+            settings,
+            text_source=text_source_label(text, text_model, text_embeddings),
+            layers=layers,
+            num_examples=num_examples,
+            retrieval_dataset=retrieval_dataset,
+            retrieval_text_model=text_model,
+            retrieval_image_size=retrieval_image_size,
+            progress=progress,
+            desc=mname,
         )
-        entry: dict[str, Any] = {
-            "identity": _identity(model),
-            "text_source": tsrc,
-            "text": {k: v for k, v in text.source.items()},
-            "num_images": res["num_images"],
-            "metrics": res["metrics"],
-        }
-        examples[mname] = res["examples"]
-        if layers is not None:
-            curve = layer_curve(model, dataset, text, settings, layers, progress=progress)
-            entry["layer_curve"] = curve
-            curves[mname] = curve
-        if retrieval_dataset is not None:
-            from .retrieval import retrieval_recall
-
-            entry["retrieval"] = retrieval_recall(
-                model, retrieval_dataset, text_model=text_model, image_size=retrieval_image_size
-            )
-        results["models"][mname] = entry
-    files: dict[str, str] = {}
-    if plots:
-        files["per_class_iou"] = str(plot_per_class_iou(results, out / "per_class_iou.png"))
-        if num_examples > 0 and all(examples.values()):
-            files["examples"] = str(plot_examples(examples, len(names), out / "examples.png"))
-        if num_pca > 0:
-            first = next(iter(examples.values()))[:num_pca] if examples else []
-            if first:
-                pca_imgs = [
-                    resize_short_side(ex.image, settings.image_size, settings.resize_backend) for ex in first
-                ]
-                pca_feats = {
-                    m: [
-                        pca_rgb(
-                            dense_patch_features(
-                                model,
-                                im[None].to(model_device(model)),
-                                settings.readout,
-                                settings.layer,
-                                False,
-                            )[0].cpu()
-                        )
-                        for im in pca_imgs
-                    ]
-                    for m, model in models.items()
-                }
-                files["pca"] = str(plot_pca(pca_imgs, pca_feats, out / "pca.png"))
-        if curves:
-            files["layer_curve"] = str(
-                plot_layer_curve(curves, out / "layer_curve.png", f"mIoU by depth ({settings.readout})")
-            )
-    results["files"] = files
-    md = markdown_table(results)
-    (out / "results.md").write_text(md)
-    files["markdown"] = str(out / "results.md")
-    files["json"] = str(out / "results.json")
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    figures = (
+        write_figures(results, models, examples, settings, out, num_examples=num_examples, num_pca=num_pca)
+        if plots
+        else {}
+    )
+    write_report(results, out, figures)
     return results

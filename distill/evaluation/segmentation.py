@@ -391,12 +391,14 @@ def layer_curve(
     layers: Sequence[int] | str = "all",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """mIoU by depth: one evaluation per block (same readout); returns ``[{layer, miou, ...}]``."""
+    """mIoU by depth: one evaluation per block (same readout); returns ``[{layer, miou, miou_<subset>...,
+    pixel_accuracy}]`` (one ``miou_<subset>`` per class subset of the dataset, e.g. ``miou_objects``)."""
     rows = []
     for k in resolve_layers(model, layers):
         res = evaluate_segmentation(
             model, dataset, text, settings.replace(layer=k), progress=progress, desc=f"layer {k}"
         )
         m = res["metrics"]
-        rows.append({"layer": k, "miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"]})
+        subsets = {key: v for key, v in m.items() if key.startswith("miou_")}
+        rows.append({"layer": k, "miou": m["miou"], **subsets, "pixel_accuracy": m["pixel_accuracy"]})
     return rows

@@ -1,0 +1,90 @@
+"""Model specs of the evaluation tools (``tipsdistill-eval``, ``scripts/probe.py``) -> DenseEncoders.
+
+``teacher:<registry name>[:<json kwargs>]``   e.g. ``teacher:timm:{"model_name": "vit_base_patch14_reg4_dinov2"}``
+``student:<export dir>``                      a student export (``students.load_student``)
+``python:<module>:<factory>[:<json kwargs>]`` any callable returning a DenseEncoder
+A bare existing directory is read by its ``config.json`` ``format``: a student export or an
+embedded-teacher folder (``scripts/pretrain_teacher.py`` runs); a bare name is a teacher.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import teachers
+from students import load_student
+from teachers.embedded import EmbeddedTeacher
+
+STUDENT_FORMAT = "tipsdistill-student/"
+TEACHER_FORMAT = "tipsdistill-embedded-teacher/"
+
+
+def json_kwargs(text: str | None, what: str) -> dict[str, Any]:
+    """``text`` parsed as a JSON object (``{}`` when empty); ``what`` names it in the error."""
+    if not text:
+        return {}
+    try:
+        kw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} is not valid JSON ({exc}): {text!r}") from exc
+    if not isinstance(kw, dict):
+        raise ValueError(f"{what} must be a JSON object, got {text!r}")
+    return kw
+
+
+def folder_kind(folder: Path) -> str:
+    """``"student"`` or ``"teacher"`` from the ``format`` of ``folder/config.json``."""
+    conf = folder / "config.json"
+    if not conf.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no config.json: pass a student export, an embedded-teacher folder or a model spec"
+        )
+    fmt = str(json.loads(conf.read_text()).get("format", ""))
+    if fmt.startswith(STUDENT_FORMAT):
+        return "student"
+    if fmt.startswith(TEACHER_FORMAT):
+        return "teacher"
+    raise ValueError(
+        f"{conf}: format {fmt!r} is neither {STUDENT_FORMAT}* nor {TEACHER_FORMAT}*; pass student:<dir> for "
+        "a student export, or the teacher's spec"
+    )
+
+
+def build_model(spec: str) -> Any:
+    """Build a DenseEncoder from a spec string (see the module docstring)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "teacher" and rest:
+        name, _, kw = rest.partition(":")
+        return teachers.build_teacher(name, **json_kwargs(kw, f"kwargs of teacher {name!r}"))
+    if kind == "student" and rest:
+        return load_student(rest)
+    if kind == "python" and rest:
+        parts = rest.split(":", 2)
+        if len(parts) < 2:
+            raise ValueError(f"python spec needs python:<module>:<factory>[:<json>], got {spec!r}")
+        fn = getattr(importlib.import_module(parts[0]), parts[1])
+        return fn(**json_kwargs(parts[2] if len(parts) > 2 else None, f"kwargs of {parts[0]}.{parts[1]}"))
+    folder = Path(spec)
+    if folder.is_dir():
+        return load_student(folder) if folder_kind(folder) == "student" else EmbeddedTeacher(folder)
+    if "/" in spec:
+        raise FileNotFoundError(
+            f"model folder {spec} does not exist; pass an existing folder or a model spec"
+        )
+    return build_model(f"teacher:{spec}")
+
+
+def parse_models(items: list[str]) -> dict[str, str]:
+    """``["NAME=SPEC", "SPEC", ...]`` -> ``{name: spec}`` (unnamed specs become ``model<i>``)."""
+    out: dict[str, str] = {}
+    for i, item in enumerate(items):
+        name, sep, spec = item.partition("=")
+        if not sep or ":" in name or "{" in name:
+            name, spec = f"model{i}", item
+        if name in out:
+            raise ValueError(f"model name {name!r} given twice")
+        out[name] = spec
+    return out

@@ -1,0 +1,115 @@
+"""The embedded benchmark's recipe (``distill/recipes/embedded.yaml`` + dotted overrides) resolves to
+exactly the stage-2 configs the demo and the experiments built in Python before it existed.
+
+``tests/data/embedded_configs_before.json`` holds, for the demo (full, ``--quick``, ``--seed/--steps``),
+every experiment variant on both bases and the experiments' size flags, the ``(recipe, data)`` that
+``scripts/demo.py`` / ``scripts/experiments.py`` passed to ``load_config`` at commit 830404a (captured
+by wrapping ``load_config``, with output folder ``OUT``, cache ``CACHE/index.h5``, teacher folder
+``/TEACHER``). Resolving those inputs today gives the old config; the new construction must equal it
+in every field but ``recipe`` (the old runs were named ``distill``, they are now ``embedded``), and
+but the one intended change: a run with the student's own text tower used to find its captions by
+reading a copy of the cache with the caption embeddings hidden (``OUT/cache_notext``; pretraining runs:
+no cache), it now says ``loss.text_source=student`` and reads the cache itself.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from distill.config import config_to_dict, load_config
+from distill.embedded import FULL, QUICK, train_config
+from distill.experiments import BASES, variant_config, variants
+
+ROOT = Path(__file__).resolve().parents[1]
+BEFORE = json.loads((ROOT / "tests" / "data" / "embedded_configs_before.json").read_text())
+OUT, CACHE, TEACHER = Path("OUT"), "CACHE/index.h5", Path("/TEACHER")
+INIT = "OUT/teacher_vision.safetensors"
+TEACHER_CFG = {"overrides": {"embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}}
+
+
+def new_configs() -> dict[str, object]:
+    """The same runs, built the new way (the names of the fixture)."""
+    vs = variants(TEACHER_CFG, INIT, TEACHER / "tokenizer.model")
+    out = {
+        "demo": train_config(FULL, OUT, CACHE),
+        "demo_quick": train_config(QUICK, OUT, CACHE),
+        "demo_seed3_steps50": train_config(FULL.with_overrides("steps=50", "seed=3"), OUT, CACHE),
+    }
+    for bname, base in BASES.items():
+        for name, v in vs.items():
+            out[f"{bname}/{name}"] = variant_config(FULL, v, OUT, CACHE, name, base)
+    cli_bench, cli_base = replace(FULL, train_size=2000), ("steps=300", "data.batch_size=32")
+    for name in ("seed1", "pretrain_tips"):
+        out[f"cli/{name}"] = variant_config(cli_bench, vs[name], OUT, CACHE, name, cli_base)
+    return out
+
+
+def own_text_source(data: dict) -> dict:
+    """The old inputs of an own-text-tower run with its caption source said, not hidden (see above)."""
+    data = json.loads(json.dumps(data))
+    if data["student"]["kwargs"].get("text"):
+        data.setdefault("loss", {})["text_source"] = "student"
+        if data.get("cache", {}).get("path") == "OUT/cache_notext/index.h5":
+            data["cache"]["path"] = CACHE
+    return data
+
+
+def test_every_run_resolves_to_the_old_python_recipe() -> None:
+    new = new_configs()
+    assert set(new) == set(BEFORE)
+    own_text = {n for n, b in BEFORE.items() if b["data"]["student"]["kwargs"].get("text")}
+    runs = ("distill_text", "pretrain_tips", "pretrain_tipsv2")
+    assert own_text == {f"{b}/{n}" for b in BASES for n in runs} | {"cli/pretrain_tips"}
+    for name, before in sorted(BEFORE.items()):
+        old = config_to_dict(load_config(before["recipe"], data=own_text_source(before["data"])))
+        got = config_to_dict(new[name])
+        want_recipe = "embedded" if before["recipe"] == "distill" else before["recipe"]
+        assert (old.pop("recipe"), got.pop("recipe")) == (before["recipe"], want_recipe), name
+        assert got == old, name
+
+
+def test_experiment_variants_reach_the_train_config(tmp_path: Path) -> None:
+    """Every ablation knob of the experiments lands in the stage-2 config it trains with."""
+    v = variants(
+        {"overrides": {"embed_dim": 96, "depth": 6, "num_heads": 3}}, "teacher.safetensors", "tok.model"
+    )
+    cfgs = {
+        n: variant_config(FULL, c, tmp_path, "cache/index.h5", n)
+        for n, c in v.items()
+        if n != "pretrain_tips"
+    }
+    assert cfgs["seed0"].data.global_scale == [1.0, 1.0] and cfgs["crop_view"].data.global_scale == [0.5, 1.0]
+    assert cfgs["seed0"].data.local_crops == 0 and cfgs["with_locals"].data.local_crops == 2
+    assert cfgs["seed0"].loss.teacher_temp == 0.07 and cfgs["teacher_temp04"].loss.teacher_temp == 0.04
+    assert cfgs["lr3e-3"].optim.lr == 3e-3 and cfgs["seed0"].optim.lr == 1e-3
+    assert cfgs["mask75"].loss.mask_ratio == 0.75 and cfgs["cosine"].loss.patch == "cosine"
+    assert cfgs["deep_teacher_init"].student.init == "teacher.safetensors"
+    assert cfgs["deep_random"].student.kwargs["depth"] == 6 and cfgs["seed1"].seed == 1
+    assert cfgs["pretrain_tipsv2"].data.local_crops == 2 and cfgs["pretrain_tipsv2"].loss.mask_ratio == 0.75
+    prev = {n: variant_config(FULL, c, tmp_path, "c.h5", n, BASES["previous"]) for n, c in v.items()}
+    assert prev["seed0"].steps == 400 and prev["seed0"].data.global_scale == [0.5, 1.0]
+    assert prev["seed0"].data.local_crops == 2 and prev["full_view_nolocal"].data.local_crops == 0
+    assert prev["full_view"].data.global_scale == [1.0, 1.0] and prev["full_view"].data.local_crops == 2
+    # the pretraining runs scale the recipe's teacher-temperature warm-up (3000 of 90000) to their steps
+    assert (
+        prev["pretrain_tipsv2"].loss.teacher_temp_warmup_steps == 13
+        and prev["pretrain_tips"].teacher.source == "ema"
+    )
+
+
+def test_tipsdistill_train_lists_and_resolves_the_embedded_recipe() -> None:
+    from scripts.train import main
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.train", "--list-recipes"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "embedded" in proc.stdout.split(), proc.stderr
+    assert main(["--recipe", "embedded", "--print-config", "cache.path=c.h5"]) == 0
+    with pytest.raises(ValueError, match="cache.path"):
+        load_config("embedded")  # the cache is the one thing a user must give

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import importlib
 import json
 import logging
 import os
+import select
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -708,6 +711,28 @@ def _todo_blocks(job: ShardJob, done: np.ndarray) -> list[tuple[int, list[int]]]
     return [(b, idx) for b, idx in blocks if not done[b * B : b * B + len(idx)].all()]
 
 
+def follow_main_process(main_pid: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: end this worker as soon as the run's main process ends.
+
+    torch's workers watch their parent, and under ``forkserver`` / ``spawn`` that parent is the fork
+    server, not the run: after a ``kill -9`` of the main process alone (the OOM killer) they would
+    wait on their queues forever, each holding its memory, and keep the fork server alive. A pidfd
+    of the main process becomes readable when it exits; a daemon thread waits on it."""
+    try:
+        fd = os.pidfd_open(main_pid)
+    except ProcessLookupError:
+        os._exit(0)  # the run is already gone
+    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): torch's own watchdog only
+        logger.debug("worker %d: no pidfd_open, cannot follow the main process %d", worker_id, main_pid)
+        return
+
+    def wait() -> None:
+        select.select([fd], [], [])
+        os._exit(0)
+
+    threading.Thread(target=wait, name="follow-main-process", daemon=True).start()
+
+
 def _make_loader(job: ShardJob, todo: list[tuple[int, list[int]]]) -> DataLoader:
     """Decode, resize and cut views in worker processes, one batch per write block."""
     cfg = job.config
@@ -720,6 +745,7 @@ def _make_loader(job: ShardJob, todo: list[tuple[int, list[int]]]) -> DataLoader
         pin_memory=job.device.type == "cuda",
         prefetch_factor=4 if cfg.num_workers > 0 else None,
         multiprocessing_context=cfg.worker_start if cfg.num_workers > 0 else None,
+        worker_init_fn=functools.partial(follow_main_process, os.getpid()),
     )
 
 

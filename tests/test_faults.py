@@ -19,6 +19,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import psutil
 import pytest
 
 from cache import extract_features, open_cache
@@ -118,7 +119,7 @@ def _wait_calls(prog: Path, n: int, proc: subprocess.Popen, timeout: float = 90)
 
 
 def test_kill9_main_then_group_then_rerun_identical(data, tmp_path):
-    """kill -9 of the main process only (its workers live on, as after the OOM killer) and of the
+    """kill -9 of the main process only (as the OOM killer does: its workers then exit on their own) and of the
     whole process group, each followed at once by the same command; a concurrent run is refused."""
     root, caps, ref = data
     out, prog = tmp_path / "c", tmp_path / "calls"
@@ -129,8 +130,12 @@ def test_kill9_main_then_group_then_rerun_identical(data, tmp_path):
     _wait_calls(prog, int(rng.integers(3, 6)), p1)
     with pytest.raises(CacheBusyError, match=rf"pid {p1.pid} on host {socket.gethostname()}"):
         extract_features(_cfg(out, root, caps))  # a second, concurrent run never writes
+    leftovers = psutil.Process(p1.pid).children(recursive=True)  # fork server + workers
+    assert leftovers
     p1.send_signal(signal.SIGKILL)
     p1.wait()
+    _, alive = psutil.wait_procs(leftovers, timeout=30)
+    assert not alive, f"workers of the killed run still alive: {[p.pid for p in alive]}"
     with h5py.File(out / SHARD) as f:
         done1 = int(f["done"][()].sum())
     assert not (out / "index.h5").exists() and 0 < done1 < N + 1

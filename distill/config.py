@@ -336,13 +336,15 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(
+    base: dict[str, Any], upd: dict[str, Any], *, shallow: tuple[str, ...] = ("kwargs", "dataset_kwargs")
+) -> dict[str, Any]:
+    """``upd`` merged into ``base`` recursively (a config file, then flags, then dotted overrides);
+    the keys in ``shallow`` hold free-form kwargs and are merged one level deep only."""
     out = dict(base)
     for k, v in upd.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("kwargs", "dataset_kwargs"):
-            out[k] = _merge(out[k], v)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = {**out[k], **v}
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v} if k in shallow else merge_dicts(out[k], v, shallow=shallow)
         else:
             out[k] = v
     return out
@@ -399,9 +401,9 @@ def load_config(
             raise ValueError(f"recipe {recipe} must be a YAML mapping")
         merged.setdefault("recipe", Path(recipe).stem)
     if data:
-        merged = _merge(merged, data)
+        merged = merge_dicts(merged, data)
     if overrides:
-        merged = _merge(merged, parse_overrides(overrides))
+        merged = merge_dicts(merged, parse_overrides(overrides))
     return _from_dict(TrainConfig, _drop_mode(merged)).validate()
 
 

@@ -35,7 +35,7 @@ import yaml
 from cache.dataset_spec import caption_fields_for, parse_dataset_spec
 from cache.extract import CacheConfig, extract_features
 from cache.lock import CacheBusyError
-from distill.config import parse_overrides
+from distill.config import merge_dicts, parse_overrides
 
 
 def parse_kv(items: list[str] | None) -> dict[str, Any]:
@@ -155,13 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in upd.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _load_file(path: str) -> dict[str, Any]:
     text = Path(path).read_text(encoding="utf-8")
     data = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
@@ -228,9 +221,11 @@ def config_from_args(args: argparse.Namespace) -> CacheConfig:
         flags["progress"] = False
     if args.no_fsync:
         flags["fsync"] = False
-    merged = _merge(base, flags) | _data_from_args(args, base)  # a new dataset replaces the file's kwargs
+    merged = merge_dicts(base, flags, shallow=()) | _data_from_args(
+        args, base
+    )  # a new dataset replaces the file's kwargs
     try:
-        merged = _merge(merged, parse_overrides(args.overrides or []))
+        merged = merge_dicts(merged, parse_overrides(args.overrides or []), shallow=())
         cfg = CacheConfig.from_dict(merged)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from e

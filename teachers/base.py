@@ -159,23 +159,28 @@ def normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return (pixels - mean.to(pixels).view(1, -1, 1, 1)) / std.to(pixels).view(1, -1, 1, 1)
 
 
+def check_key_set(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    """Raise ``ValueError("{what}: missing N keys (e.g. ...); unexpected ...; N wrong shapes ...")``
+    unless ``sd`` has exactly the keys and shapes of ``expected``."""
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys (e.g. {missing[:5]})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:5]})")
+    if shapes:
+        parts.append(f"{len(shapes)} wrong shapes (e.g. {shapes[:3]})")
+    if parts:
+        raise ValueError(f"{what}: " + "; ".join(parts))
+
+
 def strict_load(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` with an error that lists missing/unexpected/mis-shaped keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and sd[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:5]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
-        if shapes:
-            parts.append(f"{len(shapes)} with wrong shape (e.g. {shapes[:3]})")
-        raise ValueError(f"checkpoint {source} does not match the model key set: " + "; ".join(parts))
+    check_key_set(sd, model.state_dict(), f"checkpoint {source} does not match the model key set")
     model.load_state_dict(sd, strict=True)

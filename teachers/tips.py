@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import DenseFeatures, Teacher, check_pixels, register_teacher
+from .base import DenseFeatures, Teacher, check_key_set, check_pixels, register_teacher
 from .hub import resolve_file
 from .tips_text import TEXT_CONFIGS, TextTowerConfig, TipsTextTower, TipsTokenizer
 from .vit import vit_dense_forward
@@ -203,25 +203,6 @@ def timm_to_official(
     return out
 
 
-def _check_key_set(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = [
-        f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {missing[:5]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:5]})")
-        if shapes:
-            parts.append(f"{len(shapes)} wrong shapes (e.g. {shapes[:3]})")
-        raise ValueError(f"{source} does not match the official TIPS key set: " + "; ".join(parts))
-
-
 def load_text_tower(
     path: str | os.PathLike[str] | dict[str, torch.Tensor], variant: TipsVariant, source: str | None = None
 ) -> TipsTextTower:
@@ -251,7 +232,7 @@ def load_text_tower(
     tower = TipsTextTower(vocab, cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.max_len)
     sd = dict(sd)
     sd["temperature"] = sd["temperature"].reshape(())
-    _check_key_set(sd, tower.state_dict(), source)
+    check_key_set(sd, tower.state_dict(), f"{source} does not match the official TIPS key set")
     tower.load_state_dict(sd, strict=True)
     return tower
 
@@ -401,7 +382,7 @@ def build_tips_teacher(
     grid = GRID_BY_VERSION[version]
     vision = build_vision_tower(want, grid)
     expected = timm_to_official(vision.state_dict(), swiglu=want.swiglu)
-    _check_key_set(sd, expected, src)
+    check_key_set(sd, expected, f"{src} does not match the official TIPS key set")
     vision.load_state_dict(official_to_timm(sd), strict=True)
     text = tok = None
     if text_ckpt is not None:

@@ -54,8 +54,20 @@ class _Rows(Dataset):
 
     name = "rows"
 
-    def _setup(self, where: str, image_size: Any, resize: str, min_side: int, encoding: str) -> None:
+    def _setup(
+        self,
+        where: str,
+        image_field: str,
+        caption_fields: dict[str, str] | None,
+        image_size: Any,
+        resize: str,
+        min_side: int,
+        encoding: str,
+    ) -> None:
+        """The settings every table-like source shares (``caption_fields=None``: the defaults)."""
         self.where = where
+        self.image_field = image_field
+        self.caption_fields = dict(DEFAULT_CAPTION_FIELDS if caption_fields is None else caption_fields)
         self.image_size, self.resize, self.min_side = _as_size(image_size), resize, int(min_side)
         self.encoding = encoding
         self.problems: list[dict[str, Any]] = []
@@ -182,10 +194,10 @@ class TableDataset(_Rows):
         if fmt not in TABLE_FORMATS:
             raise ValueError(f"table format must be one of {TABLE_FORMATS}, got {fmt!r}")
         self.format = fmt
-        self.image_field = image_field
-        self.caption_fields = dict(DEFAULT_CAPTION_FIELDS if caption_fields is None else caption_fields)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
-        self._setup(str(self.path), image_size, resize, min_side, captions_encoding)
+        self._setup(
+            str(self.path), image_field, caption_fields, image_size, resize, min_side, captions_encoding
+        )
         cols = [image_field, *dict.fromkeys(self.caption_fields.values())]
         if fmt == "parquet":
             import pyarrow.parquet as pq
@@ -287,9 +299,9 @@ class HFImageDataset(_Rows):
         import datasets as hfd
 
         self.path, self.revision = str(path), revision
-        self.image_field = image_field
-        self.caption_fields = dict(DEFAULT_CAPTION_FIELDS if caption_fields is None else caption_fields)
-        self._setup(f"hf:{path}", image_size, resize, min_side, captions_encoding)
+        self._setup(
+            f"hf:{path}", image_field, caption_fields, image_size, resize, min_side, captions_encoding
+        )
         ds, self.builder = _load_hf(self.path, split, revision, cache_dir)
         if isinstance(ds, hfd.DatasetDict):
             splits = list(ds)

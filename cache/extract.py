@@ -65,6 +65,7 @@ from .format import (
     toolkit_version,
 )
 from .lock import CacheBusyError, ShardLock, busy_message, is_hdf5_lock_error
+from .reduce import BASIS_FILE, PCAFitter, Reduction, explained
 from .repair import ShardReport, check_hdf5, data_end, repair_shard, verify_shard
 from .views import ViewSpec, apply_view, sample_views
 from .writer import CacheWriteError, ShardWriter, WriteBatch, is_disk_full, quantise_int8_torch, sample_stats
@@ -90,6 +91,13 @@ class CacheConfig:
     image_size: int | list[int] = 224
     resize: str = "short_crop"  # short_crop | exact | none
     storage: str = "float16"  # float16 | int8 (per-token scale)
+    # reduced-dimension storage (cache/reduce.py): patch tokens as reduce_dim PCA coefficients (0: full dim),
+    # the basis fitted on the first reduce_fit_images images (at most reduce_fit_tokens tokens, seeded)
+    reduce_dim: int = 0
+    reduce_fit_images: int = 1024
+    reduce_fit_tokens: int = 262144
+    reduce_seed: int = 0
+    reduce_wait_s: float = 3600.0  # ranks > 0: how long to wait for rank 0's basis file
     value_trick: bool = False
     value_readout: str = "tips"
     layer: int | None = None
@@ -134,6 +142,13 @@ class CacheConfig:
             raise ValueError(f"views must be >= 1, got {self.views}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.reduce_dim < 0:
+            raise ValueError(f"reduce_dim must be >= 0 (0: full dimension), got {self.reduce_dim}")
+        if self.reduce_dim and (self.reduce_fit_images < 1 or self.reduce_fit_tokens < 2):
+            raise ValueError(
+                f"reduce_fit_images ({self.reduce_fit_images}) must be >= 1 and reduce_fit_tokens "
+                f"({self.reduce_fit_tokens}) >= 2 to fit a PCA basis"
+            )
         if self.worker_start not in WORKER_STARTS:
             raise ValueError(f"worker_start must be one of {WORKER_STARTS}, got {self.worker_start!r}")
 
@@ -282,6 +297,7 @@ class ShardJob:
     granularities: list[str]
     layout: Layout
     attrs: dict[str, Any]
+    reduction: Reduction | None = None  # the PCA basis of a reduced-dimension cache (cache.reduce)
 
     @property
     def is_main(self) -> bool:
@@ -294,6 +310,10 @@ class ShardJob:
     @property
     def index_path(self) -> Path:
         return self.out_dir / INDEX_NAME
+
+    def reduction_names(self) -> list[str]:
+        """The token features stored as PCA coefficients (``patch``, and ``value_patch`` when stored)."""
+        return ["patch"] + (["value_patch"] if self.config.value_trick else [])
 
     def shard_paths(self) -> list[Path]:
         return [self.out_dir / shard_name(r, self.world) for r in range(self.world)]
@@ -335,6 +355,8 @@ def _run_job(job: ShardJob) -> dict[str, Any]:
         print(msg, flush=True)
         summary.update(already_complete=True, complete=True, index=str(job.index_path), done=job.count)
         return summary
+    if job.layout.reduce_dim:
+        job.reduction = _resolve_reduction(job)
     _check_disk_space(job)
     if not job.shard_path.exists():
         _create_shard_file(job)
@@ -423,7 +445,13 @@ def _plan_job(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | N
         text_dim=text_dim,
         granularities=grans,
         block_size=config.batch_size,
+        reduce_dim=config.reduce_dim,
     )
+    if config.reduce_dim >= dim:
+        raise ValueError(
+            f"reduce_dim {config.reduce_dim} is not below the teacher's feature dim {dim}: nothing to reduce; "
+            f"use e.g. --reduce-dim {max(dim // 4, 1)} (or 0 for full dimension)"
+        )
     attrs = _shard_attrs(
         config=config,
         teacher=teacher,
@@ -533,6 +561,8 @@ def _shard_attrs(
         "layer": -1 if config.layer is None else int(config.layer),
         "storage_dtype": config.storage,
         "quantisation": "int8_per_token_absmax" if config.storage == "int8" else "none",
+        "reduce_dim": int(config.reduce_dim),
+        "reduce": _reduce_settings(config),
         "granularities": layout.granularities,
         "text_dim": layout.text_dim,
         "dataset": _dataset_identity(dataset, config.dataset, config.dataset_kwargs),
@@ -546,6 +576,101 @@ def _shard_attrs(
         "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
         "caption_problems": list(getattr(dataset, "caption_problems", []) or [])[:100],
     }
+
+
+def _reduce_settings(config: CacheConfig) -> dict[str, Any] | None:
+    """What a resume of a reduced-dimension cache must match (``None`` at full dimension)."""
+    if not config.reduce_dim:
+        return None
+    return {
+        "dim": int(config.reduce_dim),
+        "fit_images": int(config.reduce_fit_images),
+        "fit_tokens": int(config.reduce_fit_tokens),
+        "seed": int(config.reduce_seed),
+        "features": [n for n in ("patch", "value_patch") if n == "patch" or config.value_trick],
+    }
+
+
+def _resolve_reduction(job: ShardJob) -> Reduction:
+    """The cache's PCA basis: this shard's copy when it exists (a resume never refits), else
+    ``OUT/reduce_basis.npz``, else (rank 0) fitted now and saved there; other ranks wait for that file."""
+    if job.reduction is not None:
+        return job.reduction
+    red: Reduction | None = None
+    if job.shard_path.exists():
+        try:
+            with h5py.File(job.shard_path, "r") as f:
+                red = Reduction.read_h5(f, read_meta(job.shard_path))
+        except H5_ERRORS as e:  # damaged metadata: the cache-level file below still has it
+            logger.warning(
+                "cannot read the PCA basis of %s (%s); using %s", job.shard_path.name, e, BASIS_FILE
+            )
+    path = job.out_dir / BASIS_FILE
+    if red is None and path.exists():
+        red = Reduction.load(path)
+    if red is None:
+        if job.rank == 0:
+            red = _fit_reduction(job)
+            red.save(path)
+        else:
+            red = _wait_for_basis(job, path)
+    if red.dim != job.layout.reduce_dim:
+        raise ValueError(
+            f"{path} holds a reduce_dim={red.dim} basis but this run asks for {job.layout.reduce_dim}: write to "
+            "another output directory (--out) or rerun with the cache's --reduce-dim"
+        )
+    job.attrs["reduce_fit"] = red.fit
+    return red
+
+
+def _wait_for_basis(job: ShardJob, path: Path) -> Reduction:
+    t0 = time.monotonic()
+    last = t0
+    while not path.exists():
+        if time.monotonic() - t0 > job.config.reduce_wait_s:
+            raise TimeoutError(
+                f"rank {job.rank}: rank 0 has not written the PCA basis {path} after {job.config.reduce_wait_s:.0f} s; "
+                "check rank 0's log, or raise reduce_wait_s"
+            )
+        if time.monotonic() - last > 30:
+            logger.info("rank %d: waiting for rank 0's PCA basis %s", job.rank, path)
+            last = time.monotonic()
+        time.sleep(0.5)
+    return Reduction.load(path)
+
+
+def _fit_reduction(job: ShardJob) -> Reduction:
+    """Fit the PCA basis on the teacher's patch tokens of the first ``reduce_fit_images`` images."""
+    cfg = job.config
+    n = min(cfg.reduce_fit_images, job.num_samples)
+    idx = list(range(n))
+    batches = [(b, idx[i : i + cfg.batch_size]) for b, i in enumerate(range(0, n, cfg.batch_size))]
+    h, w = job.layout.grid
+    tokens_per_image = h * w * job.layout.num_views
+    keep = min(1.0, cfg.reduce_fit_tokens / max(n * tokens_per_image, 1))
+    fitter = PCAFitter(keep, cfg.reduce_seed)
+    used, bad = 0, 0
+    t0 = time.perf_counter()
+    for batch in _make_loader(job, batches):
+        bad += len(batch["bad"])
+        if not batch["index"]:
+            continue
+        feats = _teacher_forward(job, batch)
+        for name in job.reduction_names():
+            fitter.add(name, feats[name])
+        used += len(batch["index"])
+    if not used:
+        raise ValueError(f"no usable image among the first {n} of the dataset to fit the PCA basis on")
+    bases, facts = fitter.fit(cfg.reduce_dim)
+    facts.update(images=used, skipped_images=bad, seed=cfg.reduce_seed, token_fraction=keep)
+    red = Reduction(dim=cfg.reduce_dim, bases=bases, fit=facts)
+    msg = (
+        f"fitted the PCA basis (reduce_dim {cfg.reduce_dim} of {job.layout.dim}) on {used} images "
+        f"({facts['tokens']} tokens) in {time.perf_counter() - t0:.1f}s; variance kept: {explained(red)}"
+    )
+    logger.info(msg)
+    print(msg, flush=True)
+    return red
 
 
 def _new_summary(job: ShardJob) -> dict[str, Any]:
@@ -593,7 +718,10 @@ def _check_existing_shard(job: ShardJob) -> None:
         else:
             logger.warning("%s is damaged: %s", path.name, report.line())
         layout = dataclasses.replace(job.layout, block_size=report.block_size or job.layout.block_size)
-        repair_shard(path, layout, job.attrs, job.keys[job.start : job.start + job.count], report)
+        red = _resolve_reduction(job) if layout.reduce_dim else None
+        repair_shard(
+            path, layout, job.attrs, job.keys[job.start : job.start + job.count], report, reduction=red
+        )
         stored = read_meta(path)
     elif job.config.repair:
         msg = f"verified {report.line()}"
@@ -680,7 +808,13 @@ def _check_disk_space(job: ShardJob) -> None:
 
 
 def _create_shard_file(job: ShardJob) -> None:
-    create_shard(job.shard_path, job.layout, job.attrs, job.keys[job.start : job.start + job.count])
+    create_shard(
+        job.shard_path,
+        job.layout,
+        job.attrs,
+        job.keys[job.start : job.start + job.count],
+        reduction=job.reduction,
+    )
     if job.is_main:
         (job.out_dir / "cache_config.json").write_text(
             json.dumps(job.attrs["config"] | {"git_revision": job.attrs["git_revision"]}, indent=2)
@@ -768,11 +902,9 @@ def _embed_captions(
     return emb, torch.tensor(ok)
 
 
-def _encode_batch(job: ShardJob, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Teacher forward of one batch -> the arrays of a :class:`WriteBatch`, in the storage dtype.
-
-    ``batch["views"] (B, V, 3, H, W)`` -> ``patch (B, [V,] h*w, D)``, ``cls (B, [V,] C, D)``, optional
-    ``value_patch``, ``text/<g> (B, Dt)``, ``text_valid/<g> (B,)``, ``_stats (B, 2 + 2C, D)``."""
+def _teacher_forward(job: ShardJob, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Teacher forward of one batch (on ``job.device``, inference mode): ``batch["views"] (B, V, 3, H, W)``
+    -> ``patch (B, [V,] h*w, D)``, ``cls (B, [V,] C, D)``, optional ``value_patch``, as computed."""
     cfg, dim, C = job.config, job.layout.dim, job.layout.num_global_tokens
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.autocast)
     views = batch["views"].to(job.device, non_blocking=True)
@@ -797,9 +929,24 @@ def _encode_batch(job: ShardJob, batch: dict[str, Any]) -> dict[str, np.ndarray]
         arrays["cls"] = feats.cls.reshape(*vshape, C, dim)
         if cfg.value_trick:
             arrays["value_patch"] = feats.value_patch.reshape(*vshape, -1, dim)
+    return arrays
+
+
+def _encode_batch(job: ShardJob, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Teacher forward of one batch -> the arrays of a :class:`WriteBatch`, in the storage dtype.
+
+    ``batch["views"] (B, V, 3, H, W)`` -> ``patch (B, [V,] h*w, D)`` (``(..., K)`` PCA coefficients
+    with ``reduce_dim K``), ``cls (B, [V,] C, D)``, optional ``value_patch``, ``text/<g> (B, Dt)``,
+    ``text_valid/<g> (B,)``, ``_stats (B, 2 + 2C, D)`` (of the full-dimension features)."""
+    cfg = job.config
+    arrays = _teacher_forward(job, batch)
+    with torch.inference_mode():
         for g in job.granularities:
             arrays[f"text/{g}"], arrays[f"text_valid/{g}"] = _embed_captions(job, batch["captions"], g)
         arrays["_stats"] = sample_stats(arrays["patch"], arrays["cls"])
+        if job.reduction is not None:  # PCA coefficients, on the device, before the storage dtype
+            for k in job.reduction_names():
+                arrays[k] = job.reduction.project(k, arrays[k])
         # encode to the storage dtype here, once per batch, vectorised (on the GPU when there is one:
         # halves / quarters the copy to the host); the writer thread then only writes
         for k in ("patch", "cls", "value_patch"):

@@ -64,6 +64,8 @@ JSON_ATTRS = (
     "shards",
     "caption_problems",
     "captions_missing",
+    "reduce",
+    "reduce_fit",
 )
 # what must match between a cache on disk and a run that wants to resume it, in the order checked
 RESUME_FIELDS = (
@@ -82,6 +84,7 @@ RESUME_FIELDS = (
     "layer",
     "views",
     "granularities",
+    "reduce",
 )
 FEATURES = ("patch", "cls", "value_patch")
 BOOKKEEPING = ("done", "skip_reason", "checksum")  # per-sample arrays that are not the sample's data
@@ -146,6 +149,7 @@ class Layout:
     text_dim: int = 0
     granularities: list[str] = field(default_factory=list)
     block_size: int = 32
+    reduce_dim: int = 0  # > 0: patch / value_patch stored as this many PCA coefficients (cache.reduce)
 
     @property
     def num_blocks(self) -> int:
@@ -161,7 +165,8 @@ class Layout:
         out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         feats = [("patch", hw), ("cls", C)] + ([("value_patch", hw)] if self.value_patch else [])
         for name, n in feats:
-            out[name] = (v + (n, D), sdt)
+            width = self.reduce_dim if self.reduce_dim and name in ("patch", "value_patch") else D
+            out[name] = (v + (n, width), sdt)
             if self.storage_dtype == "int8":
                 out[name + "_scale"] = (v + (n,), np.dtype("float32"))
         if self.num_views > 1:
@@ -301,8 +306,17 @@ def decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
     return meta
 
 
-def create_shard(path: Path, layout: Layout, attrs: dict[str, Any], keys: list[str]) -> None:
-    """Create a shard file with every dataset allocated; written to a temporary name, then renamed."""
+def create_shard(
+    path: Path, layout: Layout, attrs: dict[str, Any], keys: list[str], reduction: Any = None
+) -> None:
+    """Create a shard file with every dataset allocated; written to a temporary name, then renamed.
+
+    ``reduction`` (a :class:`cache.reduce.Reduction`, required when ``layout.reduce_dim``): its PCA
+    mean and basis are stored in the shard (``reduce/<name>/...``) before any sample."""
+    if layout.reduce_dim and (reduction is None or reduction.dim != layout.reduce_dim):
+        raise ValueError(
+            f"{path}: a reduce_dim={layout.reduce_dim} shard needs its PCA basis (cache.reduce.Reduction)"
+        )
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     n = layout.count
     with h5py.File(tmp, "w", libver=LIBVER) as f:  # checksummed metadata: flipped bytes are detected
@@ -314,6 +328,8 @@ def create_shard(path: Path, layout: Layout, attrs: dict[str, Any], keys: list[s
         _create_dataset(f, "block_stats", (nb, 2 + 2 * C, D), np.dtype("float64"), (1, 2 + 2 * C, D))
         _create_dataset(f, "block_count", (nb,), np.dtype("int64"), (min(nb, SMALL_CHUNK),))
         f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
+        if layout.reduce_dim:
+            reduction.write_h5(f)
         f.attrs.update(encode_attrs(attrs))
         f.attrs["block_size"] = layout.block_size
         f.attrs["complete"] = False
@@ -350,6 +366,7 @@ def layout_from_meta(meta: dict[str, Any], count: int) -> Layout:
         text_dim=int(meta.get("text_dim", 0)),
         granularities=list(meta.get("granularities") or []),
         block_size=int(meta.get("block_size", 32)),
+        reduce_dim=int(meta.get("reduce_dim") or 0),
     )
 
 
@@ -440,6 +457,27 @@ def read_skipped(f: h5py.File) -> list[tuple[int, str, str]]:
     return out
 
 
+def _copy_reduction(paths: list[Path], metas: list[dict[str, Any]], f: h5py.File) -> None:
+    """The PCA basis of a reduced-dimension cache into the index; every shard must hold the same one."""
+    from .reduce import Reduction
+
+    first: Any = None
+    for p, m in zip(paths, metas):
+        with h5py.File(p, "r") as s:
+            red = Reduction.read_h5(s, m)
+        if first is None:
+            first = red
+            continue
+        for n, (mean, basis) in first.bases.items():
+            other = red.bases.get(n) if red else None
+            if other is None or not (np.array_equal(mean, other[0]) and np.array_equal(basis, other[1])):
+                raise ValueError(
+                    f"cannot build the index: {p.name} holds another PCA basis for {n} than {paths[0].name}; the "
+                    "shards of one cache must share OUT/reduce_basis.npz. Rewrite that shard with the same command"
+                )
+    first.write_h5(f)
+
+
 def build_index(out_dir: Path, world: int) -> Path:
     """Write ``index.h5``: every shard's per-sample arrays as one virtual dataset, in original order."""
     paths = [out_dir / shard_name(r, world) for r in range(world)]
@@ -469,6 +507,8 @@ def build_index(out_dir: Path, world: int) -> Path:
                     vl[s : s + c] = h5py.VirtualSource("./" + p.name, name, shape=(c, *shape))
             f.create_virtual_dataset(name, vl)
         f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
+        if layout.reduce_dim:
+            _copy_reduction(paths, metas, f)
         write_skipped(f, skipped)
         attrs = {
             k: v

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .codec import decode
 from .format import FEATURES, INDEX_NAME, decode_attrs, read_skipped
+from .reduce import Reduction
 from .spec import CacheSpec
 
 
@@ -147,6 +149,8 @@ class FeatureCache(Dataset):
             self._names = [n for n in FEATURES if n in f]
             self._sources = _sources(self.path, f)
             self._spec = {n: (f[n].shape[1:], f[n].dtype) for n in self._datasets(f)}
+            # reduced-dimension cache: patch tokens stored as PCA coefficients, decoded on reading
+            self.reduction: Reduction | None = Reduction.read_h5(f, self.meta)
         # converted to new float32 tensors after reading: their raw arrays can be reused staging buffers
         self._staged = {
             n for n in self._spec if n in FEATURES or n.endswith("_scale") or n.startswith("text/")
@@ -256,12 +260,10 @@ class FeatureCache(Dataset):
         same = len(rows) == len(js) and bool((rows == js).all())
         take = (lambda a: a) if same else (lambda a: a[inv])  # back to the order asked for
         feats: dict[str, torch.Tensor] = {}
+        red = self.reduction.bases if self.reduction is not None else {}
         for name in self._names:
-            x = torch.from_numpy(raw[name])
-            if self.int8:
-                x = x.float().mul_(torch.from_numpy(raw[name + "_scale"]).unsqueeze(-1))
-            else:
-                x = x.float()
+            mean, basis = red.get(name, (None, None))
+            x = decode(raw[name], raw[name + "_scale"] if self.int8 else None, basis=basis, mean=mean)
             if name != "cls":  # (B, ..., h*w, D) -> (B, ..., h, w, D)
                 x = x.reshape(x.shape[:-2] + self.grid + x.shape[-1:])
             feats[name] = take(x)

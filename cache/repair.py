@@ -237,10 +237,16 @@ def _verify_rows(raw: _Raw, cmap: dict[str, np.ndarray], report: ShardReport) ->
 
 
 def repair_shard(
-    path: Path, layout: Layout, attrs: dict[str, Any], keys: list[str], report: ShardReport | None = None
+    path: Path,
+    layout: Layout,
+    attrs: dict[str, Any],
+    keys: list[str],
+    report: ShardReport | None = None,
+    reduction: Any = None,
 ) -> ShardReport:
     """Write a fresh shard holding the intact write blocks of the damaged ``path``; rename the damaged
-    file aside (kept, never deleted) and put the fresh one in its place. Returns the report used."""
+    file aside (kept, never deleted) and put the fresh one in its place. Returns the report used.
+    ``reduction``: the cache's PCA basis (:class:`cache.reduce.Reduction`) for a reduced-dimension shard."""
     path = Path(path)
     report = report or verify_shard(path)
     cmap = read_chunk_map(path) if chunk_map_path(path).exists() else None
@@ -257,7 +263,7 @@ def repair_shard(
                     "or write elsewhere (--out). Nothing was changed."
                 )
     fresh = path.with_name(path.name + ".repair")
-    create_shard(fresh, layout, attrs, keys)
+    create_shard(fresh, layout, attrs, keys, reduction=reduction)
     if report.kept_blocks and cmap is not None:
         raw = _Raw(path, cmap)
         try:

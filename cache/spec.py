@@ -43,6 +43,14 @@ class CacheSpec:
     image_size: tuple[int, int] | None  # the base image the boxes and crops refer to
     resize: str  # how source images were brought to image_size (cache.datasets.resize_image)
     teacher: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    reduce_dim: int = (
+        0  # > 0: patch tokens stored as this many PCA coefficients, decoded to ``dim`` on reading
+    )
+
+    @property
+    def stored_dim(self) -> int:
+        """Width of the stored patch tokens: ``reduce_dim`` for a reduced-dimension cache, else ``dim``."""
+        return self.reduce_dim or self.dim
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], path: str = "") -> CacheSpec:
@@ -68,6 +76,7 @@ class CacheSpec:
             image_size=_size(meta.get("image_size")),
             resize=str(meta.get("resize") or "exact"),
             teacher=dict(meta.get("teacher") or {}),
+            reduce_dim=int(meta.get("reduce_dim") or 0),
         )
 
     @property
@@ -89,5 +98,6 @@ class CacheSpec:
             "text_dim": self.text_dim,
             "granularities": sorted(self.granularities),
             "views": self.num_views,
+            "reduce_dim": self.reduce_dim,
             "meta_teacher": dict(self.teacher) or None,
         }

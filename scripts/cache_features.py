@@ -113,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", choices=["short_crop", "exact", "none"])
     p.add_argument("--storage", choices=["float16", "int8"])
     p.add_argument(
+        "--reduce-dim",
+        type=int,
+        metavar="K",
+        help="store patch tokens as K PCA coefficients (basis fitted on the first --reduce-fit-images images; "
+        "float16 or, with --storage int8, int8 on top); 0: full dimension",
+    )
+    p.add_argument("--reduce-fit-images", type=int, help="images the PCA basis is fitted on (default 1024)")
+    p.add_argument(
+        "--reduce-fit-tokens", type=int, help="at most this many tokens, seeded sample (default 262144)"
+    )
+    p.add_argument("--reduce-seed", type=int, help="seed of the token sample the basis is fitted on")
+    p.add_argument(
         "--value-trick", action="store_true", default=None, help="also store value-trick patch tokens"
     )
     p.add_argument("--value-readout", choices=["tips", "maskclip"])

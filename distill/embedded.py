@@ -126,9 +126,10 @@ QUICK = DemoConfig(
 
 # ------------------------------------------------------------------------------------------ stage 1
 def stage_cache(
-    cfg: DemoConfig, out: Path, teacher_path: str | None, progress: bool = True
+    cfg: DemoConfig, out: Path, teacher_path: str | None, progress: bool = True, **cache_overrides: Any
 ) -> dict[str, Any]:
-    """Encode the training split with the embedded teacher into ``out/cache``; returns the summary."""
+    """Encode the training split with the embedded teacher into ``out/cache``; returns the summary.
+    ``cache_overrides``: further :class:`cache.CacheConfig` fields (e.g. ``storage="int8"``, ``reduce_dim=24``)."""
     return extract_features(
         out=str(out / "cache"),
         teacher="embedded",
@@ -147,6 +148,7 @@ def stage_cache(
         num_workers=0,
         device="cpu",
         progress=progress,
+        **cache_overrides,
     )
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from cache import open_cache
+from cache.format import layout_from_meta
 from cache.synthetic import SyntheticScenes
 from students import load_student
 from teachers import build_teacher
@@ -195,6 +197,23 @@ def _own_text_extras(
     return text, extra
 
 
+def _cache_facts(path: str) -> dict[str, Any]:
+    """Storage facts of the stage-1 cache the runs read (recorded in ``experiments.json``)."""
+    cache = open_cache(path)
+    try:
+        sp = cache.spec
+        return {
+            "path": str(path),
+            "storage_dtype": sp.storage_dtype,
+            "reduce_dim": sp.reduce_dim,
+            "dim": sp.dim,
+            "bytes_per_sample": layout_from_meta(cache.meta, 1).bytes_per_sample(),
+            "reduce_fit": cache.reduction.fit if cache.reduction is not None else None,
+        }
+    finally:
+        cache.close()
+
+
 def run_experiments(
     bench: DemoConfig,
     out: Path,
@@ -204,6 +223,7 @@ def run_experiments(
     teacher_path: str | Path | None = None,
     cache: str | None = None,
     reuse: dict[str, str] | None = None,
+    cache_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train (or reuse, ``reuse``: name -> export dir) and measure the variants ``only`` (default all);
     results accumulate in ``out/experiments.json`` (earlier runs kept), the table in ``experiments.md``."""
@@ -216,14 +236,20 @@ def run_experiments(
     unknown = [n for n in names if n not in all_variants]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {list(all_variants)}")
-    cache_path = cache or stage_cache(bench, out, str(tpath)).get("index") or str(out / "cache")
+    cache_path = (
+        cache
+        or stage_cache(bench, out, str(tpath), **(cache_overrides or {})).get("index")
+        or str(out / "cache")
+    )
     reuse = reuse or {}
+    results_cache = _cache_facts(cache_path)
     val: SyntheticScenes = validation_split(bench)
     text = resolve_class_embeddings(val.class_names, text_model=teacher, templates="tcl", cache_dir=None)
     res_path = out / "experiments.json"
     results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.exists() else {"runs": {}}
     results["teacher"] = evaluate({"teacher": teacher}, val, text, bench)["teacher"]
     results["teacher_identity"] = teacher.identity()
+    results["cache"] = results_cache
     base_m = majority_background_baseline(val)
     results["baseline"] = {"miou": base_m["miou"], "pixel_accuracy": base_m["pixel_accuracy"]}
     for name in names:

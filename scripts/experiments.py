@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when running jobs side by side)")
     ap.add_argument("--cache", default=None, help="reuse this stage-1 cache (e.g. runs/demo/cache/index.h5)")
     ap.add_argument(
+        "--storage", choices=("float16", "int8"), default=None, help="stage-1 storage dtype (default float16)"
+    )
+    ap.add_argument(
+        "--reduce-dim",
+        type=int,
+        default=None,
+        help="stage 1 stores patch tokens as this many PCA coefficients (cache/reduce.py; default: full dim)",
+    )
+    ap.add_argument(
         "--reuse",
         action="append",
         default=[],
@@ -111,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             teacher_path=args.teacher_path,
             cache=args.cache,
             reuse=reuse,
+            cache_overrides={
+                k: v for k, v in (("storage", args.storage), ("reduce_dim", args.reduce_dim)) if v is not None
+            },
         )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc

@@ -45,8 +45,9 @@ def tiny_teacher(seed: int = 0):
     return t.freeze()
 
 
-def make_cache(out: str | Path, n: int = 48, views: int = 1) -> Path:
-    """Build a real stage-1 cache of ``n`` synthetic 32 px images with the tiny teacher."""
+def make_cache(out: str | Path, n: int = 48, views: int = 1, **cache_kw: Any) -> Path:
+    """Build a real stage-1 cache of ``n`` synthetic 32 px images with the tiny teacher (``cache_kw``:
+    further :class:`cache.CacheConfig` fields, e.g. ``reduce_dim=12``)."""
     from cache import build_dataset, extract_features
 
     out = Path(out)
@@ -54,7 +55,9 @@ def make_cache(out: str | Path, n: int = 48, views: int = 1) -> Path:
         return out
     ds = build_dataset("synthetic", split="train", size=n, image_size=32)
     extract_features(
-        dict(out=str(out), image_size=32, batch_size=16, num_workers=0, progress=False, views=views),
+        dict(
+            out=str(out), image_size=32, batch_size=16, num_workers=0, progress=False, views=views, **cache_kw
+        ),
         teacher=tiny_teacher(),
         dataset=ds,
     )

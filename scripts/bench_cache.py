@@ -2,7 +2,9 @@
 
 Prints (1) extraction with writing vs the teacher forward alone, (2) writer MB/s vs a raw sequential
 write of the same bytes to the same disk, (3) reader samples/s with 0 and 2 workers vs a raw numpy
-read of the same bytes from one file, (4) bytes per image in float16 and int8. Every timed figure is
+read of the same bytes from one file, (4) the cost of durability (fsync) and of the worker start
+methods, (5) bytes per image and token cosine for float16, int8 and reduced-dimension (PCA) storage.
+``--sections 2,5`` runs only some. Every timed figure is
 the median of ``--repeats`` runs (the runs are printed too); the page cache stays warm (stated).
 
     python -m scripts.bench_cache --images 256 --dim 384 --depth 6 --image-size 224 --out /tmp/bench
@@ -271,7 +273,7 @@ def _extract_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _durability(
     teacher: Teacher, data: RandomImages, out: Path, common: dict[str, Any], repeats: int
 ) -> None:
-    """(5) the cost of the crash-safety: extraction with fsync before the done flags (the default) vs
+    """(4) the cost of the crash-safety: extraction with fsync before the done flags (the default) vs
     without, at the default flush interval (2 s) and flushing after every block (the worst case); and
     the DataLoader worker start methods (forkserver, the default, never hands the shard to workers)."""
     quiet = io.StringIO()
@@ -292,7 +294,7 @@ def _durability(
             if key == "fs0":
                 fs_s.append(s["fsync_seconds"])
     m = {k: _med(v) for k, v in t.items()}
-    print(f"(5) durability: extraction loop with fsync before the done flags {m['fs']:.2f}s vs without {m['nofs']:.2f}s "
+    print(f"(4) durability: extraction loop with fsync before the done flags {m['fs']:.2f}s vs without {m['nofs']:.2f}s "
           f"-> {m['fs'] / m['nofs']:.3f}x (flush every 2 s, the default) | flushing after every block: "
           f"{m['fs0']:.2f}s vs {m['nofs0']:.2f}s -> {m['fs0'] / m['nofs0']:.3f}x (fsync time {_med(fs_s):.3f}s, on the writer thread)")  # fmt: skip
     starts: dict[str, list[float]] = {k: [] for k in ("fork", "forkserver", "spawn")}
@@ -320,6 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-mib", type=int, default=256, help="bytes of features written in each test of (2)")
     p.add_argument("--repeats", type=int, default=5, help="repeats of every timed measurement (median shown)")
     p.add_argument("--out", default="/tmp/tipsdistill-bench-cache")
+    p.add_argument(
+        "--reduce-dims", default="", help="reduce_dim values of (5), comma-separated (default dim/4, dim/8)"
+    )
+    p.add_argument(
+        "--reduce-fit-images", type=int, default=1024, help="images the PCA basis of (5) is fitted on"
+    )
+    p.add_argument(
+        "--sections",
+        default="1,2,3,4,5",
+        help="comma-separated sections to run (3 needs 1's cache; default all)",
+    )
     return p
 
 
@@ -436,18 +449,67 @@ def measure_reader(args: argparse.Namespace, out: Path) -> None:
           f"{rates[2] / zeros[2]:.2f}x of it")  # fmt: skip
 
 
-def measure_bytes(
-    teacher: Teacher, data: RandomImages, args: argparse.Namespace, out: Path, s16: dict[str, Any]
+def _storage_settings(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """``(storage dtype, reduce_dim)`` of every row of (5): float16 and int8 at full dimension and at
+    each ``--reduce-dims`` value."""
+    dims = (
+        [int(x) for x in args.reduce_dims.split(",") if x.strip()]
+        if args.reduce_dims
+        else [args.dim // 4, args.dim // 8]
+    )
+    return [(st, k) for k in [0, *dims] for st in ("float16", "int8")]
+
+
+def measure_storage(
+    teacher: Teacher, data: RandomImages, args: argparse.Namespace, out: Path, s16: dict[str, Any] | None
 ) -> None:
-    """(4) bytes per image, float16 and int8 (``s16``: the float16 extraction summary of (1))."""
+    """(5) bytes per image and token cosine against the teacher's float32 tokens, for float16, int8 and
+    each reduced-dimension setting (PCA fitted on the first ``--reduce-fit-images`` images)."""
+    from cache.format import layout_from_meta
+
     N, common, quiet = args.images, _extract_kwargs(args), io.StringIO()
-    with contextlib.redirect_stdout(quiet):
-        s8 = extract_features(out=str(out / "i8"), storage="int8", teacher=teacher, dataset=data, **common)
-    b16 = (out / "f16" / "shard-00000-of-00001.h5").stat().st_size / N
-    b8 = (out / "i8" / "shard-00000-of-00001.h5").stat().st_size / N
-    feat16, feat8 = s16["bytes_written"] / N, s8["bytes_written"] / N
-    print(f"(4) bytes per image: float16 {b16:,.0f} on disk ({feat16:,.0f} feature bytes) | int8 {b8:,.0f} on disk "
-          f"({feat8:,.0f} feature bytes incl. per-token scales) -> int8/float16 {b8 / b16:.2f}")  # fmt: skip
+    with torch.inference_mode():
+        ref = [
+            teacher.encode_image(data.images[s : s + args.batch_size]) for s in range(0, N, args.batch_size)
+        ]
+    ref_patch = torch.cat([o.patch for o in ref]).reshape(-1, args.dim)
+    ref_cls = torch.cat([o.cls for o in ref]).reshape(-1, args.dim)
+    rows, base = [], None
+    for storage, k in _storage_settings(args):
+        name = f"s-{storage}-{k}"
+        shutil.rmtree(out / name, ignore_errors=True)
+        with contextlib.redirect_stdout(quiet):
+            extract_features(out=str(out / name), storage=storage, reduce_dim=k, reduce_fit_images=args.reduce_fit_images,
+                             teacher=teacher, dataset=data, **common)  # fmt: skip
+        cache = open_cache(out / name)
+        items = cache.__getitems__(list(range(N)))
+        got = torch.stack([it["patch"] for it in items]).reshape(-1, args.dim)
+        cls = torch.stack([it["cls"] for it in items]).reshape(-1, args.dim)
+        cos = torch.nn.functional.cosine_similarity(got, ref_patch, dim=-1)
+        ccos = torch.nn.functional.cosine_similarity(cls, ref_cls, dim=-1)
+        disk = (out / name / "shard-00000-of-00001.h5").stat().st_size / N
+        per = layout_from_meta(cache.meta, 1).bytes_per_sample()
+        ev = cache.reduction.fit["explained_variance"]["patch"] if cache.reduction is not None else 1.0
+        cache.close()
+        base = base or per
+        rows.append(
+            (
+                storage,
+                k,
+                disk,
+                per,
+                per / base,
+                float(cos.mean()),
+                float(cos.quantile(0.01)),
+                float(ccos.min()),
+                ev,
+            )
+        )
+    print(f"(5) storage: bytes per image (patch + cls tokens, bookkeeping) and token cosine vs the teacher's float32 tokens, "
+          f"{N} images, dim {args.dim}; PCA fitted on the first {min(args.reduce_fit_images, N)} images")  # fmt: skip
+    print("    storage    reduce_dim  bytes/image on disk  bytes/sample (format)  vs float16  patch cosine mean  p1     cls cosine min  variance kept")  # fmt: skip
+    for st, k, disk, per, ratio, cm, c1, cc, ev in rows:
+        print(f"    {st:<10} {k or '-':<11} {disk:>19,.0f}  {per:>21,}  {ratio:>9.3f}x  {cm:>17.4f}  {c1:.4f} {cc:>14.4f}  {100 * ev:>12.1f} %")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,11 +527,16 @@ def main(argv: list[str] | None = None) -> int:
     print("# page cache: warm throughout (nothing is dropped: this is a shared machine); every write goes to the "
           "page cache and is not fsynced unless a figure says +fsync; every read is preceded by an untimed pass")  # fmt: skip
 
-    s16 = measure_extraction(teacher, data, args, out)
-    measure_writer(teacher, data, args, out)
-    measure_reader(args, out)
-    _durability(teacher, data, out, _extract_kwargs(args), args.repeats)
-    measure_bytes(teacher, data, args, out, s16)
+    sections = {x.strip() for x in args.sections.split(",") if x.strip()}
+    s16 = measure_extraction(teacher, data, args, out) if sections & {"1", "3"} else None
+    if "2" in sections:
+        measure_writer(teacher, data, args, out)
+    if "3" in sections:
+        measure_reader(args, out)
+    if "4" in sections:
+        _durability(teacher, data, out, _extract_kwargs(args), args.repeats)
+    if "5" in sections:
+        measure_storage(teacher, data, args, out, s16)
     return 0
 
 

@@ -17,11 +17,18 @@ contiguous slice ``[shard_start, shard_start + shard_count)`` of the source data
 - after completion: ``skipped`` (index, key, reason) records and attributes ``complete``,
   ``patch_mean/patch_std (D,)``, ``cls_mean/cls_std (C, D)``, ``num_done``, ``num_skipped``.
 
-All feature chunks hold one sample and are allocated when the file is created, so writing a sample
-only writes raw bytes into place: a killed writer never leaves the file's metadata half updated.
-Because chunks never move, their byte offsets are saved next to the shard when it is created
-(``<shard>.chunks.npz``, :func:`chunk_map`): a damaged shard (truncated, metadata bytes flipped) is
-read back row by row from those offsets, without HDF5, by :mod:`cache.repair`.
+Every per-sample dataset is contiguous (format 3; format 2 used one-sample chunks, still read and
+resumed) and allocated when the file is created, so writing a block of samples only writes raw bytes
+into place, one write per dataset: a killed writer never leaves the file's metadata half updated.
+Because the storage never moves, its byte offsets are saved next to the shard when it is created
+(``<shard>.chunks.npz``, :func:`chunk_map`; a contiguous dataset is one "chunk" of all its rows, row
+``r`` at ``offset + r * row_bytes``): a damaged shard (truncated, metadata bytes flipped) is read back
+row by row from those offsets, without HDF5, by :mod:`cache.repair`; readers may ``preadv`` rows from
+them (or from ``ds.id.get_offset()``).
+
+Reduced-dimension caches (``reduce_dim K``, :mod:`cache.reduce`) store ``patch`` / ``value_patch`` as
+``(N, [V,] h*w, K)`` PCA coefficients with ``reduce/<name>/mean (D,)`` and ``reduce/<name>/basis
+(D, K)``; :func:`cache.codec.decode` reconstructs the tokens.
 """
 
 from __future__ import annotations
@@ -42,10 +49,12 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: per-sample checksum + chunk map next to each shard
+# 2: per-sample checksum + chunk map next to each shard; 3: contiguous per-sample datasets (no chunk
+# index: a write block is one write), optional reduced-dimension storage (reduce/ datasets)
+FORMAT_VERSION = 3
+RESUMABLE_VERSIONS = (2, 3)  # shards this code resumes (it writes rows through HDF5 in either layout)
 INDEX_NAME = "index.h5"
 REASON_BYTES = 256
-SMALL_CHUNK = 256
 # what h5py raises on a damaged file: OSError (truncated, bad signature), KeyError / RuntimeError
 # (object header checksum), ValueError (an attribute that no longer decodes)
 H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
@@ -193,16 +202,20 @@ def _create_dataset(
     name: str,
     shape: tuple[int, ...],
     dtype: np.dtype,
-    chunk: tuple[int, ...],
+    chunk: tuple[int, ...] | None,
     fill: bool = True,
 ) -> None:
-    """A chunked dataset whose chunks are all allocated now (writes then never touch metadata).
+    """A dataset whose storage is all allocated now (writes then never touch metadata): contiguous
+    (``chunk=None``: one extent, row ``r`` at ``offset + r * row_bytes``, no chunk index at all) or chunked.
 
     ``fill``: write zeros now (small bookkeeping arrays such as ``done``). Feature arrays are not
     filled (creating a 1 TB cache must not write 1 TB of zeros); rows never written are never read.
     """
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_chunk(chunk)
+    if chunk is not None:
+        dcpl.set_chunk(chunk)
+    else:
+        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC if fill else h5py.h5d.FILL_TIME_NEVER)
     parent = group
@@ -251,10 +264,20 @@ def chunk_map_path(shard: Path) -> Path:
 
 def chunk_map(f: h5py.File, names: list[str]) -> dict[str, np.ndarray]:
     """Byte offset of every chunk of the datasets ``names`` (chunk index order), plus rows per chunk:
-    ``{name: offsets int64 (num_chunks,), name + "@rows": int64 ()}``. Early-allocated chunks never move."""
+    ``{name: offsets int64 (num_chunks,), name + "@rows": int64 ()}``. Early-allocated chunks never move.
+    A contiguous dataset (format 3) is one chunk of all its rows: ``[offset]``, ``@rows`` = its length."""
     out: dict[str, np.ndarray] = {}
     for name in names:
         ds = f[name]
+        if ds.chunks is None:
+            off = ds.id.get_offset()
+            if ds.shape[0] and off is None:
+                raise RuntimeError(f"{f.filename}: contiguous dataset {name} has no storage allocated")
+            out[name] = np.array([off] if ds.shape[0] else [], np.int64)
+            out[name + "@rows"] = np.array(max(int(ds.shape[0]), 1), np.int64)
+            out[name + "@shape"] = np.array(ds.shape[1:], np.int64)
+            out[name + "@dtype"] = np.array(ds.dtype.str)
+            continue
         per = int(ds.chunks[0])
         found: list[tuple[int, int]] = []
         ds.id.chunk_iter(lambda si, found=found: found.append((int(si.chunk_offset[0]), int(si.byte_offset))))
@@ -320,13 +343,14 @@ def create_shard(
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     n = layout.count
     with h5py.File(tmp, "w", libver=LIBVER) as f:  # checksummed metadata: flipped bytes are detected
+        # every per-sample dataset contiguous (format 3): a write block of rows is one write, with no
+        # per-chunk index lookups (format 2's one-sample chunks cost a B-tree entry and a write each)
         for name, (shape, dt) in layout.per_sample().items():
             big = name in FEATURES or name.endswith("_scale")
-            chunk = (1, *shape) if big else (min(max(n, 1), SMALL_CHUNK), *shape)
-            _create_dataset(f, name, (n, *shape), dt, chunk, fill=not big)
+            _create_dataset(f, name, (n, *shape), dt, None, fill=not big)
         nb, C, D = layout.num_blocks, layout.num_global_tokens, layout.dim
-        _create_dataset(f, "block_stats", (nb, 2 + 2 * C, D), np.dtype("float64"), (1, 2 + 2 * C, D))
-        _create_dataset(f, "block_count", (nb,), np.dtype("int64"), (min(nb, SMALL_CHUNK),))
+        _create_dataset(f, "block_stats", (nb, 2 + 2 * C, D), np.dtype("float64"), None)
+        _create_dataset(f, "block_count", (nb,), np.dtype("int64"), None)
         f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
         if layout.reduce_dim:
             reduction.write_h5(f)
@@ -388,6 +412,8 @@ def check_resume(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> 
         a, b = _norm(stored.get(k)), _norm(wanted.get(k))
         if k == "teacher_spec" and (a is None or b is None):
             continue  # a teacher object passed directly has no spec; its identity is still compared
+        if k == "format_version" and a in RESUMABLE_VERSIONS and b == FORMAT_VERSION:
+            continue  # an older shard is finished in its own layout (rows are written through HDF5)
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 diff = sorted(x for x in set(a) | set(b) if a.get(x) != b.get(x))

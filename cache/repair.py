@@ -226,9 +226,9 @@ def _verify_rows(raw: _Raw, cmap: dict[str, np.ndarray], report: ShardReport) ->
             intact[r] = row_checksum(rows, 0, checked) == int(crc[r])
     report.intact = int(intact.sum())
     report.damaged = np.flatnonzero(done & ~intact).tolist()
-    nb = len(cmap["block_stats"])
-    _, cnp = raw.column("block_count", nb)
     B = report.block_size = int(cmap["@block_size"])
+    nb = max(1, -(-n // B))  # write blocks (Layout.num_blocks); format 2 had one chunk each, format 3 one extent
+    _, cnp = raw.column("block_count", nb)
     for b in range(min(nb, -(-n // B))):
         lo, hi = b * B, min((b + 1) * B, n)
         if intact[lo:hi].all() and cnp[b] and raw.row("block_stats", b) is not None:

@@ -81,7 +81,7 @@ def test_round_trip_float16(data, tmp_path):
         else:
             assert not it["text"]["short"].any()
     m = cache.meta
-    assert m["storage_dtype"] == "float16" and m["format_version"] == 2 and m["complete"]
+    assert m["storage_dtype"] == "float16" and m["format_version"] == 3 and m["complete"]
     assert (
         m["teacher"]["name"] == "tiny"
         and m["image_size"] == (32, 32)
@@ -110,7 +110,13 @@ def test_int8_per_token_cosine(data, tmp_path):
     cache = open_cache(tmp_path / "q", expect={"storage_dtype": "int8"})
     with h5py.File(tmp_path / "q" / "shard-00000-of-00001.h5") as f:
         assert f["patch"].dtype == np.int8 and f["patch_scale"].shape == (10, 16)
-        assert f["patch"].chunks == (1, 16, 32)
+        # format 3: contiguous (no chunk index), row r at the dataset's offset + r * row bytes
+        assert f["patch"].chunks is None
+        off = f["patch"].id.get_offset()
+        raw = np.fromfile(
+            tmp_path / "q" / "shard-00000-of-00001.h5", np.int8, count=16 * 32, offset=off + 3 * 16 * 32
+        )
+        np.testing.assert_array_equal(raw.reshape(16, 32), f["patch"][3])
     _, ref = _teacher_features(root, rels)
     got = torch.stack([cache[i]["patch"] for i in range(10)])
     cos = torch.nn.functional.cosine_similarity(got.reshape(-1, 32), ref.patch.reshape(-1, 32), dim=-1)

@@ -232,10 +232,14 @@ def test_damaged_shards_detected_and_repaired_keeping_intact_samples(data, tmp_p
     root, caps, ref = data
     cmap = read_chunk_map(ref / SHARD)
     row_bytes = int(np.prod(cmap["patch@shape"])) * 2
+    per = int(cmap["patch@rows"])  # rows per chunk (format 3: one contiguous extent of all rows)
+
+    def row_offset(r: int) -> int:
+        return int(cmap["patch"][r // per]) + (r % per) * row_bytes
     cases = {
         # sample bytes of rows 4 and 10 (blocks 1 and 3): those two blocks are redone, 18 samples kept
         "rows": (
-            lambda p: [_flip(p, int(cmap["patch"][r]) + row_bytes // 2) for r in (4, 10)],
+            lambda p: [_flip(p, row_offset(r) + row_bytes // 2) for r in (4, 10)],
             [4, 10],
             25 - 6,
         ),

@@ -1,0 +1,88 @@
+"""Cache format versions: format 3 (contiguous datasets) rows sit at offset + r * row_bytes; a
+format-2 cache (one-sample chunks, written by the previous code: ``tests/data/format2_cache``) is
+still read, and an interrupted one is resumed in its own layout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from cache import extract_features, open_cache
+from cache.format import read_chunk_map
+
+FORMAT2 = Path(__file__).resolve().parent / "data" / "format2_cache"
+SHARD = "shard-00000-of-00001.h5"
+SETTINGS = dict(
+    teacher="tests.cache_helpers:build_tiny_teacher",
+    dataset="synthetic",
+    dataset_kwargs={"split": "train", "size": 12, "image_size": 32},
+    image_size=32,
+    batch_size=4,
+    num_workers=0,
+    progress=False,
+)
+
+
+def _items(path: Path) -> list[dict]:
+    cache = open_cache(path)
+    try:
+        return cache.__getitems__(list(range(len(cache))))
+    finally:
+        cache.close()
+
+
+def _same_items(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["key"] == y["key"]
+        for k in ("patch", "cls"):
+            torch.testing.assert_close(x[k], y[k], atol=0, rtol=0)
+        for g in x["text"]:
+            torch.testing.assert_close(x["text"][g], y["text"][g], atol=0, rtol=0)
+
+
+def test_format3_rows_at_contiguous_offsets(tmp_path):
+    extract_features(out=str(tmp_path / "c"), **SETTINGS)
+    cmap = read_chunk_map(tmp_path / "c" / SHARD)
+    with h5py.File(tmp_path / "c" / SHARD) as f:
+        assert f.attrs["format_version"] == 3
+        fd = os.open(tmp_path / "c" / SHARD, os.O_RDONLY)
+        try:
+            for name in ("patch", "cls", "text/alt", "checksum", "done"):
+                ds = f[name]
+                assert ds.chunks is None and int(cmap[name + "@rows"]) == 12
+                assert int(cmap[name][0]) == ds.id.get_offset()
+                buf = np.empty((3, *ds.shape[1:]), ds.dtype)  # rows 5..7 with one preadv
+                os.preadv(fd, [memoryview(buf).cast("B")], ds.id.get_offset() + 5 * buf[0].nbytes)
+                np.testing.assert_array_equal(buf, ds[5:8])
+        finally:
+            os.close(fd)
+
+
+def test_format2_cache_read_and_resumed(tmp_path):
+    # the format-2 cache of the previous code reads back exactly as this code writes the same data
+    extract_features(out=str(tmp_path / "new"), **SETTINGS)
+    new = _items(tmp_path / "new")
+    old = open_cache(FORMAT2)
+    assert old.meta["format_version"] == 2 and old.spec.reduce_dim == 0
+    old.close()
+    _same_items(_items(FORMAT2), new)
+    # interrupted (the last 5 samples not done, no index): this code finishes it in its own layout
+    out = tmp_path / "old"
+    shutil.copytree(FORMAT2, out)
+    with h5py.File(out / SHARD, "r+") as f:
+        assert f["patch"].chunks == (1, 16, 32)
+        f["done"][7:] = False
+        f.attrs["complete"] = False
+        f["patch"][7:] = 0  # what is redone must be written again, not left over
+    (out / "index.h5").unlink()
+    s = extract_features(out=str(out), **SETTINGS)
+    assert s["complete"] and s["done"] == 12
+    with h5py.File(out / SHARD) as f:
+        assert f.attrs["format_version"] == 2 and f["patch"].chunks == (1, 16, 32)
+    _same_items(_items(out), new)

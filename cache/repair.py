@@ -227,7 +227,9 @@ def _verify_rows(raw: _Raw, cmap: dict[str, np.ndarray], report: ShardReport) ->
     report.intact = int(intact.sum())
     report.damaged = np.flatnonzero(done & ~intact).tolist()
     B = report.block_size = int(cmap["@block_size"])
-    nb = max(1, -(-n // B))  # write blocks (Layout.num_blocks); format 2 had one chunk each, format 3 one extent
+    nb = max(
+        1, -(-n // B)
+    )  # write blocks (Layout.num_blocks); format 2 had one chunk each, format 3 one extent
     _, cnp = raw.column("block_count", nb)
     for b in range(min(nb, -(-n // B))):
         lo, hi = b * B, min((b + 1) * B, n)

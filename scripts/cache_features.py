@@ -162,6 +162,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="flush without fsync (safe against kills, not machine crashes)",
     )
+    e = p.add_argument_group("disk estimate (nothing runs, no weights are loaded)")
+    e.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print bytes per image and the total for the dataset (--num-images N, --dataset-size NAME, or the "
+        "--data/--images/--dataset spec, counted) and exit; --teacher: a known shape (vit-b/14 ... vit-g/14), "
+        "tips:B|L|SO|g, timm:MODEL, timm with --teacher-kw model_name=..., or --teacher-dim/--patch-size",
+    )
+    e.add_argument(
+        "--estimate-table",
+        action="store_true",
+        help="print the table of bytes per image and per dataset for the known teachers at 224 and 448 px",
+    )
+    e.add_argument("--num-images", type=int, help="dataset size for --estimate")
+    e.add_argument(
+        "--dataset-size", help="a named dataset size for --estimate (cc3m, cc12m, imagenet-1k, datacomp-1b)"
+    )
+    e.add_argument("--teacher-dim", type=int, help="feature dim for --estimate (with --patch-size)")
+    e.add_argument("--patch-size", type=int, help="patch size for --estimate (with --teacher-dim)")
+    e.add_argument("--global-tokens", type=int, default=2, help="global (CLS/register) tokens for --estimate")
+    e.add_argument(
+        "--text-dim", type=int, default=0, help="caption embedding dim for --estimate (0: no text)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
@@ -271,6 +294,67 @@ def verify_main(out: str | None) -> int:
     return 1 if bad or index_problems else 0
 
 
+def estimate_main(args: argparse.Namespace) -> int:
+    """``--estimate`` / ``--estimate-table``: bytes per image and per dataset, before anything runs."""
+    from cache import estimate as est
+
+    grans: list[str] | tuple[str, ...] = ("alt", "short", "detailed")
+    if args.no_text:
+        grans = []
+    elif args.granularities:
+        grans = [g.strip() for g in args.granularities.split(",") if g.strip()]
+    kw = dict(views=args.views or 1, value_trick=bool(args.value_trick), granularities=grans)
+    if args.estimate_table:
+        sizes = list(args.image_size) if args.image_size else [224, 448]
+        storages = [("float16", 0), ("int8", 0), ("float16", 256), ("int8", 256)]
+        if args.reduce_dim or args.storage:
+            storages = [(args.storage or "float16", args.reduce_dim or 0)]
+        print(est.estimate_table(list(est.KNOWN_SHAPES.values()), sizes, storages, est.KNOWN_DATASETS, **kw))
+        return 0
+    try:
+        if args.teacher_dim or args.patch_size:
+            if not (args.teacher_dim and args.patch_size):
+                raise ValueError("--teacher-dim and --patch-size go together")
+            shape = est.TeacherShape(
+                "custom", args.teacher_dim, args.patch_size, args.global_tokens, args.text_dim
+            )
+        elif args.teacher:
+            shape = est.teacher_shape(args.teacher, parse_kv(args.teacher_kw))
+        else:
+            raise ValueError(
+                "--estimate needs --teacher (e.g. vit-l/14, tips:g, timm:MODEL) or --teacher-dim/--patch-size"
+            )
+        n, label = args.num_images, ""
+        if args.dataset_size:
+            key = args.dataset_size.lower()
+            if key not in est.KNOWN_DATASETS:
+                raise ValueError(
+                    f"unknown --dataset-size {args.dataset_size!r}; known: {sorted(est.KNOWN_DATASETS)} (or --num-images N)"
+                )
+            n, label = est.KNOWN_DATASETS[key], f"{key}, nominal"
+        elif n is None and (args.data or args.images or args.dataset):
+            from cache.extract import make_dataset
+
+            cfg = config_from_args(args)
+            n, label = len(make_dataset(cfg.dataset, dict(cfg.dataset_kwargs))), f"{cfg.dataset}, counted"
+        size = args.image_size[0] if args.image_size else 224
+        print(
+            est.describe(
+                shape,
+                size,
+                n,
+                label,
+                storage=args.storage or "float16",
+                reduce_dim=args.reduce_dim or 0,
+                **kw,
+            )
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -278,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.verify:
         return verify_main(args.out)
+    if args.estimate or args.estimate_table:
+        return estimate_main(args)
     cfg = config_from_args(args)
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))

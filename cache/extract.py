@@ -67,6 +67,7 @@ from .format import (
 from .lock import CacheBusyError, ShardLock, busy_message, is_hdf5_lock_error
 from .reduce import BASIS_FILE, PCAFitter, Reduction, explained
 from .repair import ShardReport, check_hdf5, data_end, repair_shard, verify_shard
+from .resources import apply_threads, fit_threads
 from .views import ViewSpec, apply_view, sample_views
 from .writer import CacheWriteError, ShardWriter, WriteBatch, is_disk_full, quantise_int8_torch, sample_stats
 
@@ -109,7 +110,8 @@ class CacheConfig:
     view_seed: int = 0
     granularities: list[str] | None = None  # None: alt/short/detailed when the teacher has text; []: none
     batch_size: int = 32
-    num_workers: int = 4
+    num_workers: int = -1  # DataLoader workers decoding images; -1: fitted to the cores (cache/resources.py)
+    num_threads: int = 0  # torch intra-op threads; 0: fitted to the free cores (or OMP_NUM_THREADS)
     queue_size: int = 4
     flush_interval_s: float = 2.0
     device: str | None = None  # default cuda:LOCAL_RANK when available, else cpu
@@ -140,6 +142,10 @@ class CacheConfig:
             raise ValueError(f"storage must be one of {STORAGE_DTYPES}, got {self.storage!r}")
         if self.views < 1:
             raise ValueError(f"views must be >= 1, got {self.views}")
+        if self.num_workers < -1 or self.num_threads < 0:
+            raise ValueError(
+                f"num_workers must be >= -1 (-1: auto) and num_threads >= 0 (0: auto), got {self.num_workers}, {self.num_threads}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.reduce_dim < 0:
@@ -404,6 +410,9 @@ def _plan_job(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | N
     size = _as_size(config.image_size)
     assert size is not None
     device = torch.device(config.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    threads = fit_threads(workers=config.num_workers, threads=config.num_threads, cuda=device.type == "cuda")
+    apply_threads(threads)
+    config = dataclasses.replace(config, num_workers=threads.workers)
     teacher_spec = None
     if teacher is None:
         teacher = make_teacher(config.teacher, dict(config.teacher_kwargs))

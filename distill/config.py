@@ -145,6 +145,7 @@ class EngineConfig:
     precision: str = "fp32"  # "fp32" or "bf16"
     deepspeed_config: str = ""  # optional user DeepSpeed JSON; batch sizes/stage from it win
     dist_backend: str = ""  # "" = nccl with CUDA, gloo otherwise
+    cpu_threads: int = 0  # intra-op threads per process; 0 = fitted to the free cores (cache/resources.py)
 
 
 @dataclass

@@ -38,6 +38,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from cache.resources import apply_threads, fit_threads
+
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict, save_resolved
 from .data import collate, sample_seed
@@ -275,6 +277,12 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     import deepspeed
 
     device = device_for_rank()
+    # intra-op threads (and data.num_workers=-1) fitted to the cores this process may use (cache/resources.py)
+    threads = fit_threads(
+        workers=cfg.data.num_workers, threads=cfg.engine.cpu_threads, cuda=device.type == "cuda"
+    )
+    apply_threads(threads)
+    cfg.data.num_workers = threads.workers
     backend = cfg.engine.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)

@@ -380,10 +380,12 @@ def measure_writer(teacher: Teacher, data: RandomImages, args: argparse.Namespac
     batches = [dict(b, rows=b["rows"] + k * N) for k in range(reps) for b in batches]
     NW = N * reps
     pieces = [a for b in batches for k in ("patch", "cls") for a in b[k].half().numpy()]
+    blocks = [b[k].half().numpy() for b in batches for k in ("patch", "cls")]  # one write per block and array
     nbytes = sum(a.nbytes for a in pieces)
-    res: dict[str, list[float]] = {k: [] for k in ("raw", "w16", "w32", "raw_fs", "w16_fs")}
+    res: dict[str, list[float]] = {k: [] for k in ("raw", "rawb", "w16", "w32", "raw_fs", "w16_fs")}
     for _r in range(R):
         res["raw"].append(_raw_write(out / "raw.bin", pieces, fsync=False))
+        res["rawb"].append(_raw_write(out / "raw.bin", blocks, fsync=False))
         t, nb = _writer_alone(out, batches, NW, half=True, fsync=False)
         assert nb == nbytes, (nb, nbytes)
         res["w16"].append(t)
@@ -403,7 +405,9 @@ def measure_writer(teacher: Teacher, data: RandomImages, args: argparse.Namespac
           f"(goal >= 0.8x); from float32 (converted in the writer thread) {mbs['w32']:.0f} MB/s -> "
           f"{mbs['w32'] / mbs['raw']:.2f}x | +fsync: raw {mbs['raw_fs']:.0f} MB/s, writer {mbs['w16_fs']:.0f} MB/s -> "
           f"{mbs['w16_fs'] / mbs['raw_fs']:.2f}x")  # fmt: skip
-    print(f"    runs (s): raw {_runs(res['raw'])} | writer {_runs(res['w16'])} | float32->float16 in the forward "
+    print(f"    raw write in write-block pieces ({len(blocks)} writes of the patch / cls arrays of a block, as the format-3 "
+          f"writer issues them) {mbs['rawb']:.0f} MB/s -> writer {mbs['w16'] / mbs['rawb']:.2f}x of it")  # fmt: skip
+    print(f"    runs (s): raw {_runs(res['raw'])} | raw blocks {_runs(res['rawb'])} | writer {_runs(res['w16'])} | float32->float16 in the forward "
           f"thread (what extraction does) {1e3 * _med(conv) / len(batches):.2f} ms per batch of {args.batch_size}")  # fmt: skip
 
 

@@ -138,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-text", action="store_true", help="do not embed captions")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-workers", type=int)
+    p.add_argument("--num-workers", type=int, help="DataLoader workers (default -1: fitted to the cores)")
+    p.add_argument(
+        "--threads", type=int, dest="num_threads", help="torch intra-op threads (default 0: fitted)"
+    )
     p.add_argument("--flush-interval", type=float, dest="flush_interval_s")
     p.add_argument("--device")
     p.add_argument("--autocast", choices=["none", "bf16", "fp16"])

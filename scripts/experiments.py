@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = replace(bench, val_size=args.val_size)
     if args.train_size:
         bench = replace(bench, train_size=args.train_size)
-    base = list(BASES[args.base])
+    base = list(BASES[args.base]) + [f"engine.cpu_threads={args.threads}"]
     if args.steps:
         base.append(f"steps={args.steps}")
     if args.batch_size:

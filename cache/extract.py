@@ -675,7 +675,8 @@ def _fit_reduction(job: ShardJob) -> Reduction:
     red = Reduction(dim=cfg.reduce_dim, bases=bases, fit=facts)
     msg = (
         f"fitted the PCA basis (reduce_dim {cfg.reduce_dim} of {job.layout.dim}) on {used} images "
-        f"({facts['tokens']} tokens) in {time.perf_counter() - t0:.1f}s; variance kept: {explained(red)}"
+        f"({', '.join(f'{v} {k} tokens' for k, v in facts['tokens'].items())}) in {time.perf_counter() - t0:.1f}s; "
+        f"variance kept: {explained(red)}"
     )
     logger.info(msg)
     print(msg, flush=True)

@@ -187,3 +187,45 @@ def test_stage2_trains_on_a_pca_cache(tmp_path):
     assert "error" not in r, r.get("error", "") + "\n" + r.get("stderr", "")
     losses = [rec["loss"] for rec in r["log"]]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+
+
+def test_two_ranks_share_one_basis(data, tmp_path):
+    """Rank 0 fits and saves the basis, rank 1 waits for it: both shards and the index hold the same
+    one, and the two-rank cache reads back as the one-process cache does."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, caps, _ = data
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "c2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    cmd += [
+        "-m",
+        "scripts.cache_features",
+        "--teacher",
+        TEACHER,
+        "--images",
+        str(root),
+        "--captions",
+        str(caps),
+    ]
+    cmd += ["--out", str(out), "--image-size", "32", "--batch-size", "4", "--num-workers", "0", "--quiet"]
+    cmd += ["--reduce-dim", "8", "--reduce-fit-images", "6"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bases = []
+    for name in ("shard-00000-of-00002.h5", "shard-00001-of-00002.h5", "index.h5"):
+        with h5py.File(out / name) as f:
+            bases.append(f["reduce/patch/basis"][()])
+    saved = Reduction.load(out / BASIS_FILE).bases["patch"][1]
+    for b in bases:
+        np.testing.assert_array_equal(b, saved)
+    one = tmp_path / "c1"
+    extract_features(_cfg(one, root, caps))
+    a, b = open_cache(out), open_cache(one)
+    np.testing.assert_array_equal(a.reduction.bases["patch"][1], b.reduction.bases["patch"][1])
+    for x, y in zip(a.__getitems__(list(range(10))), b.__getitems__(list(range(10)))):
+        torch.testing.assert_close(x["patch"], y["patch"], atol=2e-3, rtol=2e-3)

@@ -86,3 +86,26 @@ def test_format2_cache_read_and_resumed(tmp_path):
     with h5py.File(out / SHARD) as f:
         assert f.attrs["format_version"] == 2 and f["patch"].chunks == (1, 16, 32)
     _same_items(_items(out), new)
+
+
+def test_format2_cache_verified_and_repaired(tmp_path):
+    from cache.repair import verify_shard
+
+    assert verify_shard(FORMAT2 / SHARD).ok
+    out = tmp_path / "old"
+    shutil.copytree(FORMAT2, out)
+    cmap = read_chunk_map(out / SHARD)
+    assert int(cmap["patch@rows"]) == 1  # format 2: one sample per chunk
+    with open(out / SHARD, "r+b") as fh:  # flip bytes in the patch data of row 5 (block 1 of 3)
+        fh.seek(int(cmap["patch"][5]) + 100)
+        b = bytearray(fh.read(8))
+        fh.seek(int(cmap["patch"][5]) + 100)
+        fh.write(bytes(x ^ 0xFF for x in b))
+    rep = verify_shard(out / SHARD)
+    assert rep.damaged == [5] and rep.kept_rows == 8, rep.line()
+    s = extract_features(out=str(out), repair=True, **SETTINGS)
+    assert s["complete"]
+    new = tmp_path / "new"
+    extract_features(out=str(new), **SETTINGS)
+    _same_items(_items(out), _items(new))  # the repaired (now format-3) shard holds the same samples
+    assert verify_shard(out / SHARD).ok

@@ -217,7 +217,8 @@ class FeatureBatch:
     capacity: int
     indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     event: Any = None  # CUDA event of the last copy out of this buffer (reuse waits on it)
-    epoch: int = -1
+    epoch: int = -1  # set by readers that track epochs (distill.feeder)
+    views: Any = None  # the view read of each row (read_batch's views), None for all views / one view
 
     @property
     def size(self) -> int:
@@ -270,11 +271,24 @@ class FeatureBatch:
             end = max(end, off + int(np.prod(shape, dtype=np.int64)) * _itemsize(dt))
         return end
 
+    def to_device(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """:meth:`to` on a side CUDA stream of ``device`` (one per device, made once); on the CPU, no copy."""
+        device = torch.device(device)
+        stream = None
+        if device.type == "cuda":
+            stream = _SIDE_STREAMS.get(device)
+            if stream is None:
+                stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+        return self.to(device, stream=stream)
+
     def wait(self) -> None:
         """Block until the last device copy out of this buffer finished (before refilling it)."""
         if self.event is not None:
             self.event.synchronize()
             self.event = None
+
+
+_SIDE_STREAMS: dict[torch.device, Any] = {}
 
 
 def _itemsize(dt: torch.dtype) -> int:
@@ -505,16 +519,20 @@ class FeatureCache(Dataset):
         *,
         views: bool = False,
         pin: bool | None = None,
+        extra: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
     ) -> FeatureBatch:
         """An empty :class:`FeatureBatch` of ``capacity`` rows for ``fields`` (``views``: one view per
-        row, see :meth:`read_batch`), in one byte buffer, pinned when CUDA is present (``pin=None``)."""
+        row, see :meth:`read_batch`), in one byte buffer, pinned when CUDA is present (``pin=None``).
+        ``extra``: name -> (per-row shape, dtype) of further per-row fields the caller fills (they travel
+        in the same buffer, so in the same device copy)."""
         names = self._batch_names(fields)
+        specs = [(n, *self._spec[n]) for n in names]
+        specs += [(n, shape, dt) for n, (shape, dt) in (extra or {}).items()]
         layout: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
         off = 0
-        for name in names:
-            tail, npdt = self._spec[name]
+        for name, tail, npdt in specs:
             tail = tuple(tail[1:]) if views and self._has_view_axis(name) else tuple(tail)
-            dt = _TORCH_DTYPES[np.dtype(npdt)]
+            dt = npdt if isinstance(npdt, torch.dtype) else _TORCH_DTYPES[np.dtype(npdt)]
             layout[name] = (off, (int(capacity), *tail), dt)
             nbytes = int(np.prod((capacity, *tail), dtype=np.int64)) * _itemsize(dt)
             off += -(-nbytes // ALIGN) * ALIGN
@@ -563,7 +581,7 @@ class FeatureCache(Dataset):
         if out is None:
             out = self.alloc_batch(len(idx), fields, views=select)
         names = self._batch_names(fields)
-        if set(out.layout) != set(names) or out.capacity < len(idx):
+        if not set(names) <= set(out.layout) or out.capacity < len(idx):
             raise ValueError(
                 f"the buffer holds {sorted(out.layout)} x {out.capacity} rows, the read asks for {names} x "
                 f"{len(idx)}; allocate it with alloc_batch(capacity, fields) for the same fields"

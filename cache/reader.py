@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 IOV_MAX = 1024  # buffers per preadv call (POSIX minimum of IOV_MAX)
 ALIGN = 64  # byte alignment of each field inside a FeatureBatch buffer
+PARALLEL_BYTES = 4 << 20  # read_batch splits its reads over threads only with >= this many bytes per thread
 
 
 def _resolve(path: str | Path) -> Path:
@@ -621,7 +622,7 @@ class FeatureCache(Dataset):
                     out.tensors[name].numpy()[sel] = rows
                     continue
                 fo = offs[local] + (views[sel] * piece if viewed else 0)
-                runs += _runs(sh, fo, dest[sel], piece, flat)
+                runs += _runs(sh, fo.tolist(), dest[sel].tolist(), piece, flat)
         self._preadv(runs)
         return out
 
@@ -640,10 +641,13 @@ class FeatureCache(Dataset):
     def _preadv(self, runs: list[tuple[_Shard, int, list[memoryview], int]]) -> None:
         """Execute the reads, split into ``read_threads`` groups of about equal bytes."""
         threads = max(1, int(self.read_threads))
-        if threads == 1 or len(runs) < 2:
+        total = sum(r[3] for r in runs)
+        # a thread hand-off costs tens of microseconds (milliseconds on a busy machine): only batches of
+        # several MiB per thread are split (a real-size batch: 32 x 3.2 MB)
+        threads = min(threads, total // PARALLEL_BYTES)
+        if threads <= 1 or len(runs) < 2:
             _read_runs(runs)
             return
-        total = sum(r[3] for r in runs)
         groups: list[list[Any]] = [[]]
         acc = 0
         for r in runs:
@@ -675,35 +679,39 @@ class FeatureCache(Dataset):
 
 
 def _runs(
-    sh: _Shard, fo: np.ndarray, dest: np.ndarray, piece: int, flat: np.ndarray
+    sh: _Shard, fo: list[int], dest: list[int], piece: int, flat: np.ndarray
 ) -> list[tuple[_Shard, int, list[memoryview], int]]:
     """``(shard, file offset, buffers, bytes)`` preadv calls reading pieces of ``piece`` bytes at file
-    offsets ``fo`` into ``flat[dest:dest + piece]``: sorted by file offset, consecutive pieces merged
-    into one call (and consecutive destinations into one buffer), at most ``IOV_MAX`` buffers each."""
+    offsets ``fo`` into ``flat[dest:dest + piece]``: in file order, consecutive pieces merged into one
+    call (and consecutive destinations into one buffer), at most ``IOV_MAX`` buffers each. Plain Python
+    over a batch's few rows (cheaper than numpy calls at this size)."""
     sh.fd()  # opened here, in the calling thread
-    if len(fo) == 1 or ((np.diff(fo) == piece).all() and (np.diff(dest) == piece).all()):
-        if len(fo) * piece <= 2**30:  # the common case: consecutive rows into consecutive slots
-            return [
-                (
-                    sh,
-                    int(fo[0]),
-                    [memoryview(flat[int(dest[0]) : int(dest[0]) + piece * len(fo)])],
-                    piece * len(fo),
-                )
-            ]
-    order = np.argsort(fo, kind="stable")
-    fo, dest = fo[order], dest[order]
-    brk = np.flatnonzero(np.diff(fo) != piece) + 1
-    out = []
-    for a, b in zip(np.concatenate([[0], brk]).tolist(), np.append(brk, len(fo)).tolist()):
-        d = dest[a:b]
-        dbrk = np.flatnonzero(np.diff(d) != piece) + 1
-        segs = list(zip(np.concatenate([[0], dbrk]).tolist(), np.append(dbrk, len(d)).tolist()))
-        for c in range(0, len(segs), IOV_MAX):
-            part = segs[c : c + IOV_MAX]
-            bufs = [memoryview(flat[int(d[x]) : int(d[x]) + piece * (y - x)]) for x, y in part]
-            start = int(fo[a + part[0][0]])
-            out.append((sh, start, bufs, piece * (part[-1][1] - part[0][0])))
+    order = (
+        range(len(fo))
+        if all(a < b for a, b in zip(fo, fo[1:]))
+        else sorted(range(len(fo)), key=fo.__getitem__)
+    )
+    out: list[tuple[_Shard, int, list[memoryview], int]] = []
+    segs: list[list[int]] = []  # [dest start, length] of the current call's buffers
+    start = end = -1
+    for k in order:
+        f, d = fo[k], dest[k]
+        if f == end and len(segs) <= IOV_MAX:
+            last = segs[-1]
+            if last[0] + last[1] == d:
+                last[1] += piece
+            elif len(segs) < IOV_MAX:
+                segs.append([d, piece])
+            else:
+                out.append((sh, start, [memoryview(flat[x : x + n]) for x, n in segs], end - start))
+                start, segs = f, [[d, piece]]
+        else:
+            if segs:
+                out.append((sh, start, [memoryview(flat[x : x + n]) for x, n in segs], end - start))
+            start, segs = f, [[d, piece]]
+        end = f + piece
+    if segs:
+        out.append((sh, start, [memoryview(flat[x : x + n]) for x, n in segs], end - start))
     return out
 
 

@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache import FeatureCache
-from cache.reader import FeatureBatch
+from cache import FeatureBatch, FeatureCache
 
 from .data import ResumableSampler, ratio_order, replay_views
 

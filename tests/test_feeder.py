@@ -175,7 +175,9 @@ def _loaders(cache: Path, extra: list[str]):
 
     out = []
     for reader in ("batch", "item"):
-        cfg = load_config("distill", base_overrides(cache, "/tmp/unused") + extra + [f"cache.reader={reader}"])
+        cfg = load_config(
+            "distill", base_overrides(cache, "/tmp/unused") + extra + [f"cache.reader={reader}"]
+        )
         built = build_task(cfg, device=torch.device("cpu"))
         out.append((built, _Loader(built.dataset, built.sampler, cfg), cfg))
     return out

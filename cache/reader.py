@@ -246,8 +246,7 @@ class FeatureBatch:
         nbytes = self._used_bytes()
         if stream is not None:
             current = torch.cuda.current_stream(device)
-            stream.wait_stream(current)
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream):  # the host bytes are ready: the copy waits on nothing
                 dflat = self.flat[:nbytes].to(device, non_blocking=True)
                 self.event = torch.cuda.Event()
                 self.event.record(stream)

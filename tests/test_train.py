@@ -138,8 +138,13 @@ def test_task_takes_its_targets_and_captions_from_the_config(tiny_cache):
     tower = "student.kwargs=" + json.dumps(
         {**json.loads(base[3].split("=", 1)[1]), "text": {"kind": "tips", "tokenizer": str(_tokenizer())}}
     )
-    own = build_task(load_config("distill", [*base, tower, "loss.text_source=student"]), device=cpu)
+    # cache.reader=item: the dataset's items carry their targets, so a collated batch feeds the task
+    # directly (the default batch reader's path is tests/test_feeder.py and the engine runs below)
+    own = build_task(
+        load_config("distill", [*base, tower, "loss.text_source=student", "cache.reader=item"]), device=cpu
+    )
     assert isinstance(own.task.text, TowerText) and own.task.text.trainable
+    assert built.dataset.batch_features == ("patch", "cls", "text") and not own.dataset.batch_features
     batch = own.dataset.__getitems__([(0, 0), (0, 1)])
     from distill.data import collate
 

@@ -2,7 +2,9 @@
 
 Prints (1) extraction with writing vs the teacher forward alone, (2) writer MB/s vs a raw sequential
 write of the same bytes to the same disk, (3) reader samples/s with 0 and 2 workers vs a raw numpy
-read of the same bytes from one file, (4) bytes per image in float16 and int8. Every timed figure is
+read of the same bytes from one file: the item reader through DataLoader workers (the old path), the
+batch reader (``FeatureCache.read_batch``) and stage 2's training configuration (the feature reader
+thread, alone and with 2 image workers alongside), (4) bytes per image in float16 and int8. Every timed figure is
 the median of ``--repeats`` runs (the runs are printed too); the page cache stays warm (stated).
 
     python -m scripts.bench_cache --images 256 --dim 384 --depth 6 --image-size 224 --out /tmp/bench
@@ -523,7 +525,7 @@ def measure_batch_reader(args: argparse.Namespace, out: Path, npy: Path) -> None
         t["f2"].append(_feeder_rate(cache, rb, 2, P))
     sps = {k: N / _med(v) for k, v in t.items()}
     raw = sps["raw"]
-    print(f"(3) batch reader (read_batch, float16 as stored, batch {rb}, {cache.read_threads} preadv threads): "
+    print(f"(3) batch reader (read_batch, float16 as stored, batch {rb}, up to {cache.read_threads} preadv threads, one per >= 4 MiB): "
           f"{sps['seq']:.0f} samples/s in file order, {sps['shuf']:.0f} shuffled | raw read {raw:.0f} samples/s -> "
           f"{sps['seq'] / raw:.2f}x / {sps['shuf'] / raw:.2f}x")  # fmt: skip
     print(f"    training configuration (feature batches from the reader thread in the shuffled sampler order, taken "

@@ -455,6 +455,14 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
         self.epoch = 0
         self.start = 0  # samples of this rank already consumed in this epoch
+        self.endless_batch = 0  # > 0: iterate epoch after epoch in full batches of this size (endless)
+
+    def endless(self, batch_size: int) -> ResumableSampler:
+        """Iterate without end: from ``(epoch, start)`` the full batches of ``batch_size`` of each epoch
+        (its last partial batch dropped, as ``drop_last`` does), then the next epoch's. A DataLoader over
+        it never stops, so its workers keep prefetching across epoch boundaries."""
+        self.endless_batch = int(batch_size)
+        return self
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = int(epoch), int(start)
@@ -471,7 +479,17 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         return perm[: per_rank * self.world][self.rank :: self.world]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.endless_batch:
+            return self._endless(self.epoch, self.start, self.endless_batch)
         return iter([(self.epoch, i) for i in self.order()[self.start :]])
+
+    def _endless(self, epoch: int, start: int, batch: int) -> Iterator[tuple[int, int]]:
+        while True:
+            order = self.order(epoch)
+            stop = start + (len(order) - start) // batch * batch
+            for i in order[start:stop]:
+                yield epoch, i
+            epoch, start = epoch + 1, 0
 
     def __len__(self) -> int:
         return self.n // self.world - self.start

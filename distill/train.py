@@ -224,10 +224,11 @@ class _Loader:
         nw = cfg.data.num_workers
         # one loader for the whole run: with workers they persist across epochs; the sampler (main
         # process) carries the epoch and the resume position, the items carry (epoch, index)
+        self.per_epoch = len(sampler.order())
         self._dl = DataLoader(
             dataset,
             batch_size=self.batch,
-            sampler=sampler,
+            sampler=sampler.endless(self.batch),  # never stops: no stall at epoch boundaries
             num_workers=nw,
             collate_fn=collate,
             drop_last=True,
@@ -250,19 +251,16 @@ class _Loader:
             self.feeder.seek(self.epoch, self.consumed)
 
     def next(self) -> dict[str, Any]:
-        while True:
-            if self._it is None:
-                self.sampler.set_epoch(self.epoch, self.consumed)
-                self._it = iter(self._dl)
-            try:
-                b = next(self._it)
-                if self.feeder is not None:
-                    b = self.feeder.attach(b, self.feeder.next(), self.epoch)
-                self.consumed += self.batch
-                return b
-            except StopIteration:
-                self._it = None
-                self.epoch, self.consumed = self.epoch + 1, 0
+        if self._it is None:
+            self.sampler.set_epoch(self.epoch, self.consumed)
+            self._it = iter(self._dl)
+        b = next(self._it)
+        if self.feeder is not None:
+            b = self.feeder.attach(b, self.feeder.next(), self.epoch)
+        self.consumed += self.batch
+        if self.consumed + self.batch > self.per_epoch:  # the rest of the epoch is not a full batch
+            self.epoch, self.consumed = self.epoch + 1, 0
+        return b
 
 
 def _all_reduce_terms(terms: dict[str, torch.Tensor], world: int) -> tuple[list[str], torch.Tensor]:

@@ -348,7 +348,9 @@ class DistillDataset(Dataset):
         the stored view boxes and flips when the cache has several views (read in the storage dtype)."""
         out: list[dict[str, Any]] = [{"key": self.cache_keys[i]} for i in indices]
         if self.views:
-            got = self.cache.read_batch(indices, ("boxes", "flips")).host()
+            fields = ("boxes", "flips")  # not pinned: no CUDA in a worker process
+            buf = self.cache.alloc_batch(len(indices), fields, pin=False)
+            got = self.cache.read_batch(indices, fields, out=buf).host()
             for k, item in enumerate(out):
                 item["boxes"], item["flips"] = got["boxes"][k].clone(), got["flips"][k].clone()
         return out

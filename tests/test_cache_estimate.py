@@ -21,7 +21,10 @@ def test_known_shapes_bytes():
     # 32x32 patch tokens + 2 global tokens + 3 caption embeddings, float16
     assert bytes_per_image(g, 448) == (1024 + 2 + 3) * 1536 * 2 + VALID + BOOKKEEPING
     # int8: 1 byte per value + a float32 scale per token (text stays float16)
-    assert bytes_per_image(g, 448, storage="int8") == (1024 + 2) * (1536 + 4) + 3 * 1536 * 2 + VALID + BOOKKEEPING
+    assert (
+        bytes_per_image(g, 448, storage="int8")
+        == (1024 + 2) * (1536 + 4) + 3 * 1536 * 2 + VALID + BOOKKEEPING
+    )
     # pca256 int8: the patch tokens as 256 int8 coefficients + scale; global tokens keep the full dim
     assert (
         bytes_per_image(g, 448, storage="int8", reduce_dim=256)
@@ -85,7 +88,9 @@ def test_cli_estimate(tmp_path, capsys):
     assert "cannot tell the shapes" in capsys.readouterr().err
     assert cache_main(["--estimate-table"]) == 0
     table = capsys.readouterr().out
-    assert len(table.splitlines()) == 2 + len(KNOWN_SHAPES) * 2 * 4  # header, rule, teachers x sizes x storages
+    assert (
+        len(table.splitlines()) == 2 + len(KNOWN_SHAPES) * 2 * 4
+    )  # header, rule, teachers x sizes x storages
     assert "| ViT-g/14 (dim 1536) | 448 | 32x32 | float16 | 3.2 MB |" in table
 
 

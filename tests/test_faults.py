@@ -236,6 +236,7 @@ def test_damaged_shards_detected_and_repaired_keeping_intact_samples(data, tmp_p
 
     def row_offset(r: int) -> int:
         return int(cmap["patch"][r // per]) + (r % per) * row_bytes
+
     cases = {
         # sample bytes of rows 4 and 10 (blocks 1 and 3): those two blocks are redone, 18 samples kept
         "rows": (

@@ -229,3 +229,22 @@ def test_two_ranks_share_one_basis(data, tmp_path):
     np.testing.assert_array_equal(a.reduction.bases["patch"][1], b.reduction.bases["patch"][1])
     for x, y in zip(a.__getitems__(list(range(10))), b.__getitems__(list(range(10)))):
         torch.testing.assert_close(x["patch"], y["patch"], atol=2e-3, rtol=2e-3)
+
+
+def test_batch_reader_rows_decode_with_the_basis(data, tmp_path):
+    """The batch reader (stage 2's path) returns the stored coefficients; decoding them with the cache's
+    basis gives exactly the item reader's tokens, and so does the batch path of CachedTargets."""
+    from distill.targets import CachedTargets
+
+    root, caps, _ = data
+    extract_features(_cfg(tmp_path / "c", root, caps, storage="int8"))
+    cache = open_cache(tmp_path / "c")
+    rows = [7, 2, 9, 2]
+    host = cache.read_batch(rows, ("patch", "cls")).host()
+    assert host["patch"].shape == (4, 16, 8) and host["patch"].dtype == torch.int8
+    basis = cache.reduction.tensors("cpu")
+    got = decode(host["patch"], host["patch_scale"], **basis["patch"])
+    want = torch.stack([it["patch"] for it in cache.__getitems__(rows)]).reshape(4, 16, 32)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    targets = CachedTargets(cache.spec.dim, cache.spec.grid, basis=basis)
+    assert targets.basis["patch"]["basis"].shape == (32, 8)

@@ -201,6 +201,11 @@ def launch_state() -> LaunchState:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("MASTER_PORT") == "0":
+        raise ValueError(
+            "MASTER_PORT=0 (torchrun --master_port 0): the processes cannot meet on a port chosen by each; "
+            "pass a free port, e.g. --master_port 29500 (accelerate launch --main_process_port 29500)"
+        )
     acc = Accelerator(
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=INDEX_BARRIER_TIMEOUT_S))],

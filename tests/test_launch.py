@@ -24,7 +24,9 @@ from tests.test_train_support import STUDENT_KW, base_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CPU = REPO / "configs" / "accelerate" / "cpu.yaml"
-TEACHER = "tests.test_train_support:tiny_teacher"  # recorded in the cache: eval rebuilds it for the class names
+TEACHER = (
+    "tests.test_train_support:tiny_teacher"  # recorded in the cache: eval rebuilds it for the class names
+)
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
 
 
@@ -111,7 +113,9 @@ def launched_run(launched_cache, tmp_path_factory) -> dict:
     result = root / "result.json"
     # run 1: 4 steps; run 2: --resume auto with no step left (restores the best-so-far from step 4)
     spec.write_text(
-        json.dumps({"result": str(result), "overrides": overrides, "runs": [None, "auto"], "max_steps": [None, 0]})
+        json.dumps(
+            {"result": str(result), "overrides": overrides, "runs": [None, "auto"], "max_steps": [None, 0]}
+        )
     )
     proc = accelerate_launch([str(REPO / "tests" / "test_train_support.py"), str(spec)], timeout=400)
     r = json.loads(result.read_text())
@@ -160,7 +164,11 @@ def test_tensorboard_and_wandb_hold_every_term_and_eval_metric(launched_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     r = launched_run
-    terms = [k for k in r["log"][0] if k not in ("step", "epoch", "consumed", "lr", "wd", "samples_per_s", "data_s")]
+    terms = [
+        k
+        for k in r["log"][0]
+        if k not in ("step", "epoch", "consumed", "lr", "wd", "samples_per_s", "data_s")
+    ]
     assert {"loss", "patch", "clip"} <= set(terms)
     expected = {f"loss/{k}" for k in terms} | {"lr", "wd", "samples_per_s", "data_s"}
     expected |= {"eval/miou", "eval/miou_objects", "eval/pixel_accuracy", "eval/mean_accuracy"}
@@ -199,9 +207,9 @@ def test_unknown_or_missing_tracker_named(tmp_path):
         with pytest.raises(ImportError, match="pip install mlflow"):
             tracker_names(cfg.log)
     # the former switch: true adds tensorboard, false removes it
-    assert tracker_names(load_config("distill", ["cache.path=/x", "log.trackers=[]", "log.tensorboard=true"]).log) == [
-        "tensorboard"
-    ]
+    assert tracker_names(
+        load_config("distill", ["cache.path=/x", "log.trackers=[]", "log.tensorboard=true"]).log
+    ) == ["tensorboard"]
     assert tracker_names(load_config("distill", ["cache.path=/x", "log.tensorboard=false"]).log) == []
     assert tracker_names(load_config("distill", ["cache.path=/x"]).log) == ["tensorboard"]
     with pytest.raises(ValueError, match="eval.metric='iou'"):

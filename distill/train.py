@@ -457,6 +457,16 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
             evaluated = evaluator is not None and step % cfg.eval.every == 0
             if evaluated:  # every rank (its share of the images; ZeRO-3 gathers the student)
                 rec.update(evaluator(built.student, gather=gather))
+                if is_main:
+                    logger.info(
+                        "step %d: %s",
+                        step,
+                        ", ".join(
+                            f"{k} {v:.2f}" if v is not None else f"{k} n/a"
+                            for k, v in rec.items()
+                            if k.startswith("eval/")
+                        ),
+                    )
                 value = rec[evaluator.key]
                 if value is not None and (best is None or value > best["value"]):
                     best = {"step": step, "metric": evaluator.key, "value": value}

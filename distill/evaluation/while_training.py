@@ -93,6 +93,12 @@ def _teacher_for_text(cfg: Any, online_teacher: nn.Module | None, cache_meta: di
     return make_teacher(str(spec["teacher"]), dict(spec.get("kwargs") or {}))
 
 
+def _label(source: dict[str, Any]) -> str:
+    """A short name of a ``ClassEmbeddings.source`` (file path or the text model's name)."""
+    ident = source.get("identity") or {}
+    return str(source.get("path") or ident.get("name") or ident.get("class") or source.get("kind", "?"))
+
+
 class TrainingEval:
     """Zero-shot segmentation of the student during training; built once before the first step.
 
@@ -161,7 +167,7 @@ class TrainingEval:
             self.num_images,
             e.dataset,
             e.readout,
-            "student tower" if self.student_text else self.text.source.get("kind", "model"),
+            "of the student's own tower" if self.student_text else f"from {_label(self.text.source)}",
             self.metric,
         )
 

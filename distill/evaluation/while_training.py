@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .datasets import load_eval_dataset
+from .datasets import build_eval_dataset
 from .metrics import ConfusionMatrix
 from .segmentation import (
     SegmentationSettings,
@@ -42,14 +42,6 @@ from .text import ClassEmbeddings, resolve_class_embeddings
 logger = logging.getLogger(__name__)
 
 REPORTED = ("miou", "pixel_accuracy", "mean_accuracy")
-
-
-def build_eval_dataset(name: str, kwargs: dict[str, Any]) -> Any:
-    """A registered evaluation dataset (``synthetic``, ``ade20k``, ``seg_folder``, ...) or a dataset spec
-    (``wds:...``, ``parquet:...``, ``hf:...``), as ``tipsdistill-eval --dataset`` takes them."""
-    from cache.dataset_spec import build_from_spec, is_shorthand
-
-    return build_from_spec(name, **kwargs) if is_shorthand(name) else load_eval_dataset(name, **kwargs)
 
 
 class _Share(torch.utils.data.Dataset):

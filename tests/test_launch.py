@@ -142,6 +142,27 @@ def test_accelerate_launch_stage2_eval_metrics_finite_at_chosen_steps(launched_r
     assert [rec["step"] for rec in r["log"]] == [1, 2, 3, 4]
 
 
+def test_sharded_eval_equals_one_process_tipsdistill_eval_code(launched_run):
+    """The 2-rank evaluation at step 4 (3 + 3 images, confusion matrices summed) equals
+    evaluate_segmentation of the exported step-4 student on all 6 images in this process."""
+    from distill.evaluation import SegmentationSettings, evaluate_segmentation, resolve_class_embeddings
+    from distill.evaluation.datasets import build_eval_dataset
+    from students import load_student
+    from tests.test_train_support import tiny_teacher
+
+    r = launched_run
+    ds = build_eval_dataset("synthetic", {"split": "validation", "size": 6, "image_size": 32})
+    text = resolve_class_embeddings(
+        ds.class_names, text_model=tiny_teacher(), templates="tcl", cache_dir=None
+    )
+    settings = SegmentationSettings(image_size=32, mode="whole", readout="tips", resize_backend="torch")
+    res = evaluate_segmentation(load_student(r["export"]).eval(), ds, text, settings, progress=False)
+    last = _eval_lines(r)[-1]
+    assert last["step"] == 4
+    for k in ("miou", "miou_objects", "pixel_accuracy", "mean_accuracy"):
+        assert last[f"eval/{k}"] == pytest.approx(res["metrics"][k], abs=1e-4), k
+
+
 def test_best_checkpoint_kept_apart_from_keep_last_and_restored(launched_run):
     r = launched_run
     ckpts = r["out"] / "checkpoints"

@@ -472,6 +472,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                     best = {"step": step, "metric": evaluator.key, "value": value}
                     if cfg.eval.keep_best:
                         ckpt.save_best(engine, out, step, _client_state(cfg, step, built, loader, best), best)
+                t_last = time.time()  # samples/s measure training; the evaluation has its own eval/s
             if is_main:
                 if step % cfg.log.every == 0 or step == stop or evaluated:
                     log_f.write(json.dumps(rec) + "\n")

@@ -195,13 +195,30 @@ def launch_state() -> LaunchState:
 
     Works under ``accelerate launch`` (any config in ``configs/accelerate/``), ``torchrun`` and with no
     launcher (one process); under a launcher accelerate creates the process group (gloo on CPU, nccl
-    on CUDA). The state is a per-process singleton: a second call returns the same values."""
+    on CUDA). The state is a per-process singleton: a second call returns the same values. Without a
+    launcher, ``RANK``/``WORLD_SIZE`` set and no ``MASTER_ADDR`` mean independent jobs, one per shard
+    (no process group; the last to finish writes the index)."""
     from datetime import timedelta
 
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs, parse_choice_from_env
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("MASTER_PORT") == "0":
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and "MASTER_ADDR" not in os.environ:
+        # no launcher, no rendezvous: independent jobs, one per shard (e.g. a SLURM array with RANK and
+        # WORLD_SIZE set per job); each writes its shard and the last to finish writes the index
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        if not 0 <= rank < world:
+            raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+        logger.info("RANK=%d of WORLD_SIZE=%d without MASTER_ADDR: writing this shard alone", rank, world)
+        return LaunchState(
+            rank=rank,
+            world=world,
+            local_rank=local,
+            device=torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu"),
+            mixed_precision=parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no"),
+        )
+    if world > 1 and os.environ.get("MASTER_PORT") == "0":
         raise ValueError(
             "MASTER_PORT=0 (torchrun --master_port 0): the processes cannot meet on a port chosen by each; "
             "pass a free port, e.g. --master_port 29500 (accelerate launch --main_process_port 29500)"

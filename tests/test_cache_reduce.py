@@ -200,7 +200,17 @@ def test_two_ranks_share_one_basis(data, tmp_path):
     root, caps, _ = data
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "c2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    from tests.test_cache_dist import _port
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_port()),
+    ]
     cmd += [
         "-m",
         "scripts.cache_features",

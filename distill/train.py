@@ -18,7 +18,9 @@
 - a non-finite loss term stops the run (all ranks agree) naming the step and the term, before the
   backward pass and without saving anything;
 - rank 0: tqdm progress (step, loss, lr, samples/s), ``log.jsonl`` with every loss term, optional
-  TensorBoard, ``config.yaml`` + ``run_info.json``, and at the end the exported student.
+  TensorBoard, ``config.yaml`` + ``run_info.json``, and at the end the exported student (``export/``, or
+  ``export_step_XXXXXXXX/`` when the run stopped before ``cfg.steps``);
+- a checkpoint saved with other processes or another ZeRO stage resumes through ``distill.reshard``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict, save_resolved
 from .data import collate, sample_seed
 from .export import export_student
+from .reshard import load_resharded, remap_position
 from .schedules import Schedules
 from .task import build_task
 
@@ -324,15 +327,42 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     )
     gather = _gather_ctx(zero_stage)
 
-    # ---- resume
-    step = 0
+    # ---- resume (the same layout: DeepSpeed's own load; other processes / ZeRO stage: distill.reshard)
+    step, samples_seen = 0, 0
     if found is not None:
-        client = ckpt.load(engine, *found)
+        path = Path(found[0]) / found[1]
+        src = ckpt.layout(path)
+        if (src["world_size"], src["zero_stage"]) == (world, zero_stage):
+            client = ckpt.load(engine, *found)
+            data = client["data"]
+            ckpt.set_rng_state(client["rng"])
+        else:
+            by_id = {id(p): n for n, p in engine.module.named_parameters()}
+            order = [by_id[id(p)] for g in groups for p in g["params"]]
+            client = load_resharded(
+                engine, path, zero_stage=zero_stage, param_order=order, work_dir=out / ".reshard" / found[1]
+            )
+            data = remap_position(
+                client["data"],
+                old_world=src["world_size"],
+                new_world=world,
+                new_batch=cfg.data.batch_size,
+                where=str(path),
+            )
+            logger.warning(
+                "RNG states not restored: %d process(es) saved them, %d run now (sample crops, masks and "
+                "captions are seeded per sample and step, so they do not depend on it)",
+                src["world_size"],
+                world,
+            )
         step = int(client["step"])
+        old = client.get("config") or {}
+        old_batch = (old.get("data") or {}).get("batch_size", cfg.data.batch_size)
+        old_accum = (old.get("optim") or {}).get("accum_steps", cfg.optim.accum_steps)
+        samples_seen = int(client.get("samples_seen", step * old_batch * old_accum * src["world_size"]))
         built.load_aux_state(client["aux"])
-        loader.seek(**client["data"])
-        ckpt.set_rng_state(client["rng"])
-        logger.info("resumed from %s/%s at step %d", found[0], found[1], step)
+        loader.seek(**data)
+        logger.info("resumed from %s at step %d (%d samples seen)", path, step, samples_seen)
 
     # ---- logging: a resumed run drops log lines past its checkpoint (written after it, then lost)
     log_path = out / "log.jsonl"
@@ -389,10 +419,12 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                     acc[k] = acc.get(k, 0.0) + v / cfg.optim.accum_steps
             built.after_step(momentum=vals["momentum"], gather=gather)
             step += 1
+            samples_seen += global_batch
             now = time.time()
             rec = {
                 "step": step,
                 **loader.position(),
+                "samples_seen": samples_seen,
                 "lr": vals["lr"],
                 "wd": vals["wd"],
                 **acc,
@@ -422,6 +454,8 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                     "step": step,
                     "aux": built.aux_state(),
                     "data": loader.position(),
+                    "samples_seen": samples_seen,
+                    "world_size": world,
                     "rng": ckpt.rng_state(),
                     "config": config_to_dict(cfg),
                 }
@@ -438,22 +472,21 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     if history:
         tail = history[-min(len(history), 10) :]
         final = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1]}
-    export_path = None
-    if step == cfg.steps:
-        export_path = out / "export"
-        with gather(list(built.student.parameters())):
-            if is_main:
-                export_student(
-                    built.student,
-                    export_path,
-                    train_config=config_to_dict(cfg),
-                    metrics={"step": step, **final},
-                )
-        if dist.is_initialized():
-            dist.barrier()
+    # a run stopped before cfg.steps (--max-steps) exports its current state too, named by its step
+    export_path = out / ("export" if step == cfg.steps else f"export_{ckpt.tag_for(step)}")
+    with gather(list(built.student.parameters())):
+        if is_main:
+            export_student(
+                built.student,
+                export_path,
+                train_config=config_to_dict(cfg),
+                metrics={"step": step, "samples_seen": samples_seen, **final},
+            )
+    if dist.is_initialized():
+        dist.barrier()
     return {
         "step": step,
         "final": final,
-        "export": str(export_path) if export_path else None,
+        "export": str(export_path),
         "engine": engine,
     }

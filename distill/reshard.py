@@ -214,7 +214,7 @@ def load_resharded(
     engine.global_steps = int(src["step"])
     client = ckpt.client_state(states)
     client["source_layout"] = src
-    logger.info(
+    logger.warning(  # a warning: the continuation is not bit-identical (docs/training.md, resume rules)
         "resharded %s: saved by %d process(es) at ZeRO stage %d, loaded into %d process(es) at ZeRO stage %d "
         "(weights, buffers, Adam moments and step %d re-partitioned)",
         ckpt_path,

@@ -2,7 +2,8 @@
 
 ``train(cfg, resume=None)`` runs one process of a (possibly multi-process) job:
 
-- distributed set-up: without a launcher the single-process env vars (``RANK``, ``LOCAL_RANK``,
+- distributed set-up: under ``srun`` (one task per process) the SLURM task variables are translated
+  (``distill.multinode``); without a launcher the single-process env vars (``RANK``, ``LOCAL_RANK``,
   ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) are set for the user; with ``torchrun`` /
   ``deepspeed`` they come from the launcher. Backend nccl on CUDA, gloo otherwise;
 - ``deepspeed.initialize`` with ZeRO stage 0-3 (or a user DeepSpeed JSON), fp32 or bf16, gradient
@@ -44,6 +45,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict, save_resolved
 from .data import collate, sample_seed
 from .export import export_student
+from .multinode import slurm_env
 from .reshard import load_resharded, remap_position
 from .schedules import Schedules
 from .task import build_task
@@ -68,6 +70,9 @@ def setup_env() -> dict[str, str]:
     """Set the single-process distributed env vars when no launcher did; returns what was set."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     set_now = {}
+    if "RANK" not in os.environ and (slurm := slurm_env(os.environ)):  # srun, one task per process
+        os.environ.update(slurm)
+        logger.info("SLURM task: %s", ", ".join(f"{k}={v}" for k, v in sorted(slurm.items())))
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         defaults = {
             "RANK": "0",
@@ -350,10 +355,12 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                 where=str(path),
             )
             logger.warning(
-                "RNG states not restored: %d process(es) saved them, %d run now (sample crops, masks and "
-                "captions are seeded per sample and step, so they do not depend on it)",
+                "RNG states not restored (saved by %d process(es) at ZeRO stage %d, %d run now at stage %d); "
+                "crops, masks and captions are seeded per sample and step, so they do not depend on them",
                 src["world_size"],
+                src["zero_stage"],
                 world,
+                zero_stage,
             )
         step = int(client["step"])
         old = client.get("config") or {}

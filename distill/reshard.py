@@ -126,17 +126,27 @@ def _universal_moments(zero: Path, names: list[str]) -> tuple[dict[str, dict[str
     return out, step
 
 
-def _init_adam_state(opt: torch.optim.Optimizer) -> None:
-    """Create the (lazily made) AdamW state of every parameter of ``opt`` as its first ``step`` would, so
-    DeepSpeed's fragment API has tensors to write into (ZeRO 1/2 create them only at the first step)."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if not opt.state.get(p):
-                opt.state[p] = {
-                    "step": torch.tensor(0.0),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
+def _init_adam_state(opt: torch.optim.Optimizer, flats: list[torch.Tensor]) -> None:
+    """Create the (lazily made) AdamW state of every flat fp32 partition as its first ``step`` would, so
+    DeepSpeed's fragment API has tensors to write into (ZeRO 1/2 create them only at the first step;
+    ZeRO-3 keeps its partitions ``flats`` out of ``opt.param_groups`` between steps)."""
+    for p in [p for g in opt.param_groups for p in g["params"]] + list(flats):
+        st = opt.state[p]
+        st.setdefault("step", torch.tensor(0.0))
+        for k in MOMENTS:
+            if k not in st:
+                st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _z3_partition(engine: Any, param: torch.nn.Parameter, value: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of the full tensor ``value`` under ZeRO-3 (``param.ds_tensor``'s size, zero padded
+    at the end; DeepSpeed's ``safe_set_full_*`` fails on the padded last slice of a tiny parameter)."""
+    part = param.ds_tensor.numel()
+    opt = engine.optimizer
+    rank = opt._get_param_partition_rank(param)
+    flat = torch.zeros(part * opt._get_param_partition_world_size(param), dtype=torch.float32)
+    flat[: value.numel()] = value.detach().flatten().float()
+    return flat.narrow(0, part * rank, part).to(param.ds_tensor.device)
 
 
 def _base_optimizer(engine: Any) -> tuple[torch.optim.Optimizer, bool]:
@@ -157,7 +167,12 @@ def load_resharded(
     source indexes its Adam state); ``work_dir``: scratch folder of the universal conversion (removed
     after). Returns the checkpoint's client state (rank 0's) plus ``source_layout``."""
     import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from deepspeed.utils import (
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
+    )
 
     states = ckpt.read_model_states(ckpt_path)
     src = ckpt.layout(ckpt_path, states)
@@ -169,8 +184,8 @@ def load_resharded(
         moments, adam_step = _stage0_moments(states, param_order)
     else:
         moments, adam_step = _universal_moments(_universal(ckpt_path, work_dir), names)
-    missing = [n for n, _ in module.named_parameters() if n not in full]
-    missing += [n for n, _ in module.named_buffers() if n not in full]
+    saved = set(module.state_dict())  # parameters and persistent buffers (centers), what a checkpoint holds
+    missing = [n for n in saved if n not in full]
     if missing:
         raise ValueError(
             f"{ckpt_path}: the checkpoint lacks {len(missing)} tensor(s) of this model (e.g. {missing[:3]}); "
@@ -185,10 +200,11 @@ def load_resharded(
             else:
                 p.data.copy_(value.to(p.device).view_as(p))
         for name, b in module.named_buffers():
-            b.copy_(full[name].to(b.device, b.dtype))
+            if name in saved:
+                b.copy_(full[name].to(b.device, b.dtype))
         base, wrapped = _base_optimizer(engine)
         if wrapped:
-            _init_adam_state(base)
+            _init_adam_state(base, getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
         for name, p in trained:
             m = moments.get(name)
             if not wrapped:  # stage 0, fp32: the client torch optimizer itself
@@ -199,10 +215,14 @@ def load_resharded(
                 if not m:  # never stepped (no gradient yet): fresh state, as a new optimizer
                     base.state.pop(p)
                 continue
+            if hasattr(p, "ds_id"):  # ZeRO-3: write this rank's (padded) partition
+                safe_set_local_fp32_param(p, _z3_partition(engine, p, full[name]))
+                for k in MOMENTS if m else ():
+                    safe_set_local_optimizer_state(p, _z3_partition(engine, p, m[k]), k)
+                continue
             safe_set_full_fp32_param(p, full[name].to(p.device).float())
-            if m:
-                for k in MOMENTS:
-                    safe_set_full_optimizer_state(p, m[k].to(p.device), k)
+            for k in MOMENTS if m else ():
+                safe_set_full_optimizer_state(p, m[k].to(p.device), k)
         if wrapped:
             for st in base.state.values():
                 if "step" in st:

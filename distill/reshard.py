@@ -111,7 +111,14 @@ def _stage0_moments(
     return out, step
 
 
-def _universal_moments(zero: Path, names: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+def _load_universal(path: Path) -> torch.Tensor:
+    x = torch.load(path, weights_only=False)  # ZeRO 1/2 sources: {"param": tensor, ...}; ZeRO-3: the tensor
+    return x["param"] if isinstance(x, dict) else x
+
+
+def _universal_moments(
+    zero: Path, names: list[str], shapes: dict[str, torch.Size]
+) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
     out, step = {}, 0.0
     for name in names:
         d = zero / name
@@ -120,9 +127,16 @@ def _universal_moments(zero: Path, names: list[str]) -> tuple[dict[str, dict[str
                 f"{zero}: no optimizer state of parameter {name!r} in the converted checkpoint; resume with "
                 "the same recipe and student"
             )
-        out[name] = {k: torch.load(d / f"{k}.pt", weights_only=False)["param"].float() for k in MOMENTS}
-        if (d / "step.pt").is_file():
-            step = float(torch.load(d / "step.pt", weights_only=False))
+        out[name] = {k: _load_universal(d / f"{k}.pt").float().reshape(shapes[name]) for k in MOMENTS}
+        if (d / "step.pt").is_file():  # ZeRO 1/2 sources
+            step = float(_load_universal(d / "step.pt"))
+    common = zero / "optimizer_state.pt"
+    if not step and common.is_file():  # ZeRO-3 sources: the step lives in the base optimizer's state
+        st = (torch.load(common, weights_only=False).get("optimizer_state_dict") or {}).get("state") or {}
+        steps = {float(v["step"]) for v in st.values() if isinstance(v, dict) and "step" in v}
+        if len(steps) > 1:
+            raise ValueError(f"{common}: Adam steps disagree across parameter groups ({sorted(steps)})")
+        step = steps.pop() if steps else 0.0
     return out, step
 
 
@@ -183,7 +197,12 @@ def load_resharded(
     if src["zero_stage"] == 0:
         moments, adam_step = _stage0_moments(states, param_order)
     else:
-        moments, adam_step = _universal_moments(_universal(ckpt_path, work_dir), names)
+        shapes = {n: full[n].shape for n in names if n in full}
+        moments, adam_step = _universal_moments(_universal(ckpt_path, work_dir), names, shapes)
+    if moments and not adam_step:
+        raise ValueError(
+            f"{ckpt_path}: found Adam moments but no Adam step count; cannot resume its optimizer"
+        )
     saved = set(module.state_dict())  # parameters and persistent buffers (centers), what a checkpoint holds
     missing = [n for n in saved if n not in full]
     if missing:
@@ -205,6 +224,9 @@ def load_resharded(
         base, wrapped = _base_optimizer(engine)
         if wrapped:
             _init_adam_state(base, getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+            link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+            if link is not None:  # ZeRO 1/2, bf16: map each parameter's fragment of the new Adam state
+                link()
         for name, p in trained:
             m = moments.get(name)
             if not wrapped:  # stage 0, fp32: the client torch optimizer itself

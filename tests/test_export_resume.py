@@ -7,10 +7,11 @@ That checkpoint resumes in 1 process at ZeRO-0 (to step 8), and in 2 processes a
 ZeRO-3 checkpoint at step 6, exported and compared with the in-memory model). The ZeRO-3 step-6
 checkpoint then resumes in 2 processes at ZeRO-1 under ``deepspeed --hostfile`` (localhost slots=2).
 
-Tolerances (stated in docs/training.md): the first resumed step reproduces the source's loss to 1e-4
-relative (same weights, same samples; only the reduction order changes); later steps stay within 1 %
-(the CLIP gradient of several processes treats the other ranks' embeddings as constants, so a
-different world size trains a slightly different gradient; docs/training.md "Known limitations").
+Tolerance (stated in docs/training.md): every resumed step's loss terms equal the uninterrupted
+source run's to 1e-4 relative (measured here: 6e-8 at the first step in 1 process, identical after;
+identical in 2 processes at ZeRO-3). Not bit-identical by contract: the reduction order changes with
+the world size and ZeRO stage, and the multi-process CLIP gradient treats the other ranks' embeddings
+as constants (docs/training.md "Known limitations"), so long runs drift apart slowly.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _launch(cmds: list[tuple[list[str], dict[str, str]]], result: Path, timeout:
         )
         raise RuntimeError(f"training job failed:\n{tails}")
     res = json.loads(result.read_text())
-    assert "error" not in res, res["error"] + "\n" + outs[0][1][-5000:]
+    assert "error" not in res, res["error"] + "\n" + "\n---\n".join(e[-5000:] for _, e in outs)
     res["stderr"] = "\n".join(e for _, e in outs)
     return res
 
@@ -200,11 +201,9 @@ def test_resume_other_world_size_and_zero_stage(jobs):
         # same step and samples seen; the global data position mapped to the new number of processes
         assert got[first]["samples_seen"] == src[first]["samples_seen"], name
         assert got[first]["epoch"] == src[first]["epoch"], name
-        if name != "z1":  # resumed from the source's own checkpoint: the same weights see the same samples
+        for s in steps:  # the loss continues: the same weights, Adam state and schedules see the same samples
             for k in ("loss", "patch", "dino", "clip"):
-                assert got[first][k] == pytest.approx(src[first][k], rel=1e-4), (name, first, k)
-        for s in steps:
-            assert got[s]["loss"] == pytest.approx(src[s]["loss"], rel=1e-2), (name, s)
+                assert got[s][k] == pytest.approx(src[s][k], rel=1e-4), (name, s, k)
         assert "resharded" in r["stderr"] and "RNG states not restored" in r["stderr"], name
     assert jobs["z0"]["step"] == 8 and jobs["z3"]["step"] == 6 and jobs["z1"]["step"] == 8
     # per-rank consumed: 2 processes x 4 -> 1 x 8 samples per batch

@@ -230,12 +230,11 @@ def load_resharded(
         for name, p in trained:
             m = moments.get(name)
             if not wrapped:  # stage 0, fp32: the client torch optimizer itself
-                base.state[p] = {
-                    "step": torch.tensor(adam_step),
-                    **({k: m[k].to(p.device, p.dtype).view_as(p).clone() for k in MOMENTS} if m else {}),
-                }
-                if not m:  # never stepped (no gradient yet): fresh state, as a new optimizer
-                    base.state.pop(p)
+                if m:
+                    moments_p = {k: m[k].to(p.device, p.dtype).view_as(p).clone() for k in MOMENTS}
+                    base.state[p] = {"step": torch.tensor(adam_step), **moments_p}
+                else:  # never stepped (no gradient yet): no state, as in a new optimizer
+                    base.state.pop(p, None)
                 continue
             if hasattr(p, "ds_id"):  # ZeRO-3: write this rank's (padded) partition
                 safe_set_local_fp32_param(p, _z3_partition(engine, p, full[name]))

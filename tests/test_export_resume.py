@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -245,7 +246,7 @@ def test_position_the_new_batch_does_not_divide_is_refused():
         remap_position({"epoch": 1, "consumed": 16}, old_world=2, new_world=3, new_batch=4, where="x")
 
 
-def test_export_mid_run_zero3_checkpoint_matches_in_memory_model(jobs, tmp_path):
+def test_export_mid_run_zero3_checkpoint_matches_in_memory_model(jobs, tmp_path, monkeypatch):
     import timm
     from safetensors.torch import load_file
 
@@ -274,6 +275,19 @@ def test_export_mid_run_zero3_checkpoint_matches_in_memory_model(jobs, tmp_path)
     with torch.no_grad():
         tokens = vit.forward_features(probe_pixels())  # student normalisation is mean 0 / std 1
     assert torch.allclose(tokens[:, vit.num_prefix_tokens :].reshape(f.patch.shape), ref["patch"], atol=1e-5)
+    # and by hub name, offline: the export as a Hugging Face cache snapshot of repo org/tiny-student
+    import huggingface_hub.constants
+
+    rev = "0" * 40
+    repo = tmp_path / "hub" / "models--org--tiny-student"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    shutil.copytree(tmp_path / "ex", repo / "snapshots" / rev)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub = timm.create_model("hf-hub:org/tiny-student", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(hub.forward_features(probe_pixels()), tokens)
     # a run directory: its newest complete checkpoint (step 6), default output next to it
     assert main([str(root / "z3" / "out")]) == 0
     assert (

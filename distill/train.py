@@ -274,7 +274,7 @@ def _all_reduce_terms(terms: dict[str, torch.Tensor], world: int) -> dict[str, f
 
 
 def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None = None) -> dict[str, Any]:
-    """Run (or resume) training; returns ``{"step", "final": {term: value}, "export": path | None}``.
+    """Run (or resume) training; returns ``{"step", "final": {term: value}, "export": path, "engine"}``.
 
     ``max_steps`` stops early after that many optimizer steps (schedules still follow ``cfg.steps``);
     used to simulate interruption.

@@ -4,7 +4,7 @@ from . import datasets as datasets
 from .dataset_spec import DatasetSpec, build_from_spec, parse_dataset_spec, source_for_cache
 from .datasets import BadImageError, ImageFolderDataset, build_dataset, list_datasets, register_dataset
 from .extract import CacheConfig, extract_features
-from .reader import FeatureCache, open_cache
+from .reader import FeatureBatch, FeatureCache, open_cache
 from .shards import WebDatasetShards
 from .spec import CacheSpec
 from .tables import HFImageDataset, TableDataset
@@ -26,6 +26,7 @@ __all__ = [
     "parse_dataset_spec",
     "source_for_cache",
     "CacheSpec",
+    "FeatureBatch",
     "FeatureCache",
     "ImageFolderDataset",
     "ViewSpec",

@@ -57,6 +57,10 @@ class CacheSection:
     target: str = "auto"  # "auto", "replay" (stored views) or "crop" (roi_align of the full-image map)
     expect_dim: int = 0  # 0 = no check; otherwise the teacher dim this recipe needs
     expect_grid: list[int] = field(default_factory=list)  # [] = no check; [h, w] otherwise
+    # "batch": feature batches read in the training process (distill.feeder, storage dtype, targets
+    # built on the device); "item": float32 targets built per item in the DataLoader workers (reference)
+    reader: str = "batch"
+    prefetch: int = 2  # feature batches read ahead by the batch reader's thread
 
 
 @dataclass
@@ -196,6 +200,7 @@ class TrainConfig:
         checks = [
             ("teacher.source", self.teacher.source, ("cache", "online", "ema")),
             ("cache.target", self.cache.target, ("auto", "replay", "crop")),
+            ("cache.reader", self.cache.reader, ("batch", "item")),
             ("loss.patch", self.loss.patch, ("proto", "cosine", "smooth_l1", "mse")),
             ("ema.kind", self.ema.kind, ("head", "full", "none")),
             ("loss.centering", self.loss.centering, ("center", "sinkhorn_knopp")),

@@ -129,21 +129,108 @@ def align_teacher_map(
     Returns:
         ``(h_s, w_s, D)`` float32 targets, token ``(i, j)`` aligned with the student's token ``(i, j)``.
     """
-    h_t, w_t, d = feat.shape
+    h_t, w_t, _d = feat.shape
+    roi, ratio = crop_roi(box, (h_t, w_t), grid, source_box=source_box, sampling_ratio=sampling_ratio)
+    rois = torch.tensor([[0.0, *roi]])
+    inp = feat.permute(2, 0, 1).unsqueeze(0).float()  # (1, D, h_t, w_t)
+    out = roi_align(inp, rois, output_size=tuple(grid), spatial_scale=1.0, sampling_ratio=ratio, aligned=True)
+    out = out[0].permute(1, 2, 0)  # (h_s, w_s, D)
+    return out.flip(1) if flip else out
+
+
+def crop_roi(
+    box: Sequence[float],
+    teacher_grid: tuple[int, int],
+    grid: tuple[int, int],
+    *,
+    source_box: Sequence[float] = (0.0, 0.0, 1.0, 1.0),
+    sampling_ratio: int = 0,
+) -> tuple[tuple[float, float, float, float], int]:
+    """The roi of :func:`align_teacher_map` in teacher-token coordinates ``(x0, y0, x1, y1)`` and its
+    sampling ratio (``sampling_ratio <= 0``: 1 when upsampling, ``ceil(cover)`` when downsampling)."""
+    h_t, w_t = teacher_grid
     sx0, sy0, sx1, sy1 = (float(v) for v in source_box)
     x0, y0, x1, y1 = (float(v) for v in box)
     fx = w_t / max(sx1 - sx0, 1e-12)
     fy = h_t / max(sy1 - sy0, 1e-12)
-    rois = torch.tensor([[0.0, (x0 - sx0) * fx, (y0 - sy0) * fy, (x1 - sx0) * fx, (y1 - sy0) * fy]])
+    roi = ((x0 - sx0) * fx, (y0 - sy0) * fy, (x1 - sx0) * fx, (y1 - sy0) * fy)
     if sampling_ratio <= 0:
         cover = max((y1 - y0) * fy / grid[0], (x1 - x0) * fx / grid[1])
         sampling_ratio = max(1, math.ceil(cover - 1e-6))
-    inp = feat.permute(2, 0, 1).unsqueeze(0).float()  # (1, D, h_t, w_t)
-    out = roi_align(
-        inp, rois, output_size=tuple(grid), spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=True
-    )
-    out = out[0].permute(1, 2, 0)  # (h_s, w_s, D)
-    return out.flip(1) if flip else out
+    return roi, int(sampling_ratio)
+
+
+def align_teacher_maps(
+    feat: torch.Tensor,
+    rois: torch.Tensor,
+    ratios: Sequence[int],
+    flips: torch.Tensor,
+    grid: tuple[int, int],
+    order: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`align_teacher_map` for a whole batch on ``feat``'s device, with no host sync.
+
+    Args:
+        feat: teacher tokens ``(B, h_t, w_t, D)`` float32.
+        rois: ``(B, 4)`` per-sample roi in teacher-token coordinates (:func:`crop_roi`).
+        ratios: ``B`` host ints, each sample's sampling ratio; 0 = the identity (no resampling, the
+            teacher grid is the student's: :func:`resample_grid` of an unchanged grid).
+        flips: ``(B,)`` bool, flip the sample's output horizontally.
+        grid: the student's grid ``(h_s, w_s)``.
+        order: ``(B,)`` int64 on the device, the samples sorted by ratio (stable), needed when the
+            ratios differ (one ``roi_align`` call per ratio over consecutive sorted samples).
+    Returns:
+        ``(B, h_s, w_s, D)`` float32; sample ``b`` equals ``align_teacher_map(feat[b], ...)``.
+    """
+    B = feat.shape[0]
+    inp = feat.permute(0, 3, 1, 2)  # (B, D, h_t, w_t)
+    index = torch.arange(B, device=feat.device, dtype=rois.dtype).unsqueeze(1)
+    full = torch.cat([index, rois], 1)  # (B, 5): batch index, x0, y0, x1, y1
+    ratios = [int(r) for r in ratios]
+    kinds = sorted(set(ratios))
+
+    def resample(rows: torch.Tensor, ratio: int) -> torch.Tensor:
+        if ratio == 0:
+            if tuple(inp.shape[-2:]) != tuple(grid):
+                raise ValueError(
+                    f"ratio 0 (identity) needs the teacher grid {tuple(inp.shape[-2:])} == {grid}"
+                )
+            return inp[rows[:, 0].long()] if rows.shape[0] != B else inp
+        return roi_align(
+            inp, rows, output_size=tuple(grid), spatial_scale=1.0, sampling_ratio=ratio, aligned=True
+        )
+
+    if len(kinds) == 1:
+        out = resample(full, kinds[0])
+    else:
+        if order is None:
+            raise ValueError("samples with different sampling ratios need their order by ratio (order=...)")
+        sorted_rows = full[order]
+        parts, a = [], 0
+        for ratio in kinds:
+            b = a + ratios.count(ratio)
+            parts.append(resample(sorted_rows[a:b], ratio))
+            a = b
+        stacked = torch.cat(parts)
+        out = torch.empty_like(stacked).index_copy_(0, order, stacked)
+    out = torch.where(flips.view(B, 1, 1, 1), out.flip(-1), out)
+    return out.permute(0, 2, 3, 1)  # (B, h_s, w_s, D)
+
+
+def ratio_order(ratios: Sequence[int]) -> list[int]:
+    """The samples sorted (stably) by sampling ratio: the ``order`` of :func:`align_teacher_maps`."""
+    return sorted(range(len(ratios)), key=lambda b: int(ratios[b]))
+
+
+def replay_views(seed: int, epoch: int, indices: Sequence[int], num_views: int) -> np.ndarray:
+    """The stored view each sample's global crop replays (``cache.target=replay``): the first draw of the
+    sample's generator, as :class:`DistillDataset` draws it, so the training process can read just
+    that view before the worker's batch arrives."""
+    out = np.empty(len(indices), np.int64)
+    for k, i in enumerate(indices):
+        gen = torch.Generator().manual_seed(sample_seed(seed, epoch, int(i)))
+        out[k] = int(torch.randint(0, num_views, (1,), generator=gen))
+    return out
 
 
 def resample_grid(feat: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -178,8 +265,12 @@ class DistillDataset(Dataset):
         teacher_image_size: int = 0,
         seed: int = 0,
         mask_ratio: float = 0.0,
+        batch_features: Sequence[str] = (),
     ) -> None:
         self.source = source
+        # the cache fields the training process's batch reader (distill.feeder) reads; when set, items
+        # carry the crop geometry (t_roi, t_ratio, t_flip, t_view) instead of t_patch / t_cls / text
+        self.batch_features = tuple(batch_features) if cache is not None else ()
         self.mask_ratio = float(mask_ratio)
         self.cfg = data_cfg
         self.student_grid = tuple(student_grid)
@@ -215,6 +306,8 @@ class DistillDataset(Dataset):
                 self.skipped_keys[:5],
             )
         spec = cache.spec
+        self.cache_keys = cache_keys
+        self.teacher_grid = spec.grid
         self.base_size, self.base_resize = spec.image_size, spec.resize
         self.views = spec.has_views
         if target == "auto":
@@ -245,8 +338,22 @@ class DistillDataset(Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = self._epoch_index(index)
+        if self.batch_features:
+            return self._item(epoch, index, self._geometry([index])[0])
         titem = self.cache[index] if self.cache is not None else None
         return self._item(epoch, index, titem)
+
+    def _geometry(self, indices: list[int]) -> list[dict[str, Any]]:
+        """What a worker needs of the cache when the features come from the batch reader: the key, and
+        the stored view boxes and flips when the cache has several views (read in the storage dtype)."""
+        out: list[dict[str, Any]] = [{"key": self.cache_keys[i]} for i in indices]
+        if self.views:
+            fields = ("boxes", "flips")  # not pinned: no CUDA in a worker process
+            buf = self.cache.alloc_batch(len(indices), fields, pin=False)
+            got = self.cache.read_batch(indices, fields, out=buf).host()
+            for k, item in enumerate(out):
+                item["boxes"], item["flips"] = got["boxes"][k].clone(), got["flips"][k].clone()
+        return out
 
     def __getitems__(self, indices: list[int | tuple[int, int]]) -> list[dict[str, Any]]:
         """A batch of items (what ``DataLoader`` asks for): the cached targets are read together (one HDF5
@@ -255,6 +362,8 @@ class DistillDataset(Dataset):
         pairs = [self._epoch_index(i) for i in indices]
         if self.cache is None:
             titems: list[Any] = [None] * len(pairs)
+        elif self.batch_features:
+            titems = self._geometry([i for _, i in pairs])
         else:
             titems = self.cache.__getitems__([i for _, i in pairs])
         return [self._item(e, i, t) for (e, i), t in zip(pairs, titems, strict=True)]
@@ -272,13 +381,19 @@ class DistillDataset(Dataset):
             raise RuntimeError(f"cache item {index} has key {titem['key']!r}, source has {item['key']!r}")
         # ---- global crop (+ teacher targets)
         if self.target == "replay":
-            v = int(torch.randint(0, titem["patch"].shape[0], (1,), generator=gen))
+            v = int(torch.randint(0, self.cache.num_views, (1,), generator=gen))
             nbox = [float(x) for x in titem["boxes"][v]]
             flip = bool(titem["flips"][v]) if "flips" in titem else False
             pbox = None
             item["global"] = apply_view(image, titem["boxes"][v], flip, (c.image_size, c.image_size))
-            t_patch = resample_grid(titem["patch"][v], self.student_grid)
-            t_cls = titem["cls"][v]
+            if self.batch_features:  # resample_grid of the stored view, on the device
+                same = tuple(self.teacher_grid) == self.student_grid
+                roi, ratio = crop_roi((0.0, 0.0, 1.0, 1.0), self.teacher_grid, self.student_grid)
+                item["t_roi"] = torch.tensor(roi, dtype=torch.float32)
+                item["t_ratio"], item["t_flip"], item["t_view"] = 0 if same else ratio, False, v
+            else:
+                t_patch = resample_grid(titem["patch"][v], self.student_grid)
+                t_cls = titem["cls"][v]
         else:
             src_box = (0.0, 0.0, 1.0, 1.0)
             region = None
@@ -289,7 +404,11 @@ class DistillDataset(Dataset):
             pbox = sample_box(gen, H, W, c.global_scale, c.ratio, region)
             flip = bool(c.flip) and bool(torch.rand(1, generator=gen) < 0.5)
             nbox = list(pixel_box_to_norm(pbox, H, W))
-            if titem is not None:  # the first stored view is the full image
+            if self.batch_features:  # align_teacher_map, on the device
+                roi, ratio = crop_roi(nbox, self.teacher_grid, self.student_grid, source_box=src_box)
+                item["t_roi"] = torch.tensor(roi, dtype=torch.float32)
+                item["t_ratio"], item["t_flip"], item["t_view"] = ratio, flip, 0
+            elif titem is not None:  # the first stored view is the full image
                 feat = titem["patch"][0] if self.views else titem["patch"]
                 t_patch = align_teacher_map(feat, nbox, self.student_grid, flip=flip, source_box=src_box)
                 t_cls = titem["cls"][0] if self.views else titem["cls"]
@@ -301,7 +420,7 @@ class DistillDataset(Dataset):
         item["flip"] = flip
         if self.teacher_image_size and self.teacher_image_size != c.image_size:
             item["t_image"] = crop_resize(image, pbox, self.teacher_image_size, flip)
-        if titem is not None:
+        if titem is not None and not self.batch_features:
             item["t_patch"] = t_patch.float()
             item["t_cls"] = t_cls.float()
             if "text" in titem:
@@ -338,13 +457,23 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
         self.epoch = 0
         self.start = 0  # samples of this rank already consumed in this epoch
+        self.endless_batch = 0  # > 0: iterate epoch after epoch in full batches of this size (endless)
+
+    def endless(self, batch_size: int) -> ResumableSampler:
+        """Iterate without end: from ``(epoch, start)`` the full batches of ``batch_size`` of each epoch
+        (its last partial batch dropped, as ``drop_last`` does), then the next epoch's. A DataLoader over
+        it never stops, so its workers keep prefetching across epoch boundaries."""
+        self.endless_batch = int(batch_size)
+        return self
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = int(epoch), int(start)
 
-    def order(self) -> list[int]:
+    def order(self, epoch: int | None = None) -> list[int]:
+        """This rank's sample order in ``epoch`` (default: the current one); thread-safe (no state)."""
+        epoch = self.epoch if epoch is None else int(epoch)
         if self.shuffle:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, 7777, self.epoch))
+            g = torch.Generator().manual_seed(sample_seed(self.seed, 7777, epoch))
             perm = torch.randperm(self.n, generator=g).tolist()
         else:
             perm = list(range(self.n))
@@ -352,12 +481,36 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         return perm[: per_rank * self.world][self.rank :: self.world]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.endless_batch:
+            return self._endless(self.epoch, self.start, self.endless_batch)
         return iter([(self.epoch, i) for i in self.order()[self.start :]])
+
+    def _endless(self, epoch: int, start: int, batch: int) -> Iterator[tuple[int, int]]:
+        while True:
+            order = self.order(epoch)
+            stop = start + (len(order) - start) // batch * batch
+            for i in order[start:stop]:
+                yield epoch, i
+            epoch, start = epoch + 1, 0
 
     def __len__(self) -> int:
         return self.n // self.world - self.start
 
 
+HOST_KEYS = ("t_ratio", "t_view")  # per-sample ints the training process needs on the host
+
+
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Default collation of :class:`DistillDataset` items (strings become lists)."""
-    return default_collate(items)
+    """Default collation of :class:`DistillDataset` items (strings become lists); the per-sample ints of
+    ``HOST_KEYS`` and ``caption_u`` are also kept as host lists in ``batch["host"]`` (no device sync to
+    read them back)."""
+    host: dict[str, Any] = {}
+    if items and "caption_u" in items[0]:
+        host["caption_u"] = [float(it["caption_u"]) for it in items]
+    for k in HOST_KEYS:
+        if items and k in items[0]:
+            host[k] = [int(it.pop(k)) for it in items]
+    batch = default_collate(items)
+    if host:
+        batch["host"] = host
+    return batch

@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from cache.codec import decode
+
 from .captions import CaptionSampler
-from .data import resample_grid
+from .data import align_teacher_maps, resample_grid
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +66,31 @@ class Targets:
 
 
 class CachedTargets(Targets):
-    """The stage-1 teacher tokens the dataset aligned to the student's crop (``t_patch``, ``t_cls``)."""
+    """The stage-1 teacher tokens aligned to the student's crop.
 
-    def __init__(self, dim: int) -> None:
+    Two paths with the same values: the item path (``cache.reader=item``), where the dataset aligned
+    them per item on the CPU (``batch["t_patch"]``, ``batch["t_cls"]``); and the batch path
+    (``cache.reader=batch``), where ``batch["features"]`` holds the storage-dtype rows on the training
+    device (:mod:`distill.feeder`) and they are decoded (:func:`cache.codec.decode`), cut out and
+    flipped here, batched, with no host sync (:func:`distill.data.align_teacher_maps`).
+    ``teacher_grid`` is the cache's ``(h_t, w_t)``."""
+
+    def __init__(self, dim: int, teacher_grid: tuple[int, int] | None = None) -> None:
         self.dim = int(dim)
+        self.teacher_grid = tuple(teacher_grid) if teacher_grid is not None else None
 
     def __call__(self, batch: Mapping[str, Any], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch["t_patch"].float(), batch["t_cls"].float()
+        if "features" not in batch:
+            return batch["t_patch"].float(), batch["t_cls"].float()
+        feats, host = batch["features"], batch["host"]
+        patch = decode(feats["patch"], feats.get("patch_scale"))  # (B, h_t * w_t, D)
+        if self.teacher_grid is None:
+            raise ValueError("CachedTargets needs the cache's teacher_grid to read feature batches")
+        patch = patch.view(patch.shape[0], *self.teacher_grid, patch.shape[-1])
+        ratios = host["t_ratio"]
+        order = feats["t_order"] if len(set(ratios)) > 1 else None
+        t_patch = align_teacher_maps(patch, feats["t_roi"], ratios, feats["t_flip"], grid, order)
+        return t_patch, decode(feats["cls"], feats.get("cls_scale"))
 
 
 class OnlineTargets(Targets):
@@ -146,7 +166,11 @@ class TextSource:
 
     def granularities(self, batch: Mapping[str, Any], available: list[set[str]]) -> list[str | None]:
         """The caption granularity of each example (``None`` where it has none of them)."""
-        draws = batch["caption_u"].double().cpu()
+        host = batch.get("host", {})
+        if "caption_u" in host:  # the host copy of the draws (distill.data.collate): no device sync
+            draws = torch.tensor(host["caption_u"], dtype=torch.float64)
+        else:
+            draws = batch["caption_u"].double().cpu()
         index = torch.searchsorted(self.cdf, draws * self.cdf[-1], right=True).clamp_(max=len(self.names) - 1)
         return self.sampler.resolve([self.names[k] for k in index.tolist()], available)
 
@@ -158,13 +182,26 @@ class CachedText(TextSource):
     """The cached teacher caption embeddings (``batch["text"]``, ``batch["text_valid"]``)."""
 
     def __call__(self, batch: Mapping[str, Any]) -> TextBatch:
-        text, valid = batch["text"], batch.get("text_valid", {})
+        host_valid = None
+        if "features" in batch:  # the batch reader's rows on the device, validity also on the host
+            feats = batch["features"]
+            grans = [k.split("/", 1)[1] for k in feats if k.startswith("text/")]
+            text = {gran: decode(feats[f"text/{gran}"]) for gran in grans}
+            valid = {gran: feats[f"text_valid/{gran}"] for gran in grans}
+            host_valid = batch["host"]["text_valid"]
+        else:
+            text, valid = batch["text"], batch.get("text_valid", {})
         alt = text["alt"]
         batch_size = alt.shape[0]
-        ok = {
-            gran: (valid[gran].bool().cpu() if gran in valid else torch.ones(batch_size, dtype=torch.bool))
-            for gran in text
-        }
+        if host_valid is not None:
+            ok = {gran: torch.tensor(host_valid[gran], dtype=torch.bool) for gran in text}
+        else:
+            ok = {
+                gran: (
+                    valid[gran].bool().cpu() if gran in valid else torch.ones(batch_size, dtype=torch.bool)
+                )
+                for gran in text
+            }
         available = [
             {gran for gran in self.names if gran in text and bool(ok[gran][row])} for row in range(batch_size)
         ]

@@ -262,7 +262,7 @@ def _build_targets(
 ) -> Targets:
     source = cfg.teacher.source
     if source == "cache":
-        return CachedTargets(cache.spec.dim)
+        return CachedTargets(cache.spec.dim, cache.spec.grid)
     if source == "online":
         return OnlineTargets(
             build_teacher(cfg.teacher.name, **cfg.teacher.kwargs).to(device), cfg.teacher.layer
@@ -338,6 +338,10 @@ def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: 
         module.to(device)
     task.to(device)
     reads_cache = cfg.teacher.source == "cache" or isinstance(task.text, CachedText)
+    fields: tuple[str, ...] = ()
+    if reads_cache and cfg.cache.reader == "batch":  # read in the training process (distill.feeder)
+        fields = ("patch", "cls") if cfg.teacher.source == "cache" else ()
+        fields += ("text",) if isinstance(task.text, CachedText) else ()
     dataset = DistillDataset(
         source,
         cfg.data,
@@ -347,6 +351,7 @@ def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: 
         teacher_image_size=cfg.teacher.image_size if cfg.teacher.source == "online" else 0,
         seed=cfg.seed,
         mask_ratio=cfg.loss.mask_ratio,
+        batch_features=fields,
     )
     sampler = ResumableSampler(len(dataset), rank=rank, world=world, seed=cfg.seed)
     info["num_samples"] = len(dataset)

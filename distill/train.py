@@ -45,6 +45,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict, save_resolved
 from .data import collate, sample_seed
 from .export import export_student
+from .feeder import feeder_for
 from .multinode import slurm_env
 from .reshard import load_resharded, remap_position
 from .schedules import Schedules
@@ -206,6 +207,8 @@ def register_zero3_external(
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
+    if hasattr(batch, "to_device"):  # a feature batch (cache.reader.FeatureBatch): one copy, side stream
+        return batch.to_device(device)
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
@@ -229,10 +232,11 @@ class _Loader:
         nw = cfg.data.num_workers
         # one loader for the whole run: with workers they persist across epochs; the sampler (main
         # process) carries the epoch and the resume position, the items carry (epoch, index)
+        self.per_epoch = len(sampler.order())
         self._dl = DataLoader(
             dataset,
             batch_size=self.batch,
-            sampler=sampler,
+            sampler=sampler.endless(self.batch),  # never stops: no stall at epoch boundaries
             num_workers=nw,
             collate_fn=collate,
             drop_last=True,
@@ -242,6 +246,8 @@ class _Loader:
         )
         self.epoch, self.consumed = 0, 0
         self._it = None
+        # cached features read in this process, batch by batch in the sampler's order (distill.feeder)
+        self.feeder = feeder_for(dataset, sampler, self.batch, cfg.cache.prefetch)
 
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "consumed": self.consumed}
@@ -249,28 +255,59 @@ class _Loader:
     def seek(self, epoch: int, consumed: int) -> None:
         self.epoch, self.consumed = int(epoch), int(consumed)
         self._it = None
+        if self.feeder is not None:
+            self.feeder.seek(self.epoch, self.consumed)
 
     def next(self) -> dict[str, Any]:
-        while True:
-            if self._it is None:
-                self.sampler.set_epoch(self.epoch, self.consumed)
-                self._it = iter(self._dl)
-            try:
-                b = next(self._it)
-                self.consumed += self.batch
-                return b
-            except StopIteration:
-                self._it = None
-                self.epoch, self.consumed = self.epoch + 1, 0
+        if self._it is None:
+            self.sampler.set_epoch(self.epoch, self.consumed)
+            self._it = iter(self._dl)
+        b = next(self._it)
+        if self.feeder is not None:
+            b = self.feeder.attach(b, self.feeder.next(), self.epoch)
+        self.consumed += self.batch
+        if self.consumed + self.batch > self.per_epoch:  # the rest of the epoch is not a full batch
+            self.epoch, self.consumed = self.epoch + 1, 0
+        return b
 
 
-def _all_reduce_terms(terms: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+def _all_reduce_terms(terms: dict[str, torch.Tensor], world: int) -> tuple[list[str], torch.Tensor]:
+    """The terms' names (sorted) and their mean over ranks, ``(T,)`` float32 on the device: no host copy
+    here (the values are read back by :func:`_drain_terms` at the logging interval)."""
     names = sorted(terms)
-    vals = torch.stack([terms[k].detach().float().reshape(()) for k in names]).cpu()
+    vals = torch.stack([terms[k].detach().float().reshape(()) for k in names])
     if world > 1:
         dist.all_reduce(vals)
         vals /= world
-    return {k: float(v) for k, v in zip(names, vals.tolist())}
+    return names, vals
+
+
+def _drain_terms(
+    pending: list[tuple[int, int, list[str], torch.Tensor]], accum: int, every: int
+) -> list[dict[str, float]]:
+    """Read the pending ``(step, micro, names, values)`` back with ONE host copy; per optimizer step the
+    mean of each term over its micro steps. A non-finite term raises :class:`TrainingDiverged` naming the
+    first such step, micro step and term (checked here, at the logging interval and before every
+    checkpoint, so a diverged run never saves)."""
+    if not pending:
+        return []
+    rows = torch.stack([v for *_, v in pending]).cpu().tolist()
+    per_step: dict[int, dict[str, float]] = {}
+    for (st, micro, names, _), row in zip(pending, rows):
+        bad = [(k, v) for k, v in zip(names, row) if not math.isfinite(v)]
+        if bad:
+            pending.clear()
+            raise TrainingDiverged(
+                f"loss term {bad[0][0]!r} is {bad[0][1]} at step {st} (micro step {micro}); stopping "
+                f"without saving (last complete checkpoint stays valid; terms are checked every "
+                f"log.every={every} steps and before each checkpoint). Lower optim.lr, raise "
+                f"optim.warmup_steps or check the data"
+            )
+        acc = per_step.setdefault(st, {})
+        for k, v in zip(names, row):
+            acc[k] = acc.get(k, 0.0) + v / accum
+    pending.clear()
+    return list(per_step.values())
 
 
 def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None = None) -> dict[str, Any]:
@@ -394,6 +431,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
         bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.recipe}", dynamic_ncols=True)
     global_batch = cfg.data.batch_size * cfg.optim.accum_steps * world
     history: list[dict[str, float]] = []
+    pending: list[tuple[int, int, list[str], torch.Tensor]] = []  # loss terms not yet read back
     engine.train()
     t_last = time.time()
     try:
@@ -402,7 +440,6 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
             for g, wd_on in zip(engine.optimizer.param_groups, apply_wd):
                 g["lr"] = vals["lr"]
                 g["weight_decay"] = vals["wd"] if wd_on else 0.0
-            acc: dict[str, float] = {}
             t_data = 0.0
             for micro in range(cfg.optim.accum_steps):
                 t0 = time.time()
@@ -412,21 +449,18 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                 terms = engine(batch, teacher_temp=vals["teacher_temp"])
                 total = sum(terms.values())
                 terms = {**terms, "loss": total}
-                red = _all_reduce_terms(terms, world)
-                bad = [k for k, v in red.items() if not math.isfinite(v)]
-                if bad:
-                    raise TrainingDiverged(
-                        f"loss term {bad[0]!r} is {red[bad[0]]} at step {step + 1} (micro step {micro}); stopping "
-                        f"without saving (last complete checkpoint stays valid). Lower optim.lr, raise "
-                        f"optim.warmup_steps or check the data"
-                    )
+                pending.append((step + 1, micro, *_all_reduce_terms(terms, world)))
                 engine.backward(total)
                 engine.step()
-                for k, v in red.items():
-                    acc[k] = acc.get(k, 0.0) + v / cfg.optim.accum_steps
             built.after_step(momentum=vals["momentum"], gather=gather)
             step += 1
             samples_seen += global_batch
+            every = cfg.checkpoint.every
+            save_now = (every and step % every == 0) or (step == cfg.steps and cfg.checkpoint.at_end)
+            log_now = step % cfg.log.every == 0 or step == stop
+            if log_now or save_now:  # the one host sync of the step, at the logging interval
+                history += _drain_terms(pending, cfg.optim.accum_steps, cfg.log.every)
+            acc = history[-1] if not pending else {}
             now = time.time()
             rec = {
                 "step": step,
@@ -439,9 +473,8 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                 "data_s": t_data,
             }
             t_last = now
-            history.append(acc)
             if is_main:
-                if step % cfg.log.every == 0 or step == stop:
+                if log_now:
                     log_f.write(json.dumps(rec) + "\n")
                     log_f.flush()
                     if tb is not None:
@@ -452,11 +485,13 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                                 )
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{acc['loss']:.4f}", lr=f"{vals['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}"
-                    )
-            every = cfg.checkpoint.every
-            if (every and step % every == 0) or (step == cfg.steps and cfg.checkpoint.at_end):
+                    if acc:
+                        bar.set_postfix(
+                            loss=f"{acc['loss']:.4f}",
+                            lr=f"{vals['lr']:.2e}",
+                            sps=f"{rec['samples_per_s']:.1f}",
+                        )
+            if save_now:
                 client = {
                     "step": step,
                     "aux": built.aux_state(),
@@ -468,6 +503,8 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                 }
                 ckpt.save(engine, out, step, client, keep_last=cfg.checkpoint.keep_last)
     finally:
+        if loader.feeder is not None:
+            loader.feeder.close()
         if bar is not None:
             bar.close()
         if log_f is not None:

@@ -2,7 +2,9 @@
 
 Prints (1) extraction with writing vs the teacher forward alone, (2) writer MB/s vs a raw sequential
 write of the same bytes to the same disk, (3) reader samples/s with 0 and 2 workers vs a raw numpy
-read of the same bytes from one file, (4) bytes per image in float16 and int8. Every timed figure is
+read of the same bytes from one file: the item reader through DataLoader workers (the old path), the
+batch reader (``FeatureCache.read_batch``) and stage 2's training configuration (the feature reader
+thread, alone and with 2 image workers alongside), (4) bytes per image in float16 and int8. Every timed figure is
 the median of ``--repeats`` runs (the runs are printed too); the page cache stays warm (stated).
 
     python -m scripts.bench_cache --images 256 --dim 384 --depth 6 --image-size 224 --out /tmp/bench
@@ -317,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--read-batch", type=int, default=16, help="DataLoader batch size of the reader test")
+    p.add_argument(
+        "--read-passes", type=int, default=8, help="passes over the cache per timed batch-reader run"
+    )
     p.add_argument("--write-mib", type=int, default=256, help="bytes of features written in each test of (2)")
     p.add_argument("--repeats", type=int, default=5, help="repeats of every timed measurement (median shown)")
     p.add_argument("--out", default="/tmp/tipsdistill-bench-cache")
@@ -434,6 +439,101 @@ def measure_reader(args: argparse.Namespace, out: Path) -> None:
     print(f"    DataLoader ceiling on this machine (a dataset of fresh zero tensors of the same shapes, no I/O): "
           f"{zeros[0]:.0f} / {zeros[2]:.0f} samples/s (0 / 2 workers) -> the reader reaches {rates[0] / zeros[0]:.2f}x / "
           f"{rates[2] / zeros[2]:.2f}x of it")  # fmt: skip
+    measure_batch_reader(args, out, npy)
+
+
+class _Images(Dataset):
+    """Image-only items (what stage 2's workers return when the features come from the batch reader):
+    a fresh ``(3, S, S)`` tensor per sample, seeded by index."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: tuple[int, int]) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(int(i[1]))
+        return {"index": int(i[1]), "global": torch.rand(3, self.size, self.size, generator=g)}
+
+
+def _feeder_rate(cache: Any, batch: int, workers: int, passes: int) -> float:
+    """Seconds per pass over the cache of stage 2's feature path: feature batches (patch + cls, storage
+    dtype) from the training process's reader thread (:class:`distill.feeder.FeatureFeeder`) in the
+    shuffled sampler order, taken by the main thread. ``workers > 0``: an image DataLoader with that many
+    workers (32 px image items) runs alongside the whole time, drained by another thread, as stage 2's
+    image workers do."""
+    import threading
+
+    from distill.data import ResumableSampler
+    from distill.feeder import FeatureFeeder
+
+    feeder = FeatureFeeder(
+        cache, ResumableSampler(len(cache), seed=0), batch, fields=("patch", "cls"), depth=2
+    )
+    stop, images = threading.Event(), None
+    if workers:
+        loader = DataLoader(_Images(len(cache), 32), batch_size=batch, sampler=ResumableSampler(len(cache), seed=1),
+                            num_workers=workers, persistent_workers=True, drop_last=True)  # fmt: skip
+        ready = threading.Event()
+
+        def drain() -> None:
+            while not stop.is_set():
+                for _ in loader:
+                    ready.set()
+                    if stop.is_set():
+                        break
+
+        images = threading.Thread(target=drain, daemon=True)
+        images.start()
+        ready.wait()  # the workers are up and producing
+    feeder.next()  # the thread is up
+    per = len(cache) // batch
+    t0 = time.perf_counter()
+    for _ in range(passes * per):
+        feeder.next()
+    dt = time.perf_counter() - t0
+    feeder.close()
+    stop.set()
+    if images is not None:
+        images.join()
+    return dt / passes * len(cache) / (per * batch)
+
+
+def measure_batch_reader(args: argparse.Namespace, out: Path, npy: Path) -> None:
+    """(3) stage 2's feature path: the batch reader in a thread of the training process, with the image
+    workers alongside, vs a raw read of the same bytes (median of ``--repeats``, interleaved)."""
+    N, R, rb = args.images, args.repeats, args.read_batch
+    cache = open_cache(out / "f16")
+    buf = cache.alloc_batch(rb)
+    order = np.random.default_rng(0).permutation(N)
+
+    def direct(idx_order: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        for s in range(0, N - rb + 1, rb):
+            cache.read_batch(idx_order[s : s + rb], out=buf)
+        return time.perf_counter() - t0
+
+    P = args.read_passes
+    direct(order), _feeder_rate(cache, rb, 0, 1)  # warm-up
+    t: dict[str, list[float]] = {k: [] for k in ("raw", "seq", "shuf", "f0", "f2")}
+    for _ in range(R):
+        t["raw"].append(sum(_raw_read(npy, rb, False)[0] for _ in range(P)) / P)
+        t["seq"].append(sum(direct(np.arange(N)) for _ in range(P)) / P)
+        t["shuf"].append(sum(direct(order) for _ in range(P)) / P)
+        t["f0"].append(_feeder_rate(cache, rb, 0, P))
+        t["f2"].append(_feeder_rate(cache, rb, 2, P))
+    sps = {k: N / _med(v) for k, v in t.items()}
+    raw = sps["raw"]
+    print(f"(3) batch reader (read_batch, float16 as stored, batch {rb}, up to {cache.read_threads} preadv threads, one per >= 4 MiB): "
+          f"{sps['seq']:.0f} samples/s in file order, {sps['shuf']:.0f} shuffled | raw read {raw:.0f} samples/s -> "
+          f"{sps['seq'] / raw:.2f}x / {sps['shuf'] / raw:.2f}x")  # fmt: skip
+    print(f"    training configuration (feature batches from the reader thread in the shuffled sampler order, taken "
+          f"by the main thread; 2 workers: an image DataLoader with 2 workers running alongside): {sps['f0']:.0f} "
+          f"samples/s with 0 image workers, {sps['f2']:.0f} with 2 -> {sps['f0'] / raw:.2f}x / {sps['f2'] / raw:.2f}x "
+          f"of raw (goals >= 0.8x / >= 0.5x; the old path, the item reader through DataLoader workers, is above)")  # fmt: skip
+    print(f"    runs (s): raw {_runs(t['raw'])} | file order {_runs(t['seq'])} | shuffled {_runs(t['shuf'])} | "
+          f"0 workers {_runs(t['f0'])} | 2 workers {_runs(t['f2'])}")  # fmt: skip
 
 
 def measure_bytes(

@@ -4,8 +4,9 @@ One run measures, on the same machine and settings:
 1. FLOPs per image of the student and of the teacher (``torch.utils.flop_counter``), the teacher must
    be >= 8x the student (``--teacher-depth/--teacher-dim`` pick its size);
 2. seconds per optimizer step of ``tipsdistill-train`` reading targets from a stage-1 cache built with
-   that teacher, and of the same run with the teacher online (each run in its own process; the first
-   ``--warmup`` steps are excluded);
+   that teacher (the batch reader, ``cache.reader=batch``, and the item reader, ``cache.reader=item``),
+   and of the same run with the teacher online (each run in its own process; the first ``--warmup``
+   steps are excluded), and the fraction of the cached step spent waiting for data;
 3. samples/s of the training data loader alone (crops + cached-target alignment, ``--workers``) against
    the samples/s the training steps consume.
 
@@ -93,17 +94,27 @@ def step_time(log: list[dict], batch: int, warmup: int) -> float:
     return sum(batch / r["samples_per_s"] for r in recs) / len(recs)
 
 
+def data_wait_fraction(log: list[dict], batch: int, warmup: int) -> float:
+    """Fraction of the step time spent waiting for the next batch (``data_s`` of the log: images from the
+    workers, features from the reader thread, host-to-device copy), the first ``warmup`` steps excluded."""
+    recs = log[warmup:]
+    return sum(r["data_s"] for r in recs) / sum(batch / r["samples_per_s"] for r in recs)
+
+
 def train_step_flops(args: argparse.Namespace, cache_dir: Path) -> float:
     """FLOPs of one cached training step (forward + backward of student, heads, losses), no DeepSpeed."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from distill.config import load_config
     from distill.task import build_task
-    from distill.train import _Loader
+    from distill.train import _Loader, _to_device
 
     cfg = load_config("distill", [f"cache.path={cache_dir}", *distill_overrides(args), "data.num_workers=0"])
     built = build_task(cfg, device=torch.device("cpu"))
-    batch = _Loader(built.dataset, built.sampler, cfg).next()
+    loader = _Loader(built.dataset, built.sampler, cfg)
+    batch = _to_device(loader.next(), torch.device("cpu"))
+    if loader.feeder is not None:
+        loader.feeder.close()
     with FlopCounterMode(display=False) as fc:
         sum(built.task(batch, teacher_temp=cfg.loss.teacher_temp).values()).backward()
     return float(fc.get_total_flops())
@@ -223,52 +234,43 @@ def build_cache(args: argparse.Namespace, teacher: Any, cache_dir: Path) -> tupl
     return ds, cache_s
 
 
-def loader_samples_per_s(args: argparse.Namespace, ds: Any, cache_dir: Path) -> float:
-    """Samples/s of the training data loader alone (same dataset class and settings as the cached run),
-    worker start-up excluded."""
-    from torch.utils.data import DataLoader
-
-    from cache import open_cache
+def loader_samples_per_s(args: argparse.Namespace, cache_dir: Path) -> float:
+    """Samples/s of the cached run's data path alone (``distill.train._Loader`` with the run's settings:
+    image workers + the feature reader thread + the host-to-device step), worker start-up excluded."""
     from distill.config import load_config
-    from distill.data import DistillDataset, ResumableSampler, collate
+    from distill.task import build_task
+    from distill.train import _Loader, _to_device
 
     cfg = load_config(
-        "distill",
-        [
-            f"cache.path={cache_dir}",
-            f"data.image_size={args.image_size}",
-            f"data.local_size={args.local_size}",
-            f"data.local_crops={args.local_crops}",
-        ],
+        "distill", [f"cache.path={cache_dir}", *distill_overrides(args), f"data.num_workers={args.workers}"]
     )
-    grid = (args.image_size // args.patch,) * 2
-    dds = DistillDataset(ds, cfg.data, grid, cache=open_cache(cache_dir), seed=0)
-    sampler = ResumableSampler(len(dds), seed=0)
-    loader = DataLoader(
-        dds,
-        batch_size=args.batch,
-        sampler=sampler,
-        num_workers=args.workers,
-        collate_fn=collate,
-        drop_last=True,
-    )
-    n, t0 = 0, None
-    for i, b in enumerate(loader):
-        if i == 1:  # exclude worker start-up
-            t0, n = time.time(), 0
-        elif i > 1:
-            n += b["global"].shape[0]
-    return n / (time.time() - t0) if t0 and n else float("nan")
+    built = build_task(cfg, device=torch.device("cpu"))
+    loader = _Loader(built.dataset, built.sampler, cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _to_device(loader.next(), device)  # worker start-up
+    batches = max(4, 2 * args.images // args.batch)
+    t0 = time.time()
+    for _ in range(batches):
+        _to_device(loader.next(), device)
+    dt = time.time() - t0
+    if loader.feeder is not None:
+        loader.feeder.close()
+    return batches * args.batch / dt
 
 
 def format_table(res: dict[str, Any], workers: int) -> str:
     return (
         "\n| measure | value |\n|---|---|\n"
         f"| teacher / student FLOPs per image | {res['flops_ratio']:.1f}x |\n"
-        f"| s/step, cached targets | {res['s_per_step_cached']:.3f} |\n"
+        f"| s/step, cached targets (batch reader) | {res['s_per_step_cached']:.3f} |\n"
+        f"| s/step, cached targets (item reader, before) | {res['s_per_step_cached_item_reader']:.3f} |\n"
         f"| s/step, online teacher | {res['s_per_step_online']:.3f} |\n"
-        f"| speed-up of cached | {res['speedup_cached']:.2f}x |\n"
+        f"| speed-up of cached (batch / item reader) | {res['speedup_cached']:.2f}x / "
+        f"{res['speedup_cached_item_reader']:.2f}x |\n"
         f"| compute-bound bound: 1 + teacher fwd / cached step FLOPs | {res['speedup_bound_compute']:.2f}x |\n"
+        f"| speed-up / bound (goal >= 0.8) | {res['fraction_of_bound']:.2f} |\n"
+        f"| data wait / step time, batch / item reader (goal <= 5 %) | {100 * res['data_wait_fraction']:.1f} % / "
+        f"{100 * res['data_wait_fraction_item_reader']:.1f} % |\n"
         f"| data loader alone, samples/s ({workers} workers) | {res['loader_samples_per_s']:.1f} |\n"
         f"| training consumes, samples/s | {res['train_consumes_samples_per_s']:.1f} |\n"
         f"| loader headroom | {res['loader_headroom']:.2f}x |"
@@ -285,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = out / "cache"
     ds, cache_s = build_cache(args, teacher, cache_dir)
     cached_log = _train(args, out / "cached", [f"cache.path={cache_dir}"])
+    item_log = _train(args, out / "cached_item", [f"cache.path={cache_dir}", "cache.reader=item"])
     online = [
         "teacher.source=online",
         "teacher.name=timm",
@@ -292,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     online_log = _train(args, out / "online", online)
     s_cached = step_time(cached_log, args.batch, args.warmup)
+    s_item = step_time(item_log, args.batch, args.warmup)
     s_online = step_time(online_log, args.batch, args.warmup)
     step_flops = train_step_flops(args, cache_dir)
     teacher_step_flops = flops["flops_teacher"] * args.batch
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{step_flops / 1e9:.2f}G, online teacher forward {teacher_step_flops / 1e9:.2f}G; "
         f"compute-bound speed-up bound {ideal:.2f}x"
     )
-    loader_sps = loader_samples_per_s(args, ds, cache_dir)
+    loader_sps = loader_samples_per_s(args, cache_dir)
     consume_sps = args.batch / s_cached
     device = (
         "cuda"
@@ -319,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         "s_per_step_cached": s_cached,
         "s_per_step_online": s_online,
         "speedup_cached": s_online / s_cached,
+        "fraction_of_bound": (s_online / s_cached) / ideal,
+        "data_wait_fraction": data_wait_fraction(cached_log, args.batch, args.warmup),
+        "s_per_step_cached_item_reader": s_item,
+        "speedup_cached_item_reader": s_online / s_item,
+        "data_wait_fraction_item_reader": data_wait_fraction(item_log, args.batch, args.warmup),
         "loader_samples_per_s": loader_sps,
         "train_consumes_samples_per_s": consume_sps,
         "loader_headroom": loader_sps / consume_sps,

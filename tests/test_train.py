@@ -138,8 +138,13 @@ def test_task_takes_its_targets_and_captions_from_the_config(tiny_cache):
     tower = "student.kwargs=" + json.dumps(
         {**json.loads(base[3].split("=", 1)[1]), "text": {"kind": "tips", "tokenizer": str(_tokenizer())}}
     )
-    own = build_task(load_config("distill", [*base, tower, "loss.text_source=student"]), device=cpu)
+    # cache.reader=item: the dataset's items carry their targets, so a collated batch feeds the task
+    # directly (the default batch reader's path is tests/test_feeder.py and the engine runs below)
+    own = build_task(
+        load_config("distill", [*base, tower, "loss.text_source=student", "cache.reader=item"]), device=cpu
+    )
     assert isinstance(own.task.text, TowerText) and own.task.text.trainable
+    assert built.dataset.batch_features == ("patch", "cls", "text") and not own.dataset.batch_features
     batch = own.dataset.__getitems__([(0, 0), (0, 1)])
     from distill.data import collate
 
@@ -281,6 +286,19 @@ def test_resume_is_bit_identical(tiny_cache, runs):
     assert second["ema"] == full["ema"]
     ckpts = sorted(p.name for p in (runs / "part1" / "out" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000006"]  # keep_last=1
+
+
+def test_batch_reader_run_matches_the_item_reader(tiny_cache, runs):
+    """The same run with targets built per item in the workers (cache.reader=item, the reference) and
+    with feature batches read in the training process and targets built on the device (the default):
+    the same losses at every step (float tolerance 1e-6; on the CPU they are equal)."""
+    batch = _run("z0", runs, tiny_cache, Z0)
+    item = _run("z0_item", runs, tiny_cache, [*Z0, "cache.reader=item"])
+    assert len(_losses(batch)) == 6
+    for a, b in zip(batch["log"], item["log"], strict=True):
+        for k in ("loss", "patch", "dino", "clip"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a["step"], k)
+    assert batch["weights"] == pytest.approx(item["weights"], rel=1e-5)
 
 
 def test_torchrun_two_processes_match_one(tiny_cache, runs):

@@ -1,0 +1,256 @@
+"""The batch reader (``FeatureCache.read_batch``), the training process's feature feeder and the
+device-side targets: each equals its reference (the item reader, ``align_teacher_map`` per sample),
+across shard boundaries, under fork and spawn workers, and after a resume. CPU, tiny caches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cache import extract_features, open_cache
+from cache.codec import decode
+from tests.cache_helpers import write_captions, write_images
+from tests.test_train_support import base_overrides, make_cache
+
+TEACHER = "tests.cache_helpers:build_tiny_teacher"
+
+
+def _extract(out: Path, root: Path, **kw) -> None:
+    extract_features(
+        out=str(out),
+        teacher=TEACHER,
+        dataset="folder",
+        dataset_kwargs={"root": str(root / "img"), "captions": str(root / "caps.jsonl")},
+        image_size=32,
+        batch_size=4,
+        num_workers=0,
+        progress=False,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> dict[str, Path]:
+    """``two``: int8 + captions in 2 shards (written rank by rank); ``views``: float16, 3 views, 1 shard."""
+    root = tmp_path_factory.mktemp("feeder")
+    rels = write_images(root / "img", 11, seed=3)
+    write_captions(root / "caps.jsonl", rels, skip=(2,))
+    mp = pytest.MonkeyPatch()
+    try:
+        for rank in (0, 1):
+            mp.setenv("RANK", str(rank))
+            mp.setenv("WORLD_SIZE", "2")
+            mp.setenv("LOCAL_RANK", str(rank))
+            _extract(root / "two", root, storage="int8")
+    finally:
+        mp.undo()
+    _extract(root / "views", root, views=3)
+    return {"two": root / "two", "views": root / "views"}
+
+
+def _reference(cache, indices: list[int]) -> dict[str, torch.Tensor]:
+    """The item reader's float32 values of ``indices``, stacked (patch flattened to (.., h*w, D))."""
+    items = [cache[i] for i in indices]
+    out = {
+        "patch": torch.stack([it["patch"].flatten(-3, -2) for it in items]),
+        "cls": torch.stack([it["cls"] for it in items]),
+    }
+    for g in cache.granularities:
+        out[f"text/{g}"] = torch.stack([it["text"][g] for it in items])
+        out[f"text_valid/{g}"] = torch.tensor([it["text_valid"][g] for it in items])
+    return out
+
+
+def _decoded(host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {k: decode(host[k], host.get(k + "_scale")) for k in ("patch", "cls")}
+    for k, v in host.items():
+        if k.startswith("text/"):
+            out[k] = decode(v)
+        elif k.startswith("text_valid/"):
+            out[k] = v.clone()
+    return out
+
+
+class _Batches(Dataset):
+    """DataLoader workers calling the batch reader (each reopens the shards in its own process)."""
+
+    def __init__(self, path: Path) -> None:
+        self.cache = open_cache(path)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        got = self.cache.read_batch(idx, ("patch", "cls", "text")).host()
+        return {k: v.clone() for k, v in got.items()} | {"index": torch.tensor(idx)}
+
+
+def _first(batch: list) -> dict[str, torch.Tensor]:
+    return batch  # __getitems__ already returns the whole batch
+
+
+def _random_batches(n: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    out = [rng.permutation(n)[:5].tolist() for _ in range(4)]
+    return out + [[0, 5, 6, 10], [4, 5], [6, 6, 4, 4, 10]]  # across the shard boundary (5 | 6), repeats
+
+
+def test_batch_reader_equals_item_reader_in_process(caches, monkeypatch, caplog):
+    cache = open_cache(caches["two"])
+    assert len(cache._open()) == 2 and cache.int8
+    for idx in _random_batches(len(cache), 0):
+        fb = cache.read_batch(idx, ("patch", "cls", "text"))
+        host = fb.host()
+        assert host["patch"].dtype == torch.int8 and host["patch_scale"].dtype == torch.float32
+        assert host["text/alt"].dtype == torch.float16 and fb.indices.tolist() == idx
+        want, got = _reference(cache, idx), _decoded(host)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+    # only the fields asked for; a reused buffer; a wrong one is refused naming the fix
+    out = cache.alloc_batch(5, ("cls",))
+    assert set(out.tensors) == {"cls", "cls_scale"}
+    assert cache.read_batch([3, 7], ("cls",), out=out) is out and out.size == 2
+    with pytest.raises(ValueError, match="alloc_batch"):
+        cache.read_batch([1], ("patch",), out=out)
+    with pytest.raises(ValueError, match="value-trick"):
+        cache.read_batch([1], ("value_patch",))
+    with pytest.raises(IndexError, match="out of range"):
+        cache.read_batch([11])
+    # the h5py fallback (e.g. a compressed dataset) gives the same values and says so once
+    import cache.reader as reader
+
+    monkeypatch.setattr(reader, "_map_rows", lambda ds, path: (None, "it is filtered (compressed)"))
+    slow = open_cache(caches["two"])
+    with caplog.at_level("INFO", logger="cache.reader"):
+        for idx in _random_batches(len(slow), 1)[-3:]:
+            got = _decoded(slow.read_batch(idx, ("patch", "cls", "text")).host())
+            want = _reference(slow, idx)
+            assert all(torch.equal(got[k], want[k]) for k in want)
+    assert caplog.text.count("dataset patch is read through h5py") == 2  # once per shard
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_batch_reader_equals_item_reader_in_workers(caches, context):
+    ds = _Batches(caches["two"])
+    ds.cache.read_batch([0, 9])  # opened in the parent first: workers must reopen, not inherit
+    batches = _random_batches(len(ds), 2)
+    loader = DataLoader(
+        ds, batch_sampler=batches, num_workers=2, collate_fn=_first, multiprocessing_context=context
+    )
+    seen = 0
+    for idx, got in zip(batches, loader, strict=True):
+        assert got["index"].tolist() == idx
+        want = _reference(ds.cache, idx)
+        dec = _decoded(got)
+        for k in want:
+            assert torch.equal(dec[k], want[k]), k
+        seen += 1
+    assert seen == len(batches)
+
+
+def test_batch_reader_one_view_of_several(caches):
+    cache = open_cache(caches["views"])
+    assert cache.num_views == 3 and not cache.int8
+    idx, views = [4, 0, 10, 4], [2, 0, 1, 0]
+    host = cache.read_batch(idx, ("patch", "cls", "boxes", "flips"), views=views).host()
+    assert host["patch"].shape == (4, 16, 32) and host["boxes"].shape == (4, 3, 4)
+    for k, (i, v) in enumerate(zip(idx, views, strict=True)):
+        it = cache[i]
+        assert torch.equal(decode(host["patch"][k]), it["patch"][v].flatten(0, 1))
+        assert torch.equal(decode(host["cls"][k]), it["cls"][v])
+        assert torch.equal(host["boxes"][k], it["boxes"]) and torch.equal(host["flips"][k], it["flips"])
+    with pytest.raises(ValueError, match=r"view indices in \[0, 3\)"):
+        cache.read_batch([1], views=[3])
+
+
+# --------------------------------------------------------------------------- stage 2: the feeder
+def _loaders(cache: Path, extra: list[str]):
+    from distill.config import load_config
+    from distill.task import build_task
+    from distill.train import _Loader
+
+    out = []
+    for reader in ("batch", "item"):
+        cfg = load_config(
+            "distill", base_overrides(cache, "/tmp/unused") + extra + [f"cache.reader={reader}"]
+        )
+        built = build_task(cfg, device=torch.device("cpu"))
+        out.append((built, _Loader(built.dataset, built.sampler, cfg), cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_cache(tmp_path_factory.mktemp("tiny") / "c")
+
+
+@pytest.fixture(scope="module")
+def tiny_views(tmp_path_factory) -> Path:
+    return make_cache(tmp_path_factory.mktemp("tiny_views") / "c", views=3)
+
+
+@pytest.mark.parametrize(
+    "which, extra",
+    [
+        ("tiny", []),  # crop targets, the student grid = the teacher's (4x4), flips
+        ("tiny", ["data.image_size=24"]),  # 3x3 from 4x4: sampling ratios 1 and 2 in one batch
+        ("tiny_views", ["cache.target=replay"]),  # replayed stored views, same grid (identity)
+        ("tiny_views", ["cache.target=replay", "data.image_size=16"]),  # replayed views resampled to 2x2
+        ("tiny_views", ["cache.target=crop"]),  # crops of the full-image view 0
+    ],
+)
+def test_device_targets_equal_the_cpu_reference(which, extra, request):
+    from distill.train import _to_device
+
+    (bb, lb, cfg), (bi, li, _) = _loaders(request.getfixturevalue(which), extra)
+    assert lb.feeder is not None and li.feeder is None
+    grid = (cfg.data.image_size // 8,) * 2
+    ratios = set()
+    try:
+        for _ in range(7):  # 6 batches per epoch: crosses into epoch 1
+            b, i = _to_device(lb.next(), torch.device("cpu")), li.next()
+            assert b["index"].tolist() == i["index"].tolist() and torch.equal(b["global"], i["global"])
+            assert "t_patch" not in b and "features" in b
+            pb, cb = bb.task.targets(b, grid)
+            pi, ci = bi.task.targets(i, grid)
+            assert pb.shape == pi.shape == (8, *grid, 48)
+            torch.testing.assert_close(pb, pi, rtol=1e-6, atol=1e-6)
+            assert torch.equal(cb, ci)
+            ratios |= set(b["host"]["t_ratio"])
+            tb, vb = bb.task.text(b)
+            ti, vi = bi.task.text(i)
+            assert all(torch.equal(tb[k], ti[k]) for k in ti)
+            assert all(torch.equal(vb[k].bool(), vi[k].bool()) for k in ti if vi[k] is not None)
+    finally:
+        lb.feeder.close()
+    if extra == ["data.image_size=24"]:
+        assert ratios == {1, 2}
+    assert lb.position() == li.position() == {"epoch": 1, "consumed": 8}
+
+
+def test_resumed_feature_order_unchanged(tiny):
+    (bb, lb, cfg), _ = _loaders(tiny, [])
+    seq = []
+    for _ in range(9):
+        pos = lb.position()
+        b = lb.next()
+        seq.append((pos, b["index"].tolist(), b["features"].host()["cls"].clone()))
+    lb.feeder.close()
+    for k in (0, 4, 6):  # a fresh loader resumed at each recorded position continues identically
+        (_, again, _), _ = _loaders(tiny, [])
+        again.seek(**seq[k][0])
+        try:
+            for pos, idx, cls in seq[k:]:
+                assert again.position() == pos
+                b = again.next()
+                assert b["index"].tolist() == idx and torch.equal(b["features"].host()["cls"], cls)
+        finally:
+            again.feeder.close()
+    # a feature batch out of step with the image batch is refused
+    fb = lb.feeder._slots[0]
+    with pytest.raises(RuntimeError, match="does not match the image batch"):
+        lb.feeder.attach({"index": torch.tensor(fb.indices[::-1].copy())}, fb, fb.epoch)

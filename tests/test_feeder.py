@@ -254,3 +254,39 @@ def test_resumed_feature_order_unchanged(tiny):
     fb = lb.feeder._slots[0]
     with pytest.raises(RuntimeError, match="does not match the image batch"):
         lb.feeder.attach({"index": torch.tensor(fb.indices[::-1].copy())}, fb, fb.epoch)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "chunked-4-rows", "fixed-array", "gzip"])
+def test_row_offsets_for_every_layout_the_writer_may_use(tmp_path, layout):
+    """Raw row offsets for contiguous datasets, chunks of several rows and the libver-latest fixed-array
+    chunk index; a compressed dataset has none (h5py fallback). Read back with os.pread: exact rows."""
+    import os
+
+    import h5py
+
+    from cache.reader import _map_rows
+
+    data = np.random.default_rng(0).standard_normal((10, 3, 5)).astype(np.float16)
+    path = tmp_path / "x.h5"
+    kw: dict = {}
+    if layout == "chunked-4-rows":
+        kw = {"chunks": (4, 3, 5)}
+    elif layout == "fixed-array":
+        kw = {"chunks": (1, 3, 5)}
+    elif layout == "gzip":
+        kw = {"chunks": (1, 3, 5), "compression": "gzip"}
+    libver = ("latest", "latest") if layout == "fixed-array" else None
+    with h5py.File(path, "w", libver=libver) as f:
+        f.create_dataset("patch", data=data, **kw)
+    with h5py.File(path, "r") as f:
+        offs, why = _map_rows(f["patch"], path)
+    if layout == "gzip":
+        assert offs is None and "compressed" in why
+        return
+    assert why == "" and len(offs) == 10
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for r in range(10):
+            assert os.pread(fd, data[r].nbytes, int(offs[r])) == data[r].tobytes(), r
+    finally:
+        os.close(fd)

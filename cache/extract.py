@@ -1,6 +1,7 @@
 """Stage 1 driver: run a frozen teacher over a dataset once and write the HDF5 feature cache.
 
-One writer per rank (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from ``torchrun`` or ``accelerate``),
+One writer per rank (rank, world, device and mixed precision from accelerate's state, so ``accelerate
+launch``, ``torchrun`` and a plain process all work),
 each over a contiguous slice of the dataset into its own shard; the last rank to finish (or rank 0
 after a barrier when a process group exists) writes ``index.h5``. Rerunning the same command resumes.
 """
@@ -75,6 +76,7 @@ STORAGE_DTYPES = ("float16", "int8")
 # "fork" would hand the writer's open HDF5 file and its lock to the workers: a killed run's
 # leftover workers would then keep the shard locked (docs/cache.md "What happens when it crashes")
 WORKER_STARTS = ("forkserver", "spawn", "fork")
+AUTOCASTS = ("auto", "none", "bf16", "fp16")
 IMAGE_SOURCES = ("folder", "webdataset", "table", "hf")  # datasets that decode + resize to the cache's rule
 
 
@@ -104,8 +106,8 @@ class CacheConfig:
     num_workers: int = 4
     queue_size: int = 4
     flush_interval_s: float = 2.0
-    device: str | None = None  # default cuda:LOCAL_RANK when available, else cpu
-    autocast: str = "none"  # none | bf16 | fp16 (CUDA only)
+    device: str | None = None  # default accelerate's device for this process (cuda:LOCAL_RANK, else cpu)
+    autocast: str = "auto"  # auto (accelerate's mixed precision) | none | bf16 | fp16 (CUDA only)
     min_side: int | None = None  # images with a shorter side are skipped; default one patch
     space_margin: float = 1.05  # refuse when estimate * margin exceeds the free disk space
     progress: bool = True
@@ -134,6 +136,8 @@ class CacheConfig:
             raise ValueError(f"views must be >= 1, got {self.views}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.autocast not in AUTOCASTS:
+            raise ValueError(f"autocast must be one of {AUTOCASTS}, got {self.autocast!r}")
         if self.worker_start not in WORKER_STARTS:
             raise ValueError(f"worker_start must be one of {WORKER_STARTS}, got {self.worker_start!r}")
 
@@ -169,14 +173,73 @@ def make_dataset(spec: str, kwargs: dict[str, Any]) -> Dataset:
     return build_dataset(spec, **kwargs)
 
 
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from the launcher's environment (torchrun, accelerate)."""
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    return rank, world, local
+# a process group exists under a launcher; the index barrier waits for the slowest shard (a resumed
+# run can leave one rank with hours of work after the others finished)
+INDEX_BARRIER_TIMEOUT_S = 7 * 24 * 3600
+MIXED_PRECISION_AUTOCAST = {"no": "none", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass(frozen=True)
+class LaunchState:
+    """This process's place in the job, from accelerate's state (``accelerate.Accelerator``)."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    mixed_precision: str  # accelerate's: "no" | "bf16" | "fp16" (``accelerate launch --mixed_precision``)
+
+
+def launch_state() -> LaunchState:
+    """Rank, world size, local rank, device and mixed precision from accelerate's state.
+
+    Works under ``accelerate launch`` (any config in ``configs/accelerate/``), ``torchrun`` and with no
+    launcher (one process); under a launcher accelerate creates the process group (gloo on CPU, nccl
+    on CUDA). The state is a per-process singleton: a second call returns the same values. Without a
+    launcher, ``RANK``/``WORLD_SIZE`` set and no ``MASTER_ADDR`` mean independent jobs, one per shard
+    (no process group; the last to finish writes the index)."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, parse_choice_from_env
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and "MASTER_ADDR" not in os.environ:
+        # no launcher, no rendezvous: independent jobs, one per shard (e.g. a SLURM array with RANK and
+        # WORLD_SIZE set per job); each writes its shard and the last to finish writes the index
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        if not 0 <= rank < world:
+            raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+        logger.info("RANK=%d of WORLD_SIZE=%d without MASTER_ADDR: writing this shard alone", rank, world)
+        return LaunchState(
+            rank=rank,
+            world=world,
+            local_rank=local,
+            device=torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu"),
+            mixed_precision=parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no"),
+        )
+    if world > 1 and os.environ.get("MASTER_PORT") == "0":
+        raise ValueError(
+            "MASTER_PORT=0 (torchrun --master_port 0): the processes cannot meet on a port chosen by each; "
+            "pass a free port, e.g. --master_port 29500 (accelerate launch --main_process_port 29500)"
+        )
+    acc = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=INDEX_BARRIER_TIMEOUT_S))],
+    )
+    mp = str(acc.mixed_precision)
+    if mp not in MIXED_PRECISION_AUTOCAST:
+        raise ValueError(
+            f"accelerate's mixed precision is {mp!r}; stage 1 runs the teacher in one of "
+            f"{sorted(MIXED_PRECISION_AUTOCAST)} (accelerate launch --mixed_precision no|bf16|fp16)"
+        )
+    return LaunchState(
+        rank=acc.process_index,
+        world=acc.num_processes,
+        local_rank=acc.local_process_index,
+        device=acc.device,
+        mixed_precision=mp,
+    )
 
 
 def _dataset_identity(ds: Dataset, spec: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -376,12 +439,15 @@ def _resolve_config(
 
 def _plan_job(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | None) -> ShardJob:
     """Build the teacher and dataset, probe the teacher's shapes, and describe this rank's shard."""
-    rank, world, local_rank = dist_env()
+    state = launch_state()
+    rank, world = state.rank, state.world
+    if config.autocast == "auto":  # accelerate launch --mixed_precision (or its config file) decides
+        config = dataclasses.replace(config, autocast=MIXED_PRECISION_AUTOCAST[state.mixed_precision])
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = _as_size(config.image_size)
     assert size is not None
-    device = torch.device(config.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(config.device) if config.device else state.device
     teacher_spec = None
     if teacher is None:
         teacher = make_teacher(config.teacher, dict(config.teacher_kwargs))

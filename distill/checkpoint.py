@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "complete.json"
+BEST = "best"  # checkpoints/best: the best checkpoint by eval.metric (never pruned by keep_last)
+BEST_JSON = "best.json"
 
 
 def tag_for(step: int) -> str:
@@ -67,9 +69,10 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> tuple[Path, st
         _, path = found[-1]
         return path.parent, path.name
     p = Path(resume)
-    if not p.is_dir() or not TAG_RE.match(p.name):
+    if not p.is_dir() or not (TAG_RE.match(p.name) or p.name == BEST):
         raise FileNotFoundError(
-            f"--resume {resume}: not a checkpoint directory (expected .../checkpoints/step_XXXXXXXX) or 'auto'"
+            f"--resume {resume}: not a checkpoint directory (expected .../checkpoints/step_XXXXXXXX or "
+            ".../checkpoints/best) or 'auto'"
         )
     if not (p / COMPLETE).is_file():
         raise ValueError(
@@ -176,17 +179,77 @@ def load(engine: Any, load_dir: str | Path, tag: str) -> dict[str, Any]:
     return client or {}
 
 
+def read_best(output_dir: str | Path) -> dict[str, Any] | None:
+    """``checkpoints/best/best.json`` (``{"step", "metric", "value", ...}``) of a run, or None."""
+    path = checkpoint_dir(output_dir) / BEST / BEST_JSON
+    if not path.is_file() or not (path.parent / COMPLETE).is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def save_best(
+    engine: Any, output_dir: str | Path, step: int, client_state: dict[str, Any], best: dict[str, Any]
+) -> Path:
+    """Save the current state as ``checkpoints/best`` (every rank), a complete DeepSpeed checkpoint with
+    ``best.json`` (``best``: step, metric, value); it replaces the previous best only once complete.
+
+    ``keep_last`` never prunes it (only ``step_*`` directories count there) and ``--resume auto`` never
+    picks it; ``--resume .../checkpoints/best`` resumes from it."""
+    root = checkpoint_dir(output_dir)
+    tmp_tag = BEST + ".saving"
+    t0 = time.time()
+    ok = engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+    if ok is False:
+        raise RuntimeError(f"DeepSpeed failed to save checkpoint {root / tmp_tag}")
+    _fsync_tree(root / tmp_tag)
+    if dist.is_initialized():
+        dist.barrier()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        tmp = root / tmp_tag
+        marker = {
+            "step": step,
+            "time": time.time(),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        }
+        for name, content in ((BEST_JSON, best), (COMPLETE, marker)):
+            with open(tmp / name, "w") as fh:
+                fh.write(json.dumps(content, indent=2))
+                fh.flush()
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        final, old = root / BEST, root / (BEST + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            final.replace(old)
+        tmp.replace(final)
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
+        logger.info(
+            "best checkpoint: step %d, %s = %.4g -> %s (%.1fs)",
+            step,
+            best["metric"],
+            best["value"],
+            final,
+            time.time() - t0,
+        )
+    if dist.is_initialized():
+        dist.barrier()
+    return root / BEST
+
+
 # ------------------------------------------------------------------- reading a checkpoint offline
 # (export, evaluation, resume on other hardware): no engine, DeepSpeed's own files and consolidation
 
-_CLIENT_KEYS = ("step", "aux", "data", "rng", "config", "samples_seen", "world_size")
+_CLIENT_KEYS = ("step", "aux", "data", "rng", "config", "samples_seen", "world_size", "best")
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A complete ``step_*`` directory from ``path``: that directory itself, or the newest complete
+    """A complete ``step_*`` (or ``best``) directory from ``path``: that directory itself, or the newest complete
     checkpoint of a run directory (``<run>/checkpoints/step_*``) or of a ``checkpoints/`` folder."""
     p = Path(path)
-    if TAG_RE.match(p.name):
+    if TAG_RE.match(p.name) or p.name == BEST:
         if not p.is_dir():
             raise FileNotFoundError(f"checkpoint {p} does not exist")
         if not (p / COMPLETE).is_file():

@@ -161,8 +161,40 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     every: int = 1
-    tensorboard: bool = False
+    # trackers every logged value goes to (rank 0), besides log.jsonl: tensorboard, wandb, mlflow
+    # (distill.tracking; accelerate's tracker classes)
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "tipsdistill"  # W&B project / MLflow experiment
+    run_name: str = ""  # "" = the name of output_dir
+    tracker_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {wandb: {mode: offline}}
+    # former switch: true adds "tensorboard" to log.trackers, false removes it (None: not set)
+    tensorboard: bool | None = None
     progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot segmentation while training (``distill.evaluation.while_training``): every ``every``
+    optimizer steps (0 = off), the same code as ``tipsdistill-eval`` on ``max_images`` held-out images."""
+
+    every: int = 0
+    dataset: str = "synthetic"  # a registered evaluation dataset or a spec, as tipsdistill-eval --dataset
+    dataset_kwargs: dict[str, Any] = field(default_factory=lambda: {"split": "validation"})
+    max_images: int = 64
+    mode: str = "whole"  # whole | slide
+    readout: str = "tips"  # tips | maskclip | patch
+    image_size: int = 0  # short side; 0 = data.image_size
+    window: int = 0  # slide mode: window side (0 = image_size) and stride (0 = window * 3 / 4)
+    stride: int = 0
+    templates: str = "tcl"
+    # class-name text embeddings, computed once at the start: a file (one row per class), else a model
+    # spec with a text tower (as tipsdistill-eval --text-model), else "auto": the online teacher, the
+    # student's own tower (loss.text_source=student; recomputed at every evaluation), or the teacher
+    # the cache recorded
+    text_embeddings: str = ""
+    text_model: str = ""
+    metric: str = "miou"  # the best checkpoint's metric: miou, miou_objects, pixel_accuracy, mean_accuracy
+    keep_best: bool = True  # keep checkpoints/best (a complete checkpoint + best.json), apart from keep_last
 
 
 @dataclass
@@ -182,6 +214,7 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def pretraining(self) -> bool:
@@ -207,6 +240,8 @@ class TrainConfig:
             ("loss.text_source", self.loss.text_source, ("cache", "student", "teacher", "none")),
             ("engine.precision", self.engine.precision, ("fp32", "bf16")),
             ("engine.zero_stage", self.engine.zero_stage, (0, 1, 2, 3)),
+            ("eval.mode", self.eval.mode, ("whole", "slide")),
+            ("eval.readout", self.eval.readout, ("tips", "maskclip", "patch")),
         ]
         for key, val, ok in checks:
             if val not in ok:
@@ -248,6 +283,16 @@ class TrainConfig:
             raise ValueError(f"loss.mask_ratio={self.loss.mask_ratio} must be in [0, 1)")
         if self.steps < 1 or self.data.batch_size < 1 or self.optim.accum_steps < 1:
             raise ValueError("steps, data.batch_size and optim.accum_steps must be >= 1")
+        if self.eval.every < 0 or self.eval.max_images < 1:
+            raise ValueError(
+                f"eval.every={self.eval.every} must be >= 0 (0 = off) and eval.max_images={self.eval.max_images} >= 1"
+            )
+        metric = self.eval.metric
+        if metric not in ("miou", "pixel_accuracy", "mean_accuracy") and not metric.startswith("miou_"):
+            raise ValueError(
+                f"eval.metric={metric!r} is not a segmentation metric; choose miou, miou_<subset> (e.g. "
+                "miou_objects), pixel_accuracy or mean_accuracy"
+            )
         return self
 
 

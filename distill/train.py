@@ -18,9 +18,16 @@
   ``(seed, epoch, index)``, so ``--resume auto`` continues bit-identically;
 - a non-finite loss term stops the run (all ranks agree) naming the step and the term, before the
   backward pass and without saving anything;
-- rank 0: tqdm progress (step, loss, lr, samples/s), ``log.jsonl`` with every loss term, optional
-  TensorBoard, ``config.yaml`` + ``run_info.json``, and at the end the exported student (``export/``, or
+- rank 0: tqdm progress (step, loss, lr, samples/s), ``log.jsonl`` with every loss term and the same
+  values in every tracker of ``log.trackers`` (``distill.tracking``: TensorBoard by default, W&B,
+  MLflow), ``config.yaml`` + ``run_info.json``, and at the end the exported student (``export/``, or
   ``export_step_XXXXXXXX/`` when the run stopped before ``cfg.steps``);
+- ``eval.every=N``: zero-shot segmentation of the student every N steps
+  (``distill.evaluation.while_training``), logged with the losses; the best checkpoint by
+  ``eval.metric`` is kept as ``checkpoints/best`` apart from keep-last-K, and restored on resume;
+- ``accelerate launch`` (``configs/accelerate/*.yaml``) starts the processes like ``torchrun``; the
+  engine stays DeepSpeed, configured by ``engine.*`` (accelerate's DeepSpeed plugin is refused,
+  see :func:`check_accelerate_env` and docs/training.md "accelerate launch").
 - a checkpoint saved with other processes or another ZeRO stage resumes through ``distill.reshard``.
 """
 
@@ -50,6 +57,7 @@ from .multinode import slurm_env
 from .reshard import load_resharded, remap_position
 from .schedules import Schedules
 from .task import build_task
+from .tracking import Trackers, tracker_names
 
 # deepspeed is imported inside the functions that use it: it reads DS_ACCELERATOR when imported,
 # which setup_env() sets first
@@ -98,6 +106,26 @@ def setup_env() -> dict[str, str]:
                 "MASTER_PORT": "29500",
             }[k]
     return set_now
+
+
+def check_accelerate_env(cfg: TrainConfig) -> None:
+    """Under ``accelerate launch``: stage 2 drives DeepSpeed itself from the run config, so accelerate's
+    DeepSpeed plugin is refused, and a ``--mixed_precision`` that disagrees with ``engine.precision``
+    too (``no``, accelerate's default, says nothing)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError(
+            "this accelerate config enables accelerate's DeepSpeed plugin (distributed_type: DEEPSPEED); "
+            "tipsdistill-train drives DeepSpeed itself from the run config: launch with a config of "
+            "configs/accelerate/ (distributed_type: MULTI_GPU) and set engine.zero_stage, engine.precision or "
+            "engine.deepspeed_config"
+        )
+    mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mp not in ("", "no") and mp != cfg.engine.precision:
+        raise ValueError(
+            f"accelerate launch says mixed_precision={mp}, but engine.precision={cfg.engine.precision}; stage 2's "
+            "precision is the DeepSpeed engine's: set engine.precision=bf16 (fp16 is not supported) or launch "
+            "with --mixed_precision no"
+        )
 
 
 def device_for_rank() -> torch.device:
@@ -316,6 +344,8 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     ``max_steps`` stops early after that many optimizer steps (schedules still follow ``cfg.steps``);
     used to simulate interruption.
     """
+    check_accelerate_env(cfg)
+    names = tracker_names(cfg.log)  # an unknown or not-installed tracker fails before anything starts
     setup_env()
     import deepspeed
 
@@ -344,6 +374,19 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
         if getattr(dataset, "skipped_keys", None):
             (out / "skipped_keys.txt").write_text("\n".join(dataset.skipped_keys) + "\n")
     loader = _Loader(dataset, sampler, cfg)
+    evaluator = None
+    if cfg.eval.every > 0:  # before the engine: the evaluator keeps a plain copy of the student
+        from cache import open_cache
+
+        from .evaluation.while_training import TrainingEval
+
+        evaluator = TrainingEval(
+            cfg,
+            built.student,
+            device=device,
+            online_teacher=task.targets.modules().get("teacher") if cfg.teacher.source == "online" else None,
+            cache_meta=open_cache(cfg.cache.path).meta if cfg.cache.path else None,
+        )
 
     ds_cfg = build_ds_config(cfg, world)
     zero_stage = int(ds_cfg["zero_optimization"].get("stage", 0))
@@ -371,6 +414,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
 
     # ---- resume (the same layout: DeepSpeed's own load; other processes / ZeRO stage: distill.reshard)
     step, samples_seen = 0, 0
+    best: dict[str, Any] | None = None  # {"step", "metric", "value"} of checkpoints/best
     if found is not None:
         path = Path(found[0]) / found[1]
         src = ckpt.layout(path)
@@ -406,7 +450,11 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
         samples_seen = int(client.get("samples_seen", step * old_batch * old_accum * src["world_size"]))
         built.load_aux_state(client["aux"])
         loader.seek(**data)
+        # the best as of the checkpoint's step (a best saved after it is redone by the replayed steps)
+        best = client["best"] if "best" in client else ckpt.read_best(out)
         logger.info("resumed from %s at step %d (%d samples seen)", path, step, samples_seen)
+        if best is not None:
+            logger.info("best so far: step %d, %s = %.4g", best["step"], best["metric"], best["value"])
 
     # ---- logging: a resumed run drops log lines past its checkpoint (written after it, then lost)
     log_path = out / "log.jsonl"
@@ -420,11 +468,16 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
             ]
         log_path.write_text("".join(ln + "\n" for ln in kept))
     log_f = open(log_path, "a") if is_main else None
-    tb = None
-    if is_main and cfg.log.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
-
-        tb = SummaryWriter(str(out / "tensorboard"))
+    trackers = None
+    if is_main:
+        trackers = Trackers(
+            names,
+            out,
+            run_name=cfg.log.run_name or out.name,
+            project=cfg.log.project,
+            config=config_to_dict(cfg),
+            tracker_kwargs=cfg.log.tracker_kwargs,
+        )
     bar = None
     stop = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
     if is_main and cfg.log.progress:
@@ -457,7 +510,10 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
             samples_seen += global_batch
             every = cfg.checkpoint.every
             save_now = (every and step % every == 0) or (step == cfg.steps and cfg.checkpoint.at_end)
-            log_now = step % cfg.log.every == 0 or step == stop
+            # an evaluation step logs its metrics with that step's losses (read back like a log step,
+            # so a diverged run stops before it evaluates or saves a best checkpoint)
+            eval_now = evaluator is not None and step % cfg.eval.every == 0
+            log_now = step % cfg.log.every == 0 or step == stop or eval_now
             if log_now or save_now:  # the one host sync of the step, at the logging interval
                 history += _drain_terms(pending, cfg.optim.accum_steps, cfg.log.every)
             acc = history[-1] if not pending else {}
@@ -473,16 +529,32 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                 "data_s": t_data,
             }
             t_last = now
+            if eval_now:  # every rank (its share of the images; ZeRO-3 gathers the student)
+                rec.update(evaluator(built.student, gather=gather))
+                if is_main:
+                    logger.info(
+                        "step %d: %s",
+                        step,
+                        ", ".join(
+                            f"{k} {v:.2f}" if v is not None else f"{k} n/a"
+                            for k, v in rec.items()
+                            if k.startswith("eval/")
+                        ),
+                    )
+                value = rec[evaluator.key]
+                if value is not None and (best is None or value > best["value"]):
+                    best = {"step": step, "metric": evaluator.key, "value": value}
+                    if cfg.eval.keep_best:
+                        state = _client_state(
+                            cfg, step, built, loader, best, samples_seen=samples_seen, world=world
+                        )
+                        ckpt.save_best(engine, out, step, state, best)
+                t_last = time.time()  # samples/s measure training; the evaluation has its own eval/s
             if is_main:
                 if log_now:
                     log_f.write(json.dumps(rec) + "\n")
                     log_f.flush()
-                    if tb is not None:
-                        for k, v in rec.items():
-                            if isinstance(v, float):
-                                tb.add_scalar(
-                                    k if k in ("lr", "wd", "samples_per_s") else f"loss/{k}", v, step
-                                )
+                    trackers.log(rec, step)
                 if bar is not None:
                     bar.update(1)
                     if acc:
@@ -492,15 +564,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                             sps=f"{rec['samples_per_s']:.1f}",
                         )
             if save_now:
-                client = {
-                    "step": step,
-                    "aux": built.aux_state(),
-                    "data": loader.position(),
-                    "samples_seen": samples_seen,
-                    "world_size": world,
-                    "rng": ckpt.rng_state(),
-                    "config": config_to_dict(cfg),
-                }
+                client = _client_state(cfg, step, built, loader, best, samples_seen=samples_seen, world=world)
                 ckpt.save(engine, out, step, client, keep_last=cfg.checkpoint.keep_last)
     finally:
         if loader.feeder is not None:
@@ -509,8 +573,8 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
             bar.close()
         if log_f is not None:
             log_f.close()
-        if tb is not None:
-            tb.close()
+        if trackers is not None:
+            trackers.finish()
 
     final = {}
     if history:
@@ -532,5 +596,29 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
         "step": step,
         "final": final,
         "export": str(export_path),
+        "best": best,
         "engine": engine,
+    }
+
+
+def _client_state(
+    cfg: TrainConfig,
+    step: int,
+    built: Any,
+    loader: _Loader,
+    best: dict[str, Any] | None,
+    *,
+    samples_seen: int,
+    world: int,
+) -> dict[str, Any]:
+    """The run's own state saved with a checkpoint (DeepSpeed ``client_state``, one file per rank)."""
+    return {
+        "step": step,
+        "aux": built.aux_state(),
+        "data": loader.position(),
+        "samples_seen": samples_seen,
+        "world_size": world,
+        "rng": ckpt.rng_state(),
+        "config": config_to_dict(cfg),
+        "best": best,
     }

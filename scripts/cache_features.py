@@ -129,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int)
     p.add_argument("--flush-interval", type=float, dest="flush_interval_s")
     p.add_argument("--device")
-    p.add_argument("--autocast", choices=["none", "bf16", "fp16"])
+    p.add_argument(
+        "--autocast",
+        choices=["auto", "none", "bf16", "fp16"],
+        help="teacher autocast on CUDA; default auto: accelerate's mixed precision (accelerate launch --mixed_precision)",
+    )
     p.add_argument("--min-side", type=int, help="skip images with a shorter side (default: one patch)")
     p.add_argument(
         "--verify",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,12 @@ def data(tmp_path_factory):
     return root, make_example_data(root)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _stage1(
     root: Path, out: Path, data_args: list[str], nproc: int = 2, workers: int = 2
 ) -> subprocess.CompletedProcess:
@@ -46,7 +53,7 @@ def _stage1(
         "--nproc_per_node",
         str(nproc),
         "--master_port",
-        "0",
+        str(_free_port()),  # one shared port: the ranks meet there (accelerate's process group)
     ]
     cmd += ["-m", "scripts.cache_features", "--teacher", TEACHER, *data_args, "--out", str(out)]
     cmd += ["--image-size", "32", "--batch-size", "2", "--num-workers", str(workers), "--quiet"]

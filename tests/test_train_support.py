@@ -157,6 +157,7 @@ def _main(spec_path: str) -> None:
             result["step"] = r["step"]
             result["final"] = r["final"]
             result["export"] = r["export"]
+            result.setdefault("bests", []).append(r.get("best"))
             engine = r["engine"]
     except Exception as e:  # noqa: BLE001 - reported to the parent test
         import traceback

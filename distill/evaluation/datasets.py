@@ -309,3 +309,11 @@ def load_eval_dataset(name: str, **kwargs: Any) -> Dataset:
         except ImportError:
             pass
     return build_dataset(name, **kwargs)
+
+
+def build_eval_dataset(name: str, kwargs: dict[str, Any]) -> Dataset:
+    """A registered evaluation dataset (``synthetic``, ``ade20k``, ``seg_folder``, ...) or a dataset spec
+    (``wds:...``, ``parquet:...``, ``hf:...``), as ``tipsdistill-eval --dataset`` takes them."""
+    from cache.dataset_spec import build_from_spec, is_shorthand
+
+    return build_from_spec(name, **kwargs) if is_shorthand(name) else load_eval_dataset(name, **kwargs)

@@ -23,7 +23,7 @@ import teachers
 from students import load_student
 from teachers.embedded import EmbeddedTeacher
 
-from ..checkpoint import TAG_RE, checkpoint_dir, list_complete
+from ..checkpoint import BEST, TAG_RE, checkpoint_dir, list_complete
 from ..export import student_from_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ def folder_kind(folder: Path) -> str:
 
 
 def is_run_or_checkpoint(folder: Path) -> bool:
-    """A training checkpoint (``step_XXXXXXXX``) or a run directory (holding ``checkpoints/``)."""
-    return bool(TAG_RE.match(folder.name)) or checkpoint_dir(folder).is_dir()
+    """A training checkpoint (``step_XXXXXXXX`` or ``best``) or a run directory (holding ``checkpoints/``)."""
+    return bool(TAG_RE.match(folder.name)) or folder.name == BEST or checkpoint_dir(folder).is_dir()
 
 
 def student_from_run(folder: str | Path) -> Any:
@@ -73,7 +73,7 @@ def student_from_run(folder: str | Path) -> Any:
     complete checkpoint, or its ``export/`` when that was written at a later step (``checkpoint.every``
     not dividing ``steps``)."""
     folder = Path(folder)
-    if TAG_RE.match(folder.name):
+    if TAG_RE.match(folder.name) or folder.name == BEST:
         return student_from_checkpoint(folder)[0]
     found = list_complete(checkpoint_dir(folder))
     export = folder / "export"

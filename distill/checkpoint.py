@@ -237,3 +237,82 @@ def save_best(
     if dist.is_initialized():
         dist.barrier()
     return root / BEST
+
+
+# ------------------------------------------------------------------- reading a checkpoint offline
+# (export, evaluation, resume on other hardware): no engine, DeepSpeed's own files and consolidation
+
+_CLIENT_KEYS = ("step", "aux", "data", "rng", "config", "samples_seen", "world_size", "best")
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A complete ``step_*`` (or ``best``) directory from ``path``: that directory itself, or the newest complete
+    checkpoint of a run directory (``<run>/checkpoints/step_*``) or of a ``checkpoints/`` folder."""
+    p = Path(path)
+    if TAG_RE.match(p.name) or p.name == BEST:
+        if not p.is_dir():
+            raise FileNotFoundError(f"checkpoint {p} does not exist")
+        if not (p / COMPLETE).is_file():
+            raise ValueError(
+                f"checkpoint {p} is incomplete (no {COMPLETE}: its save was interrupted); pass an older "
+                f"step_* directory or the run directory (the newest complete checkpoint is picked)"
+            )
+        return p
+    root = p if p.name == "checkpoints" else checkpoint_dir(p)
+    found = list_complete(root)
+    if not found:
+        raise FileNotFoundError(
+            f"{p}: no complete checkpoint under {root} (expected {root}/step_XXXXXXXX/{COMPLETE}); pass a run "
+            "directory (output_dir) or one of its checkpoints"
+        )
+    _note_incomplete(root, found)
+    return found[-1][1]
+
+
+def _model_states_file(ckpt: Path) -> Path:
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (ckpt / name).is_file():
+            return ckpt / name
+    raise FileNotFoundError(
+        f"{ckpt}: no DeepSpeed model states file (mp_rank_00_model_states.pt or "
+        "zero_pp_rank_0_mp_rank_00_model_states.pt); not a checkpoint written by tipsdistill-train"
+    )
+
+
+def read_model_states(ckpt: str | Path) -> dict[str, Any]:
+    """Rank 0's DeepSpeed model states file of checkpoint ``ckpt`` (DeepSpeed keys + client state)."""
+    return torch.load(_model_states_file(Path(ckpt)), map_location="cpu", weights_only=False)
+
+
+def layout(ckpt: str | Path, states: dict[str, Any] | None = None) -> dict[str, int]:
+    """``{"step", "world_size", "zero_stage"}`` of a checkpoint (the processes and ZeRO stage it was saved with)."""
+    ckpt = Path(ckpt)
+    ms = states if states is not None else read_model_states(ckpt)
+    marker = json.loads((ckpt / COMPLETE).read_text()) if (ckpt / COMPLETE).is_file() else {}
+    zero = (ms.get("ds_config") or {}).get("zero_optimization") or {}
+    return {
+        "step": int(ms.get("step", marker.get("step", 0))),
+        "world_size": int(marker.get("world_size", ms.get("dp_world_size", 1))),
+        "zero_stage": int(zero.get("stage", 0)),
+    }
+
+
+def client_state(states: dict[str, Any]) -> dict[str, Any]:
+    """The run's own state (``train``'s ``client_state``) out of a model states dict."""
+    return {k: states[k] for k in _CLIENT_KEYS if k in states}
+
+
+def consolidated_state_dict(
+    ckpt: str | Path, states: dict[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict (parameters and buffers, names of the trained task module) of a checkpoint
+    of any ZeRO stage: DeepSpeed's own consolidation (``deepspeed.utils.zero_to_fp32``) for stages 1-3, the
+    module state DeepSpeed saved for stage 0."""
+    ckpt = Path(ckpt)
+    ms = states if states is not None else read_model_states(ckpt)
+    if layout(ckpt, ms)["zero_stage"] == 0:
+        return {k: v.float() if v.is_floating_point() else v for k, v in ms["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}

@@ -2,7 +2,8 @@
 
 ``train(cfg, resume=None)`` runs one process of a (possibly multi-process) job:
 
-- distributed set-up: without a launcher the single-process env vars (``RANK``, ``LOCAL_RANK``,
+- distributed set-up: under ``srun`` (one task per process) the SLURM task variables are translated
+  (``distill.multinode``); without a launcher the single-process env vars (``RANK``, ``LOCAL_RANK``,
   ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) are set for the user; with ``torchrun`` /
   ``deepspeed`` they come from the launcher. Backend nccl on CUDA, gloo otherwise;
 - ``deepspeed.initialize`` with ZeRO stage 0-3 (or a user DeepSpeed JSON), fp32 or bf16, gradient
@@ -19,13 +20,15 @@
   backward pass and without saving anything;
 - rank 0: tqdm progress (step, loss, lr, samples/s), ``log.jsonl`` with every loss term and the same
   values in every tracker of ``log.trackers`` (``distill.tracking``: TensorBoard by default, W&B,
-  MLflow), ``config.yaml`` + ``run_info.json``, and at the end the exported student;
+  MLflow), ``config.yaml`` + ``run_info.json``, and at the end the exported student (``export/``, or
+  ``export_step_XXXXXXXX/`` when the run stopped before ``cfg.steps``);
 - ``eval.every=N``: zero-shot segmentation of the student every N steps
   (``distill.evaluation.while_training``), logged with the losses; the best checkpoint by
   ``eval.metric`` is kept as ``checkpoints/best`` apart from keep-last-K, and restored on resume;
 - ``accelerate launch`` (``configs/accelerate/*.yaml``) starts the processes like ``torchrun``; the
   engine stays DeepSpeed, configured by ``engine.*`` (accelerate's DeepSpeed plugin is refused,
   see :func:`check_accelerate_env` and docs/training.md "accelerate launch").
+- a checkpoint saved with other processes or another ZeRO stage resumes through ``distill.reshard``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ from .config import TrainConfig, config_to_dict, save_resolved
 from .data import collate, sample_seed
 from .export import export_student
 from .feeder import feeder_for
+from .multinode import slurm_env
+from .reshard import load_resharded, remap_position
 from .schedules import Schedules
 from .task import build_task
 from .tracking import Trackers, tracker_names
@@ -76,6 +81,9 @@ def setup_env() -> dict[str, str]:
     """Set the single-process distributed env vars when no launcher did; returns what was set."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     set_now = {}
+    if "RANK" not in os.environ and (slurm := slurm_env(os.environ)):  # srun, one task per process
+        os.environ.update(slurm)
+        logger.info("SLURM task: %s", ", ".join(f"{k}={v}" for k, v in sorted(slurm.items())))
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         defaults = {
             "RANK": "0",
@@ -333,7 +341,7 @@ def _drain_terms(
 
 
 def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None = None) -> dict[str, Any]:
-    """Run (or resume) training; returns ``{"step", "final": {term: value}, "export": path | None}``.
+    """Run (or resume) training; returns ``{"step", "final": {term: value}, "export": path, "engine"}``.
 
     ``max_steps`` stops early after that many optimizer steps (schedules still follow ``cfg.steps``);
     used to simulate interruption.
@@ -412,18 +420,47 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     )
     gather = _gather_ctx(zero_stage)
 
-    # ---- resume
-    step = 0
+    # ---- resume (the same layout: DeepSpeed's own load; other processes / ZeRO stage: distill.reshard)
+    step, samples_seen = 0, 0
     best: dict[str, Any] | None = None  # {"step", "metric", "value"} of checkpoints/best
     if found is not None:
-        client = ckpt.load(engine, *found)
+        path = Path(found[0]) / found[1]
+        src = ckpt.layout(path)
+        if (src["world_size"], src["zero_stage"]) == (world, zero_stage):
+            client = ckpt.load(engine, *found)
+            data = client["data"]
+            ckpt.set_rng_state(client["rng"])
+        else:
+            by_id = {id(p): n for n, p in engine.module.named_parameters()}
+            order = [by_id[id(p)] for g in groups for p in g["params"]]
+            client = load_resharded(
+                engine, path, zero_stage=zero_stage, param_order=order, work_dir=out / ".reshard" / found[1]
+            )
+            data = remap_position(
+                client["data"],
+                old_world=src["world_size"],
+                new_world=world,
+                new_batch=cfg.data.batch_size,
+                where=str(path),
+            )
+            logger.warning(
+                "RNG states not restored (saved by %d process(es) at ZeRO stage %d, %d run now at stage %d); "
+                "crops, masks and captions are seeded per sample and step, so they do not depend on them",
+                src["world_size"],
+                src["zero_stage"],
+                world,
+                zero_stage,
+            )
         step = int(client["step"])
+        old = client.get("config") or {}
+        old_batch = (old.get("data") or {}).get("batch_size", cfg.data.batch_size)
+        old_accum = (old.get("optim") or {}).get("accum_steps", cfg.optim.accum_steps)
+        samples_seen = int(client.get("samples_seen", step * old_batch * old_accum * src["world_size"]))
         built.load_aux_state(client["aux"])
-        loader.seek(**client["data"])
-        ckpt.set_rng_state(client["rng"])
+        loader.seek(**data)
         # the best as of the checkpoint's step (a best saved after it is redone by the replayed steps)
         best = client["best"] if "best" in client else ckpt.read_best(out)
-        logger.info("resumed from %s/%s at step %d", found[0], found[1], step)
+        logger.info("resumed from %s at step %d (%d samples seen)", path, step, samples_seen)
         if best is not None:
             logger.info("best so far: step %d, %s = %.4g", best["step"], best["metric"], best["value"])
 
@@ -478,6 +515,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                 engine.step()
             built.after_step(momentum=vals["momentum"], gather=gather)
             step += 1
+            samples_seen += global_batch
             every = cfg.checkpoint.every
             save_now = (every and step % every == 0) or (step == cfg.steps and cfg.checkpoint.at_end)
             # an evaluation step logs its metrics with that step's losses (read back like a log step,
@@ -491,6 +529,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
             rec = {
                 "step": step,
                 **loader.position(),
+                "samples_seen": samples_seen,
                 "lr": vals["lr"],
                 "wd": vals["wd"],
                 **acc,
@@ -514,7 +553,10 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                 if value is not None and (best is None or value > best["value"]):
                     best = {"step": step, "metric": evaluator.key, "value": value}
                     if cfg.eval.keep_best:
-                        ckpt.save_best(engine, out, step, _client_state(cfg, step, built, loader, best), best)
+                        state = _client_state(
+                            cfg, step, built, loader, best, samples_seen=samples_seen, world=world
+                        )
+                        ckpt.save_best(engine, out, step, state, best)
                 t_last = time.time()  # samples/s measure training; the evaluation has its own eval/s
             if is_main:
                 if log_now:
@@ -530,7 +572,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                             sps=f"{rec['samples_per_s']:.1f}",
                         )
             if save_now:
-                client = _client_state(cfg, step, built, loader, best)
+                client = _client_state(cfg, step, built, loader, best, samples_seen=samples_seen, world=world)
                 ckpt.save(engine, out, step, client, keep_last=cfg.checkpoint.keep_last)
     finally:
         if loader.feeder is not None:
@@ -546,36 +588,44 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     if history:
         tail = history[-min(len(history), 10) :]
         final = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1]}
-    export_path = None
-    if step == cfg.steps:
-        export_path = out / "export"
-        with gather(list(built.student.parameters())):
-            if is_main:
-                export_student(
-                    built.student,
-                    export_path,
-                    train_config=config_to_dict(cfg),
-                    metrics={"step": step, **final},
-                )
-        if dist.is_initialized():
-            dist.barrier()
+    # a run stopped before cfg.steps (--max-steps) exports its current state too, named by its step
+    export_path = out / ("export" if step == cfg.steps else f"export_{ckpt.tag_for(step)}")
+    with gather(list(built.student.parameters())):
+        if is_main:
+            export_student(
+                built.student,
+                export_path,
+                train_config=config_to_dict(cfg),
+                metrics={"step": step, "samples_seen": samples_seen, **final},
+            )
+    if dist.is_initialized():
+        dist.barrier()
     return {
         "step": step,
         "final": final,
-        "export": str(export_path) if export_path else None,
+        "export": str(export_path),
         "best": best,
         "engine": engine,
     }
 
 
 def _client_state(
-    cfg: TrainConfig, step: int, built: Any, loader: _Loader, best: dict[str, Any] | None
+    cfg: TrainConfig,
+    step: int,
+    built: Any,
+    loader: _Loader,
+    best: dict[str, Any] | None,
+    *,
+    samples_seen: int,
+    world: int,
 ) -> dict[str, Any]:
     """The run's own state saved with a checkpoint (DeepSpeed ``client_state``, one file per rank)."""
     return {
         "step": step,
         "aux": built.aux_state(),
         "data": loader.position(),
+        "samples_seen": samples_seen,
+        "world_size": world,
         "rng": ckpt.rng_state(),
         "config": config_to_dict(cfg),
         "best": best,

@@ -2,7 +2,7 @@
 
 Model specs (``--model NAME=SPEC``, repeatable; ``distill.evaluation.models``):
   ``teacher:<registry name>[:<json kwargs>]``   e.g. ``teacher:timm:{"model_name": "vit_base_patch14_reg4_dinov2"}``
-  ``student:<export dir>``                      a student export (``students.load_student``)
+  ``student:<dir>``                             a student export, a checkpoint (.../checkpoints/step_N) or a run dir
   ``python:<module>:<factory>[:<json kwargs>]`` any callable returning a DenseEncoder
 A bare existing directory is a student export or an embedded-teacher folder (by its config.json);
 a bare name is a teacher.

@@ -1,22 +1,32 @@
 """Model specs of the evaluation tools (``tipsdistill-eval``, ``scripts/probe.py``) -> DenseEncoders.
 
 ``teacher:<registry name>[:<json kwargs>]``   e.g. ``teacher:timm:{"model_name": "vit_base_patch14_reg4_dinov2"}``
-``student:<export dir>``                      a student export (``students.load_student``)
+``student:<export dir>``                      a student export (``students.load_student``), a training
+                                              checkpoint (``.../checkpoints/step_XXXXXXXX``, any ZeRO stage)
+                                              or a run directory (``output_dir``)
 ``python:<module>:<factory>[:<json kwargs>]`` any callable returning a DenseEncoder
-A bare existing directory is read by its ``config.json`` ``format``: a student export or an
-embedded-teacher folder (``scripts/pretrain_teacher.py`` runs); a bare name is a teacher.
+A bare existing directory is a checkpoint or a run directory (as above), else it is read by its
+``config.json`` ``format``: a student export or an embedded-teacher folder (``scripts/pretrain_teacher.py``
+runs); a bare name is a teacher. A run directory gives its newest student: the newest complete
+checkpoint, or ``export/`` when that holds a later step.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import teachers
 from students import load_student
 from teachers.embedded import EmbeddedTeacher
+
+from ..checkpoint import BEST, TAG_RE, checkpoint_dir, list_complete
+from ..export import student_from_checkpoint
+
+logger = logging.getLogger(__name__)
 
 STUDENT_FORMAT = "tipsdistill-student/"
 TEACHER_FORMAT = "tipsdistill-embedded-teacher/"
@@ -53,6 +63,44 @@ def folder_kind(folder: Path) -> str:
     )
 
 
+def is_run_or_checkpoint(folder: Path) -> bool:
+    """A training checkpoint (``step_XXXXXXXX`` or ``best``) or a run directory (holding ``checkpoints/``)."""
+    return bool(TAG_RE.match(folder.name)) or folder.name == BEST or checkpoint_dir(folder).is_dir()
+
+
+def student_from_run(folder: str | Path) -> Any:
+    """The student of a checkpoint directory, or the newest student of a run directory: its newest
+    complete checkpoint, or its ``export/`` when that was written at a later step (``checkpoint.every``
+    not dividing ``steps``)."""
+    folder = Path(folder)
+    if TAG_RE.match(folder.name) or folder.name == BEST:
+        return student_from_checkpoint(folder)[0]
+    found = list_complete(checkpoint_dir(folder))
+    export = folder / "export"
+    export_step = -1
+    if (export / "config.json").is_file():
+        export_step = int(
+            (json.loads((export / "config.json").read_text()).get("metrics") or {}).get("step", -1)
+        )
+    if export_step >= 0 and (not found or export_step >= found[-1][0]):
+        logger.info("%s: evaluating %s (step %d)", folder, export, export_step)
+        return load_student(export)
+    if not found:
+        raise FileNotFoundError(
+            f"{folder}: no complete checkpoint in {checkpoint_dir(folder)} and no export/; pass a student export, "
+            "a checkpoint or a run directory that trained at least to its first checkpoint"
+        )
+    logger.info("%s: evaluating checkpoint %s", folder, found[-1][1])
+    return student_from_checkpoint(found[-1][1])[0]
+
+
+def _student(path: str) -> Any:
+    folder = Path(path)
+    return (
+        student_from_run(folder) if folder.is_dir() and is_run_or_checkpoint(folder) else load_student(folder)
+    )
+
+
 def build_model(spec: str) -> Any:
     """Build a DenseEncoder from a spec string (see the module docstring)."""
     kind, _, rest = spec.partition(":")
@@ -60,7 +108,7 @@ def build_model(spec: str) -> Any:
         name, _, kw = rest.partition(":")
         return teachers.build_teacher(name, **json_kwargs(kw, f"kwargs of teacher {name!r}"))
     if kind == "student" and rest:
-        return load_student(rest)
+        return _student(rest)
     if kind == "python" and rest:
         parts = rest.split(":", 2)
         if len(parts) < 2:
@@ -69,6 +117,8 @@ def build_model(spec: str) -> Any:
         return fn(**json_kwargs(parts[2] if len(parts) > 2 else None, f"kwargs of {parts[0]}.{parts[1]}"))
     folder = Path(spec)
     if folder.is_dir():
+        if is_run_or_checkpoint(folder):
+            return student_from_run(folder)
         return load_student(folder) if folder_kind(folder) == "student" else EmbeddedTeacher(folder)
     if "/" in spec:
         raise FileNotFoundError(

@@ -1,0 +1,69 @@
+"""``tipsdistill-export``: export the student of a stage-2 checkpoint (any ZeRO stage).
+
+Examples::
+
+    # one checkpoint -> runs/x/export_step_00000400 (runs/x/export for the final step)
+    tipsdistill-export runs/x/checkpoints/step_00000400
+    # a run directory: its newest complete checkpoint (a run stopped early or killed)
+    tipsdistill-export runs/x --out students/x
+    # and upload the export (safetensors + config.json + model card) to the Hugging Face Hub
+    tipsdistill-export runs/x --push-to-hub my-org/vit-b14-distilled
+
+Writes the same files as the end of training (``distill.export``): ``model.safetensors``, ``config.json``
+(timm's hub fields: ``timm.create_model("local-dir:DIR", pretrained=True)``), ``student_extras.safetensors``,
+``README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tipsdistill-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "checkpoint", help="a checkpoint directory (.../checkpoints/step_XXXXXXXX) or a run directory"
+    )
+    p.add_argument("--out", default=None, help="export directory (default: <run>/export_step_XXXXXXXX)")
+    p.add_argument(
+        "--push-to-hub", default=None, metavar="REPO_ID", help="upload the export to this Hub repo"
+    )
+    p.add_argument("--private", action="store_true", help="create the Hub repo private")
+    p.add_argument("--token", default=None, help="Hugging Face token (default: the logged-in one)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation runs on the CPU
+    from distill.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(
+            args.checkpoint,
+            args.out,
+            push_to_hub_repo=args.push_to_hub,
+            private=args.private or None,
+            token=args.token,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"tipsdistill-export: {e}", file=sys.stderr)
+        return 2
+    conf = json.loads((out / "config.json").read_text())
+    print(
+        json.dumps(
+            {"export": str(out), "metrics": conf["metrics"], "architecture": conf["architecture"]}, indent=2
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -15,16 +13,10 @@ from torch.utils.data import DataLoader
 
 from cache import extract_features, open_cache
 from tests.cache_helpers import write_captions, write_images
+from tests.launch_helpers import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = "tests.cache_helpers:build_tiny_teacher"
-
-
-def _port() -> int:
-    """A free port: the ranks meet there (accelerate's state makes a process group; port 0 cannot be shared)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +31,7 @@ def test_two_ranks_two_shards_one_dataset_in_order(data, tmp_path):
     root, rels = data
     out = tmp_path / "c2"
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_port()),
-    ]
+    cmd = torchrun()
     cmd += ["-m", "scripts.cache_features", "--teacher", TEACHER, "--images", str(root / "img")]
     cmd += [
         "--captions",

@@ -14,6 +14,8 @@ from cache import CacheSpec, ImageFolderDataset, extract_features, open_cache
 from cache.codec import decode
 from cache.reduce import BASIS_FILE, Reduction
 from tests.cache_helpers import build_tiny_teacher, write_captions, write_images
+from tests.launch_helpers import torchrun
+from tests.test_cache import _cfg as base_cfg
 from tests.test_train_support import base_overrides, make_cache, run_subprocess
 
 TEACHER = "tests.cache_helpers:build_tiny_teacher"
@@ -21,20 +23,8 @@ SHARD = "shard-00000-of-00001.h5"
 
 
 def _cfg(out, root, captions=None, **kw):
-    d = dict(
-        out=str(out),
-        teacher=TEACHER,
-        dataset="folder",
-        dataset_kwargs={"root": str(root)} | ({"captions": str(captions)} if captions else {}),
-        image_size=32,
-        batch_size=4,
-        num_workers=0,
-        progress=False,
-        reduce_dim=8,
-        reduce_fit_images=6,
-    )
-    d.update(kw)
-    return d
+    """test_cache's stage-1 config with an 8-dim PCA fitted on 6 images."""
+    return base_cfg(out, root, captions, **({"reduce_dim": 8, "reduce_fit_images": 6} | kw))
 
 
 @pytest.fixture(scope="module")
@@ -194,23 +184,13 @@ def test_two_ranks_share_one_basis(data, tmp_path):
     one, and the two-rank cache reads back as the one-process cache does."""
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     root, caps, _ = data
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "c2"
-    from tests.test_cache_dist import _port
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_port()),
-    ]
+    cmd = torchrun()
     cmd += [
         "-m",
         "scripts.cache_features",

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.launch_helpers import free_port, subprocess_env, torchrun
 from tests.test_train_support import ROOT, base_overrides, make_cache, probe_pixels
 
 SCRIPT = str(ROOT / "tests" / "test_train_support.py")
@@ -36,27 +37,10 @@ SRC = ["steps=8", "loss.mask_ratio=0.5", "checkpoint.every=4", "checkpoint.keep_
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = subprocess_env()
     for k in [k for k in env if k.startswith("SLURM_")]:
         env.pop(k)
     return {**env, **(extra or {})}
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(cmds: list[tuple[list[str], dict[str, str]]], result: Path, timeout: int = 400) -> dict[str, Any]:
@@ -106,7 +90,7 @@ def jobs(tmp_path_factory) -> dict[str, Any]:
         base_overrides(cache, root / "src" / "out") + SRC + ["data.batch_size=4", "engine.zero_stage=2"],
     )
     slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "localhost"}
-    slurm["SLURM_JOB_ID"] = str(_port())  # MASTER_PORT = 20000 + job id % 20000
+    slurm["SLURM_JOB_ID"] = str(free_port())  # MASTER_PORT = 20000 + job id % 20000
     out["src"] = _launch(
         [
             (
@@ -141,7 +125,7 @@ def jobs(tmp_path_factory) -> dict[str, Any]:
         runs=[str(ck4)],
         max_steps=[2],
     )
-    port = _port()
+    port = free_port()
     agent = [
         sys.executable,
         "-m",
@@ -182,7 +166,7 @@ def jobs(tmp_path_factory) -> dict[str, Any]:
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_port()),
+        str(free_port()),
         "--no_local_rank",
         SCRIPT,
         str(spec),
@@ -196,15 +180,7 @@ def jobs(tmp_path_factory) -> dict[str, Any]:
         base_overrides(cache, root / "z2" / "out") + SRC + ["data.batch_size=4", "engine.zero_stage=2"],
         runs=[str(root / "z0" / "out" / "checkpoints" / "step_00000006")],
     )
-    tr = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_port()),
-    ]
+    tr = torchrun()
     out["z2"] = _launch([([*tr, SCRIPT, str(spec)], _env())], result)
     return out
 

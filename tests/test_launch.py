@@ -12,7 +12,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import h5py
 import pytest
 
+from tests.launch_helpers import free_port
 from tests.test_train_support import STUDENT_KW, base_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,12 +28,6 @@ TEACHER = (
     "tests.test_train_support:tiny_teacher"  # recorded in the cache: eval rebuilds it for the class names
 )
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -56,7 +50,7 @@ def _env(**extra: str) -> dict[str, str]:
 def accelerate_launch(args: list[str], *, timeout: int = 300, nproc: int = 2) -> subprocess.CompletedProcess:
     """``accelerate launch --config_file configs/accelerate/cpu.yaml ARGS`` (a free port, ``nproc`` processes)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU)]
-    cmd += ["--num_processes", str(nproc), "--main_process_port", str(_port()), *args]
+    cmd += ["--num_processes", str(nproc), "--main_process_port", str(free_port()), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc

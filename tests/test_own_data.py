@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from cache import BadImageError, build_from_spec, open_cache, parse_dataset_spec
 from cache.dataset_spec import DatasetSpec
 from cache.datasets import resize_image
 from tests.cache_helpers import build_tiny_teacher
+from tests.launch_helpers import torchrun
 from tests.own_data_check import check_cache, make_example_data
 from tests.test_train_support import base_overrides, run_subprocess
 
@@ -36,25 +35,11 @@ def data(tmp_path_factory):
     return root, make_example_data(root)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _stage1(
     root: Path, out: Path, data_args: list[str], nproc: int = 2, workers: int = 2
 ) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HOME": str(root / ".hf")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(_free_port()),  # one shared port: the ranks meet there (accelerate's process group)
-    ]
+    cmd = torchrun(nproc)
     cmd += ["-m", "scripts.cache_features", "--teacher", TEACHER, *data_args, "--out", str(out)]
     cmd += ["--image-size", "32", "--batch-size", "2", "--num-workers", str(workers), "--quiet"]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)

@@ -93,28 +93,13 @@ def run_subprocess(args: dict[str, Any], *, nproc: int = 1, timeout: int = 240) 
     out.parent.mkdir(parents=True, exist_ok=True)
     spec = out.with_suffix(".args.json")
     spec.write_text(json.dumps(args))
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    # DeepSpeed JIT-builds a CPU op at start-up: one build folder per virtualenv, so runs from other
-    # checkouts on the same machine neither rebuild it nor hold its lock for minutes
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    from tests.launch_helpers import subprocess_env, torchrun  # (this file also runs as a script)
+
+    env = subprocess_env()
     script = str(Path(__file__).resolve())
     if nproc > 1:
         cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(_port()),
+            *torchrun(nproc),
             script,
             str(spec),
         ]
@@ -128,14 +113,6 @@ def run_subprocess(args: dict[str, Any], *, nproc: int = 1, timeout: int = 240) 
     res = json.loads(out.read_text())
     res["stderr"] = proc.stderr[-8000:]
     return res
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def probe_pixels() -> torch.Tensor:

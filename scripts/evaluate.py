@@ -20,13 +20,6 @@ from typing import Any
 logger = logging.getLogger("tipsdistill.eval")
 
 
-def _dataset(name: str, kwargs: dict[str, Any], load: Any) -> Any:
-    """A registered evaluation dataset, or a dataset spec (``wds:...``, ``parquet:...``, ``hf:...``)."""
-    from cache.dataset_spec import build_from_spec, is_shorthand
-
-    return build_from_spec(name, **kwargs) if is_shorthand(name) else load(name, **kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tipsdistill-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from distill.evaluation import SegmentationSettings, compare_models, load_eval_dataset
+    from distill.evaluation import SegmentationSettings, compare_models
+    from distill.evaluation.datasets import build_eval_dataset
     from distill.evaluation.models import build_model, json_kwargs, parse_models
 
     try:
@@ -116,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
             dataset = source_for_cache(args.cache, args.dataset, ds_kw, only_cached=True)
         elif args.dataset:
-            dataset = _dataset(args.dataset, ds_kw, load_eval_dataset)
+            dataset = build_eval_dataset(args.dataset, ds_kw)
         else:
             raise ValueError(
                 "name the images: --dataset NAME (or spec), or --cache CACHE for a cache's own images"
@@ -131,10 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             text_model = build_model(args.text_model).to(args.device).eval()
         retrieval_ds = None
         if args.retrieval_dataset:
-            retrieval_ds = _dataset(
-                args.retrieval_dataset,
-                json_kwargs(args.retrieval_kwargs, "--retrieval-kwargs"),
-                load_eval_dataset,
+            retrieval_ds = build_eval_dataset(
+                args.retrieval_dataset, json_kwargs(args.retrieval_kwargs, "--retrieval-kwargs")
             )
         if not getattr(dataset, "class_names", None):  # captioned images without labels: retrieval only
             from distill.evaluation.retrieval import retrieval_report

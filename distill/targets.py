@@ -137,11 +137,29 @@ class SelfTargets(Targets):
 
 class EMAStudentTargets(Targets):
     """Pretraining with a full EMA teacher (TIPS v1): an EMA copy of the whole student makes the targets,
-    ``p_ema <- m * p_ema + (1 - m) * p`` after each optimizer step."""
+    ``p_ema <- m * p_ema + (1 - m) * p`` after each optimizer step.
+
+    The copy holds the image side only: the student's text tower (if any) is not averaged (the targets
+    never run it; the CLIP term uses the online tower), so a locked text encoder is not held twice.
+    """
 
     def __init__(self, student: nn.Module) -> None:
-        self.ema = copy.deepcopy(student).eval().requires_grad_(False)
+        text = getattr(student, "text", None)
+        if text is not None:
+            student.text = None
+        try:
+            self.ema = copy.deepcopy(student).eval().requires_grad_(False)
+        finally:
+            if text is not None:
+                student.text = text
+        if text is not None:
+            self.ema.has_text = False
         self.dim = int(student.embed_dim)
+
+    @staticmethod
+    def averaged(student: nn.Module) -> list[nn.Parameter]:
+        """The student's parameters the EMA copy follows (all but the text tower's), in its order."""
+        return [p for name, p in student.named_parameters() if not name.startswith("text.")]
 
     def modules(self) -> dict[str, nn.Module]:
         return {"ema_student": self.ema}
@@ -153,7 +171,7 @@ class EMAStudentTargets(Targets):
 
     @torch.no_grad()
     def update(self, student: nn.Module, *, momentum: float, gather: Gather) -> None:
-        params = list(student.parameters())
+        params = self.averaged(student)
         with gather(params):
             for p_ema, p in zip(self.ema.parameters(), params, strict=True):
                 p_ema.mul_(momentum).add_(p.detach().to(p_ema.dtype), alpha=1.0 - momentum)

@@ -352,6 +352,7 @@ def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: 
         teacher_image_size=cfg.teacher.image_size if cfg.teacher.source == "online" else 0,
         seed=cfg.seed,
         mask_ratio=cfg.loss.mask_ratio,
+        mask_prob=cfg.loss.mask_prob,
         batch_features=fields,
     )
     sampler = ResumableSampler(len(dataset), rank=rank, world=world, seed=cfg.seed)

@@ -53,7 +53,7 @@ from cache.resources import apply_threads, fit_threads
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict, save_resolved
 from .data import collate, sample_seed
-from .export import export_student
+from .export import export_model, export_student
 from .feeder import feeder_for
 from .multinode import slurm_env
 from .reshard import load_resharded, remap_position
@@ -592,11 +592,18 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     export_path = out / ("export" if step == cfg.steps else f"export_{ckpt.tag_for(step)}")
     with gather(list(built.student.parameters())):
         if is_main:
+            ema = task.targets.modules().get("ema_student")
+            model = export_model(built.student, ema, cfg.checkpoint.export)
             export_student(
-                built.student,
+                model,
                 export_path,
                 train_config=config_to_dict(cfg),
-                metrics={"step": step, "samples_seen": samples_seen, **final},
+                metrics={
+                    "step": step,
+                    "samples_seen": samples_seen,
+                    "weights": "ema" if model is not built.student else "student",
+                    **final,
+                },
             )
     if dist.is_initialized():
         dist.barrier()

@@ -8,10 +8,14 @@ Examples::
     tipsdistill-export runs/x --out students/x
     # and upload the export (safetensors + config.json + model card) to the Hugging Face Hub
     tipsdistill-export runs/x --push-to-hub my-org/vit-b14-distilled
+    # a pretraining run (recipe embedded-teacher) as an embedded-teacher folder
+    tipsdistill-export runs/embedded_teacher --format embedded-teacher --out DIR
 
 Writes the same files as the end of training (``distill.export``): ``model.safetensors``, ``config.json``
 (timm's hub fields: ``timm.create_model("local-dir:DIR", pretrained=True)``), ``student_extras.safetensors``,
-``README.md``.
+``README.md``. ``--weights`` picks the student or its full EMA copy (default: the run's ``checkpoint.export``,
+``auto``: the EMA copy under ``ema.kind=full``). ``--format embedded-teacher`` writes an embedded-teacher
+folder instead (``teachers.embedded``; ``build_teacher("embedded", path=DIR)``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--private", action="store_true", help="create the Hub repo private")
     p.add_argument("--token", default=None, help="Hugging Face token (default: the logged-in one)")
+    p.add_argument(
+        "--weights",
+        choices=("auto", "student", "ema"),
+        default=None,
+        help="the student or its full EMA copy (default: the run's checkpoint.export)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("student", "embedded-teacher"),
+        default="student",
+        help="student: safetensors + timm config + model card; embedded-teacher: a teachers.embedded folder",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="embedded-teacher: the SentencePiece tokenizer.model it carries (default: the text tower's own, "
+        "else the shipped teacher's)",
+    )
+    p.add_argument(
+        "--alignment-images",
+        type=int,
+        default=0,
+        help="embedded-teacher: measure its alignment curve on this many synthetic validation images "
+        "(alignment.json / .png; 500 for the shipped teacher) and copy the run's log.jsonl.gz; 0 = skip",
+    )
     return p
 
 
@@ -52,11 +81,28 @@ def main(argv: list[str] | None = None) -> int:
             push_to_hub_repo=args.push_to_hub,
             private=args.private or None,
             token=args.token,
+            weights=args.weights,
+            format=args.format,
+            tokenizer=args.tokenizer,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"tipsdistill-export: {e}", file=sys.stderr)
         return 2
     conf = json.loads((out / "config.json").read_text())
+    if args.format == "embedded-teacher":
+        summary: dict = {"export": str(out), "metrics": conf["metrics"], "text": conf["text"]}
+        if args.alignment_images > 0:
+            from distill.embedded import teacher_alignment
+            from distill.export import copy_run_log
+
+            copy_run_log(args.checkpoint, out)
+            rec = teacher_alignment(out, val_size=args.alignment_images, image_size=conf["image_size"])
+            summary["alignment"] = {
+                readout: [round(r["miou_objects"], 1) for r in rows]
+                for readout, rows in rec["curves"].items()
+            }
+        print(json.dumps(summary, indent=2))
+        return 0
     print(
         json.dumps(
             {"export": str(out), "metrics": conf["metrics"], "architecture": conf["architecture"]}, indent=2

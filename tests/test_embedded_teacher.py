@@ -194,4 +194,4 @@ def test_recipe_is_the_shipped_teachers_architecture() -> None:
         mine = config_to_dict(cfg)
         for section in ("student", "teacher", "data", "loss", "head", "ema", "optim"):
             assert run[section] == mine[section], section
-        assert run["seed"] == mine["seed"]
+        assert (run["seed"], run["steps"]) == (mine["seed"], mine["steps"])

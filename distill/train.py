@@ -494,6 +494,10 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     history: list[dict[str, float]] = []
     pending: list[tuple[int, int, list[str], torch.Tensor]] = []  # loss terms not yet read back
     engine.train()
+    # the full EMA copy, when the export holds it (checkpoint.export): evaluated while training too
+    exported_ema = task.targets.modules().get("ema_student")
+    if cfg.checkpoint.export == "student":
+        exported_ema = None
     t_last = time.time()
     try:
         while step < stop:
@@ -538,7 +542,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
             }
             t_last = now
             if eval_now:  # every rank (its share of the images; ZeRO-3 gathers the student)
-                rec.update(evaluator(built.student, gather=gather))
+                rec.update(evaluator(built.student, gather=gather, ema=exported_ema))
                 if is_main:
                     logger.info(
                         "step %d: %s",
@@ -592,8 +596,9 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     export_path = out / ("export" if step == cfg.steps else f"export_{ckpt.tag_for(step)}")
     with gather(list(built.student.parameters())):
         if is_main:
-            ema = task.targets.modules().get("ema_student")
-            model = export_model(built.student, ema, cfg.checkpoint.export)
+            model = export_model(
+                built.student, task.targets.modules().get("ema_student"), cfg.checkpoint.export
+            )
             export_student(
                 model,
                 export_path,

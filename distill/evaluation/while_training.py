@@ -187,20 +187,27 @@ class TrainingEval:
         return box[0]
 
     @torch.no_grad()
-    def _copy_weights(self, student: nn.Module, gather: Callable) -> None:
+    def _copy_weights(self, student: nn.Module, gather: Callable, ema: nn.Module | None = None) -> None:
         src = list(student.parameters())
         with gather(src):
             for dst, p in zip(self.model.parameters(), src):
                 dst.copy_(p.detach().to(dst.dtype))
         for dst, b in zip(self.model.buffers(), student.buffers()):
             dst.copy_(b.detach().to(dst.dtype))
+        if ema is not None:  # the full EMA copy's image side (what the run exports), by parameter name
+            own = dict(self.model.named_parameters())
+            for name, p in ema.named_parameters():
+                own[name].copy_(p.detach().to(own[name].dtype))
 
-    def __call__(self, student: nn.Module, *, gather: Callable) -> dict[str, float | None]:
-        """Every rank: copy the trained student, evaluate this rank's images, sum over ranks; returns
+    def __call__(
+        self, student: nn.Module, *, gather: Callable, ema: nn.Module | None = None
+    ) -> dict[str, float | None]:
+        """Every rank: copy the trained student (its image side from ``ema``, the full EMA copy, when
+        given: the weights the run exports), evaluate this rank's images, sum over ranks; returns
         ``{"eval/miou": %, "eval/miou_<subset>": %, "eval/pixel_accuracy": %, "eval/mean_accuracy": %,
         "eval/s": seconds}`` (the same on every rank; a metric is None where it is undefined)."""
         t0 = time.time()
-        self._copy_weights(student, gather)
+        self._copy_weights(student, gather, ema)
         text = self.text
         mine = list(range(self.rank, self.num_images, self.world))
         mat = torch.zeros(len(self.names), len(self.names), dtype=torch.long)

@@ -139,24 +139,29 @@ def _ddp_worker(rank: int, world: int, port: int, img: torch.Tensor, txt: torch.
 
 
 def test_contrastive_gathers_negatives_across_ranks() -> None:
-    """Two gloo ranks: each rank's loss equals the loop loss of its rows against the full batch."""
-    import socket
+    """Two gloo ranks: each rank's loss equals the loop loss of its rows against the full batch.
 
+    The ranks are spawned, not forked: a fork of the pytest process (torch's thread pools, earlier
+    tests' state) hung now and then on this machine, and the test timed out waiting for them."""
     import torch.multiprocessing as mp
+
+    from tests.launch_helpers import free_port
 
     B, D = 6, 5
     img, txt = _leaf(B, D, seed=6).detach(), _leaf(B, D, seed=7).detach()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
+    port = free_port()
+    ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, img, txt, q)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted(q.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    try:
+        results = sorted(q.get(timeout=240) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
     scale = torch.tensor(10.0, dtype=torch.float64)
     # gradient reference: every rank's loss (its rows against all columns) summed, all rows leaves;
     # the differentiable all_gather gives rank r the sum over ranks of d(loss_s)/d(rows of r), so

@@ -141,6 +141,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     clip_grad: float = 3.0  # 0 = off
+    # weight decay on the class/register tokens and position tables too (DINO, iBOT and DINOv2 decay every
+    # tensor but biases and norms); false: timm's classification groups (no decay on tokens, pos_embed)
+    decay_tokens: bool = False
     accum_steps: int = 1
 
 

@@ -175,14 +175,18 @@ def build_ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
     return ds
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on 1-d parameters (norms, biases), tokens and position embeddings."""
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, *, decay_tokens: bool = False
+) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on 1-d parameters (norms, biases, LayerScale) and, unless
+    ``decay_tokens`` (DINO / iBOT / DINOv2), on the class/register tokens and position embeddings (timm)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if p.ndim <= 1 or name.endswith(".bias") or "token" in leaf or "pos_embed" in leaf:
+        is_token = "token" in leaf or "pos_embed" in leaf
+        if p.ndim <= 1 or name.endswith(".bias") or (is_token and not decay_tokens):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -398,7 +402,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
 
     ds_cfg = build_ds_config(cfg, world)
     zero_stage = int(ds_cfg["zero_optimization"].get("stage", 0))
-    groups = param_groups(task, cfg.optim.weight_decay)
+    groups = param_groups(task, cfg.optim.weight_decay, decay_tokens=cfg.optim.decay_tokens)
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "apply_wd"} for g in groups],
         lr=cfg.optim.lr,

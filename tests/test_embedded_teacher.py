@@ -91,6 +91,43 @@ def test_mask_prob_masks_a_share_of_the_images() -> None:
             assert not b["mask"].any()
 
 
+def test_decay_tokens_puts_tokens_and_position_tables_under_weight_decay() -> None:
+    """optim.decay_tokens: DINO/iBOT/DINOv2 decay the class/register tokens and position table; timm does not."""
+    import timm
+
+    from distill.train import param_groups
+
+    vit = timm.create_model(
+        "vit_base_patch14_reg1_tipsv2",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        reg_tokens=1,
+        no_embed_class=True,
+        init_values=1.0,
+    )
+    vit.blocks[0].attn.qkv.weight.requires_grad_(False)
+
+    def decayed(**kw):
+        groups = param_groups(vit, 0.05, **kw)
+        assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+        names = {id(p): n for n, p in vit.named_parameters()}
+        return {names[id(p)] for p in groups[0]["params"]}, {names[id(p)] for p in groups[1]["params"]}
+
+    tokens = {"cls_token", "reg_token", "pos_embed"}
+    timm_decay, timm_keep = decayed()
+    dino_decay, dino_keep = decayed(decay_tokens=True)
+    assert tokens <= timm_keep and not tokens & timm_decay
+    assert tokens <= dino_decay and dino_keep == timm_keep - tokens
+    assert dino_decay == timm_decay | tokens
+    assert all(vit.get_parameter(n).ndim <= 1 for n in dino_keep)  # norms, biases, LayerScale
+    assert "blocks.0.attn.qkv.weight" not in dino_decay | dino_keep  # frozen: in neither group
+
+
 def test_ema_copy_leaves_the_text_tower_out_and_exports() -> None:
     from distill.export import export_model
     from distill.targets import EMAStudentTargets

@@ -232,3 +232,74 @@ def test_recipe_is_the_shipped_teachers_architecture() -> None:
         for section in ("student", "teacher", "data", "loss", "head", "ema", "optim"):
             assert run[section] == mine[section], section
         assert (run["seed"], run["steps"]) == (mine["seed"], mine["steps"])
+
+
+def test_recipe_step_equals_the_pretraining_script() -> None:
+    """On the same weights and batch, the engine's TIPS v1 step (``--recipe embedded-teacher``: iBOT on
+    the masked tokens of half of the images, DINO on the local crops, CLIP CLS1/CLS2, full EMA targets)
+    gives the losses and gradients of ``scripts/pretrain_teacher.py``, the second implementation that made
+    the shipped teacher; so the two runs differ only outside the step (init, weight decay groups, crops,
+    schedules' horizon, data order)."""
+    from distill.config import load_config
+    from distill.data import collate
+    from distill.task import build_task
+    from scripts import pretrain_teacher as script
+
+    B, K = 4, 64
+    torch.manual_seed(0)
+    tiny = ["data.batch_size=4", "data.dataset_kwargs.size=8", "data.local_size=16", "student.kwargs.depth=1"]
+    tiny += ["student.kwargs.embed_dim=32", "student.kwargs.num_heads=2", f"head.out_dim={K}"]
+    tiny += ["head.hidden_dim=64", "head.bottleneck_dim=32", "output_dir=/nonexistent"]
+    cfg = load_config("embedded-teacher", tiny)
+    built = build_task(cfg, device=torch.device("cpu"))
+    task, student = built.task.train(), built.student
+    batch = collate(built.dataset.__getitems__([(0, i) for i in range(B)]))
+    mask = batch["mask"].bool().reshape(B, -1)
+    assert 0 < int(mask.any(1).sum()) < B  # mask_prob 0.5: some images masked, some not
+    terms = task(batch, teacher_temp=0.04)
+    sum(terms.values()).backward()
+
+    net = script.Net({"timm_name": "vit_base_patch14_reg1_tipsv2", "prototypes": K, "head_hidden": 64,
+                      "head_bottleneck": 32, "overrides": {k: v for k, v in cfg.student.kwargs.items() if k != "text"}})  # fmt: skip
+    net.vit.load_state_dict(student.vit.state_dict())
+    net.mask_token.data.copy_(student.mask_token.data)
+    pairs = [(net.ibot_head, task.patch_head), (net.dino_head, task.cls_head)]
+    for mine, theirs in pairs:
+        for i in (0, 2):
+            mine.mlp[i].load_state_dict(theirs.mlp[i].state_dict())
+        mine.last.parametrizations.weight.original1.data.copy_(
+            theirs.last_layer.parametrizations.weight.original1
+        )
+    ema = copy.deepcopy(net).requires_grad_(False)  # step 0: the EMA copy is the student
+    x, n_loc = batch["global"], batch["locals"].shape[1]
+    local = (
+        batch["locals"].transpose(0, 1).reshape(-1, *batch["locals"].shape[2:])
+    )  # crop-major, as the script
+    center = torch.zeros(K)
+    with torch.no_grad():
+        t_cls, t_patch = ema.tokens(x)
+        t_cls_logits, t_patch_logits = ema.dino_head(t_cls[:, 0]), ema.ibot_head(t_patch[mask])
+    s_cls, s_patch = net.tokens(x, mask)
+    s_loc = net.dino_head(net.tokens(local)[0][:, 0]).reshape(n_loc, B, K)
+    dino = sum(script.sk_center_ce(t_cls_logits, s_loc[i], center, 0.04) for i in range(n_loc)) / n_loc
+    ibot = script.sk_center_ce(t_patch_logits, net.ibot_head(s_patch[mask]), center, 0.04)
+    text = student.text
+    alt, short = text(list(batch["captions"]["alt"])), text(list(batch["captions"]["short"]))
+    scale = task.clip_loss.contrastive.log_scale.detach().exp().reshape(())
+    clip = 0.5 * (script.info_nce(s_cls[:, 0], alt, scale) + script.info_nce(s_cls[:, 1], short, scale))
+    ref = {"patch": 2.0 * ibot, "dino": dino, "clip": clip}
+    for k in ref:
+        assert torch.allclose(terms[k].detach(), ref[k].detach(), rtol=1e-5, atol=1e-6), k
+    sum(ref.values()).backward()
+    grads = {f"vit.{k}": p.grad for k, p in net.vit.named_parameters()}
+    grads["mask_token"] = net.mask_token.grad
+    compared = 0
+    for name, p in student.named_parameters():
+        if name in grads and p.grad is not None:
+            assert torch.allclose(
+                p.grad, grads[name], rtol=1e-4, atol=1e-6 * float(grads[name].abs().max())
+            ), name
+            compared += 1
+    for mine, theirs in pairs:
+        assert torch.allclose(theirs.mlp[0].weight.grad, mine.mlp[0].weight.grad, rtol=1e-4, atol=1e-7)
+    assert compared >= 15 and student.mask_token.grad.abs().sum() > 0

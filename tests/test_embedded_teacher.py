@@ -36,6 +36,10 @@ TINY = [
     "log.every=1",
     "log.progress=false",
 ]
+# a one-block TIPS-layout ViT (two global tokens, one register, no class position embedding)
+TINY_VIT = dict(
+    img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, reg_tokens=1, no_embed_class=True
+)
 
 
 def test_locked_text_tower_memoises_pooled_captions() -> None:
@@ -98,17 +102,7 @@ def test_decay_tokens_puts_tokens_and_position_tables_under_weight_decay() -> No
     from distill.train import param_groups
 
     vit = timm.create_model(
-        "vit_base_patch14_reg1_tipsv2",
-        pretrained=False,
-        num_classes=0,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=1,
-        num_heads=2,
-        reg_tokens=1,
-        no_embed_class=True,
-        init_values=1.0,
+        "vit_base_patch14_reg1_tipsv2", pretrained=False, num_classes=0, init_values=1.0, **TINY_VIT
     )
     vit.blocks[0].attn.qkv.weight.requires_grad_(False)
 
@@ -134,15 +128,7 @@ def test_ema_copy_leaves_the_text_tower_out_and_exports() -> None:
     from students import build_student
 
     student = build_student(
-        "vit_base_patch14_reg1_tipsv2",
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=1,
-        num_heads=2,
-        reg_tokens=1,
-        no_embed_class=True,
-        text={"kind": "minilm", "max_len": 16},
+        "vit_base_patch14_reg1_tipsv2", **TINY_VIT, text={"kind": "minilm", "max_len": 16}
     )
     targets = EMAStudentTargets(student)
     assert targets.ema.text is None and student.text is not None

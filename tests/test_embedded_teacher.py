@@ -233,7 +233,12 @@ def test_recipe_step_equals_the_pretraining_script() -> None:
 
     B, K = 4, 64
     torch.manual_seed(0)
-    tiny = ["data.batch_size=4", "data.dataset_kwargs.size=8", "data.local_size=16", "student.kwargs.depth=1"]
+    tiny = [
+        f"data.batch_size={B}",
+        "data.dataset_kwargs.size=8",
+        "data.local_size=16",
+        "student.kwargs.depth=1",
+    ]
     tiny += ["student.kwargs.embed_dim=32", "student.kwargs.num_heads=2", f"head.out_dim={K}"]
     tiny += ["head.hidden_dim=64", "head.bottleneck_dim=32", "output_dir=/nonexistent"]
     cfg = load_config("embedded-teacher", tiny)
@@ -258,9 +263,8 @@ def test_recipe_step_equals_the_pretraining_script() -> None:
         )
     ema = copy.deepcopy(net).requires_grad_(False)  # step 0: the EMA copy is the student
     x, n_loc = batch["global"], batch["locals"].shape[1]
-    local = (
-        batch["locals"].transpose(0, 1).reshape(-1, *batch["locals"].shape[2:])
-    )  # crop-major, as the script
+    # the local crops in the script's crop-major order
+    local = batch["locals"].transpose(0, 1).reshape(-1, *batch["locals"].shape[2:])
     center = torch.zeros(K)
     with torch.no_grad():
         t_cls, t_patch = ema.tokens(x)
@@ -273,7 +277,7 @@ def test_recipe_step_equals_the_pretraining_script() -> None:
     alt, short = text(list(batch["captions"]["alt"])), text(list(batch["captions"]["short"]))
     scale = task.clip_loss.contrastive.log_scale.detach().exp().reshape(())
     clip = 0.5 * (script.info_nce(s_cls[:, 0], alt, scale) + script.info_nce(s_cls[:, 1], short, scale))
-    ref = {"patch": 2.0 * ibot, "dino": dino, "clip": clip}
+    ref = {"patch": cfg.loss.patch_weight * ibot, "dino": dino, "clip": clip}
     for k in ref:
         assert torch.allclose(terms[k].detach(), ref[k].detach(), rtol=1e-5, atol=1e-6), k
     sum(ref.values()).backward()

@@ -22,6 +22,7 @@ from typing import Any, Union
 import yaml
 
 from cache.format import git_revision
+from students.heads import HEAD_WEIGHT_INITS
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class HeadConfig:
     bottleneck_dim: int = 256
     nlayers: int = 3
     shared: bool = False  # one head for CLS and patch tokens
+    # the MLP's init: "trunc_normal" (DINOv2) or "skip" (PyTorch's nn.Linear default, timm's name)
+    weight_init: str = "trunc_normal"
 
 
 @dataclass
@@ -251,6 +254,7 @@ class TrainConfig:
             ("eval.mode", self.eval.mode, ("whole", "slide")),
             ("checkpoint.export", self.checkpoint.export, ("auto", "student", "ema")),
             ("eval.readout", self.eval.readout, ("tips", "maskclip", "patch")),
+            ("head.weight_init", self.head.weight_init, HEAD_WEIGHT_INITS),
         ]
         for key, val, ok in checks:
             if val not in ok:

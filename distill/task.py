@@ -132,6 +132,7 @@ class TaskModule(nn.Module):
             hidden_dim=head.hidden_dim,
             bottleneck_dim=head.bottleneck_dim,
             nlayers=head.nlayers,
+            weight_init=head.weight_init,
         )
 
     def _centering(self) -> dict[str, Any]:

@@ -60,11 +60,18 @@ def build_head(name: str, in_dim: int, out_dim: int, **kwargs: Any) -> nn.Module
     return _HEADS[name](in_dim, out_dim, **kwargs)
 
 
+# DINOHead(weight_init=...): "trunc_normal" = DINOv2's (MLP weights N(0, 0.02) truncated, biases 0);
+# "skip" = keep PyTorch's own nn.Linear init (timm's weight_init="skip"), as the embedded teacher's
+# original pretraining script did
+HEAD_WEIGHT_INITS = ("trunc_normal", "skip")
+
+
 class DINOHead(nn.Module):
     """DINOv2 projection head: MLP, L2 normalisation, weight-normalised prototypes.
 
     ``(..., in_dim) -> (..., out_dim)`` logits. ``norm_last_layer=True`` freezes the prototype norms
-    at 1 (weight_g fixed), as in DINO/DINOv2.
+    at 1 (weight_g fixed), as in DINO/DINOv2. ``weight_init``: the MLP's init, ``"trunc_normal"``
+    (DINOv2) or ``"skip"`` (PyTorch's ``nn.Linear`` default); the prototypes keep PyTorch's in both.
     """
 
     def __init__(
@@ -77,10 +84,13 @@ class DINOHead(nn.Module):
         nlayers: int = 3,
         norm_last_layer: bool = True,
         use_bn: bool = False,
+        weight_init: str = "trunc_normal",
     ) -> None:
         super().__init__()
         if nlayers < 1:
             raise ValueError(f"DINOHead needs nlayers >= 1, got {nlayers}")
+        if weight_init not in HEAD_WEIGHT_INITS:
+            raise ValueError(f"DINOHead weight_init must be one of {HEAD_WEIGHT_INITS}, got {weight_init!r}")
         self.in_dim, self.out_dim = in_dim, out_dim
         layers: list[nn.Module] = []
         if nlayers == 1:
@@ -97,7 +107,8 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
-        self.apply(self._init_weights)
+        if weight_init == "trunc_normal":
+            self.apply(self._init_weights)
         self.last_layer = nn.utils.parametrizations.weight_norm(
             nn.Linear(bottleneck_dim, out_dim, bias=False)
         )

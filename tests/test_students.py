@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from distill import PatchFeatureLoss, PatchPrototypeLoss
+from distill.config import load_config
 from students import build_head, build_student, student_from_config, train_sentencepiece
 from teachers.vit import embed_tokens
 
@@ -124,6 +126,27 @@ def test_heads_registry_and_dino_head() -> None:
     assert build_head("mlp", 48, 32, hidden_dim=20)(torch.randn(3, 4, 48)).shape == (3, 4, 32)
     with pytest.raises(ValueError, match="out_dim"):
         build_head("linear", 48, 0)
+
+
+def test_dino_head_weight_init_trunc_normal_or_pytorch_default() -> None:
+    """``weight_init="trunc_normal"`` (DINOv2): MLP weights N(0, 0.02), zero biases; ``"skip"``: exactly
+    PyTorch's own ``nn.Linear`` init (same seed, same draws); the prototypes are PyTorch's in both."""
+    kw = dict(hidden_dim=512, bottleneck_dim=32, nlayers=2)
+    torch.manual_seed(0)
+    dinov2 = build_head("dino", 96, 64, **kw)
+    torch.manual_seed(0)
+    skip = build_head("dino", 96, 64, weight_init="skip", **kw)
+    torch.manual_seed(0)
+    reference = [nn.Linear(96, 512), nn.Linear(512, 32)]
+    for layer, ref in zip((skip.mlp[0], skip.mlp[2]), reference, strict=True):
+        assert torch.equal(layer.weight, ref.weight) and torch.equal(layer.bias, ref.bias)
+    assert abs(float(dinov2.mlp[0].weight.std()) - 0.02) < 2e-3
+    assert float(dinov2.mlp[0].bias.abs().max()) == 0.0
+    assert float(skip.mlp[0].weight.std()) > 2 * float(dinov2.mlp[0].weight.std())  # 1/sqrt(3 * 96)
+    with pytest.raises(ValueError, match="weight_init"):
+        build_head("dino", 96, 64, weight_init="xavier")
+    with pytest.raises(ValueError, match="head.weight_init"):
+        load_config(overrides=["head.weight_init=xavier"])
 
 
 def test_bad_student_configs() -> None:

@@ -60,7 +60,7 @@ def build_head(name: str, in_dim: int, out_dim: int, **kwargs: Any) -> nn.Module
     return _HEADS[name](in_dim, out_dim, **kwargs)
 
 
-# DINOHead(weight_init=...): "trunc_normal" = DINOv2's (MLP weights N(0, 0.02) truncated, biases 0);
+# DINOHead(weight_init=...): "trunc_normal" = DINOv2's (MLP weights trunc_normal_(std=0.02), biases 0);
 # "skip" = keep PyTorch's own nn.Linear init (timm's weight_init="skip"), as the embedded teacher's
 # original pretraining script did
 HEAD_WEIGHT_INITS = ("trunc_normal", "skip")

@@ -520,3 +520,95 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     if host:
         batch["host"] = host
     return batch
+
+
+# ------------------------------------------------------------------------------ worker -> trainer transport
+PACK_ALIGN = 64  # byte alignment of each tensor in a packed batch (any dtype's elements stay aligned)
+
+
+class _Slot:
+    """Where tensor ``i`` of a packed batch was (:func:`pack_tensors`)."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return _Slot, (self.i,)
+
+
+def pack_tensors(batch: Any) -> dict[str, Any]:
+    """``batch`` (nested dicts, lists, tuples) with all its tensors copied into ONE contiguous byte
+    buffer, for a DataLoader worker to hand over.
+
+    A worker's batch crosses to the training process tensor by tensor, each its own shared-memory
+    segment whose file descriptor travels over a socket (torch's ``file_descriptor`` sharing strategy):
+    ~0.2 ms per tensor, on the training process's main thread. A batch of stage 2 holds about ten
+    (images, crops, boxes, flips, indices, caption draws), so packing them costs the worker one copy
+    and saves the trainer ~2 ms per step. :func:`unpack_tensors` restores the batch (views of the
+    buffer)."""
+    metas: list[tuple[torch.dtype, tuple[int, ...], int, int]] = []
+    tensors: list[torch.Tensor] = []
+    total = 0
+
+    def walk(x: Any) -> Any:
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            nbytes = x.numel() * x.element_size()
+            metas.append((x.dtype, tuple(x.shape), total, nbytes))
+            tensors.append(x)
+            total += -(-nbytes // PACK_ALIGN) * PACK_ALIGN
+            return _Slot(len(metas) - 1)
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)) and not _plain(x):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    skeleton = walk(batch)
+    size = max(total, 1)
+    if torch.utils.data.get_worker_info() is not None:
+        # in a worker: allocate in shared memory right away (as default_collate does), or pickling the
+        # batch for the trip would copy the buffer into shared memory once more
+        buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+    else:
+        buf = torch.empty(size, dtype=torch.uint8)
+    for meta, t in zip(metas, tensors):
+        _view(buf, *meta).copy_(t)
+    return {"packed_buffer": buf, "packed_meta": metas, "packed_batch": skeleton}
+
+
+def _plain(x: list | tuple) -> bool:
+    """A list of plain values (strings, numbers): nothing to pack inside, copied as it is."""
+    return all(isinstance(v, (str, bytes, int, float, bool)) or v is None for v in x)
+
+
+def _view(
+    buf: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], off: int, nbytes: int
+) -> torch.Tensor:
+    return buf[off : off + nbytes].view(dtype).view(shape)
+
+
+def unpack_tensors(packed: Any) -> Any:
+    """The batch :func:`pack_tensors` packed (its tensors are views of the one buffer; a batch that was
+    not packed is returned as it is)."""
+    if not (isinstance(packed, dict) and "packed_buffer" in packed):
+        return packed
+    buf, metas = packed["packed_buffer"], packed["packed_meta"]
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, _Slot):
+            return _view(buf, *metas[x.i])
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)) and not _plain(x):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    return walk(packed["packed_batch"])
+
+
+def collate_packed(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`collate`, then :func:`pack_tensors`: the collate function of stage 2's DataLoader workers."""
+    return pack_tensors(collate(items))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -75,7 +76,9 @@ class FeatureFeeder:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.depth)
-        self.wait_s = 0.0  # seconds the trainer waited for a feature batch
+        self.wait_s = 0.0  # seconds the trainer waited in next() for a feature batch
+        self.read_s = 0.0  # seconds the thread spent reading (read_batch), summed over restarts
+        self.rows_read = 0  # samples the thread read
 
     def seek(self, epoch: int, consumed: int) -> None:
         """Restart at sample ``consumed`` of ``epoch`` (what the loader resumes at)."""
@@ -86,7 +89,9 @@ class FeatureFeeder:
         """The next feature batch (blocks until the thread has read it)."""
         if self._thread is None:
             self._start()
+        t0 = time.perf_counter()
         got = self._queue.get()
+        self.wait_s += time.perf_counter() - t0
         if isinstance(got, BaseException):
             self._thread = None
             raise RuntimeError(f"the feature reader thread failed: {got}") from got
@@ -145,7 +150,10 @@ class FeatureFeeder:
                         views = np.zeros(len(idx), np.int64)
                     slot = self._slots[k % len(self._slots)]
                     k += 1
+                    t0 = time.perf_counter()
                     self.cache.read_batch(idx, self.fields, views=views, out=slot)
+                    self.read_s += time.perf_counter() - t0
+                    self.rows_read += len(idx)
                     slot.epoch = epoch
                     slot.views = views
                     while not stop.is_set():

@@ -52,7 +52,7 @@ from cache.resources import apply_threads, fit_threads
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict, save_resolved
-from .data import collate, sample_seed
+from .data import collate, collate_packed, sample_seed, unpack_tensors
 from .export import export_model, export_student
 from .feeder import feeder_for
 from .multinode import slurm_env
@@ -272,7 +272,7 @@ class _Loader:
             batch_size=self.batch,
             sampler=sampler.endless(self.batch),  # never stops: no stall at epoch boundaries
             num_workers=nw,
-            collate_fn=collate,
+            collate_fn=collate_packed if nw > 0 else collate,  # one tensor per batch crosses processes
             drop_last=True,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=cfg.data.prefetch_factor if nw > 0 else None,
@@ -296,7 +296,7 @@ class _Loader:
         if self._it is None:
             self.sampler.set_epoch(self.epoch, self.consumed)
             self._it = iter(self._dl)
-        b = next(self._it)
+        b = unpack_tensors(next(self._it))
         if self.feeder is not None:
             b = self.feeder.attach(b, self.feeder.next(), self.epoch)
         self.consumed += self.batch

@@ -196,19 +196,36 @@ def _npy_arrays(path: Path) -> list[tuple[int, tuple[int, ...], np.dtype]]:
     return out
 
 
-def _raw_read(path: Path, batch: int, convert: bool) -> tuple[float, int]:
+class _RawBuffers:
+    """Destination arrays of :func:`_raw_read`: ``ring`` sets of one batch of each array, allocated and
+    written once up front (so no timed read pays first-touch page faults), used in turn."""
+
+    def __init__(self, path: Path, batch: int, ring: int = 1) -> None:
+        self.arrays = _npy_arrays(path)
+        self.sets = [
+            [np.ones((batch, *shape[1:]), dt) for _, shape, dt in self.arrays] for _ in range(max(1, ring))
+        ]
+
+
+def _raw_read(path: Path, batch: int, convert: bool, bufs: _RawBuffers | None = None) -> tuple[float, int]:
     """Read the arrays back in batches of ``batch`` rows (one ``preadv`` per array per batch, into
     preallocated numpy arrays: no copies); ``convert``: also float16 -> float32 tensors, as the reader
-    must (its items are float32)."""
+    must (its items are float32). ``bufs``: the destinations (default one set, allocated here); a ring
+    of several sets is what a reader that hands batches to another thread keeps in flight (with one,
+    a batch of tens of MB is read into the same memory each time and stays in the CPU's last-level
+    cache, which no pipeline gets)."""
+    bufs = bufs or _RawBuffers(path, batch)
     t0, n = time.perf_counter(), 0
-    arrays = _npy_arrays(path)
-    bufs = [np.empty((batch, *shape[1:]), dt) for _, shape, dt in arrays]
+    arrays = bufs.arrays
     total = arrays[0][1][0]
     fd = os.open(path, os.O_RDONLY)
+    k_batch = 0
     try:
         while n < total:
             k = min(batch, total - n)
-            for (off, _shape, _dt), buf in zip(arrays, bufs):
+            dest = bufs.sets[k_batch % len(bufs.sets)]
+            k_batch += 1
+            for (off, _shape, _dt), buf in zip(arrays, dest):
                 row = buf[0].nbytes
                 os.preadv(fd, [memoryview(buf[:k]).cast("B")], off + n * row)
                 if convert:
@@ -477,47 +494,95 @@ class _Images(Dataset):
         return {"index": int(i[1]), "global": torch.rand(3, self.size, self.size, generator=g)}
 
 
-def _feeder_rate(cache: Any, batch: int, workers: int, passes: int) -> float:
+FEEDER_DEPTH = 2  # batches the reader thread reads ahead in (3), as stage 2's cache.prefetch default
+
+
+def _proc_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far (``/proc/PID/stat``)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _feeder_rate(
+    cache: Any, batch: int, workers: int, passes: int, *, saturated: bool = False, features: bool = True
+) -> tuple[float, float, float, float, float]:
     """Seconds per pass over the cache of stage 2's feature path: feature batches (patch + cls, storage
     dtype) from the training process's reader thread (:class:`distill.feeder.FeatureFeeder`) in the
-    shuffled sampler order, taken by the main thread. ``workers > 0``: an image DataLoader with that many
-    workers (32 px image items) runs alongside the whole time, drained by another thread, as stage 2's
-    image workers do."""
+    shuffled sampler order, taken by the main thread.
+
+    ``workers > 0``: an image DataLoader with that many workers (32 px image items, same sampler) runs
+    alongside. By default it is consumed as stage 2 consumes it (``distill.train._Loader``): each step
+    takes one image batch from the DataLoader and one feature batch from the feeder and checks they
+    hold the same samples (``FeatureFeeder.attach``), so the workers run ahead by their prefetch and
+    then wait. ``saturated``: the image batches are drained flat out by another thread instead, so the
+    workers never wait and take every cycle they can: the reader's worst case, when images, not
+    features, limit the step. ``features=False``: the image batches alone (no feeder).
+
+    Returns (seconds per pass, the reader thread's own rate in samples/s = samples read / seconds it
+    spent in ``read_batch``, the fraction of the timed loop the main thread waited for feature
+    batches, CPU cores used by this process (main thread, reader and preadv threads) and by the image
+    workers during the timed loop)."""
+    import resource
     import threading
 
     from distill.data import ResumableSampler
     from distill.feeder import FeatureFeeder
 
     feeder = FeatureFeeder(
-        cache, ResumableSampler(len(cache), seed=0), batch, fields=("patch", "cls"), depth=2
+        cache, ResumableSampler(len(cache), seed=0), batch, fields=("patch", "cls"), depth=FEEDER_DEPTH
     )
-    stop, images = threading.Event(), None
+    stop, drainer, images, pids = threading.Event(), None, None, []
+    per = len(cache) // batch
     if workers:
-        loader = DataLoader(_Images(len(cache), 32), batch_size=batch, sampler=ResumableSampler(len(cache), seed=1),
-                            num_workers=workers, persistent_workers=True, drop_last=True)  # fmt: skip
-        ready = threading.Event()
+        sampler = ResumableSampler(len(cache), seed=1 if saturated else 0).endless(batch)
+        loader = DataLoader(_Images(len(cache), 32), batch_size=batch, sampler=sampler, num_workers=workers,
+                            persistent_workers=True, drop_last=True)  # fmt: skip
+        images = iter(loader)
+        pids = [w.pid for w in images._workers]  # torch's multiprocessing iterator keeps its workers here
+        if saturated:
+            ready = threading.Event()
+            it = images
 
-        def drain() -> None:
-            while not stop.is_set():
-                for _ in loader:
+            def drain() -> None:
+                for _ in it:
                     ready.set()
                     if stop.is_set():
                         break
 
-        images = threading.Thread(target=drain, daemon=True)
-        images.start()
-        ready.wait()  # the workers are up and producing
-    feeder.next()  # the thread is up
-    per = len(cache) // batch
-    t0 = time.perf_counter()
-    for _ in range(passes * per):
-        feeder.next()
+            images = None
+            drainer = threading.Thread(target=drain, daemon=True)
+            drainer.start()
+            ready.wait()  # the workers are up and producing
+
+    def step(k: int) -> None:
+        if not features:
+            next(images)
+            return
+        fb = feeder.next()
+        if images is not None:
+            feeder.attach({"index": next(images)["index"]}, fb, k // per)
+
+    def own_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    step(0)  # the thread (and the workers) are up
+    feeder.read_s, feeder.rows_read, feeder.wait_s = 0.0, 0, 0.0
+    c_own, c_workers, t0 = own_cpu(), _proc_cpu_s(pids), time.perf_counter()
+    for k in range(1, passes * per + 1):
+        step(k)
     dt = time.perf_counter() - t0
+    own, workers_cpu = (own_cpu() - c_own) / dt, (_proc_cpu_s(pids) - c_workers) / dt
     feeder.close()
     stop.set()
-    if images is not None:
-        images.join()
-    return dt / passes * len(cache) / (per * batch)
+    if drainer is not None:
+        drainer.join()
+    reader_sps = feeder.rows_read / feeder.read_s if feeder.read_s else float("nan")
+    return dt / passes * len(cache) / (per * batch), reader_sps, feeder.wait_s / dt, own, workers_cpu
 
 
 def measure_batch_reader(args: argparse.Namespace, out: Path, npy: Path) -> None:
@@ -535,25 +600,53 @@ def measure_batch_reader(args: argparse.Namespace, out: Path, npy: Path) -> None
         return time.perf_counter() - t0
 
     P = args.read_passes
-    direct(order), _feeder_rate(cache, rb, 0, 1)  # warm-up
-    t: dict[str, list[float]] = {k: [] for k in ("raw", "seq", "shuf", "f0", "f2")}
+    ring = FEEDER_DEPTH + 3  # the feeder's buffers (distill.feeder: queue depth + held + filling + spare)
+    one, rings = _RawBuffers(npy, rb), _RawBuffers(npy, rb, ring)
+    direct(order), _feeder_rate(cache, rb, 0, 1), _raw_read(npy, rb, False, rings)  # warm-up
+    keys = ("raw", "rawr", "seq", "shuf", "f0", "f2", "f2s", "img2")
+    t: dict[str, list[Any]] = {k: [] for k in keys}
     for _ in range(R):
-        t["raw"].append(sum(_raw_read(npy, rb, False)[0] for _ in range(P)) / P)
+        t["raw"].append(sum(_raw_read(npy, rb, False, one)[0] for _ in range(P)) / P)
+        t["rawr"].append(sum(_raw_read(npy, rb, False, rings)[0] for _ in range(P)) / P)
         t["seq"].append(sum(direct(np.arange(N)) for _ in range(P)) / P)
         t["shuf"].append(sum(direct(order) for _ in range(P)) / P)
         t["f0"].append(_feeder_rate(cache, rb, 0, P))
         t["f2"].append(_feeder_rate(cache, rb, 2, P))
-    sps = {k: N / _med(v) for k, v in t.items()}
-    raw = sps["raw"]
+        t["f2s"].append(_feeder_rate(cache, rb, 2, P, saturated=True))
+        t["img2"].append(_feeder_rate(cache, rb, 2, P, features=False))
+    sps = {k: N / _med([x[0] if isinstance(x, tuple) else x for x in v]) for k, v in t.items()}
+    thread = {k: _med([x[1] for x in t[k]]) for k in ("f0", "f2", "f2s")}  # the reader thread's own rate
+    waited = {k: _med([x[2] for x in t[k]]) for k in ("f0", "f2", "f2s")}
+    cores = {k: (_med([x[3] for x in t[k]]), _med([x[4] for x in t[k]])) for k in ("f0", "f2", "f2s", "img2")}
+
+    def cpu(k: str) -> str:
+        return f"CPU cores busy: this process {cores[k][0]:.2f}, image workers {cores[k][1]:.2f}, of {os.cpu_count()}"
+
+    raw, rawr = sps["raw"], sps["rawr"]
+
+    def vs(x: float) -> str:
+        return f"{x / raw:.2f}x / {x / rawr:.2f}x"
+
     print(f"(3) batch reader (read_batch, float16 as stored, batch {rb}, up to {cache.read_threads} preadv threads, one per >= 4 MiB): "
-          f"{sps['seq']:.0f} samples/s in file order, {sps['shuf']:.0f} shuffled | raw read {raw:.0f} samples/s -> "
-          f"{sps['seq'] / raw:.2f}x / {sps['shuf'] / raw:.2f}x")  # fmt: skip
-    print(f"    training configuration (feature batches from the reader thread in the shuffled sampler order, taken "
-          f"by the main thread; 2 workers: an image DataLoader with 2 workers running alongside): {sps['f0']:.0f} "
-          f"samples/s with 0 image workers, {sps['f2']:.0f} with 2 -> {sps['f0'] / raw:.2f}x / {sps['f2'] / raw:.2f}x "
-          f"of raw (goals >= 0.8x / >= 0.5x; the old path, the item reader through DataLoader workers, is above)")  # fmt: skip
-    print(f"    runs (s): raw {_runs(t['raw'])} | file order {_runs(t['seq'])} | shuffled {_runs(t['shuf'])} | "
-          f"0 workers {_runs(t['f0'])} | 2 workers {_runs(t['f2'])}")  # fmt: skip
+          f"{sps['seq']:.0f} samples/s in file order, {sps['shuf']:.0f} shuffled | raw read {raw:.0f} samples/s into one "
+          f"buffer, {rawr:.0f} into a ring of {ring} buffers (the reader's own number of buffers in flight; a batch "
+          f"read into one buffer again and again stays in the CPU cache) -> shuffled {vs(sps['shuf'])} (one buffer / ring)")  # fmt: skip
+    print(f"    training configuration, 0 image workers (feature batches from the reader thread, {FEEDER_DEPTH} ahead, in the "
+          f"shuffled sampler order, taken by the main thread): {sps['f0']:.0f} samples/s -> {vs(sps['f0'])} of raw (goal >= 0.8x)")  # fmt: skip
+    print(f"    training configuration, 2 image workers (each step takes the image batch of the same samples from a DataLoader "
+          f"with 2 workers, 32 px images, and the feature batch, as stage 2 does): {sps['f2']:.0f} samples/s, bound by the "
+          f"image DataLoader (alone, no features: {sps['img2']:.0f} samples/s); the reader thread read {thread['f2']:.0f} "
+          f"samples/s while it ran -> {vs(thread['f2'])} of raw (goal >= 0.5x); the main thread waited "
+          f"{100 * waited['f2']:.1f} % of the time for feature batches; {cpu('f2')} (images alone: {cpu('img2')}; 0 "
+          f"workers: reader thread {thread['f0']:.0f} samples/s, {vs(thread['f0'])}; waited {100 * waited['f0']:.0f} %; "
+          f"{cpu('f0')})")  # fmt: skip
+    print(f"    worst case, the 2 image workers drained flat out by another thread (never waiting: when images limit the "
+          f"step): {sps['f2s']:.0f} samples/s -> {vs(sps['f2s'])}; reader thread {thread['f2s']:.0f} samples/s -> "
+          f"{vs(thread['f2s'])}; {cpu('f2s')}")  # fmt: skip
+    print(f"    runs (s per pass): raw {_runs(t['raw'])} | raw, ring {_runs(t['rawr'])} | file order {_runs(t['seq'])} | "
+          f"shuffled {_runs(t['shuf'])} | 0 workers {_runs([x[0] for x in t['f0']])} | 2 workers "
+          f"{_runs([x[0] for x in t['f2']])} | 2 workers flat out {_runs([x[0] for x in t['f2s']])} | images alone "
+          f"{_runs([x[0] for x in t['img2']])}")  # fmt: skip
 
 
 def _storage_settings(args: argparse.Namespace) -> list[tuple[str, int]]:

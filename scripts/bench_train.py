@@ -8,7 +8,11 @@ One run measures, on the same machine and settings:
    and of the same run with the teacher online (each run in its own process; the first ``--warmup``
    steps are excluded), and the fraction of the cached step spent waiting for data;
 3. samples/s of the training data loader alone (crops + cached-target alignment, ``--workers``) against
-   the samples/s the training steps consume.
+   the samples/s the training steps consume;
+4. the teacher's forward alone (seconds per batch, in this process) for a second bound from measured
+   time, not FLOPs: ``1 + teacher forward / (cached step - its data wait)``, what a cache can save on a
+   machine whose small student kernels turn FLOPs into time slower than the teacher's large ones (the
+   FLOP bound assumes one rate for both).
 
 Prints a table and writes ``bench_train.json`` to ``--out``. Small defaults run on a laptop CPU in a
 few minutes; scale ``--image-size``/``--batch`` up on a GPU.
@@ -38,6 +42,28 @@ def flops_per_image(model: torch.nn.Module, size: int) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model.encode_image(x)
     return float(fc.get_total_flops())
+
+
+def teacher_forward_s(teacher: torch.nn.Module, args: argparse.Namespace, repeats: int = 7) -> float:
+    """Median seconds of the teacher's forward on one batch (``encode_image`` under ``no_grad``, the call
+    the online run makes per step), measured alone in this process after two warm-up calls, with this
+    process's torch threads (the training runs inherit the same ``OMP_NUM_THREADS``); on the GPU when
+    there is one, as the runs are."""
+    import statistics
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = teacher.to(device)
+    x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device)
+    times = []
+    with torch.no_grad():
+        for k in range(repeats + 2):
+            t0 = time.perf_counter()
+            teacher.encode_image(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if k >= 2:
+                times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))
 
 
 def distill_overrides(args: argparse.Namespace) -> list[str]:
@@ -269,6 +295,9 @@ def format_table(res: dict[str, Any], workers: int) -> str:
         f"{res['speedup_cached_item_reader']:.2f}x |\n"
         f"| compute-bound bound: 1 + teacher fwd / cached step FLOPs | {res['speedup_bound_compute']:.2f}x |\n"
         f"| speed-up / bound (goal >= 0.8) | {res['fraction_of_bound']:.2f} |\n"
+        f"| teacher forward alone, s per batch (measured) | {res['s_teacher_forward']:.3f} |\n"
+        f"| measured bound: 1 + teacher forward s / cached step compute s | {res['speedup_bound_measured']:.2f}x |\n"
+        f"| speed-up / measured bound | {res['fraction_of_measured_bound']:.2f} |\n"
         f"| data wait / step time, batch / item reader (goal <= 5 %) | {100 * res['data_wait_fraction']:.1f} % / "
         f"{100 * res['data_wait_fraction_item_reader']:.1f} % |\n"
         f"| data loader alone, samples/s ({workers} workers) | {res['loader_samples_per_s']:.1f} |\n"
@@ -305,6 +334,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{step_flops / 1e9:.2f}G, online teacher forward {teacher_step_flops / 1e9:.2f}G; "
         f"compute-bound speed-up bound {ideal:.2f}x"
     )
+    wait = data_wait_fraction(cached_log, args.batch, args.warmup)
+    t_teacher = teacher_forward_s(teacher, args)
+    # what a cache can save on this machine: the teacher's forward as this machine runs it, against the
+    # cached step's own compute (its step time less its data wait)
+    ideal_measured = 1.0 + t_teacher / (s_cached * (1.0 - wait))
+    print(
+        f"teacher forward alone {t_teacher:.3f}s per batch of {args.batch} ({teacher_step_flops / t_teacher / 1e9:.1f} "
+        f"GFLOP/s) vs the cached step's compute {s_cached * (1 - wait):.3f}s ({step_flops / (s_cached * (1 - wait)) / 1e9:.1f} "
+        f"GFLOP/s): measured bound {ideal_measured:.2f}x"
+    )
     loader_sps = loader_samples_per_s(args, cache_dir)
     consume_sps = args.batch / s_cached
     device = (
@@ -324,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         "s_per_step_online": s_online,
         "speedup_cached": s_online / s_cached,
         "fraction_of_bound": (s_online / s_cached) / ideal,
-        "data_wait_fraction": data_wait_fraction(cached_log, args.batch, args.warmup),
+        "data_wait_fraction": wait,
+        "s_teacher_forward": t_teacher,
+        "speedup_bound_measured": ideal_measured,
+        "fraction_of_measured_bound": (s_online / s_cached) / ideal_measured,
         "s_per_step_cached_item_reader": s_item,
         "speedup_cached_item_reader": s_online / s_item,
         "data_wait_fraction_item_reader": data_wait_fraction(item_log, args.batch, args.warmup),

@@ -240,6 +240,10 @@ def test_resumed_feature_order_unchanged(tiny):
         b = lb.next()
         seq.append((pos, b["index"].tolist(), b["features"].host()["cls"].clone()))
     lb.feeder.close()
+    # the thread's own counters (what scripts/bench_cache.py reports): the 9 batches of 8 and at most
+    # the batches it read ahead (the queue, the slot being filled)
+    assert 9 * 8 <= lb.feeder.rows_read <= (9 + lb.feeder.depth + 1) * 8
+    assert lb.feeder.read_s > 0 and lb.feeder.wait_s >= 0
     for k in (0, 4, 6):  # a fresh loader resumed at each recorded position continues identically
         (_, again, _), _ = _loaders(tiny, [])
         again.seek(**seq[k][0])
@@ -290,3 +294,87 @@ def test_row_offsets_for_every_layout_the_writer_may_use(tmp_path, layout):
             assert os.pread(fd, data[r].nbytes, int(offs[r])) == data[r].tobytes(), r
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------ worker -> trainer: one packed buffer
+def test_pack_tensors_round_trip():
+    from distill.data import pack_tensors, unpack_tensors
+
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "global": torch.rand(3, 3, 5, 5, generator=g),
+        "half": torch.rand(2, 7, generator=g).half(),  # odd byte sizes: the next tensor stays aligned
+        "flip": torch.tensor([True, False, True]),
+        "index": torch.tensor([4, 0, 9]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "strided": torch.arange(12.0).reshape(3, 4).t(),  # not contiguous
+        "key": ["a.jpg", "b.jpg", "c.jpg"],
+        "captions": {"short": ["x", "y", "z"], "u": [torch.tensor([1, 2]), 3]},
+        "host": {"t_ratio": [1, 2, 1]},
+        "pair": (torch.ones(2), "s"),
+    }
+    packed = pack_tensors(batch)
+    assert sum(isinstance(v, torch.Tensor) for v in packed.values()) == 1  # one buffer crosses
+    got = unpack_tensors(packed)
+    assert got.keys() == batch.keys()
+    for k in ("global", "half", "flip", "index", "scalar", "empty", "strided"):
+        assert got[k].dtype == batch[k].dtype and torch.equal(got[k], batch[k]), k
+    assert got["key"] == batch["key"] and got["host"] == batch["host"]
+    assert got["captions"]["short"] == ["x", "y", "z"] and torch.equal(
+        got["captions"]["u"][0], torch.tensor([1, 2])
+    )
+    assert (
+        got["captions"]["u"][1] == 3 and torch.equal(got["pair"][0], torch.ones(2)) and got["pair"][1] == "s"
+    )
+    # views of the one buffer, each aligned
+    buf = packed["packed_buffer"]
+    for k in ("global", "half", "index"):
+        assert got[k].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+        assert (got[k].data_ptr() - buf.data_ptr()) % 64 == 0
+    assert unpack_tensors(batch) is batch  # an unpacked batch passes through
+
+
+def _same(a, b, where="batch"):
+    assert type(a) is type(b) or isinstance(a, (list, tuple)), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for k, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{k}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_loader_with_workers_equals_no_workers(tiny, context):
+    """Stage 2's loader with 2 workers (their batches packed into one buffer each) gives the batches of
+    the loader without workers, through an epoch boundary."""
+    from distill.config import load_config
+    from distill.task import build_task
+    from distill.train import _Loader
+
+    loaders = []
+    for nw in (0, 2):
+        cfg = load_config("distill", base_overrides(tiny, "/tmp/unused") + [f"data.num_workers={nw}"])
+        built = build_task(cfg, device=torch.device("cpu"))
+        loader = _Loader(built.dataset, built.sampler, cfg)
+        if nw:
+            loader._dl.multiprocessing_context = context
+            assert loader._dl.multiprocessing_context.get_start_method() == context
+        loaders.append(loader)
+    try:
+        for _ in range(7):  # 6 batches per epoch
+            a, b = (lo.next() for lo in loaders)
+            assert "packed_buffer" not in b and a.keys() == b.keys()
+            assert torch.equal(a.pop("features").host()["patch"], b.pop("features").host()["patch"])
+            _same(a, b)
+    finally:
+        for lo in loaders:
+            if lo.feeder is not None:
+                lo.feeder.close()

@@ -4,7 +4,8 @@ Prints (1) extraction with writing vs the teacher forward alone, (2) writer MB/s
 write of the same bytes to the same disk, (3) reader samples/s with 0 and 2 workers vs a raw numpy
 read of the same bytes from one file: the item reader through DataLoader workers (the old path), the
 batch reader (``FeatureCache.read_batch``) and stage 2's training configuration (the feature reader
-thread, alone and with 2 image workers alongside), (4) the cost of durability (fsync) and of the worker
+thread, alone and in lockstep with an image DataLoader of 2 workers, as stage 2 takes its batches; the
+raw read also into a ring of as many buffers as the reader keeps in flight), (4) the cost of durability (fsync) and of the worker
 start methods, (5) bytes per image and token cosine for float16, int8 and reduced-dimension (PCA)
 storage. ``--sections 2,5`` runs only some. Every timed figure is
 the median of ``--repeats`` runs (the runs are printed too); the page cache stays warm (stated).
@@ -529,7 +530,7 @@ def _feeder_rate(
     import resource
     import threading
 
-    from distill.data import ResumableSampler
+    from distill.data import ResumableSampler, collate_packed, unpack_tensors
     from distill.feeder import FeatureFeeder
 
     feeder = FeatureFeeder(
@@ -539,8 +540,9 @@ def _feeder_rate(
     per = len(cache) // batch
     if workers:
         sampler = ResumableSampler(len(cache), seed=1 if saturated else 0).endless(batch)
+        # stage 2's transport: each worker's batch packed into one tensor (distill.data.collate_packed)
         loader = DataLoader(_Images(len(cache), 32), batch_size=batch, sampler=sampler, num_workers=workers,
-                            persistent_workers=True, drop_last=True)  # fmt: skip
+                            collate_fn=collate_packed, persistent_workers=True, drop_last=True)  # fmt: skip
         images = iter(loader)
         pids = [w.pid for w in images._workers]  # torch's multiprocessing iterator keeps its workers here
         if saturated:
@@ -560,11 +562,11 @@ def _feeder_rate(
 
     def step(k: int) -> None:
         if not features:
-            next(images)
+            unpack_tensors(next(images))
             return
         fb = feeder.next()
         if images is not None:
-            feeder.attach({"index": next(images)["index"]}, fb, k // per)
+            feeder.attach({"index": unpack_tensors(next(images))["index"]}, fb, k // per)
 
     def own_cpu() -> float:
         r = resource.getrusage(resource.RUSAGE_SELF)

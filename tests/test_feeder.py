@@ -356,6 +356,7 @@ def test_loader_with_workers_equals_no_workers(tiny, context):
     """Stage 2's loader with 2 workers (their batches packed into one buffer each) gives the batches of
     the loader without workers, through an epoch boundary."""
     from distill.config import load_config
+    from distill.data import collate_packed
     from distill.task import build_task
     from distill.train import _Loader
 
@@ -367,6 +368,7 @@ def test_loader_with_workers_equals_no_workers(tiny, context):
         if nw:
             loader._dl.multiprocessing_context = context
             assert loader._dl.multiprocessing_context.get_start_method() == context
+            assert loader._dl.collate_fn is collate_packed  # each batch crosses as one buffer
         loaders.append(loader)
     try:
         for _ in range(7):  # 6 batches per epoch

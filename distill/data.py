@@ -534,8 +534,17 @@ class _Slot:
     def __init__(self, i: int) -> None:
         self.i = i
 
-    def __reduce__(self) -> tuple[Any, tuple[int]]:
-        return _Slot, (self.i,)
+
+def _map_leaves(x: Any, leaf: type, fn: Any) -> Any:
+    """``x`` (nested dicts, lists, tuples) with every ``leaf``-typed value replaced by ``fn(value)``;
+    lists of plain values (strings, numbers) are kept as they are, not walked."""
+    if isinstance(x, leaf):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _map_leaves(v, leaf, fn) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) and not _plain(x):
+        return type(x)(_map_leaves(v, leaf, fn) for v in x)
+    return x
 
 
 def pack_tensors(batch: Any) -> dict[str, Any]:
@@ -552,21 +561,15 @@ def pack_tensors(batch: Any) -> dict[str, Any]:
     tensors: list[torch.Tensor] = []
     total = 0
 
-    def walk(x: Any) -> Any:
+    def slot(t: torch.Tensor) -> _Slot:
         nonlocal total
-        if isinstance(x, torch.Tensor):
-            nbytes = x.numel() * x.element_size()
-            metas.append((x.dtype, tuple(x.shape), total, nbytes))
-            tensors.append(x)
-            total += -(-nbytes // PACK_ALIGN) * PACK_ALIGN
-            return _Slot(len(metas) - 1)
-        if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)) and not _plain(x):
-            return type(x)(walk(v) for v in x)
-        return x
+        nbytes = t.numel() * t.element_size()
+        metas.append((t.dtype, tuple(t.shape), total, nbytes))
+        tensors.append(t)
+        total += -(-nbytes // PACK_ALIGN) * PACK_ALIGN
+        return _Slot(len(metas) - 1)
 
-    skeleton = walk(batch)
+    skeleton = _map_leaves(batch, torch.Tensor, slot)
     size = max(total, 1)
     if torch.utils.data.get_worker_info() is not None:
         # in a worker: allocate in shared memory right away (as default_collate does), or pickling the
@@ -596,17 +599,7 @@ def unpack_tensors(packed: Any) -> Any:
     if not (isinstance(packed, dict) and "packed_buffer" in packed):
         return packed
     buf, metas = packed["packed_buffer"], packed["packed_meta"]
-
-    def walk(x: Any) -> Any:
-        if isinstance(x, _Slot):
-            return _view(buf, *metas[x.i])
-        if isinstance(x, dict):
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)) and not _plain(x):
-            return type(x)(walk(v) for v in x)
-        return x
-
-    return walk(packed["packed_batch"])
+    return _map_leaves(packed["packed_batch"], _Slot, lambda s: _view(buf, *metas[s.i]))
 
 
 def collate_packed(items: list[dict[str, Any]]) -> dict[str, Any]:

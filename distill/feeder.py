@@ -50,6 +50,10 @@ class FeatureFeeder:
         depth: batches read ahead.
     """
 
+    # buffers beyond the queue's `depth`: the trainer holds one, the thread fills one, one spare, so no
+    # buffer is refilled while a step may still read it
+    SPARE_BUFFERS = 3
+
     def __init__(
         self,
         cache: FeatureCache,
@@ -66,11 +70,9 @@ class FeatureFeeder:
         self.cache, self.sampler, self.batch = cache, sampler, int(batch_size)
         self.fields, self.views, self.seed = tuple(fields), views, int(seed)
         self.depth = max(1, int(depth))
-        # the queue holds `depth`, the trainer holds one, the thread fills one, one spare: no buffer is
-        # refilled while a step may still read it
         self._slots = [
             cache.alloc_batch(self.batch, self.fields, views=views is not None, extra=EXTRA)
-            for _ in range(self.depth + 3)
+            for _ in range(self.depth + self.SPARE_BUFFERS)
         ]
         self._pos = (0, 0)
         self._thread: threading.Thread | None = None

@@ -533,8 +533,12 @@ def _feeder_rate(
     from distill.data import ResumableSampler, collate_packed, unpack_tensors
     from distill.feeder import FeatureFeeder
 
-    feeder = FeatureFeeder(
-        cache, ResumableSampler(len(cache), seed=0), batch, fields=("patch", "cls"), depth=FEEDER_DEPTH
+    feeder = (
+        FeatureFeeder(
+            cache, ResumableSampler(len(cache), seed=0), batch, fields=("patch", "cls"), depth=FEEDER_DEPTH
+        )
+        if features
+        else None
     )
     stop, drainer, images, pids = threading.Event(), None, None, []
     per = len(cache) // batch
@@ -561,7 +565,7 @@ def _feeder_rate(
             ready.wait()  # the workers are up and producing
 
     def step(k: int) -> None:
-        if not features:
+        if feeder is None:
             unpack_tensors(next(images))
             return
         fb = feeder.next()
@@ -573,16 +577,19 @@ def _feeder_rate(
         return r.ru_utime + r.ru_stime
 
     step(0)  # the thread (and the workers) are up
-    feeder.read_s, feeder.rows_read, feeder.wait_s = 0.0, 0, 0.0
+    if feeder is not None:
+        feeder.read_s, feeder.rows_read, feeder.wait_s = 0.0, 0, 0.0
     c_own, c_workers, t0 = own_cpu(), _proc_cpu_s(pids), time.perf_counter()
     for k in range(1, passes * per + 1):
         step(k)
     dt = time.perf_counter() - t0
     own, workers_cpu = (own_cpu() - c_own) / dt, (_proc_cpu_s(pids) - c_workers) / dt
-    feeder.close()
     stop.set()
     if drainer is not None:
         drainer.join()
+    if feeder is None:
+        return dt / passes * len(cache) / (per * batch), float("nan"), 0.0, own, workers_cpu
+    feeder.close()
     reader_sps = feeder.rows_read / feeder.read_s if feeder.read_s else float("nan")
     return dt / passes * len(cache) / (per * batch), reader_sps, feeder.wait_s / dt, own, workers_cpu
 
@@ -602,7 +609,9 @@ def measure_batch_reader(args: argparse.Namespace, out: Path, npy: Path) -> None
         return time.perf_counter() - t0
 
     P = args.read_passes
-    ring = FEEDER_DEPTH + 3  # the feeder's buffers (distill.feeder: queue depth + held + filling + spare)
+    from distill.feeder import FeatureFeeder
+
+    ring = FEEDER_DEPTH + FeatureFeeder.SPARE_BUFFERS  # as many buffers as the feeder keeps in flight
     one, rings = _RawBuffers(npy, rb), _RawBuffers(npy, rb, ring)
     direct(order), _feeder_rate(cache, rb, 0, 1), _raw_read(npy, rb, False, rings)  # warm-up
     keys = ("raw", "rawr", "seq", "shuf", "f0", "f2", "f2s", "img2")

@@ -614,7 +614,7 @@ def measure_batch_reader(args: argparse.Namespace, out: Path, npy: Path) -> None
     ring = FEEDER_DEPTH + FeatureFeeder.SPARE_BUFFERS  # as many buffers as the feeder keeps in flight
     one, rings = _RawBuffers(npy, rb), _RawBuffers(npy, rb, ring)
     direct(order), _feeder_rate(cache, rb, 0, 1), _raw_read(npy, rb, False, rings)  # warm-up
-    keys = ("raw", "rawr", "seq", "shuf", "f0", "f2", "f2s", "img2")
+    keys = ("raw", "rawr", "seq", "shuf", "f0", "f1", "f2", "f2s", "img1", "img2")
     t: dict[str, list[Any]] = {k: [] for k in keys}
     for _ in range(R):
         t["raw"].append(sum(_raw_read(npy, rb, False, one)[0] for _ in range(P)) / P)
@@ -622,13 +622,16 @@ def measure_batch_reader(args: argparse.Namespace, out: Path, npy: Path) -> None
         t["seq"].append(sum(direct(np.arange(N)) for _ in range(P)) / P)
         t["shuf"].append(sum(direct(order) for _ in range(P)) / P)
         t["f0"].append(_feeder_rate(cache, rb, 0, P))
+        t["f1"].append(_feeder_rate(cache, rb, 1, P))
+        t["img1"].append(_feeder_rate(cache, rb, 1, P, features=False))
         t["f2"].append(_feeder_rate(cache, rb, 2, P))
         t["f2s"].append(_feeder_rate(cache, rb, 2, P, saturated=True))
         t["img2"].append(_feeder_rate(cache, rb, 2, P, features=False))
     sps = {k: N / _med([x[0] if isinstance(x, tuple) else x for x in v]) for k, v in t.items()}
-    thread = {k: _med([x[1] for x in t[k]]) for k in ("f0", "f2", "f2s")}  # the reader thread's own rate
-    waited = {k: _med([x[2] for x in t[k]]) for k in ("f0", "f2", "f2s")}
-    cores = {k: (_med([x[3] for x in t[k]]), _med([x[4] for x in t[k]])) for k in ("f0", "f2", "f2s", "img2")}
+    fed = ("f0", "f1", "f2", "f2s")
+    thread = {k: _med([x[1] for x in t[k]]) for k in fed}  # the reader thread's own rate
+    waited = {k: _med([x[2] for x in t[k]]) for k in fed}
+    cores = {k: (_med([x[3] for x in t[k]]), _med([x[4] for x in t[k]])) for k in (*fed, "img1", "img2")}
 
     def cpu(k: str) -> str:
         return f"CPU cores busy: this process {cores[k][0]:.2f}, image workers {cores[k][1]:.2f}, of {os.cpu_count()}"
@@ -651,11 +654,16 @@ def measure_batch_reader(args: argparse.Namespace, out: Path, npy: Path) -> None
           f"{100 * waited['f2']:.1f} % of the time for feature batches; {cpu('f2')} (images alone: {cpu('img2')}; 0 "
           f"workers: reader thread {thread['f0']:.0f} samples/s, {vs(thread['f0'])}; waited {100 * waited['f0']:.0f} %; "
           f"{cpu('f0')})")  # fmt: skip
+    print(f"    training configuration, 1 image worker (the same lockstep with a core left for the reader, as on a node "
+          f"with more cores than workers): {sps['f1']:.0f} samples/s (images alone: {sps['img1']:.0f}); the reader "
+          f"thread read {thread['f1']:.0f} samples/s while it ran -> {vs(thread['f1'])} of raw; the main thread waited "
+          f"{100 * waited['f1']:.1f} % for feature batches; {cpu('f1')} (images alone: {cpu('img1')})")  # fmt: skip
     print(f"    worst case, the 2 image workers drained flat out by another thread (never waiting: when images limit the "
           f"step): {sps['f2s']:.0f} samples/s -> {vs(sps['f2s'])}; reader thread {thread['f2s']:.0f} samples/s -> "
           f"{vs(thread['f2s'])}; {cpu('f2s')}")  # fmt: skip
     print(f"    runs (s per pass): raw {_runs(t['raw'])} | raw, ring {_runs(t['rawr'])} | file order {_runs(t['seq'])} | "
-          f"shuffled {_runs(t['shuf'])} | 0 workers {_runs([x[0] for x in t['f0']])} | 2 workers "
+          f"shuffled {_runs(t['shuf'])} | 0 workers {_runs([x[0] for x in t['f0']])} | 1 worker "
+          f"{_runs([x[0] for x in t['f1']])} | 2 workers "
           f"{_runs([x[0] for x in t['f2']])} | 2 workers flat out {_runs([x[0] for x in t['f2s']])} | images alone "
           f"{_runs([x[0] for x in t['img2']])}")  # fmt: skip
 

@@ -654,8 +654,8 @@ def measure_batch_reader(args: argparse.Namespace, out: Path, npy: Path) -> None
           f"{100 * waited['f2']:.1f} % of the time for feature batches; {cpu('f2')} (images alone: {cpu('img2')}; 0 "
           f"workers: reader thread {thread['f0']:.0f} samples/s, {vs(thread['f0'])}; waited {100 * waited['f0']:.0f} %; "
           f"{cpu('f0')})")  # fmt: skip
-    print(f"    training configuration, 1 image worker (the same lockstep with a core left for the reader, as on a node "
-          f"with more cores than workers): {sps['f1']:.0f} samples/s (images alone: {sps['img1']:.0f}); the reader "
+    print(f"    training configuration, 1 image worker (the same lockstep, leaving the reader more of the cores; "
+          f"a proxy for a node with more cores than workers): {sps['f1']:.0f} samples/s (images alone: {sps['img1']:.0f}); the reader "
           f"thread read {thread['f1']:.0f} samples/s while it ran -> {vs(thread['f1'])} of raw; the main thread waited "
           f"{100 * waited['f1']:.1f} % for feature batches; {cpu('f1')} (images alone: {cpu('img1')})")  # fmt: skip
     print(f"    worst case, the 2 image workers drained flat out by another thread (never waiting: when images limit the "

@@ -79,6 +79,23 @@ def timm_hub_config(student: nn.Module) -> dict[str, Any]:
     return conf
 
 
+def text_interface(student: nn.Module) -> dict[str, Any]:
+    """``config.json`` fields of the student's text interface: ``text_dim`` (the text space its tokens are
+    compared in) and, when it carries a projection into it, where the weight is and how it is applied."""
+    text_dim = int(getattr(student, "text_dim", student.embed_dim))
+    out: dict[str, Any] = {"text_dim": text_dim}
+    if getattr(student, "text_proj", None) is not None:
+        out["text_interface"] = {
+            "kind": "linear",
+            "file": EXTRAS_FILE,
+            "weight": "text_proj.weight",
+            "shape": [text_dim, int(student.embed_dim)],
+            "bias": False,
+            "applies_to": "global, patch and value-trick tokens, before L2 normalisation",
+        }
+    return out
+
+
 def export_student(
     student: nn.Module,
     out_dir: str | Path,
@@ -104,6 +121,7 @@ def export_student(
         "patch_size": int(student.patch_size),
         "embed_dim": int(student.embed_dim),
         "num_global_tokens": int(student.num_global_tokens),
+        **text_interface(student),
         "train_config": train_config or {},
         "metrics": metrics or {},
     }
@@ -256,6 +274,7 @@ def model_card(conf: dict[str, Any]) -> str:
         "```",
         "Inputs are RGB in [0, 1]; the student's own normalisation is "
         f"mean={conf['student'].get('mean')}, std={conf['student'].get('std')} (apply it yourself with timm).",
+        *_card_text_interface(conf),
         "",
         "## Final metrics (mean of the last logged steps)",
         "",
@@ -268,7 +287,34 @@ def model_card(conf: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _card_text_interface(conf: dict[str, Any]) -> list[str]:
+    ti = conf.get("text_interface")
+    if not ti:
+        return [
+            "",
+            f"The tokens live in the text space (width {conf.get('text_dim', conf['embed_dim'])}): no projection.",
+        ]
+    return [
+        "",
+        "## Text interface",
+        "",
+        f"The student is {conf['embed_dim']} wide; its teacher's text space is {conf['text_dim']} wide. The learned "
+        f"projection `{ti['weight']}` ({ti['shape'][0]} x {ti['shape'][1]}, no bias) in `{ti['file']}` maps its "
+        f"{ti['applies_to']} into that space (`students.load_student` applies it: `student.project_to_text`). "
+        "With plain timm:",
+        "",
+        "```python",
+        "from safetensors.torch import load_file",
+        f"proj = load_file('PATH/{ti['file']}')['{ti['weight']}']",
+        "tokens = vit.forward_features(x)  # (B, 1 + reg + N, D)",
+        "text_space = tokens @ proj.T       # (B, 1 + reg + N, text_dim): compare with the teacher's text embeddings",
+        "```",
+    ]
+
+
 # ------------------------------------------------------------------------------ export from a checkpoint
+#: where checkpoints before the student's own text interface kept the CLS -> caption projection
+LEGACY_TEXT_PROJ = "clip_loss.image_proj.weight"
 _LOG_META = {"step", "epoch", "consumed", "samples_seen", "lr", "wd", "samples_per_s", "data_s"}
 
 
@@ -287,11 +333,19 @@ def student_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]
             "by tipsdistill-train"
         )
     sd = ckpt.consolidated_state_dict(found, states)
-    student = build_student(config["student"]["name"], **(config["student"].get("kwargs") or {}))
+    kwargs = dict(config["student"].get("kwargs") or {})
     prefix = "student."
     own = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if not own:
         raise ValueError(f"{found}: no 'student.*' tensors in the consolidated checkpoint")
+    legacy = sd.get(LEGACY_TEXT_PROJ)  # checkpoints written before the projection moved into the student
+    if legacy is not None and "text_proj.weight" not in own:
+        own["text_proj.weight"] = legacy
+        kwargs.setdefault("text_dim", int(legacy.shape[0]))
+        logger.info(
+            "%s: the loss's image projection %s becomes the student's text_proj", found, LEGACY_TEXT_PROJ
+        )
+    student = build_student(config["student"]["name"], **kwargs)
     student.load_state_dict(own, strict=True)
     info = {
         "checkpoint": str(found),

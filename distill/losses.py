@@ -251,8 +251,9 @@ class ImageTextLoss(nn.Module):
     Args:
         pairs: ``(text key, global-token index)`` pairs; default ``(("alt", 0), ("caption", 1))``.
             A student with one global token uses ``(("alt", 0), ("caption", 0))``.
-        image_dim, text_dim: widths; when they differ a linear projection of the image tokens to the
-            text width is learned (``proj=True``), otherwise an error is raised.
+        The global tokens must already be in the text space: a student whose width differs from the
+        text's projects them with its own text interface (``students.Student.project_to_text``, exported
+        with it), never with a module of the loss.
         init_temperature, min_temperature, max_temperature, learnable, gather: see
             :class:`ContrastiveLoss` (one shared temperature).
     ``forward(global_tokens (B, C, D_img), text {key: (B, D_txt)}, valid {key: (B,)} | None)
@@ -264,9 +265,6 @@ class ImageTextLoss(nn.Module):
         self,
         *,
         pairs: Sequence[tuple[str, int]] = (("alt", 0), ("caption", 1)),
-        image_dim: int | None = None,
-        text_dim: int | None = None,
-        proj: bool = True,
         init_temperature: float = 0.07,
         min_temperature: float = 0.005,
         max_temperature: float = 1.0,
@@ -284,13 +282,6 @@ class ImageTextLoss(nn.Module):
             max_temperature=max_temperature,
             gather=gather,
         )
-        self.image_proj: nn.Module = nn.Identity()
-        if image_dim is not None and text_dim is not None and image_dim != text_dim:
-            if not proj:
-                raise ValueError(
-                    f"image width {image_dim} != text width {text_dim}; set proj=True to learn a projection"
-                )
-            self.image_proj = nn.Linear(image_dim, text_dim, bias=False)
         self.metrics: dict[str, float] = {}
 
     def forward(
@@ -312,11 +303,12 @@ class ImageTextLoss(nn.Module):
                 )
             if key not in text:
                 raise ValueError(f"ImageTextLoss: no text embeddings for {key!r}; got keys {sorted(text)}")
-            img = self.image_proj(_to_module_dtype(global_tokens[:, idx], self.image_proj))
+            img = global_tokens[:, idx]
             if img.shape[-1] != text[key].shape[-1]:
                 raise ValueError(
                     f"mismatched widths: image tokens {img.shape[-1]} vs text {key!r} {text[key].shape[-1]}; "
-                    "pass image_dim and text_dim so a projection is learned"
+                    "project the image tokens into the text space first (a student with text_dim="
+                    f"{text[key].shape[-1]} carries that projection: Student.project_to_text)"
                 )
             terms.append(self.contrastive(img, text[key], valid.get(key)))
             self.metrics.update({f"{key}/{k}": v for k, v in self.contrastive.metrics.items()})

@@ -114,10 +114,13 @@ class TaskModule(nn.Module):
             self.dino_loss = DINOLoss(cfg.head.out_dim, **self._centering())
         self.clip_loss = None
         if cfg.loss.clip_weight > 0:
+            if student.text_dim != text_dim:
+                raise ValueError(
+                    f"the captions are {text_dim} wide but the student's text space is {student.text_dim}; "
+                    f"set student.kwargs.text_dim={text_dim} (or leave it unset: it follows the captions)"
+                )
             pairs = (("alt", 0), ("caption", 1 if student.num_global_tokens > 1 else 0))
-            self.clip_loss = ImageTextLoss(
-                pairs=pairs, image_dim=width, text_dim=text_dim, init_temperature=cfg.loss.clip_temp_init
-            )
+            self.clip_loss = ImageTextLoss(pairs=pairs, init_temperature=cfg.loss.clip_temp_init)
         self.koleo_loss = KoLeoLoss() if cfg.loss.koleo_weight > 0 else None
         _scalar_params_as_vectors(self)  # before the EMA copies, so they match
         adapter = frozen_projection(targets.dim, width, seed=cfg.seed) if targets.dim != width else None
@@ -201,7 +204,10 @@ class TaskModule(nn.Module):
     def _clip(self, global_tokens: torch.Tensor, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
         """Global tokens ``(B, C, D)`` vs the caption embeddings of the batch."""
         text, valid = self.text(batch)
-        image = global_tokens.float().to(_head_dtype(self.clip_loss))
+        image = self.student.project_to_text(
+            global_tokens
+        )  # the student's text interface (identity at equal width)
+        image = image.float().to(_head_dtype(self.clip_loss))
         text = {key: emb.to(image.dtype) for key, emb in text.items()}
         valid = {key: ok.to(device) for key, ok in valid.items() if ok is not None}
         return self.clip_loss(image, text, valid)["clip"].float()
@@ -298,13 +304,29 @@ def _build_text(
             raise ValueError(
                 "loss.text_source=student needs a student text tower: student.kwargs.text={kind: tips, ...}"
             )
-        return TowerText(student.encode_text, probs, trainable=True), student.embed_dim
+        return TowerText(student.encode_text, probs, trainable=True), student.text_dim
     teacher = targets.modules().get("teacher")
     if not getattr(teacher, "has_text", False):
         raise ValueError(
             "loss.text_source=teacher needs an online teacher with a text tower (teacher.source=online)"
         )
-    return TowerText(teacher.encode_text, probs, trainable=False), teacher.embed_dim
+    return TowerText(teacher.encode_text, probs, trainable=False), teacher.text_dim
+
+
+def _align_text_width(cfg: TrainConfig, student: nn.Module, text_dim: int) -> None:
+    """Give the student its text interface: a projection into the caption embeddings' space when they are
+    wider or narrower than its tokens (``Student.set_text_dim``), recorded in ``student.kwargs.text_dim`` so
+    checkpoints, exports and resumes rebuild it. A ``text_dim`` the user set must match the captions."""
+    asked = cfg.student.kwargs.get("text_dim")
+    if asked is not None and int(asked) != int(text_dim):
+        raise ValueError(
+            f"student.kwargs.text_dim={asked}, but the captions ({cfg.loss.text_source}) are {text_dim} wide; "
+            f"set student.kwargs.text_dim={text_dim} or drop it"
+        )
+    if student.text_dim != text_dim:
+        student.set_text_dim(int(text_dim))
+    if text_dim != student.embed_dim:
+        cfg.student.kwargs["text_dim"] = int(text_dim)
 
 
 def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: int = 1) -> BuiltTask:
@@ -327,7 +349,10 @@ def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: 
     if isinstance(targets, OnlineTargets):
         info["teacher"] = targets.teacher.identity()
     text = _build_text(cfg, student, targets, cache)
+    if text is not None:
+        _align_text_width(cfg, student, text[1])
     info["text_source"] = cfg.loss.text_source if text is not None else "none"
+    info["text_dim"] = student.text_dim
     if not cfg.uses_heads and cfg.ema.kind == "head":
         logger.info(
             "ema.kind=head: this recipe has no prototype head (no proto patch loss, no DINO); nothing to average"

@@ -22,7 +22,17 @@ from teachers.vit import vit_dense_forward
 logger = logging.getLogger(__name__)
 
 #: keys of ``Student.config``; ``build_student(**config)`` rebuilds the architecture.
-CONFIG_KEYS = ("name", "overrides", "num_global_tokens", "mean", "std", "pos_interp", "text", "check_inputs")
+CONFIG_KEYS = (
+    "name",
+    "overrides",
+    "num_global_tokens",
+    "mean",
+    "std",
+    "pos_interp",
+    "text",
+    "text_dim",
+    "check_inputs",
+)
 
 
 class Student(DenseEncoder):
@@ -32,7 +42,11 @@ class Student(DenseEncoder):
         vit: the timm ``VisionTransformer`` (classifier head removed).
         mask_token: learned ``(D,)`` embedding that replaces masked patch embeddings before the
             position embedding is added (iBOT). Initialised to zeros (DINOv2).
-        text: optional text tower (``students.text``) mapping ``list[str] -> (B, D)``.
+        text: optional text tower (``students.text``) mapping ``list[str] -> (B, text_dim)``.
+        text_proj: the student's text interface when its text space is wider or narrower than its
+            tokens: ``nn.Linear(embed_dim, text_dim, bias=False)`` learned against the teacher's caption
+            embeddings (``None``: the tokens live in the text space, ``text_dim == embed_dim``).
+            :meth:`project_to_text` applies it to global, patch and value-trick tokens alike.
         config: JSON-serialisable dict; ``build_student(**student.config)`` rebuilds the same
             architecture (weights are not included).
     """
@@ -45,6 +59,7 @@ class Student(DenseEncoder):
         mean: Sequence[float] = (0.0, 0.0, 0.0),
         std: Sequence[float] = (1.0, 1.0, 1.0),
         text: nn.Module | None = None,
+        text_dim: int | None = None,
         pos_interp: str = "bicubic",
         check_inputs: bool = True,
         config: dict[str, Any] | None = None,
@@ -74,9 +89,13 @@ class Student(DenseEncoder):
         self.mask_token = nn.Parameter(torch.zeros(self.embed_dim))
         self.text = text
         self.has_text = text is not None
+        self._text_dim = self.embed_dim
+        self.text_proj: nn.Module | None = None
         self.pos_interp = pos_interp
         self.check_inputs = check_inputs
         self.config: dict[str, Any] = dict(config or {})
+        if text_dim is not None:
+            self.set_text_dim(text_dim)
 
     # ------------------------------------------------------------------ image
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -136,8 +155,42 @@ class Student(DenseEncoder):
         return self.forward(pixels, None, value_trick=value_trick, value_readout=value_readout, layer=layer)
 
     # ------------------------------------------------------------------- text
+    @property
+    def text_dim(self) -> int:
+        return self._text_dim
+
+    def set_text_dim(self, text_dim: int) -> None:
+        """Align the student with a text space of width ``text_dim``: a new (randomly initialised, as
+        ``nn.Linear``) projection ``text_proj`` when it differs from ``embed_dim``, none when equal;
+        ``config["text_dim"]`` records it so the student is rebuilt with it."""
+        if isinstance(text_dim, bool) or not isinstance(text_dim, int) or text_dim <= 0:
+            raise ValueError(
+                f"text_dim must be a positive int (the width of the text space), got {text_dim!r}"
+            )
+        if self.text is not None and getattr(self.text, "out_dim", text_dim) != text_dim:
+            raise ValueError(
+                f"the student's text tower embeds to width {self.text.out_dim}, not text_dim={text_dim}; "
+                "a student with its own text tower is aligned with that tower's space"
+            )
+        self._text_dim = int(text_dim)
+        if text_dim == self.embed_dim:
+            self.text_proj = None
+            self.config.pop("text_dim", None)
+            return
+        if self.text_proj is None or self.text_proj.out_features != text_dim:
+            weight = next(self.vit.parameters())
+            self.text_proj = nn.Linear(self.embed_dim, text_dim, bias=False).to(weight.device, weight.dtype)
+        self.config["text_dim"] = int(text_dim)
+
+    def project_to_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(..., embed_dim)`` tokens -> ``(..., text_dim)`` through :attr:`text_proj` (identity without one),
+        computed in the projection's dtype."""
+        if self.text_proj is None:
+            return tokens
+        return self.text_proj(tokens.to(self.text_proj.weight.dtype))
+
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """``list[str]`` -> ``(B, D)`` unnormalised text embeddings (needs a text tower)."""
+        """``list[str]`` -> ``(B, text_dim)`` unnormalised text embeddings (needs a text tower)."""
         if self.text is None:
             return super().encode_text(texts)
         return self.text(texts)
@@ -145,7 +198,12 @@ class Student(DenseEncoder):
     def identity(self) -> dict[str, Any]:
         ident = super().identity()
         ident.update(
-            {"num_layers": self.num_layers, "has_text": self.has_text, "config": copy.deepcopy(self.config)}
+            {
+                "num_layers": self.num_layers,
+                "has_text": self.has_text,
+                "text_dim": self.text_dim,
+                "config": copy.deepcopy(self.config),
+            }
         )
         return ident
 
@@ -158,6 +216,7 @@ def build_student(
     mean: Sequence[float] = (0.0, 0.0, 0.0),
     std: Sequence[float] = (1.0, 1.0, 1.0),
     text: dict[str, Any] | None = None,
+    text_dim: int | None = None,
     pos_interp: str = "bicubic",
     check_inputs: bool = True,
     overrides: dict[str, Any] | None = None,
@@ -172,8 +231,11 @@ def build_student(
             (cls + registers: 2 for the TIPSv2 architecture).
         mean, std: input normalisation applied to [0, 1] pixels (default mean 0, std 1, like TIPS).
         text: optional text tower config, passed to :func:`students.text.build_text_tower` with
-            ``out_dim = embed_dim`` (e.g. ``{"kind": "tips", "tokenizer": "spm.model", "depth": 2}``
+            ``out_dim = text_dim`` (e.g. ``{"kind": "tips", "tokenizer": "spm.model", "depth": 2}``
             or ``{"kind": "hf", "path": ".../model"}``).
+        text_dim: width of the text space the student is aligned with (the teacher's caption
+            embeddings); when it differs from the ViT's width the student carries a learned projection
+            ``text_proj`` (its text interface). ``None``: the ViT's width.
         overrides / **kw_overrides: timm ``create_model`` kwargs (``embed_dim``, ``depth``,
             ``num_heads``, ``img_size``, ``patch_size``, ``mlp_ratio``, ``reg_tokens``...).
     Returns:
@@ -199,7 +261,7 @@ def build_student(
     if text is not None:
         from .text import build_text_tower
 
-        tower = build_text_tower(out_dim=int(vit.embed_dim), **text)
+        tower = build_text_tower(out_dim=int(text_dim or vit.embed_dim), **text)
     config = {
         "name": name,
         "overrides": ov,
@@ -216,6 +278,7 @@ def build_student(
         mean=mean,
         std=std,
         text=tower,
+        text_dim=text_dim,  # recorded in config["text_dim"] when it differs from the ViT's width
         pos_interp=pos_interp,
         check_inputs=check_inputs,
         config=config,

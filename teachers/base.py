@@ -98,6 +98,19 @@ class DenseEncoder(nn.Module, ABC):
         ``"maskclip"`` is the value projection alone).
         """
 
+    @property
+    def text_dim(self) -> int:
+        """Width of the text space the tokens are compared with (:meth:`project_to_text`'s output width):
+        ``embed_dim`` unless the model carries a projection into another text space (a student of
+        another width than its teacher's text embeddings)."""
+        return int(self.embed_dim)
+
+    def project_to_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Map image tokens ``(..., embed_dim)`` (global, patch or value-trick tokens, unnormalised) into
+        the text space, ``(..., text_dim)``. Identity for a model whose tokens already live there (TIPS:
+        one shared space, no projection head)."""
+        return tokens
+
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Embed a list of strings to ``(B, D)`` (unnormalised)."""
         raise ValueError(

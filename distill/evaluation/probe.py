@@ -34,6 +34,7 @@ from teachers.vit import vit_dense_forward
 
 from .metrics import ConfusionMatrix, roc_auc
 from .models import build_model
+from .segmentation import to_text_space
 from .text import encode_class_names
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def zero_shot_presence(
     emb = encode_class_names(model, class_names, "tcl", cache_dir=None).embeddings  # (num_classes, D)
     zs = {}
     for k in range(cls.shape[1]):
-        s = F.normalize(cls[:, k].float(), dim=-1) @ emb.T
+        s = F.normalize(to_text_space(model, cls[:, k]).float(), dim=-1) @ emb.T
         zs[f"cls{k + 1}"] = float(torch.tensor([roc_auc(s[:, c], present[:, c]) for c in objects]).nanmean())
     obj = emb[objects]
     cos = obj @ obj.T

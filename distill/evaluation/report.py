@@ -315,7 +315,12 @@ def pca_figure(models: dict[str, Any], examples: list, settings: SegmentationSet
         feats[name] = [
             pca_rgb(
                 dense_patch_features(
-                    model, im[None].to(model_device(model)), settings.readout, settings.layer, False
+                    model,
+                    im[None].to(model_device(model)),
+                    settings.readout,
+                    settings.layer,
+                    False,
+                    text_space=False,
                 )[0].cpu()
             )
             for im in images

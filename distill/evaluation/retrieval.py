@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .segmentation import model_device, resize_short_side, round_up_to_patch
+from .segmentation import model_device, resize_short_side, round_up_to_patch, to_text_space
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def recall_at_k(sim: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
 def image_global_tokens(
     model: Any, dataset: Any, image_size: int, max_images: int | None = None
 ) -> torch.Tensor:
-    """``(N, C, D)`` L2-normalised global tokens (short side resized, centre-cropped square)."""
+    """``(N, C, D)`` L2-normalised global tokens in the model's text space (short side resized,
+    centre-cropped square; :func:`~.segmentation.to_text_space`)."""
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     device = model_device(model)
     out = []
@@ -45,7 +46,8 @@ def image_global_tokens(
         for i in range(n):
             img = resize_short_side(dataset[i]["image"].to(device).float(), image_size, "pil")
             img = round_up_to_patch(center_crop(img, image_size)[None], int(model.patch_size))
-            out.append(F.normalize(model.encode_image(img).cls.float(), dim=-1).cpu())
+            cls = to_text_space(model, model.encode_image(img).cls)
+            out.append(F.normalize(cls.float(), dim=-1).cpu())
     return torch.cat(out)
 
 

@@ -147,10 +147,34 @@ def model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
+def to_text_space(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """``model``'s tokens ``(..., D)`` mapped into its text space (``DenseEncoder.project_to_text``: the
+    text interface a student of another width than its teacher's text carries); as is for a model
+    without one (a plain module, or tokens already in the text space)."""
+    project = getattr(model, "project_to_text", None)
+    return tokens if project is None else project(tokens)
+
+
+def text_width(model: Any) -> int | None:
+    """Width of ``model``'s text space (``text_dim``, else ``embed_dim``); ``None`` when it says neither."""
+    d = getattr(model, "text_dim", None)
+    return int(d) if d is not None else getattr(model, "embed_dim", None)
+
+
 def dense_patch_features(
-    model: Any, pixels: torch.Tensor, readout: str = "tips", layer: int | None = None, normalize: bool = True
+    model: Any,
+    pixels: torch.Tensor,
+    readout: str = "tips",
+    layer: int | None = None,
+    normalize: bool = True,
+    *,
+    text_space: bool = True,
 ) -> torch.Tensor:
-    """Patch features ``(B, h, w, D)`` of ``(B, 3, H, W)`` [0, 1] pixels (any size: rounded up to the patch size)."""
+    """Patch features ``(B, h, w, D)`` of ``(B, 3, H, W)`` [0, 1] pixels (any size: rounded up to the patch size).
+
+    ``text_space``: map the tokens through the model's text interface (:func:`to_text_space`), so they
+    compare with text embeddings (``D`` = ``model.text_dim``); ``False`` keeps the encoder's own tokens
+    (``D`` = ``embed_dim``: linear probes, PCA pictures)."""
     if readout not in READOUTS:
         raise ValueError(f"unknown readout {readout!r}; choose one of {READOUTS}")
     pixels = round_up_to_patch(pixels, int(model.patch_size))
@@ -164,17 +188,20 @@ def dense_patch_features(
                     f"{type(model).__name__}.encode_image(value_trick=True) returned no value_patch"
                 )
             feats = out.value_patch
+        if text_space:
+            feats = to_text_space(model, feats)
     feats = feats.float()
     return F.normalize(feats, dim=-1) if normalize else feats
 
 
 def check_text_dim(model: Any, text: ClassEmbeddings, feat_dim: int | None = None) -> None:
-    d = feat_dim if feat_dim is not None else getattr(model, "embed_dim", None)
+    d = feat_dim if feat_dim is not None else text_width(model)
     if d is not None and int(d) != text.dim:
         raise ValueError(
-            f"text embeddings have dim {text.dim} but {type(model).__name__}'s patch features have dim {d}; "
-            "patch-text cosine needs one shared space: use the model's own text tower, a text model of the "
-            f"same width, or text embeddings of dim {d}"
+            f"text embeddings have dim {text.dim} but {type(model).__name__}'s patch features have dim {d} in its "
+            "text space; patch-text cosine needs one shared space: evaluate with the text the model was trained "
+            "against (a student distilled with caption embeddings of that width carries a projection to them: "
+            "student text_dim), its own text tower, or text embeddings of dim {d}".replace("{d}", str(d))
         )
 
 

@@ -90,10 +90,20 @@ def variants(teacher_config: dict[str, Any], teacher_init: str, tokenizer: str |
     own_text = ("student.kwargs.text=" + json.dumps(text_tower(tokenizer)), "loss.text_source=student")
     # pretraining needs views that differ: random global crops and 2 local crops (DINO)
     pretrain = ("data.global_scale=[0.5, 1.0]", "data.local_crops=2", *own_text)
+    # students narrower and wider than the teacher's 96-wide text: each learns a projection into the
+    # caption-embedding space (its text interface) and is measured with the teacher's text; 32-wide heads
+    widths = {
+        f"w{w}_seed{seed}": Variant(
+            (f"seed={seed}", f"student.kwargs.embed_dim={w}", f"student.kwargs.num_heads={w // 32}")
+        )
+        for w in (64, 192)
+        for seed in range(3)
+    }
     return {
         "seed0": Variant(("seed=0",)),
         "seed1": Variant(("seed=1",)),
         "seed2": Variant(("seed=2",)),
+        **widths,
         "mask75": Variant(("loss.mask_ratio=0.75",)),
         "cosine": Variant(("loss.patch=cosine",)),
         "crop_view": Variant(("data.global_scale=[0.5, 1.0]",)),
@@ -168,14 +178,20 @@ def summarise(results: dict[str, Any]) -> str:
     lines.append(row("teacher", results["teacher"]))
     for name, r in runs.items():
         lines.append(row(name, r["metrics"]))
-    seeds = [r["metrics"] for n, r in runs.items() if n.startswith("seed")]
-    if len(seeds) >= 2:
+    groups: dict[str, list[dict[str, Any]]] = {}  # "seed1" -> "", "w64_seed2" -> "w64_"
+    for n, r in runs.items():
+        prefix, sep, rest = n.rpartition("seed")
+        if sep and rest.isdigit():
+            groups.setdefault(prefix, []).append(r["metrics"])
+    for prefix, seeds in groups.items():
+        if len(seeds) < 2:
+            continue
         cells = []
         for ro in READOUTS:
             for k in ("miou", "miou_objects"):
                 vals = [s[ro][k] for s in seeds]
                 cells.append(f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}")
-        lines.append(f"| seeds mean ± sd (n={len(seeds)}) | " + " | ".join(cells) + " |")
+        lines.append(f"| {prefix}seeds mean ± sd (n={len(seeds)}) | " + " | ".join(cells) + " |")
     if "baseline" in results:
         b = results["baseline"]
         lines.append(f"| baseline: majority background (peeks at labels) | {fmt(b['miou'])} | 0.0 | | |")

@@ -16,7 +16,7 @@ coco_object   coco_stuff164k             81       threshold   *_instanceTrainIds
 cityscapes    cityscapes                 19       none        *_gtFine_labelTrainIds.png as is (255 ignore)
 
 Class names. ``class_names`` (what reports show) are mmsegmentation's dataset ``CLASSES``
-(``mmseg/datasets/{voc,pascal_context,coco_stuff,cityscapes}.py``; COCO-Object: GroupViT's / TCL's
+(``mmseg/datasets/{voc,pascal_context,coco_stuff,cityscapes}.py``; COCO-Object: GroupViT's
 ``COCOObjectDataset``, background + the first 80 COCO-Stuff classes; ADE150: the official TIPS notebook's
 list, as the ``ade20k`` dataset). ``class_synonyms`` (what the text tower reads; a class scores the max
 over its names) are chosen with ``prompts``:
@@ -45,13 +45,12 @@ background class) is reported for every benchmark; ``background_class_ids`` is `
 a background class.
 
 COCO-Object labels come from COCO-Stuff with :func:`convert_coco_object` (``python -m
-distill.evaluation.benchmarks convert-coco-object ROOT``); it reproduces GroupViT's
-``convert_dataset/convert_coco_object.py`` (copied by TCL and as SCLIP's ``datasets/cvt_coco_object.py``).
+scripts.prepare_benchmarks convert-coco-object ROOT``); it reproduces GroupViT's
+``convert_dataset/convert_coco_object.py`` (SCLIP ships the same file as ``datasets/cvt_coco_object.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import os
@@ -153,7 +152,8 @@ COCO_STUFF_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 NUM_COCO_THINGS = 80
 
-# GroupViT / TCL COCOObjectDataset CLASSES: background + the 80 COCO-Stuff thing classes.
+# GroupViT's COCOObjectDataset CLASSES (SCLIP's copy says it is borrowed from TCL and GroupViT):
+# background + the 80 COCO-Stuff thing classes.
 COCO_OBJECT_CLASSES: tuple[str, ...] = ("background", *COCO_STUFF_CLASSES[:NUM_COCO_THINGS])
 
 # SCLIP configs/cls_coco_object.txt: the background line of cls_voc21.txt, person with its variants
@@ -220,9 +220,7 @@ class BenchmarkSpec:
         return self.split_dirs.get(split, split)
 
 
-_VOC_LABELS = (
-    "SegmentationClass ships with VOCtrainval_11-May-2012.tar (palette PNGs, index = class id, 255 = boundary)"
-)
+_VOC_LABELS = "SegmentationClass ships with VOCtrainval_11-May-2012.tar (palette PNGs, index = class id, 255 = boundary)"
 _CONTEXT_LABELS = (
     "make SegmentationClassContext with mmsegmentation's tools/dataset_converters/pascal_context.py "
     "(trainval_merged.json + the Detail API)"
@@ -340,10 +338,10 @@ SPECS: dict[str, BenchmarkSpec] = {
             class_names=COCO_OBJECT_CLASSES,
             prompts={"sclip": SCLIP_COCO_OBJECT, "names": _one_each(COCO_OBJECT_CLASSES)},
             default_prompts="sclip",
-            class_source="names: GroupViT/TCL COCOObjectDataset; sclip: SCLIP configs/cls_coco_object.txt",
+            class_source="names: GroupViT COCOObjectDataset; sclip: SCLIP configs/cls_coco_object.txt",
             background="threshold",
             label_hint="make them from the *_labelTrainIds.png with "
-            "`python -m distill.evaluation.benchmarks convert-coco-object ROOT --split SPLIT` "
+            "`python -m scripts.prepare_benchmarks convert-coco-object ROOT --split SPLIT` "
             "(GroupViT's convert_coco_object.py)",
         ),
         BenchmarkSpec(
@@ -402,7 +400,9 @@ class BenchmarkDataset(SegmentationFolder):
         spec = benchmark_spec(benchmark)
         prompts = spec.default_prompts if prompts is None else prompts
         if prompts not in spec.prompts:
-            raise ValueError(f"{benchmark}: unknown prompts {prompts!r}; choose one of {', '.join(spec.prompts)}")
+            raise ValueError(
+                f"{benchmark}: unknown prompts {prompts!r}; choose one of {', '.join(spec.prompts)}"
+            )
         root = Path(root)
         sdir = spec.split_dir(split)
         images, labels = spec.images.format(split=sdir), spec.labels.format(split=sdir)
@@ -425,7 +425,9 @@ class BenchmarkDataset(SegmentationFolder):
         )
         synonyms = [list(p) for p in spec.prompts[prompts]]
         if len(synonyms) != len(self.class_names):  # the tables above must agree; a bug otherwise
-            raise RuntimeError(f"{benchmark}: {len(synonyms)} prompt lines for {len(self.class_names)} classes")
+            raise RuntimeError(
+                f"{benchmark}: {len(synonyms)} prompt lines for {len(self.class_names)} classes"
+            )
         self.class_synonyms = synonyms
         self.spec = spec
         self.split = split
@@ -447,7 +449,9 @@ class BenchmarkDataset(SegmentationFolder):
 def check_layout(spec: BenchmarkSpec, root: Path, split: str, images: str, labels: str) -> None:
     """Errors that name the folder users should point ``root`` at, before the generic loader's checks."""
     if not root.is_dir():
-        raise ValueError(f"{spec.name}: root {root} does not exist; pass the downloaded {spec.mmseg_subdir} folder")
+        raise ValueError(
+            f"{spec.name}: root {root} does not exist; pass the downloaded {spec.mmseg_subdir} folder"
+        )
     if not (root / images).is_dir():
         nested = root / spec.mmseg_subdir
         hint = (
@@ -519,7 +523,9 @@ def convert_coco_object(root: str | Path, split: str = "val", *, progress: bool 
     src_suffix = SPECS["coco_stuff"].label_suffix
     sources = sorted(folder.glob(f"*{src_suffix}")) if folder.is_dir() else []
     if not sources:
-        raise ValueError(f"no *{src_suffix} files in {folder}; {_COCO_LABELS} first (root = the coco_stuff164k folder)")
+        raise ValueError(
+            f"no *{src_suffix} files in {folder}; {_COCO_LABELS} first (root = the coco_stuff164k folder)"
+        )
     for src in tqdm(sources, desc=f"coco_object {split}", disable=not progress):
         out = src.with_name(src.name[: -len(src_suffix)] + spec.label_suffix)
         labels = coco_object_label(load_label(src).numpy(), str(src))
@@ -533,38 +539,13 @@ def convert_coco_object(root: str | Path, split: str = "val", *, progress: bool 
 # ----------------------------------------------------------------------------------- command line
 def benchmarks_table() -> str:
     """Markdown table of the benchmarks (name, mmseg folder, classes, background preset, class source)."""
-    rows = ["| name | root (under mmseg data/) | classes | background | class names |", "|---|---|---|---|---|"]
+    rows = [
+        "| name | root (under mmseg data/) | classes | background | class names |",
+        "|---|---|---|---|---|",
+    ]
     for name in BENCHMARKS:
         s = SPECS[name]
-        rows.append(f"| {name} | {s.mmseg_subdir} | {len(s.class_names)} | {s.background} | {s.class_source} |")
+        rows.append(
+            f"| {name} | {s.mmseg_subdir} | {len(s.class_names)} | {s.background} | {s.class_source} |"
+        )
     return "\n".join(rows)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m distill.evaluation.benchmarks", description="standard zero-shot segmentation benchmarks"
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="print the benchmarks, their folders, classes and background presets")
-    c = sub.add_parser(
-        "convert-coco-object",
-        help="write COCO-Object labels (*_instanceTrainIds.png) from COCO-Stuff *_labelTrainIds.png",
-    )
-    c.add_argument("root", help="the coco_stuff164k folder (images/, annotations/)")
-    c.add_argument("--split", default="val", help="val (default) or train")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    if args.cmd == "list":
-        print(benchmarks_table())
-        return 0
-    try:
-        res = convert_coco_object(args.root, args.split, progress=not args.quiet)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
-    print(f"wrote {res['written']} COCO-Object label maps in {res['folder']}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

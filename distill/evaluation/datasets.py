@@ -129,9 +129,7 @@ def _ends_with(name: str, suffix: str) -> bool:
     return name.lower().endswith(suffix.lower())
 
 
-def list_files_by_id(
-    folder: Path, suffixes: tuple[str, ...], *, recursive: bool = False
-) -> dict[str, Path]:
+def list_files_by_id(folder: Path, suffixes: tuple[str, ...], *, recursive: bool = False) -> dict[str, Path]:
     """Files of ``folder`` whose name ends with one of ``suffixes`` (case-insensitive), keyed by sample id:
     the path relative to ``folder`` (POSIX) without the suffix; ``recursive`` also looks in subfolders
     (Cityscapes' ``<split>/<city>/<name>_leftImg8bit.png``)."""
@@ -306,7 +304,10 @@ class SegmentationFolder(Dataset):
                     f"object classes {unknown[:5]} in {object_classes_file} are not in the class list"
                 )
             object_class_ids = [self.class_names.index(o) for o in objs]
-        for what, ids_ in (("object_class_ids", object_class_ids), ("background_class_ids", background_class_ids)):
+        for what, ids_ in (
+            ("object_class_ids", object_class_ids),
+            ("background_class_ids", background_class_ids),
+        ):
             bad = [i for i in ids_ or () if not 0 <= int(i) < len(self.class_names)]
             if bad:
                 raise ValueError(f"{what} {bad[:5]} are not class ids (0..{len(self.class_names) - 1})")
@@ -430,8 +431,6 @@ def load_eval_dataset(name: str, **kwargs: Any) -> Dataset:
     """Build a dataset through the :mod:`cache.datasets` registry (importing ``cache.synthetic`` when present)."""
     from cache.datasets import build_dataset, list_datasets
 
-    if name not in list_datasets():
-        from . import benchmarks  # noqa: F401  (voc21, pc59, coco_stuff, ... register on import)
     if name not in list_datasets():
         try:  # the built-in synthetic set lives in another package; register it on demand
             import cache.synthetic  # noqa: F401

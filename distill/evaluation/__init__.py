@@ -3,6 +3,7 @@
 The protocol is the official TIPS zero-shot notebook's (docs/evaluation.md has the user guide).
 """
 
+from .benchmarks import BACKGROUND_PRESETS, BENCHMARKS, MMSEG_SUBDIRS, BenchmarkDataset, convert_coco_object
 from .datasets import ADE20K, ADE150_CLASSES, CaptionFolder, SegmentationFolder, load_eval_dataset
 from .metrics import IGNORE_INDEX, ConfusionMatrix, segmentation_metrics
 from .report import compare_models
@@ -29,6 +30,10 @@ from .text import (
 __all__ = [
     "ADE150_CLASSES",
     "ADE20K",
+    "BACKGROUND_PRESETS",
+    "BENCHMARKS",
+    "BenchmarkDataset",
+    "MMSEG_SUBDIRS",
     "CaptionFolder",
     "ClassEmbeddings",
     "ConfusionMatrix",
@@ -38,6 +43,7 @@ __all__ = [
     "SegmentationSettings",
     "TCL_TEMPLATES",
     "compare_models",
+    "convert_coco_object",
     "dense_patch_features",
     "encode_class_names",
     "evaluate_segmentation",

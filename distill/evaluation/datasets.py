@@ -3,9 +3,12 @@
 Registered in :mod:`cache.datasets` (guarded, so importing twice is harmless):
   ``ade20k``      ADEChallengeData2016 layout: ``images/<split>/*.jpg`` + ``annotations/<split>/*.png``;
                   label 0 -> ignore (255), others minus 1; the 150 ADE class names are built in.
-  ``seg_folder``  generic: an image folder, a label-PNG folder (same file stems) and a class-name file
-                  (one class per line in label-id order, synonyms after commas). VOC / Pascal Context
-                  conversions fit here (``label_offset`` / ``zero_is_ignore`` cover their conventions).
+  ``seg_folder``  generic: an image folder, a label-PNG folder (same sample ids) and a class-name file
+                  (one class per line in label-id order, synonyms after commas); optional split file,
+                  image / label file-name suffixes and subfolders (mmsegmentation's ``ann_file``,
+                  ``img_suffix``, ``seg_map_suffix``). ``label_offset`` / ``zero_is_ignore`` cover the
+                  VOC / Pascal Context / ADE conventions. The standard benchmarks built on it
+                  (``voc21``, ``pc59``, ``coco_stuff``, ...) live in :mod:`.benchmarks`.
   ``caption_folder``  images + ``captions.jsonl`` for image-text retrieval.
 The built-in ``synthetic`` dataset (``cache/synthetic.py``) is used through :func:`load_eval_dataset`.
 """
@@ -122,8 +125,81 @@ def map_labels(
     return torch.where(ignore, torch.full_like(raw, ignore_index), out)
 
 
+def _ends_with(name: str, suffix: str) -> bool:
+    return name.lower().endswith(suffix.lower())
+
+
+def list_files_by_id(folder: Path, suffixes: tuple[str, ...], *, recursive: bool = False) -> dict[str, Path]:
+    """Files of ``folder`` whose name ends with one of ``suffixes`` (case-insensitive), keyed by sample id:
+    the path relative to ``folder`` (POSIX) without the suffix; ``recursive`` also looks in subfolders
+    (Cityscapes' ``<split>/<city>/<name>_leftImg8bit.png``)."""
+    out: dict[str, Path] = {}
+    shadowed: list[str] = []
+    for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        if not p.is_file():
+            continue
+        suffix = next((s for s in suffixes if _ends_with(p.name, s)), None)
+        if suffix is not None:
+            rel = p.relative_to(folder).as_posix()
+            sid = rel[: len(rel) - len(suffix)]
+            if sid in out:
+                shadowed.append(rel)
+            else:
+                out[sid] = p
+    if shadowed:
+        logger.warning(
+            "%d file(s) in %s share a sample id with an earlier file and are not used: %s%s",
+            len(shadowed),
+            folder,
+            ", ".join(shadowed[:10]),
+            " ..." if len(shadowed) > 10 else "",
+        )
+    return out
+
+
+def read_split_file(path: Path) -> list[str]:
+    """Sample ids of a split file (mmsegmentation's ``ann_file``: one id per line, no extension).
+
+    Blank lines are skipped; an id listed twice is kept once (logged with the count)."""
+    if not path.is_file():
+        raise ValueError(
+            f"split file {path} does not exist; point root at the folder that holds it (e.g. VOCdevkit/VOC2012 "
+            "for ImageSets/Segmentation/val.txt) or pass split_file="
+        )
+    ids: list[str] = []
+    seen: set[str] = set()
+    repeated: list[str] = []
+    for line in path.read_text().splitlines():
+        sid = line.strip()
+        if not sid:
+            continue
+        if sid in seen:
+            repeated.append(sid)
+            continue
+        seen.add(sid)
+        ids.append(sid)
+    if not ids:
+        raise ValueError(f"split file {path} names no images (one image id per line, e.g. 2007_000033)")
+    if repeated:
+        logger.warning(
+            "split file %s names %d id(s) more than once; each image is evaluated once: %s%s",
+            path,
+            len(repeated),
+            ", ".join(repeated[:10]),
+            " ..." if len(repeated) > 10 else "",
+        )
+    return ids
+
+
 class SegmentationFolder(Dataset):
-    """Images + label PNGs matched by file stem, plus class names.
+    """Images + label PNGs matched by sample id, plus class names.
+
+    A sample id is an image's path under ``images`` without its suffix; its label is
+    ``labels/<id><label_suffix>``. ``image_suffix`` ``None`` accepts any image extension (id = stem);
+    a string (``".jpg"``, ``"_leftImg8bit.png"``) selects the images that end with it. ``recursive``
+    looks in subfolders. ``split_file`` (relative to ``root`` unless absolute; one id per line, as
+    mmsegmentation's ``ann_file``) restricts the set to the ids it names, in its order: an id without an
+    image is an error; images outside the split are counted (``outside_split``) and not evaluated.
 
     Items: ``key`` (image path relative to root), ``image`` (3,H,W) [0,1], ``captions`` {}, ``label`` (H,W) int64.
     """
@@ -139,6 +215,11 @@ class SegmentationFolder(Dataset):
         zero_is_ignore: bool = False,
         object_class_ids: list[int] | None = None,
         object_classes_file: str | Path | None = None,
+        background_class_ids: list[int] | None = None,
+        image_suffix: str | None = None,
+        label_suffix: str = ".png",
+        recursive: bool = False,
+        split_file: str | Path | None = None,
         max_images: int | None = None,
         name: str = "seg_folder",
     ) -> None:
@@ -160,19 +241,49 @@ class SegmentationFolder(Dataset):
         self.class_names = [c[0] for c in self.class_synonyms]
         self.label_offset = label_offset
         self.zero_is_ignore = zero_is_ignore
+        self.image_suffix = image_suffix
+        self.label_suffix = label_suffix
         self.name = name
-        imgs = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-        labels_by_stem = {p.stem: p for p in self.label_dir.iterdir() if p.suffix.lower() == ".png"}
-        missing = [p.name for p in imgs if p.stem not in labels_by_stem]
+        image_suffixes = IMAGE_EXTS if image_suffix is None else (image_suffix,)
+        images_by_id = list_files_by_id(self.image_dir, image_suffixes, recursive=recursive)
+        labels_by_id = list_files_by_id(self.label_dir, (label_suffix,), recursive=recursive)
+        self.split_file: Path | None = None
+        self.outside_split: list[str] = []
+        if split_file is not None:
+            sp = Path(split_file)
+            self.split_file = sp if sp.is_absolute() else self.root / sp
+            ids = read_split_file(self.split_file)
+            absent = [i for i in ids if i not in images_by_id]
+            if absent:
+                raise ValueError(
+                    f"{len(absent)} of the {len(ids)} images named in split file {self.split_file} are not in "
+                    f"{self.image_dir} (first: {absent[:5]}; looked for <id>{'|'.join(image_suffixes)}); the "
+                    "download is incomplete or root / split point at another dataset"
+                )
+            chosen = set(ids)
+            self.outside_split = sorted(images_by_id[i].name for i in images_by_id if i not in chosen)
+            if self.outside_split:
+                logger.info(
+                    "%d image(s) in %s are outside split %s and not evaluated: %s%s",
+                    len(self.outside_split),
+                    self.image_dir,
+                    self.split_file.name,
+                    ", ".join(self.outside_split[:5]),
+                    " ..." if len(self.outside_split) > 5 else "",
+                )
+            labels_by_id = {i: p for i, p in labels_by_id.items() if i in chosen}
+        else:
+            ids = sorted(images_by_id, key=lambda i: images_by_id[i])
+        if not ids:
+            raise ValueError(f"no images ({', '.join(image_suffixes)}) in {self.image_dir}")
+        missing = [images_by_id[i].name for i in ids if i not in labels_by_id]
         if missing:
             raise ValueError(
                 f"{len(missing)} images in {self.image_dir} have no label PNG in {self.label_dir} "
-                f"(first: {missing[:5]}); every image needs <stem>.png"
+                f"(first: {missing[:5]}); every image needs <id>{label_suffix}"
             )
-        if not imgs:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) in {self.image_dir}")
-        stems = {p.stem for p in imgs}
-        self.unmatched_labels = sorted(p.name for s, p in labels_by_stem.items() if s not in stems)
+        wanted = set(ids)
+        self.unmatched_labels = sorted(p.name for i, p in labels_by_id.items() if i not in wanted)
         if self.unmatched_labels:
             logger.warning(
                 "%d label PNG(s) in %s have no image in %s and are not used: %s%s",
@@ -183,8 +294,8 @@ class SegmentationFolder(Dataset):
                 " ..." if len(self.unmatched_labels) > 10 else "",
             )
         if max_images is not None:
-            imgs = imgs[:max_images]
-        self.items = [(p, labels_by_stem[p.stem]) for p in imgs]
+            ids = ids[:max_images]
+        self.items = [(images_by_id[i], labels_by_id[i]) for i in ids]
         if object_classes_file is not None:
             objs = [c[0] for c in load_class_names(object_classes_file)]
             unknown = [o for o in objs if o not in self.class_names]
@@ -193,7 +304,15 @@ class SegmentationFolder(Dataset):
                     f"object classes {unknown[:5]} in {object_classes_file} are not in the class list"
                 )
             object_class_ids = [self.class_names.index(o) for o in objs]
+        for what, ids_ in (
+            ("object_class_ids", object_class_ids),
+            ("background_class_ids", background_class_ids),
+        ):
+            bad = [i for i in ids_ or () if not 0 <= int(i) < len(self.class_names)]
+            if bad:
+                raise ValueError(f"{what} {bad[:5]} are not class ids (0..{len(self.class_names) - 1})")
         self.object_class_ids = object_class_ids
+        self.background_class_ids = background_class_ids
 
     def __len__(self) -> int:
         return len(self.items)
@@ -202,7 +321,7 @@ class SegmentationFolder(Dataset):
         return [str(p.relative_to(self.root)) for p, _ in self.items]
 
     def identity(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "root": str(self.root),
             "num_images": len(self),
@@ -210,6 +329,15 @@ class SegmentationFolder(Dataset):
             "label_offset": self.label_offset,
             "zero_is_ignore": self.zero_is_ignore,
         }
+        if self.image_suffix is not None or self.label_suffix != ".png":
+            out.update(image_suffix=self.image_suffix, label_suffix=self.label_suffix)
+        if self.split_file is not None:
+            sp = self.split_file
+            out.update(
+                split_file=str(sp.relative_to(self.root)) if sp.is_relative_to(self.root) else str(sp),
+                num_outside_split=len(self.outside_split),
+            )
+        return out
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         ip, lp = self.items[i]

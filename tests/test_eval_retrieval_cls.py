@@ -216,6 +216,29 @@ def test_ranks_standard_rule_by_hand():
     assert i2t.tolist() == [0, 2, 1]
 
 
+def test_ranks_equal_the_topk_definition_on_random_embeddings():
+    """Recall@K from the ranks = CLIP_benchmark's definition: a query is found at K when any of its positives is
+    among the top K (random embeddings: no ties)."""
+    from distill.evaluation.retrieval import recall_from_ranks
+
+    g = torch.Generator().manual_seed(0)
+    n, counts = 30, torch.randint(5, 8, (30,), generator=g)
+    text_image = torch.repeat_interleave(torch.arange(n), counts)
+    img = F.normalize(torch.randn(n, 16, generator=g), dim=-1)
+    txt = F.normalize(img[text_image] + 0.8 * torch.randn(len(text_image), 16, generator=g), dim=-1)
+    i2t, t2i = retrieval_ranks(img, txt, text_image, chunk=7)
+    pos = text_image[:, None] == torch.arange(n)[None]  # (T, N)
+    sim = txt @ img.T
+    for k in (1, 5, 10):
+        top_t2i = sim.topk(k, dim=1).indices  # (T, k)
+        want_t2i = 100.0 * pos.gather(1, top_t2i).any(1).double().mean()
+        top_i2t = sim.T.topk(k, dim=1).indices  # (N, k)
+        want_i2t = 100.0 * pos.T.gather(1, top_i2t).any(1).double().mean()
+        assert recall_from_ranks(t2i, (k,))[k] == pytest.approx(float(want_t2i))
+        assert recall_from_ranks(i2t, (k,))[k] == pytest.approx(float(want_i2t))
+    assert 0 < recall_from_ranks(i2t, (1,))[1] < 100  # neither trivial nor empty
+
+
 @pytest.mark.parametrize("kind", ["coco", "flickr30k"])
 def test_karpathy_perfect_model_scores_100(tmp_path, kind):
     n = 12

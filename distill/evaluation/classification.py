@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .retrieval import image_global_tokens, ranks_above, recall_from_ranks
-from .segmentation import check_text_dim
+from .segmentation import check_text_dim, model_device
 from .text import ClassEmbeddings, resolve_class_embeddings
 
 logger = logging.getLogger(__name__)
@@ -101,9 +101,10 @@ def classification_accuracy(
             f"global tokens have dim {img.shape[-1]} in the text space; the text embeddings {text.dim}"
         )
     out: dict[str, Any] = {}
-    for c in range(img.shape[1]):
-        scores = text.scores(img[:, c]).T  # (N, C)
-        acc = topk_from_scores(scores, targets, ks)
+    device = model_device(model)
+    for c in range(img.shape[1]):  # scored on the model's device
+        scores = text.scores(img[:, c].to(device)).T  # (N, C)
+        acc = topk_from_scores(scores, targets.to(device), ks)
         out[f"cls{c}"] = {f"top{k}": v for k, v in acc.items()} | {"num": n}
     out["num_classes"] = len(names)
     out["text"] = {**text.source, "templates": len(text.templates)}

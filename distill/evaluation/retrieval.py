@@ -56,7 +56,7 @@ def retrieval_ranks(
         images: ``(N, D)`` L2-normalised image embeddings.
         texts: ``(T, D)`` L2-normalised text embeddings.
         text_image: ``(T,)`` the image row of each text; every image has at least one text.
-        chunk: texts scored per block (memory ``chunk x N``).
+        chunk: texts scored per block (memory ``chunk x N``); the ranks are computed on ``images.device``.
     Returns:
         ``(i2t (N,), t2i (T,))`` ranks (0 = first); recall@k = share of ranks ``< k``.
     """
@@ -75,8 +75,9 @@ def retrieval_ranks(
         t2i[a:b] = ranks_above(sim, pos).cpu()
         best.scatter_reduce_(0, text_image[a:b], pos, reduce="amax")
     i2t = torch.zeros(n, dtype=torch.long, device=images.device)
-    for a, b in blocks:  # pass 2 (the same products): captions of any image above each image's best caption
-        i2t += (texts[a:b] @ images.T > best).sum(dim=0)
+    for a, b in blocks:  # pass 2: other images' captions scoring above each image's best caption
+        own = F.one_hot(text_image[a:b], n).bool()  # (b-a, N) an image's own captions never count
+        i2t += ((texts[a:b] @ images.T > best) & ~own).sum(dim=0)
     return i2t.cpu(), t2i
 
 
@@ -181,6 +182,7 @@ def retrieval_recall(
     img = image_global_tokens(
         model, dataset, image_size, n, batch_size=batch_size, num_workers=num_workers, progress=progress
     )  # (N, C, D)
+    device = model_device(model)
     results: dict[str, Any] = {}
     for g, (texts, rows) in sets.items():
         used = sorted(set(rows))
@@ -201,8 +203,8 @@ def retrieval_recall(
             )
         row_of = {r: j for j, r in enumerate(used)}
         text_image = torch.tensor([row_of[r] for r in rows], dtype=torch.long)
-        for c in range(img.shape[1]):
-            i2t, t2i = retrieval_ranks(img[used, c], txt, text_image)
+        for c in range(img.shape[1]):  # ranked on the model's device (a GPU when the model is on one)
+            i2t, t2i = retrieval_ranks(img[used, c].to(device), txt.to(device), text_image)
             row = {f"i2t_r{k}": v for k, v in recall_from_ranks(i2t, ks).items()}
             row |= {f"t2i_r{k}": v for k, v in recall_from_ranks(t2i, ks).items()}
             results[f"cls{c}/{g}"] = row | {"num": len(used), "num_texts": len(texts)}

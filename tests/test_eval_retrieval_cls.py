@@ -256,6 +256,14 @@ def test_karpathy_perfect_model_scores_100(tmp_path, kind):
     for row in r.values():
         assert row == {"i2t_r1": 100.0, "i2t_r5": 100.0, "i2t_r10": 100.0, "t2i_r1": 100.0, "t2i_r5": 100.0,
                        "t2i_r10": 100.0, "num": n, "num_texts": 5 * n + 1}  # fmt: skip
+    # an unreadable image is left out with its captions and listed; the run goes on
+    bad = ds.image_root / ds.keys()[5]
+    bad.write_bytes(bad.read_bytes()[:40])
+    r = retrieval_recall(karpathy_perfect(n), ds, image_size=SIZE, batch_size=5, ks=(1,))
+    assert r["cls1/captions"] == {"i2t_r1": 100.0, "t2i_r1": 100.0, "num": n - 1, "num_texts": 5 * n - 4}
+    assert (
+        r["skipped/unreadable"]["num"] == 1 and r["skipped/unreadable"]["images"][0]["image"] == ds.keys()[5]
+    )
 
 
 def test_karpathy_hand_computed_recall(tmp_path):
@@ -340,6 +348,11 @@ def test_imagenet_class_subset_and_flat_csv_checks(tmp_path):
     # head of 3: image 3 (A-.3B) now has rank 2 (A, C above), image 5 rank 2 (A, B above): top-1 3/6, top-5 all
     r = classification_accuracy(imagenet_errors(), sub, image_size=SIZE, cache_dir=None)
     assert r["cls0"] == {"top1": 50.0, "top5": 100.0, "num": 6} and r["num_classes"] == 3
+    # image 1 (.8B+.6A, a top-1 miss) unreadable: left out and listed, top-1 3/5
+    (val / sub.keys()[1]).write_bytes(b"not a jpeg")
+    r = classification_accuracy(imagenet_errors(), sub, image_size=SIZE, cache_dir=None)
+    assert r["cls0"] == {"top1": 60.0, "top5": 100.0, "num": 5}
+    assert [b["image"] for b in r["unreadable"]["images"]] == [sub.keys()[1]]
 
     flat = tmp_path / "kaggle"
     fval = write_imagenet(flat, "flat")

@@ -77,7 +77,8 @@ def classification_accuracy(
 
     The text comes from ``text_embeddings`` (a file or :class:`~.text.ClassEmbeddings`), else ``text_model``,
     else the model's own text tower. Returns ``{"cls0": {"top1": .., "top5": .., "num": N}, "cls1": ...,
-    "num_classes": C, "text": {...}}``.
+    "num_classes": C, "text": {...}}`` (and ``unreadable``, listing the images that could not be read and
+    were left out, when there are any).
     """
     names = dataset_label_names(dataset)
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
@@ -93,9 +94,10 @@ def classification_accuracy(
         cache_dir=cache_dir,
     )  # fmt: skip
     check_text_dim(model, text)
-    img = image_global_tokens(
+    enc = image_global_tokens(
         model, dataset, image_size, n, batch_size=batch_size, num_workers=num_workers, progress=progress
-    )  # (N, C, D)
+    )
+    img, targets = enc.tokens, targets[enc.index]  # (M, C, D) of the readable images, their classes
     if img.shape[-1] != text.dim:
         raise ValueError(
             f"global tokens have dim {img.shape[-1]} in the text space; the text embeddings {text.dim}"
@@ -105,8 +107,10 @@ def classification_accuracy(
     for c in range(img.shape[1]):  # scored on the model's device
         scores = text.scores(img[:, c].to(device)).T  # (N, C)
         acc = topk_from_scores(scores, targets.to(device), ks)
-        out[f"cls{c}"] = {f"top{k}": v for k, v in acc.items()} | {"num": n}
+        out[f"cls{c}"] = {f"top{k}": v for k, v in acc.items()} | {"num": len(enc.index)}
     out["num_classes"] = len(names)
+    if enc.bad:
+        out["unreadable"] = enc.bad_report(dataset)
     out["text"] = {**text.source, "templates": len(text.templates)}
     return out
 
@@ -163,7 +167,10 @@ def classification_report(
             lines.append(
                 f"| {name} | {tok} | " + " | ".join(cells) + f" | {r[tok]['num']} | {r['num_classes']} |"
             )
-    notes = [f"{ident[k]} {what}" for k, what in (("num_ignored", "files not evaluated"), ("num_missing", "listed images missing")) if ident.get(k)]  # fmt: skip
+    unreadable = max((r.get("unreadable", {}).get("num", 0) for r in res["models"].values()), default=0)
+    if unreadable:
+        ident["num_unreadable"] = unreadable  # (the images: models.<name>.unreadable)
+    notes = [f"{ident[k]} {what}" for k, what in (("num_ignored", "files not evaluated"), ("num_missing", "listed images missing"), ("num_unreadable", "unreadable images left out")) if ident.get(k)]  # fmt: skip
     if notes:
         lines += ["", "; ".join(notes) + " (listed in results.json, dataset)."]
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,8 @@ def retrieval_ranks(
 
 
 class _GlobalView(Dataset):
-    """A dataset's images resized (short side, PIL bicubic) and centre-cropped square: ``(3, S, S)``."""
+    """A dataset's images resized (short side, PIL bicubic) and centre-cropped square: ``(3, S, S)``; an image
+    that cannot be read comes back as its error (listed by the caller, never fatal)."""
 
     def __init__(self, dataset: Any, n: int, image_size: int) -> None:
         self.dataset, self.n, self.image_size = dataset, n, image_size
@@ -90,9 +92,46 @@ class _GlobalView(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        img = self.dataset[i]["image"].float()
-        return center_crop(resize_short_side(img, self.image_size, "pil"), self.image_size)
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            img = self.dataset[i]["image"].float()
+        except ValueError as e:  # an unreadable image file (load_image / BadImageError say which and why)
+            return i, None, str(e)
+        return i, center_crop(resize_short_side(img, self.image_size, "pil"), self.image_size), ""
+
+
+def _collate_views(batch: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]:
+    good = [b for b in batch if b[1] is not None]
+    return {
+        "index": [b[0] for b in good],
+        "pixels": torch.stack([b[1] for b in good]) if good else None,
+        "bad": [(b[0], b[2]) for b in batch if b[1] is None],
+    }
+
+
+@dataclass
+class GlobalTokens:
+    """Global tokens of the readable images of a dataset.
+
+    Attributes:
+        tokens: ``(M, C, D)`` L2-normalised, in the model's text space.
+        index: the dataset row of each of the ``M`` images.
+        bad: ``(row, error)`` of every image that could not be read (left out).
+    """
+
+    tokens: torch.Tensor
+    index: list[int]
+    bad: list[tuple[int, str]]
+
+    def bad_report(self, dataset: Any) -> dict[str, Any]:
+        """``{"reason", "num", "images"}`` for a results file (keys of the unreadable images when known)."""
+        keys = dataset.keys() if hasattr(dataset, "keys") else None
+        images = [{"image": keys[i] if keys else i, "error": e} for i, e in self.bad[:100]]
+        return {
+            "reason": f"{len(self.bad)} unreadable image(s) left out",
+            "num": len(self.bad),
+            "images": images,
+        }
 
 
 def image_global_tokens(
@@ -104,24 +143,37 @@ def image_global_tokens(
     batch_size: int = 32,
     num_workers: int = 0,
     progress: bool = False,
-) -> torch.Tensor:
-    """``(N, C, D)`` L2-normalised global tokens in the model's text space (short side resized, centre-cropped
-    square, as CLIP's preprocessing; :func:`~.segmentation.to_text_space`), ``batch_size`` images per forward,
-    decoded by ``num_workers`` loader processes."""
+) -> GlobalTokens:
+    """Global tokens of the first ``max_images`` images (short side resized, centre-cropped square, as CLIP's
+    preprocessing), each mapped into the model's text space (:func:`~.segmentation.to_text_space`) and
+    L2-normalised; ``batch_size`` images per forward, decoded by ``num_workers`` loader processes. Unreadable
+    images are left out and listed (:class:`GlobalTokens`)."""
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     if n == 0:
         raise ValueError("the dataset has no images")
     device = model_device(model)
     loader = DataLoader(
-        _GlobalView(dataset, n, image_size), batch_size=batch_size, num_workers=num_workers, shuffle=False
-    )
-    out = []
+        _GlobalView(dataset, n, image_size), batch_size=batch_size, num_workers=num_workers, shuffle=False,
+        collate_fn=_collate_views,
+    )  # fmt: skip
+    out, index, bad = [], [], []
     with torch.no_grad():
         for batch in tqdm(loader, desc="images", disable=not progress, leave=False):
-            pixels = round_up_to_patch(batch.to(device), int(model.patch_size))
+            bad += batch["bad"]
+            if batch["pixels"] is None:
+                continue
+            pixels = round_up_to_patch(batch["pixels"].to(device), int(model.patch_size))
             cls = to_text_space(model, model.encode_image(pixels).cls)
             out.append(F.normalize(cls.float(), dim=-1).cpu())
-    return torch.cat(out)
+            index += batch["index"]
+    if bad:
+        logger.warning(
+            "%d of %d images cannot be read and are left out (listed in the results): %s",
+            len(bad), n, "; ".join(f"row {i}: {e}" for i, e in bad[:5]),
+        )  # fmt: skip
+    if not out:
+        raise ValueError(f"none of the {n} images can be read (first: {bad[0][1]})")
+    return GlobalTokens(torch.cat(out), index, bad)
 
 
 def caption_sets(dataset: Any, n: int, granularities: Sequence[str] | None = None) -> dict[str, Any]:
@@ -134,7 +186,12 @@ def caption_sets(dataset: Any, n: int, granularities: Sequence[str] | None = Non
             keep = [j for j, r in enumerate(rows) if r < n]
             sets[g] = ([texts[j] for j in keep], [rows[j] for j in keep])
     else:
-        caps = [dict(dataset[i].get("captions") or {}) for i in range(n)]
+        caps = []
+        for i in range(n):
+            try:
+                caps.append(dict(dataset[i].get("captions") or {}))
+            except ValueError:  # an unreadable image: left out, listed by the image pass
+                caps.append({})
         names = sorted({g for c in caps for g in c if c[g]})
         sets = {
             g: ([c[g] for c in caps if c.get(g)], [i for i, c in enumerate(caps) if c.get(g)]) for g in names
@@ -179,13 +236,18 @@ def retrieval_recall(
     sets = caption_sets(dataset, n, granularities)
     if not sets:
         raise ValueError("the dataset has no captions; retrieval needs a captioned set (items['captions'])")
-    img = image_global_tokens(
+    enc = image_global_tokens(
         model, dataset, image_size, n, batch_size=batch_size, num_workers=num_workers, progress=progress
-    )  # (N, C, D)
+    )
+    img, token_row = (
+        enc.tokens,
+        {r: j for j, r in enumerate(enc.index)},
+    )  # (M, C, D); dataset row -> token row
     device = model_device(model)
     results: dict[str, Any] = {}
     for g, (texts, rows) in sets.items():
-        used = sorted(set(rows))
+        kept = [j for j, r in enumerate(rows) if r in token_row]  # captions of readable images
+        used = sorted({rows[j] for j in kept})
         if len(used) < 2:
             logger.warning("caption set %r covers %d images; skipped (listed in results)", g, len(used))
             results[f"skipped/{g}"] = {"reason": f"{len(used)} captioned images", "num": len(used)}
@@ -202,12 +264,15 @@ def retrieval_recall(
                 "model in the same embedding space"
             )
         row_of = {r: j for j, r in enumerate(used)}
-        text_image = torch.tensor([row_of[r] for r in rows], dtype=torch.long)
+        text_image = torch.tensor([row_of[rows[j]] for j in kept], dtype=torch.long)
+        txt_kept, img_used = txt[kept].to(device), img[[token_row[r] for r in used]]
         for c in range(img.shape[1]):  # ranked on the model's device (a GPU when the model is on one)
-            i2t, t2i = retrieval_ranks(img[used, c].to(device), txt.to(device), text_image)
+            i2t, t2i = retrieval_ranks(img_used[:, c].to(device), txt_kept, text_image)
             row = {f"i2t_r{k}": v for k, v in recall_from_ranks(i2t, ks).items()}
             row |= {f"t2i_r{k}": v for k, v in recall_from_ranks(t2i, ks).items()}
-            results[f"cls{c}/{g}"] = row | {"num": len(used), "num_texts": len(texts)}
+            results[f"cls{c}/{g}"] = row | {"num": len(used), "num_texts": len(kept)}
+    if enc.bad:
+        results["skipped/unreadable"] = enc.bad_report(dataset)
     return results
 
 

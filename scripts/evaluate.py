@@ -1,4 +1,5 @@
-"""``tipsdistill-eval``: zero-shot segmentation (and optionally retrieval) of one or several models.
+"""``tipsdistill-eval``: zero-shot segmentation, image-text retrieval and zero-shot classification of one or
+several models.
 
 Model specs (``--model NAME=SPEC``, repeatable; ``distill.evaluation.models``):
   ``teacher:<registry name>[:<json kwargs>]``   e.g. ``teacher:timm:{"model_name": "vit_base_patch14_reg4_dinov2"}``
@@ -6,7 +7,11 @@ Model specs (``--model NAME=SPEC``, repeatable; ``distill.evaluation.models``):
   ``python:<module>:<factory>[:<json kwargs>]`` any callable returning a DenseEncoder
 A bare existing directory is a student export or an embedded-teacher folder (by its config.json);
 a bare name is a teacher.
-Writes ``results.json``, ``results.md`` and PNG figures to ``--out``; prints the Markdown table.
+Retrieval (``--retrieval coco_karpathy --retrieval-root DIR``: Karpathy's 5k COCO / 1k Flickr30k test split)
+and ImageNet zero-shot (``--classification imagenet --classification-root VAL_DIR``) report every global
+token of every model; they run alone or next to a segmentation ``--dataset``.
+Writes ``results.json``, ``results.md`` and PNG figures to ``--out`` (a retrieval or classification run next
+to another task writes to ``--out/retrieval``, ``--out/classification``); prints the Markdown tables.
 """
 
 from __future__ import annotations
@@ -67,10 +72,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--text-embeddings", default=None, help=".safetensors/.pt/.npy file, one row per class")
     t.add_argument("--text-cache", default="default", help="text-embedding cache dir ('none' disables)")
-    r = p.add_argument_group("retrieval")
-    r.add_argument("--retrieval-dataset", default=None, help="captioned dataset name for recall@1/5")
-    r.add_argument("--retrieval-kwargs", default=None, help="JSON kwargs of the retrieval dataset")
+    r = p.add_argument_group(
+        "retrieval and zero-shot classification (global tokens: every CLS token of every model)"
+    )
+    r.add_argument(
+        "--retrieval-dataset",
+        "--retrieval",
+        default=None,
+        help="captioned dataset for image<->text recall@1/5/10: coco_karpathy, flickr30k_karpathy, caption_folder, ...",
+    )
+    r.add_argument("--retrieval-root", default=None, help="shortcut for retrieval dataset kwarg root=")
+    r.add_argument(
+        "--retrieval-kwargs", default=None, help='JSON kwargs of the retrieval dataset, e.g. {"json": ...}'
+    )
     r.add_argument("--retrieval-image-size", type=int, default=224)
+    r.add_argument(
+        "--classification", default=None, help="labelled image set for zero-shot top-1/5: imagenet"
+    )
+    r.add_argument(
+        "--classification-root", default=None, help="shortcut for classification dataset kwarg root="
+    )
+    r.add_argument(
+        "--classification-kwargs", default=None, help='JSON kwargs, e.g. {"classes": ["n01440764"]}'
+    )
+    r.add_argument("--classification-image-size", type=int, default=224)
+    r.add_argument(
+        "--classification-templates", default="openai", help="openai (80, default), tcl, none, or a file"
+    )
+    r.add_argument(
+        "--global-batch-size", type=int, default=32, help="images per forward (retrieval, classification)"
+    )
+    r.add_argument(
+        "--global-workers", type=int, default=0, help="image-decoding processes (retrieval, classification)"
+    )
     o = p.add_argument_group("output")
     o.add_argument("--out", default="eval_out", help="output directory")
     o.add_argument("--num-examples", type=int, default=4)
@@ -105,15 +139,17 @@ def main(argv: list[str] | None = None) -> int:
             window_batch=args.window_batch,
             max_images=args.max_images,
         )
+        dataset = None
         if args.cache:
             from cache.dataset_spec import source_for_cache
 
             dataset = source_for_cache(args.cache, args.dataset, ds_kw, only_cached=True)
         elif args.dataset:
             dataset = build_eval_dataset(args.dataset, ds_kw)
-        else:
+        elif not (args.retrieval_dataset or args.classification):
             raise ValueError(
-                "name the images: --dataset NAME (or spec), or --cache CACHE for a cache's own images"
+                "name the images: --dataset NAME (or spec), --cache CACHE for a cache's own images, "
+                "--retrieval coco_karpathy / flickr30k_karpathy, or --classification imagenet"
             )
         models = {
             name: build_model(spec).to(args.device).eval() for name, spec in parse_models(args.model).items()
@@ -123,24 +159,29 @@ def main(argv: list[str] | None = None) -> int:
             text_model = models[args.text_model]
         elif args.text_model:
             text_model = build_model(args.text_model).to(args.device).eval()
-        retrieval_ds = None
-        if args.retrieval_dataset:
-            retrieval_ds = build_eval_dataset(
-                args.retrieval_dataset, json_kwargs(args.retrieval_kwargs, "--retrieval-kwargs")
-            )
-        if not getattr(dataset, "class_names", None):  # captioned images without labels: retrieval only
-            from distill.evaluation.retrieval import retrieval_report
-
-            results = retrieval_report(
-                models,
-                dataset,
-                args.out,
-                text_model=text_model,
-                image_size=args.retrieval_image_size,
-                max_images=args.max_images,
-            )
-            print(Path(results["files"]["markdown"]).read_text())
-            print(f"wrote: results.json, results.md in {args.out}")
+        retrieval_ds = _side_dataset(
+            args.retrieval_dataset, args.retrieval_kwargs, args.retrieval_root, "retrieval"
+        )
+        cls_ds = _side_dataset(
+            args.classification, args.classification_kwargs, args.classification_root, "classification"
+        )
+        jobs: dict[str, Any] = {}  # task -> dataset
+        if dataset is not None:
+            if getattr(dataset, "task", None) == "classification":
+                jobs["classification"] = dataset
+            elif not getattr(dataset, "class_names", None):  # captioned images without labels: retrieval
+                jobs["retrieval"] = dataset
+            else:
+                jobs["segmentation"] = dataset
+        for task, ds in (("retrieval", retrieval_ds), ("classification", cls_ds)):
+            if ds is None or (task == "retrieval" and "segmentation" in jobs):
+                continue  # with a segmentation set, retrieval goes into its report (compare_models)
+            if task in jobs:
+                raise ValueError(f"two {task} datasets (--dataset and --{task}); evaluate one per run")
+            jobs[task] = ds
+        shown = _global_jobs(args, models, text_model, jobs)
+        if "segmentation" not in jobs:
+            print(shown)
             return 0
         layers: Any = args.layers
         if layers and layers != "all":
@@ -166,7 +207,56 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(Path(results["files"]["markdown"]).read_text())
     print("wrote: " + ", ".join(sorted(Path(f).name for f in results["files"].values())) + f" in {args.out}")
+    if shown:
+        print(shown)
     return 0
+
+
+def _side_dataset(name: str | None, kwargs: str | None, root: str | None, task: str) -> Any:
+    """The ``--retrieval`` / ``--classification`` dataset (``None`` when not asked)."""
+    if not name:
+        if kwargs or root:
+            raise ValueError(f"--{task}-kwargs / --{task}-root given without --{task} NAME")
+        return None
+    from distill.evaluation.datasets import build_eval_dataset
+    from distill.evaluation.models import json_kwargs
+
+    kw = json_kwargs(kwargs, f"--{task}-kwargs")
+    if root:
+        kw["root"] = root
+    return build_eval_dataset(name, kw)
+
+
+def _global_jobs(
+    args: argparse.Namespace, models: dict[str, Any], text_model: Any, jobs: dict[str, Any]
+) -> str:
+    """Run the retrieval / classification jobs (a lone task writes to ``--out``; next to other tasks, to
+    ``--out/<task>``); return their Markdown and where it went."""
+    from distill.evaluation.classification import classification_report
+    from distill.evaluation.retrieval import retrieval_report
+
+    shown = []
+    common = {"max_images": args.max_images, "batch_size": args.global_batch_size, "num_workers": args.global_workers,
+              "progress": not args.quiet}  # fmt: skip
+    for task, ds in jobs.items():
+        if task == "segmentation":
+            continue
+        out = Path(args.out) if len(jobs) == 1 else Path(args.out) / task
+        if task == "retrieval":
+            res = retrieval_report(
+                models, ds, out, text_model=text_model, image_size=args.retrieval_image_size, **common
+            )
+        else:
+            res = classification_report(
+                models, ds, out, text_model=text_model, image_size=args.classification_image_size,
+                templates=args.classification_templates,
+                text_embeddings=None if "segmentation" in jobs else args.text_embeddings,
+                cache_dir=None if args.text_cache == "none" else args.text_cache, **common,
+            )  # fmt: skip
+        shown.append(
+            Path(res["files"]["markdown"]).read_text() + f"wrote: results.json, results.md in {out}\n"
+        )
+    return "\n".join(shown)
 
 
 if __name__ == "__main__":

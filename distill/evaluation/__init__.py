@@ -1,13 +1,24 @@
-"""Measure patch-text alignment: zero-shot segmentation (mIoU), per-layer curves, retrieval, reports.
+"""Measure patch-text alignment: zero-shot segmentation (mIoU), per-layer curves, image-text retrieval,
+zero-shot classification, reports.
 
 The protocol is the official TIPS zero-shot notebook's (docs/evaluation.md has the user guide).
 """
 
 from .benchmarks import BACKGROUND_PRESETS, BENCHMARKS, MMSEG_SUBDIRS, BenchmarkDataset, convert_coco_object
-from .datasets import ADE20K, ADE150_CLASSES, CaptionFolder, SegmentationFolder, load_eval_dataset
+from .classification import classification_accuracy, classification_report
+from .datasets import (
+    ADE20K,
+    ADE150_CLASSES,
+    CaptionFolder,
+    ImageNetVal,
+    KarpathyCaptions,
+    SegmentationFolder,
+    load_eval_dataset,
+)
+from .imagenet_classes import IMAGENET_CLASSNAMES
 from .metrics import IGNORE_INDEX, ConfusionMatrix, segmentation_metrics
 from .report import compare_models
-from .retrieval import retrieval_recall
+from .retrieval import retrieval_recall, retrieval_report
 from .segmentation import (
     SegmentationSettings,
     dense_patch_features,
@@ -38,10 +49,15 @@ __all__ = [
     "ClassEmbeddings",
     "ConfusionMatrix",
     "IGNORE_INDEX",
+    "IMAGENET_CLASSNAMES",
+    "ImageNetVal",
+    "KarpathyCaptions",
     "OPENAI_IMAGENET_TEMPLATES",
     "SegmentationFolder",
     "SegmentationSettings",
     "TCL_TEMPLATES",
+    "classification_accuracy",
+    "classification_report",
     "compare_models",
     "convert_coco_object",
     "dense_patch_features",
@@ -56,6 +72,7 @@ __all__ = [
     "resize_short_side",
     "resolve_class_embeddings",
     "retrieval_recall",
+    "retrieval_report",
     "round_up_to_patch",
     "save_text_embeddings",
     "segmentation_metrics",

@@ -10,6 +10,10 @@ Registered in :mod:`cache.datasets` (guarded, so importing twice is harmless):
                   VOC / Pascal Context / ADE conventions. The standard benchmarks built on it
                   (``voc21``, ``pc59``, ``coco_stuff``, ...) live in :mod:`.benchmarks`.
   ``caption_folder``  images + ``captions.jsonl`` for image-text retrieval.
+  ``coco_karpathy`` / ``flickr30k_karpathy`` / ``karpathy``  Karpathy's split files (``dataset_coco.json``,
+                  ``dataset_flickr30k.json``) + the image folders: standard 5-caption retrieval.
+  ``imagenet``    ImageNet-1k validation (wnid folders, or the flat folder + ``LOC_val_solution.csv``) for
+                  zero-shot classification.
 The built-in ``synthetic`` dataset (``cache/synthetic.py``) is used through :func:`load_eval_dataset`.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -411,6 +416,439 @@ class CaptionFolder(Dataset):
         return {"key": rel, "image": load_image(self.root / rel), "captions": dict(caps)}
 
 
+# ------------------------------------------------------------------------- Karpathy caption splits
+KARPATHY_JSON = {"coco_karpathy": "dataset_coco.json", "flickr30k_karpathy": "dataset_flickr30k.json"}
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+MISSING_POLICIES = ("error", "skip")
+
+
+def _find_file(root: Path, name: str, levels: int = 4) -> Path | None:
+    """``root/name`` or the same name in one of ``root``'s first ``levels`` parents (download layouts keep
+    annotation files next to or above the image folder)."""
+    for d in [root, *list(root.parents)[:levels]]:
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable JSON file ({e}); download it again") from e
+
+
+class KarpathyCaptions(Dataset):
+    """One split of Karpathy's caption files (``dataset_coco.json``, ``dataset_flickr30k.json``): every image
+    of the split with exactly the captions the file lists (5 per image; a few COCO images have 6 or 7).
+
+    ``json`` (absolute, or relative to ``root``; default ``root/dataset_<name>.json``): fields
+    ``images[i].split`` (train, restval, val, test), ``filepath`` (COCO: ``val2014``; absent for Flickr30k),
+    ``filename``, ``sentences[j].raw``. Images are read from ``root/<images>/<filepath>/<filename>``
+    (``images`` default: ``flickr30k-images`` when ``root`` has that folder and the file gives no filepath,
+    else ``root`` itself). ``split``: one of :data:`KARPATHY_SPLITS` or several joined by ``+``
+    (``train+restval``). Images listed but absent on disk are an error (``missing="error"``) or are left
+    out and listed in :meth:`identity` (``missing="skip"``); images without captions are always left out
+    and listed.
+
+    Items: ``key`` (image path relative to the image folder), ``image`` ``(3, H, W)`` [0, 1], ``captions``
+    ``{"alt": <first caption>}`` (the dataset contract: one string per granularity). Retrieval reads every
+    caption through :meth:`caption_sets`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        json: str | Path | None = None,
+        split: str = "test",
+        images: str | Path | None = None,
+        missing: str = "error",
+        max_images: int | None = None,
+        name: str = "karpathy",
+    ) -> None:
+        self.root = Path(root)
+        self.name = name
+        if not self.root.is_dir():
+            raise ValueError(f"{name}: root {self.root} is not a folder (the folder holding the images)")
+        if missing not in MISSING_POLICIES:
+            raise ValueError(f"{name}: missing={missing!r}; choose one of {MISSING_POLICIES}")
+        self.json_path = self._json_path(json)
+        self.split = split
+        splits = [s.strip() for s in split.split("+") if s.strip()]
+        bad = [s for s in splits if s not in KARPATHY_SPLITS]
+        if bad or not splits:
+            raise ValueError(
+                f"{name}: split {split!r}; use one of {KARPATHY_SPLITS} (or several joined by '+')"
+            )
+        data = _read_json(self.json_path)
+        entries = data.get("images") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError(
+                f"{self.json_path} has no 'images' list; a Karpathy split file (dataset_coco.json / "
+                "dataset_flickr30k.json) is expected"
+            )
+        rows = []
+        for i, e in enumerate(entries):
+            where = f"{self.json_path}: images[{i}]"
+            if not isinstance(e, dict) or not isinstance(e.get("filename"), str) or "split" not in e:
+                raise ValueError(f"{where} needs 'filename' and 'split' (a Karpathy split file is expected)")
+            if e["split"] not in splits:
+                continue
+            sents = e.get("sentences") or []
+            if not isinstance(sents, list) or any(
+                not isinstance(t, dict) or not isinstance(t.get("raw"), str) for t in sents
+            ):
+                raise ValueError(f"{where} ({e['filename']}): 'sentences' must be a list of {{'raw': str}}")
+            rel = Path(e.get("filepath") or "") / e["filename"]
+            rows.append((rel, [t["raw"].strip() for t in sents]))
+        if not rows:
+            found = sorted({str(e.get("split")) for e in entries if isinstance(e, dict)})
+            raise ValueError(f"{self.json_path} has no image in split {split!r} (splits present: {found})")
+        has_filepath = any(str(r[0].parent) != "." for r in rows)
+        if images is not None:
+            self.image_root = Path(images) if Path(images).is_absolute() else self.root / images
+        elif not has_filepath and (self.root / "flickr30k-images").is_dir():
+            self.image_root = self.root / "flickr30k-images"
+        else:
+            self.image_root = self.root
+        self.skipped: list[dict[str, str]] = []
+        no_caps = [r for r in rows if not r[1]]
+        self.skipped += [{"image": str(r[0]), "reason": "no captions"} for r in no_caps]
+        rows = [r for r in rows if r[1]]
+        absent = [r for r in rows if not (self.image_root / r[0]).is_file()]
+        if absent and missing == "error":
+            raise ValueError(
+                f"{name}: {len(absent)} of {len(rows)} {split} images listed in {self.json_path} are not in "
+                f"{self.image_root} (first: {[str(r[0]) for r in absent[:5]]}); point root= (and images=) at the "
+                "folder holding them, or pass missing='skip' to evaluate without them (they are listed)"
+            )
+        absent_set = {r[0] for r in absent}
+        self.skipped += [{"image": str(r[0]), "reason": "image file missing"} for r in absent]
+        rows = [r for r in rows if r[0] not in absent_set]
+        if self.skipped:
+            logger.warning(
+                "%s: %d %s image(s) left out: %s%s",
+                name,
+                len(self.skipped),
+                split,
+                ", ".join(f"{s['image']} ({s['reason']})" for s in self.skipped[:10]),
+                " ..." if len(self.skipped) > 10 else "",
+            )
+        if not rows:
+            raise ValueError(f"{name}: no usable image in split {split!r} of {self.json_path}")
+        self.rows = rows[:max_images] if max_images is not None else rows
+
+    def _json_path(self, json_arg: str | Path | None) -> Path:
+        if json_arg is not None:
+            p = Path(json_arg)
+            p = p if p.is_absolute() or p.is_file() else self.root / p
+            if not p.is_file():
+                raise ValueError(f"{self.name}: caption file {p} does not exist")
+            return p
+        default = KARPATHY_JSON.get(self.name)
+        if default is not None:
+            found = _find_file(self.root, default)
+            if found is not None:
+                return found
+            raise ValueError(
+                f"{self.name}: {default} is neither in {self.root} nor in its parents; pass json= (the Karpathy "
+                "split file, e.g. caption_datasets/dataset_coco.json)"
+            )
+        cands = sorted(self.root.glob("dataset_*.json"))
+        if len(cands) != 1:
+            raise ValueError(
+                f"{self.name}: pass json= (found {len(cands)} dataset_*.json files in {self.root}: "
+                f"{[c.name for c in cands]})"
+            )
+        return cands[0]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def keys(self) -> list[str]:
+        return [str(r[0]) for r in self.rows]
+
+    def caption_sets(self) -> dict[str, tuple[list[str], list[int]]]:
+        """``{"captions": (texts, image_index)}``: every caption of every image, and the row of its image."""
+        texts, index = [], []
+        for i, (_, caps) in enumerate(self.rows):
+            texts += caps
+            index += [i] * len(caps)
+        return {"captions": (texts, index)}
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "root": str(self.root),
+            "json": str(self.json_path),
+            "split": self.split,
+            "num_images": len(self),
+            "num_captions": sum(len(r[1]) for r in self.rows),
+            "num_skipped": len(self.skipped),
+            "skipped": self.skipped[:100],
+        }
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rel, caps = self.rows[i]
+        return {"key": str(rel), "image": load_image(self.image_root / rel), "captions": {"alt": caps[0]}}
+
+
+def coco_karpathy(root: str | Path, **kwargs: Any) -> KarpathyCaptions:
+    """COCO 2014 Karpathy split (test: the 5k images of ``val2014``); ``root`` holds ``val2014/`` (and
+    ``train2014/`` for the training splits)."""
+    return KarpathyCaptions(root, name="coco_karpathy", **kwargs)
+
+
+def flickr30k_karpathy(root: str | Path, **kwargs: Any) -> KarpathyCaptions:
+    """Flickr30k Karpathy split (test: 1k images); ``root`` holds the images or ``flickr30k-images/``."""
+    return KarpathyCaptions(root, name="flickr30k_karpathy", **kwargs)
+
+
+# ------------------------------------------------------------------------------ ImageNet-1k validation
+WNID_PATTERN = re.compile(r"n\d{8}")
+
+
+def read_synset_mapping(path: Path) -> tuple[list[str], list[str]]:
+    """``LOC_synset_mapping.txt`` (``n01440764 tench, Tinca tinca`` per line) -> (wnids, descriptions) in file order."""
+    wnids, desc = [], []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        wnid, _, rest = line.strip().partition(" ")
+        if not WNID_PATTERN.fullmatch(wnid):
+            raise ValueError(
+                f"{path}:{lineno}: {wnid!r} is not a WordNet id (nXXXXXXXX); a synset mapping has one "
+                "'<wnid> <names>' per line"
+            )
+        wnids.append(wnid)
+        desc.append(rest.strip() or wnid)
+    if len(set(wnids)) != len(wnids):
+        raise ValueError(f"{path} lists a WordNet id twice")
+    if not wnids:
+        raise ValueError(f"{path} lists no synsets")
+    return wnids, desc
+
+
+class ImageNetVal(Dataset):
+    """ImageNet-1k validation images with their class, for zero-shot classification.
+
+    Two download layouts of ``root``:
+      * wnid folders: ``root/n01440764/*.JPEG`` ... (torchvision's ``ImageFolder`` layout);
+      * flat: ``root/ILSVRC2012_val_00000001.JPEG`` ... plus ``LOC_val_solution.csv`` (columns ``ImageId``,
+        ``PredictionString`` whose first token is the wnid; found in ``root`` or a parent, or ``solution_csv=``),
+        as the Kaggle ``ILSVRC/Data/CLS-LOC/val`` layout has it.
+    The class head is the 1000 classes in sorted-wnid order (``LOC_synset_mapping.txt`` when found in ``root``
+    or a parent, or ``synset_mapping=``; else timm's list) named by OpenAI's cleaned names
+    (:data:`~.imagenet_classes.IMAGENET_CLASSNAMES`; ``class_names=`` a file of one line per head class, synonyms
+    after commas, replaces them). ``classes=`` (wnids) restricts the head, and the images, to those classes.
+    Images of classes outside the head and files that are not images of a listed class are left out, counted
+    in :meth:`identity`; solution rows whose image is absent are an error (``missing="error"``) or left out
+    (``missing="skip"``).
+
+    Items: ``key`` (path relative to ``root``), ``image`` ``(3, H, W)`` [0, 1], ``captions`` ``{}``,
+    ``class_id`` (index into the head). ``task = "classification"``; ``label_names`` (head names with
+    synonyms) and ``wnids`` describe the head.
+    """
+
+    task = "classification"
+
+    def __init__(
+        self,
+        root: str | Path,
+        classes: list[str] | str | Path | None = None,
+        solution_csv: str | Path | None = None,
+        synset_mapping: str | Path | None = None,
+        class_names: str | Path | None = None,
+        missing: str = "error",
+        max_images: int | None = None,
+        name: str = "imagenet",
+    ) -> None:
+        from .imagenet_classes import IMAGENET_CLASSNAMES, imagenet_wnids
+
+        self.root = Path(root)
+        self.name = name
+        if not self.root.is_dir():
+            raise ValueError(f"{name}: root {self.root} is not a folder (the validation image folder)")
+        if missing not in MISSING_POLICIES:
+            raise ValueError(f"{name}: missing={missing!r}; choose one of {MISSING_POLICIES}")
+        standard = imagenet_wnids()
+        std_index = {w: i for i, w in enumerate(standard)}
+        mapping = (
+            Path(synset_mapping)
+            if synset_mapping is not None
+            else _find_file(self.root, "LOC_synset_mapping.txt")
+        )
+        if synset_mapping is not None and not mapping.is_file():
+            raise ValueError(f"{name}: synset mapping {mapping} does not exist")
+        if mapping is not None:
+            all_wnids, desc = read_synset_mapping(mapping)
+            names = [[IMAGENET_CLASSNAMES[std_index[w]]] if w in std_index else [d.split(",")[0].strip()]
+                     for w, d in zip(all_wnids, desc)]  # fmt: skip
+            self.mapping_source = str(mapping)
+        else:
+            all_wnids, names = standard, [[n] for n in IMAGENET_CLASSNAMES]
+            self.mapping_source = "timm imagenet_synsets.txt"
+        if class_names is not None:
+            names = load_class_names(class_names)
+            if len(names) != len(all_wnids):
+                raise ValueError(
+                    f"{name}: class-name file {class_names} has {len(names)} lines for {len(all_wnids)} classes; "
+                    "write one line per class in sorted-wnid order"
+                )
+        if classes is not None:
+            if isinstance(classes, (str, Path)) and Path(classes).is_file():
+                wanted_ids = [w[0] for w in load_class_names(classes)]  # one wnid per line
+            elif isinstance(classes, str):
+                wanted_ids = [c.strip() for c in classes.split(",") if c.strip()]  # "n01440764,n01443537"
+            else:
+                wanted_ids = [str(c) for c in classes]
+            unknown = [w for w in wanted_ids if w not in all_wnids]
+            if unknown:
+                raise ValueError(
+                    f"{name}: classes {unknown[:5]} are not WordNet ids of the head ({self.mapping_source})"
+                )
+            keep = sorted({all_wnids.index(w) for w in wanted_ids})
+        else:
+            keep = list(range(len(all_wnids)))
+        self.wnids = [all_wnids[i] for i in keep]
+        self.label_names = [names[i] for i in keep]
+        head = {w: i for i, w in enumerate(self.wnids)}
+        known = set(all_wnids)
+        self.ignored: list[dict[str, str]] = []
+        self.missing: list[str] = []
+        subdirs = sorted(d for d in self.root.iterdir() if d.is_dir() and WNID_PATTERN.fullmatch(d.name))
+        items: list[tuple[Path, int]] = []
+        if subdirs:
+            self.layout = "wnid_folders"
+            foreign = [d.name for d in subdirs if d.name not in known]
+            if foreign:
+                raise ValueError(
+                    f"{name}: folders {foreign[:5]} in {self.root} are not ImageNet-1k WordNet ids "
+                    f"({self.mapping_source}); is this the ImageNet-1k validation folder?"
+                )
+            others = sorted(
+                p.name for p in self.root.iterdir() if p not in subdirs and not p.name.startswith(".")
+            )
+            self.ignored += [
+                {"path": o, "reason": "not a wnid folder"} for o in others if not o.endswith((".csv", ".txt"))
+            ]
+            for d in subdirs:
+                files = sorted(p for p in d.iterdir() if p.is_file())
+                if d.name not in head:
+                    self.ignored += [
+                        {"path": f"{d.name}/*", "reason": f"class outside classes= ({len(files)} files)"}
+                    ]
+                    continue
+                for p in files:
+                    if p.suffix.lower() in IMAGE_EXTS:
+                        items.append((p, head[d.name]))
+                    else:
+                        self.ignored.append({"path": str(p.relative_to(self.root)), "reason": "not an image"})
+        else:
+            self.layout = "flat_csv"
+            csv_path = (
+                Path(solution_csv)
+                if solution_csv is not None
+                else _find_file(self.root, "LOC_val_solution.csv")
+            )
+            if csv_path is None or not csv_path.is_file():
+                raise ValueError(
+                    f"{name}: {self.root} has no WordNet-id folders (n01440764/ ...) and no LOC_val_solution.csv in it "
+                    "or its parents; give the ImageFolder layout, or the flat folder with solution_csv= "
+                    "(columns ImageId, PredictionString)"
+                )
+            self.solution_csv = csv_path
+            by_stem = {
+                p.stem: p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+            }
+            used: set[str] = set()
+            for image_id, wnid, lineno in _read_solution_csv(csv_path):
+                if wnid not in known:
+                    raise ValueError(
+                        f"{csv_path}:{lineno}: {wnid!r} is not an ImageNet-1k WordNet id ({self.mapping_source})"
+                    )
+                if image_id not in by_stem:
+                    self.missing.append(image_id)
+                    continue
+                used.add(image_id)
+                if wnid not in head:
+                    self.ignored.append({"path": by_stem[image_id].name, "reason": "class outside classes="})
+                    continue
+                items.append((by_stem[image_id], head[wnid]))
+            if self.missing and missing == "error":
+                raise ValueError(
+                    f"{name}: {len(self.missing)} images listed in {csv_path} are not in {self.root} (first: "
+                    f"{self.missing[:5]}); point root= at the folder holding them, or pass missing='skip' to "
+                    "evaluate without them (they are counted)"
+                )
+            self.ignored += [{"path": p.name, "reason": "not in the solution file"}
+                             for s, p in sorted(by_stem.items()) if s not in used]  # fmt: skip
+        if self.ignored or self.missing:
+            logger.warning(
+                "%s: %d file(s) not evaluated (%s), %d listed image(s) missing%s",
+                name,
+                len(self.ignored),
+                ", ".join(f"{x['path']}: {x['reason']}" for x in self.ignored[:5]),
+                len(self.missing),
+                f" (first: {self.missing[:5]})" if self.missing else "",
+            )
+        if not items:
+            raise ValueError(f"{name}: no image of the head's {len(self.wnids)} classes in {self.root}")
+        items.sort(key=lambda t: str(t[0]))
+        self.items = items[:max_images] if max_images is not None else items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def keys(self) -> list[str]:
+        return [str(p.relative_to(self.root)) for p, _ in self.items]
+
+    def targets(self) -> list[int]:
+        """The class id of every image (no image is read)."""
+        return [c for _, c in self.items]
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "root": str(self.root),
+            "layout": self.layout,
+            "synsets": self.mapping_source,
+            "num_images": len(self),
+            "num_classes": len(self.wnids),
+            "num_ignored": len(self.ignored),
+            "ignored": self.ignored[:100],
+            "num_missing": len(self.missing),
+            "missing": self.missing[:100],
+        }
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        p, c = self.items[i]
+        return {"key": str(p.relative_to(self.root)), "image": load_image(p), "captions": {}, "class_id": c}
+
+
+def _read_solution_csv(path: Path) -> list[tuple[str, str, int]]:
+    """``LOC_val_solution.csv`` -> ``(ImageId, wnid, line)`` rows (the wnid is PredictionString's first token)."""
+    import csv
+
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        cols = set(reader.fieldnames or ())
+        if not {"ImageId", "PredictionString"} <= cols:
+            raise ValueError(
+                f"{path} has columns {sorted(cols)}; LOC_val_solution.csv needs ImageId and PredictionString"
+            )
+        rows = []
+        for lineno, row in enumerate(reader, 2):
+            toks = (row.get("PredictionString") or "").split()
+            image_id = (row.get("ImageId") or "").strip()
+            if not toks or not image_id:
+                raise ValueError(f"{path}:{lineno}: empty ImageId or PredictionString")
+            rows.append((image_id, toks[0], lineno))
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return rows
+
+
 def _register() -> None:
     from cache.datasets import list_datasets, register_dataset
 
@@ -419,6 +857,10 @@ def _register() -> None:
         ("ade20k", ADE20K),
         ("seg_folder", SegmentationFolder),
         ("caption_folder", CaptionFolder),
+        ("coco_karpathy", coco_karpathy),
+        ("flickr30k_karpathy", flickr30k_karpathy),
+        ("karpathy", KarpathyCaptions),
+        ("imagenet", ImageNetVal),
     ):
         if name not in known:
             register_dataset(name)(fn)

@@ -156,6 +156,21 @@ def _encode(text_model: Any, texts: list[str]) -> torch.Tensor:
     return out
 
 
+def encode_texts(text_model: Any, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """``(T, D)`` L2-normalised float32 CPU embeddings of ``texts``, encoded ``batch_size`` at a time with
+    ``text_model.encode_text`` (or a callable ``list[str] -> (B, D)``)."""
+    if batch_size < 1:
+        raise ValueError(f"text batch_size must be >= 1, got {batch_size}")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts to encode")
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            out.append(F.normalize(_encode(text_model, texts[i : i + batch_size]).float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
 def encode_class_names(
     text_model: Any,
     classes: Sequence[str] | Sequence[Sequence[str]],
@@ -194,13 +209,7 @@ def encode_class_names(
             except Exception as exc:  # a corrupt cache entry is recomputed, never trusted
                 logger.warning("ignoring unreadable text cache %s (%s); recomputing", cache_path, exc)
     texts = [t.format(n) for n in names for t in tmpl]
-    device_out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            device_out.append(
-                F.normalize(_encode(text_model, texts[i : i + batch_size]).float(), dim=-1).cpu()
-            )
-    emb = torch.cat(device_out).reshape(len(names), len(tmpl), -1).mean(dim=1)
+    emb = encode_texts(text_model, texts, batch_size).reshape(len(names), len(tmpl), -1).mean(dim=1)
     emb = F.normalize(emb, dim=-1)
     ce = ClassEmbeddings(emb, torch.tensor(index, dtype=torch.long), cls_list, tmpl, source)
     if cache_path is not None:

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from teachers.text import HFTextTower, minilm_path
-from teachers.tips_text import MAX_LEN, TipsTextTower, TipsTokenizer
+from teachers.tips_text import MAX_LEN, TEXT_CONFIGS, TipsTextTower, TipsTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,9 @@ class TipsStudentTextTower(nn.Module):
         else:
             width = width or out_dim or default_dim
             if not width:
-                raise ValueError("a random-init tips text tower needs its width: pass width=, out_dim= or init=")
+                raise ValueError(
+                    "a random-init tips text tower needs its width: pass width=, out_dim= or init="
+                )
             heads = num_heads or max(1, width // 64)
             if width % heads:
                 raise ValueError(f"text width {width} is not divisible by num_heads={heads}")
@@ -262,6 +264,18 @@ def _tips_from_checkpoint(
             f"{asked(int(value))}; drop text.{name} (the size is read from the checkpoint) or pass the checkpoint "
             "of that size"
         )
+    size = (found.width, found.depth, found.mlp_dim)
+    published = any((c.width, c.depth, c.mlp_dim) == size for c in TEXT_CONFIGS.values())
+    if num_heads is None and not published:
+        logger.warning(
+            "text init %s: width %d, depth %d, mlp %d is not a published TIPS text size and the head count is not "
+            "in the weights: assuming %d heads (width / 64); pass text.num_heads if it differs",
+            src,
+            found.width,
+            found.depth,
+            found.mlp_dim,
+            found.num_heads,
+        )
     heads = int(num_heads or found.num_heads)
     if found.width % heads:
         raise ValueError(f"text init {src}: width {found.width} is not divisible by num_heads={heads}")
@@ -279,19 +293,27 @@ def _teacher_tower(teacher: Any, *, freeze: bool) -> nn.Module:
 
     name = type(teacher).__name__
     if not getattr(teacher, "has_text", False):
-        raise ValueError(f"text kind 'teacher': the {name} has no text tower (build it with its text weights)")
+        raise ValueError(
+            f"text kind 'teacher': the {name} has no text tower (build it with its text weights)"
+        )
     if isinstance(teacher, EmbeddedTeacher):
         if teacher.text_kind == "minilm":
             tower = copy.deepcopy(teacher.text)
             tower.set_frozen(freeze, freeze_proj=freeze)
             return tower
         spec = str(teacher.path / teacher.config.get("tokenizer", "tokenizer.model"))
-        return TipsStudentTextTower.from_tower(copy.deepcopy(teacher.text), teacher.tokenizer, spec, freeze=freeze)
+        return TipsStudentTextTower.from_tower(
+            copy.deepcopy(teacher.text), teacher.tokenizer, spec, freeze=freeze
+        )
     if isinstance(teacher, TipsTeacher):
         if teacher.text is None or teacher.tokenizer is None:
-            raise ValueError("text kind 'teacher': the TIPS teacher has no text tower; pass text_ckpt= and tokenizer=")
+            raise ValueError(
+                "text kind 'teacher': the TIPS teacher has no text tower; pass text_ckpt= and tokenizer="
+            )
         spec = teacher.identity().get("tokenizer") or teacher.tokenizer.path
-        return TipsStudentTextTower.from_tower(copy.deepcopy(teacher.text), teacher.tokenizer, spec, freeze=freeze)
+        return TipsStudentTextTower.from_tower(
+            copy.deepcopy(teacher.text), teacher.tokenizer, spec, freeze=freeze
+        )
     if isinstance(teacher, HFTeacher):
         source = teacher.source
         if source == "(config)" or teacher.tokenizer is None:
@@ -319,7 +341,9 @@ def _teacher_tower(teacher: Any, *, freeze: bool) -> nn.Module:
     )
 
 
-def build_text_tower(kind: str, out_dim: int | None = None, *, default_dim: int | None = None, **kw: Any) -> nn.Module:
+def build_text_tower(
+    kind: str, out_dim: int | None = None, *, default_dim: int | None = None, **kw: Any
+) -> nn.Module:
     """Build a student text tower (see the module docstring): ``kind`` ``"tips"`` (kw of
     :class:`TipsStudentTextTower`), ``"hf"`` (kw of :class:`HFTextTower`), ``"minilm"`` (``"hf"`` on the
     packaged all-MiniLM-L6-v2, ``freeze`` default True) or ``"teacher"`` (``teacher``, ``teacher_kwargs``,
@@ -329,7 +353,9 @@ def build_text_tower(kind: str, out_dim: int | None = None, *, default_dim: int 
         return TipsStudentTextTower(out_dim=out_dim, default_dim=default_dim, **kw)
     if kind == "hf":
         if "path" not in kw:
-            raise ValueError("text kind 'hf' needs path= (a transformers model folder or hub id, e.g. org/name)")
+            raise ValueError(
+                "text kind 'hf' needs path= (a transformers model folder or hub id, e.g. org/name)"
+            )
         return HFTextTower(out_dim=out_dim, default_dim=default_dim, **kw)
     if kind == "minilm":
         if "path" in kw:

@@ -103,7 +103,9 @@ def resolve_model_dir(model: str | os.PathLike[str], revision: str | None = None
         name = f"{repo_id}@{revision}" if revision else repo_id
     if not os.path.isdir(path):
         if os.path.exists(path):
-            raise ValueError(f"{path!r} is a file; a transformers model is a directory (config.json + weights)")
+            raise ValueError(
+                f"{path!r} is a file; a transformers model is a directory (config.json + weights)"
+            )
         raise ValueError(
             f"{path!r} is neither a hub repo id (org/name) nor an existing local model directory: pass a repo "
             "id such as google/tipsv2-l14 (revision= pins it) or the folder of a saved model (config.json + weights)"

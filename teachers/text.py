@@ -166,7 +166,9 @@ class HFTextTower(nn.Module):
         self.width = width
         self.out_dim = out
         self.memo_limit = int(memo_limit)
-        self.memo: dict[str, torch.Tensor] = {}  # text -> pooled (width,) float32 on the CPU; not in state_dict
+        self.memo: dict[
+            str, torch.Tensor
+        ] = {}  # text -> pooled (width,) float32 on the CPU; not in state_dict
         self.memo_misses = 0
         self.set_frozen(freeze, freeze_proj=freeze_proj, memo=memo)
 
@@ -199,7 +201,9 @@ class HFTextTower(nn.Module):
         """Keyword arguments of ``students.build_text_tower`` that rebuild this tower's architecture
         without reading the pretrained weights (``pretrained=False``): kind ``minilm`` for the packaged
         MiniLM, else ``hf`` with the folder or hub id it came from."""
-        out: dict[str, Any] = {"kind": "minilm"} if self.is_packaged_minilm() else {"kind": "hf", "path": self.path}
+        out: dict[str, Any] = (
+            {"kind": "minilm"} if self.is_packaged_minilm() else {"kind": "hf", "path": self.path}
+        )
         if self.revision and out["kind"] == "hf":
             out["revision"] = self.revision
         out.update(out_dim=self.out_dim, max_len=self.max_len, freeze=self.frozen, pretrained=False)

@@ -81,13 +81,32 @@ def text_tower(tokenizer: str | Path) -> dict[str, Any]:
     }
 
 
-def variants(teacher_config: dict[str, Any], teacher_init: str, tokenizer: str | Path) -> dict[str, Variant]:
+def teacher_text_tower(teacher_path: str | Path | None = None, *, freeze: bool = False) -> dict[str, Any]:
+    """A copy of the embedded teacher's own text tower (locked all-MiniLM-L6-v2 + its trained projection,
+    the teacher's text space) as the student's tower: trained, or ``freeze``-locked whole."""
+    kwargs = {} if teacher_path is None else {"path": str(Path(teacher_path).resolve())}
+    return {"kind": "teacher", "teacher": "embedded", "teacher_kwargs": kwargs, "freeze": freeze}
+
+
+def variants(
+    teacher_config: dict[str, Any],
+    teacher_init: str,
+    tokenizer: str | Path,
+    teacher_path: str | Path | None = None,
+) -> dict[str, Variant]:
     """Every variant; ``teacher_config``: the teacher's ``config.json`` (its ``overrides`` size the
-    teacher-sized students); ``teacher_init``: a timm-keyed file of the teacher's vision weights."""
+    teacher-sized students); ``teacher_init``: a timm-keyed file of the teacher's vision weights;
+    ``teacher_path``: the teacher's folder when not the shipped one (the pretrained text towers copy it)."""
     arch = {"mlp_ratio": 4.0, **teacher_config["overrides"]}
     deep = tuple(f"student.kwargs.{k}={arch[k]}" for k in ("embed_dim", "depth", "num_heads", "mlp_ratio"))
     # the student's own trainable text tower makes the CLIP term's caption embeddings
     own_text = ("student.kwargs.text=" + json.dumps(text_tower(tokenizer)), "loss.text_source=student")
+
+    def tower(text: dict[str, Any]) -> Variant:
+        return Variant(
+            ("seed=0", "student.kwargs.text=" + json.dumps(text), "loss.text_source=student"), own_text=True
+        )
+
     # pretraining needs views that differ: random global crops and 2 local crops (DINO)
     pretrain = ("data.global_scale=[0.5, 1.0]", "data.local_crops=2", *own_text)
     # students narrower and wider than the teacher's 96-wide text: each learns a projection into the
@@ -117,6 +136,9 @@ def variants(teacher_config: dict[str, Any], teacher_init: str, tokenizer: str |
         "pretrain_tipsv2": Variant(pretrain, pretrain="pretrain-tipsv2", own_text=True),
         "pretrain_tips": Variant(pretrain, pretrain="pretrain-tips", own_text=True),
         "distill_text": Variant(("seed=0", *own_text), own_text=True),
+        "distill_text_frozen": tower({**text_tower(tokenizer), "freeze": True}),
+        "distill_text_pretrained": tower(teacher_text_tower(teacher_path)),
+        "distill_text_pretrained_frozen": tower(teacher_text_tower(teacher_path, freeze=True)),
     }
 
 
@@ -247,7 +269,8 @@ def run_experiments(
     tpath = Path(teacher_path) if teacher_path else default_path()
     teacher = build_teacher("embedded", path=str(tpath))
     init_file = teacher_vision_file(tpath, out / "teacher_vision.safetensors")
-    all_variants = variants(teacher.config, init_file, tpath / "tokenizer.model")
+    shipped = tpath.resolve() == default_path().resolve()
+    all_variants = variants(teacher.config, init_file, tpath / "tokenizer.model", None if shipped else tpath)
     names = list(only) or list(all_variants)
     unknown = [n for n in names if n not in all_variants]
     if unknown:

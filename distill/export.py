@@ -5,6 +5,9 @@ Layout of an export directory:
   ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=".../model.safetensors"), **kwargs)``
   loads it (``name`` and ``kwargs`` are in ``config.json["timm"]``);
 - ``student_extras.safetensors``: the rest of the student (mask token, text tower), when any;
+- the files a student text tower's architecture needs (``text_tokenizer.model``, a ``tips`` tower's
+  SentencePiece model; ``text_encoder/``, an ``hf`` tower's ``config.json`` + tokenizer files), named
+  relative to the export in ``student.text``;
 - ``config.json``: timm's hub fields (``architecture``, ``num_classes``, ``num_features``, ``global_pool``,
   ``model_args``, ``pretrained_cfg``, as ``timm.models._hub.save_config_for_hf`` writes them, with the
   student's own normalisation), so ``timm.create_model("local-dir:DIR", pretrained=True)`` and, once
@@ -113,10 +116,15 @@ def export_student(
     if extras:
         save_file(_cpu_contig(extras), str(out / EXTRAS_FILE), metadata={"format": "pt"})
     spec = timm_spec(student)
+    scfg = dict(getattr(student, "config", {}) or {})
+    tower = getattr(student, "text", None)
+    if tower is not None and hasattr(tower, "export_architecture"):
+        # the files the tower's architecture needs travel with the export (no pretrained weights)
+        scfg["text"] = tower.export_architecture(out)
     conf = {
         **timm_hub_config(student),
         "format": "tipsdistill-student/1",
-        "student": dict(getattr(student, "config", {}) or {}),
+        "student": scfg,
         "timm": spec,
         "patch_size": int(student.patch_size),
         "embed_dim": int(student.embed_dim),
@@ -179,6 +187,11 @@ def _text_config(student: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Te
         # the locked encoder comes from its package: only the projection is stored
         weights = {k: v for k, v in tower.state_dict().items() if not k.startswith("encoder.")}
         return conf, weights, None
+    if getattr(tower, "proj", None) is not None:
+        raise ValueError(
+            f"an embedded teacher's tips text tower has no projection; this one maps width {tower.width} to "
+            f"{tower.out_dim} (student.kwargs.text out_dim): give the tower the image width"
+        )
     inner = tower.tower
     conf = {
         "kind": "tips",

@@ -33,6 +33,15 @@ its own text tower (plus retrieval recall on the validation captions):
 - ``distill_text``: ``seed0`` with a trainable student text tower instead of the cached (locked)
   teacher caption embeddings (``loss.text_source=student``; same cache).
 
+The paper's Table 2 (the student's text tower: random vs pretrained init, trained vs frozen), each
+``seed0`` with ``loss.text_source=student`` and measured with its own tower, next to ``seed0`` (the
+locked cached caption embeddings) and ``distill_text`` (random init, trained):
+
+- ``distill_text_frozen``: the random-init TIPS-style tower above, frozen;
+- ``distill_text_pretrained``: a trainable copy of the embedded teacher's own text tower (all-MiniLM-L6-v2
+  + the teacher's trained projection: ``student.kwargs.text={kind: teacher, teacher: embedded}``);
+- ``distill_text_pretrained_frozen``: the same copy frozen (the teacher's text, computed online).
+
 Prints a table (mean and spread over seeds) and writes ``experiments.json`` / ``experiments.md``.
 
     python -m scripts.experiments --out runs/experiments            # everything (long on 2 cores)

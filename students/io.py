@@ -8,6 +8,7 @@ Layout of an export directory: ``model.safetensors`` (the timm ViT's state dict,
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,30 @@ def load_student_weights(student: nn.Module, path: str | Path) -> nn.Module:
     return student
 
 
+def export_text_config(text: dict[str, Any] | None, folder: str | Path) -> dict[str, Any] | None:
+    """An export's ``student.text`` with the files it names relative to the export (the text tower's
+    tokenizer, ``text_tokenizer.model``; a transformers ``text_encoder/`` folder) made absolute."""
+    if not text:
+        return text
+    out = dict(text)
+    for key in ("tokenizer", "path"):
+        value = out.get(key)
+        if isinstance(value, str) and not os.path.isabs(value) and (Path(folder) / value).exists():
+            out[key] = str(Path(folder) / value)
+    return out
+
+
 def load_student(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild an exported student (``students.student_from_config``) and load its weights."""
+    """Rebuild an exported student (``students.student_from_config``) and load its weights. The text tower,
+    when any, is rebuilt from its architecture (``student.text``: the files the export carries), never
+    from the pretrained weights it started from; its trained weights are in the export."""
     from .vit import student_from_config
 
     p = Path(path)
     conf = read_export_config(p)
-    student = student_from_config(conf["student"])
+    scfg = dict(conf["student"])
+    if scfg.get("text"):
+        scfg["text"] = export_text_config(scfg["text"], p)
+    student = student_from_config(scfg)
     load_student_weights(student, p)
     return student.to(device).eval()

@@ -231,11 +231,14 @@ def build_student(
             (cls + registers: 2 for the TIPSv2 architecture).
         mean, std: input normalisation applied to [0, 1] pixels (default mean 0, std 1, like TIPS).
         text: optional text tower config, passed to :func:`students.text.build_text_tower` with
-            ``out_dim = text_dim`` (e.g. ``{"kind": "tips", "tokenizer": "spm.model", "depth": 2}``
-            or ``{"kind": "hf", "path": ".../model"}``).
+            ``out_dim = text_dim`` (e.g. ``{"kind": "tips", "tokenizer": "spm.model", "depth": 2}``,
+            ``{"kind": "tips", "init": "tips_v2_b14_text.npz", "tokenizer": "tokenizer.model"}``,
+            ``{"kind": "hf", "path": "org/name"}`` or ``{"kind": "teacher", "teacher": "embedded"}``).
+            ``config["text"]`` records the tower's architecture (``tower.arch()``), not its source.
         text_dim: width of the text space the student is aligned with (the teacher's caption
             embeddings); when it differs from the ViT's width the student carries a learned projection
-            ``text_proj`` (its text interface). ``None``: the ViT's width.
+            ``text_proj`` (its text interface). ``None``: a pretrained text tower's own width (a TIPS
+            checkpoint's, the teacher's), else the ViT's width.
         overrides / **kw_overrides: timm ``create_model`` kwargs (``embed_dim``, ``depth``,
             ``num_heads``, ``img_size``, ``patch_size``, ``mlp_ratio``, ``reg_tokens``...).
     Returns:
@@ -261,7 +264,15 @@ def build_student(
     if text is not None:
         from .text import build_text_tower
 
-        tower = build_text_tower(out_dim=int(text_dim or vit.embed_dim), **text)
+        text = dict(text)
+        if text_dim is not None:
+            if text.get("out_dim") not in (None, text_dim):
+                raise ValueError(
+                    f"student text_dim={text_dim} but its text tower's out_dim={text['out_dim']}; set one of them"
+                )
+            text["out_dim"] = int(text_dim)
+        tower = build_text_tower(default_dim=int(vit.embed_dim), **text)
+        text_dim = int(tower.out_dim)  # a pretrained tower brings its own text space
     config = {
         "name": name,
         "overrides": ov,
@@ -269,7 +280,8 @@ def build_student(
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
         "pos_interp": pos_interp,
-        "text": copy.deepcopy(text),
+        # the architecture only (no pretrained source): build_student(**config) + the trained weights
+        "text": tower.arch() if tower is not None else None,
         "check_inputs": check_inputs,
     }
     student = Student(

@@ -67,6 +67,52 @@ def _call_layer(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def text_embeddings(
+    family: str,
+    text_model: nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    projection: nn.Module | None = None,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """The text side of an image-text model (``family`` of :data:`TEXT_MAX_LEN`): strings -> ``(B, D)``
+    unnormalised embeddings in its image-text space (the model's own pooled output, then ``projection``:
+    CLIP's ``text_projection``). Gradients flow when the caller allows them (a student's copy trains)."""
+    max_len = int(max_len or TEXT_MAX_LEN[family])
+    padding = "max_length" if family in ("siglip", "siglip2", "tipsv2") else True
+    tok = tokenizer(list(texts), padding=padding, max_length=max_len, truncation=True, return_tensors="pt")
+    device = next(text_model.parameters()).device
+    ids = tok["input_ids"].to(device)
+    mask = tok.get("attention_mask")
+    mask = None if mask is None else mask.to(device)
+    if family == "siglip":
+        return text_model(input_ids=ids).pooler_output  # SigLIP was trained without a text attention mask
+    out = text_model(input_ids=ids, attention_mask=mask).pooler_output
+    return projection(out) if projection is not None else out
+
+
+def resolve_model_dir(model: str | os.PathLike[str], revision: str | None = None) -> tuple[str, str]:
+    """``(local folder, portable name)`` of a transformers model given as a local folder, a hub repo id
+    (``org/name``, also ``hf-hub:org/name``; ``revision`` pins it; from the HF cache when offline). The
+    name is the repo id (``@revision``) for hub models, the folder as given otherwise."""
+    path = os.fspath(model)
+    repo_id = path[len("hf-hub:") :] if path.startswith("hf-hub:") else path
+    name = path
+    if not os.path.isdir(path) and hub.looks_like_repo_id(repo_id):
+        path = hub.snapshot(repo_id, revision)
+        name = f"{repo_id}@{revision}" if revision else repo_id
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise ValueError(
+                f"{path!r} is a file; a transformers model is a directory (config.json + weights)"
+            )
+        raise ValueError(
+            f"{path!r} is neither a hub repo id (org/name) nor an existing local model directory: pass a repo "
+            "id such as google/tipsv2-l14 (revision= pins it) or the folder of a saved model (config.json + weights)"
+        )
+    return path, name
+
+
 class HFTeacher(Teacher):
     """A frozen transformers model read out token by token; see the module docstring."""
 
@@ -218,22 +264,8 @@ class HFTeacher(Teacher):
             )
         if isinstance(texts, str):
             texts = [texts]
-        max_len = TEXT_MAX_LEN[self.family]
-        padding = "max_length" if self.family in ("siglip", "siglip2", "tipsv2") else True
-        tok = self.tokenizer(
-            list(texts), padding=padding, max_length=max_len, truncation=True, return_tensors="pt"
-        )
-        device = next(self.model.parameters()).device
-        ids = tok["input_ids"].to(device)
-        mask = tok.get("attention_mask")
-        mask = None if mask is None else mask.to(device)
-        tm = self.model.text_model
-        if self.family == "siglip":
-            return tm(input_ids=ids).pooler_output  # SigLIP was trained without a text attention mask
-        out = tm(input_ids=ids, attention_mask=mask).pooler_output
-        if self.family == "clip":
-            out = self.model.text_projection(out)
-        return out
+        projection = self.model.text_projection if self.family == "clip" else None
+        return text_embeddings(self.family, self.model.text_model, self.tokenizer, list(texts), projection)
 
     def identity(self) -> dict[str, Any]:
         out = super().identity()
@@ -287,20 +319,7 @@ def build_hf_teacher(
     source = "(config)"
     stats = None
     if isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
-        repo_id = path[len("hf-hub:") :] if path.startswith("hf-hub:") else path
-        if not os.path.isdir(path) and hub.looks_like_repo_id(repo_id):
-            path = hub.snapshot(repo_id, revision)
-            model = f"{repo_id}@{revision}" if revision else repo_id
-        if not os.path.isdir(path):
-            if os.path.exists(path):
-                raise ValueError(
-                    f"{path!r} is a file; the hf teacher needs a model directory (config.json + weights)"
-                )
-            raise ValueError(
-                f"{path!r} is neither a hub repo id (org/name) nor an existing local model directory: pass a repo "
-                "id such as google/tipsv2-l14 (revision= pins it) or the folder of a saved model (config.json + weights)"
-            )
+        path, model = resolve_model_dir(model, revision)
         config = transformers.AutoConfig.from_pretrained(path)
         cls_name = CONFIG_TO_MODEL.get(type(config).__name__)
         if cls_name is None:
@@ -339,4 +358,4 @@ def build_hf_teacher(
     return HFTeacher(net, family, tokenizer=tokenizer, mean=mean, std=std, source=source)
 
 
-__all__ = ["FAMILY_STATS", "HFTeacher", "build_hf_teacher"]
+__all__ = ["FAMILY_STATS", "HFTeacher", "build_hf_teacher", "resolve_model_dir", "text_embeddings"]

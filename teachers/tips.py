@@ -203,12 +203,10 @@ def timm_to_official(
     return out
 
 
-def load_text_tower(
-    path: str | os.PathLike[str] | dict[str, torch.Tensor], variant: TipsVariant, source: str | None = None
-) -> TipsTextTower:
-    """Build a :class:`TipsTextTower` for ``variant`` and load an official ``*_text.npz`` strictly."""
-    sd = path if isinstance(path, dict) else load_npz(path, "text")
-    source = source or repr(os.fspath(path) if not isinstance(path, dict) else "text state dict")
+def describe_text_checkpoint(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> TextTowerConfig:
+    """The size of an official TIPS text state dict, read from its shapes: vocabulary and width from
+    ``token_embedding.weight``, depth from the ``transformer.resblocks.{i}`` count, MLP width from
+    ``mlp.c_fc``; heads (not in the shapes) from the published tower of that size, else width / 64."""
     if "cls_token" in sd or "pos_embed" in sd:
         raise ValueError(
             f"{source} is a TIPS *vision* checkpoint; pass it as vision_ckpt, the *_text.npz as text_ckpt"
@@ -221,20 +219,40 @@ def load_text_tower(
     vocab, width = (int(s) for s in sd["token_embedding.weight"].shape)
     depth = _block_count(sd, r"transformer\.resblocks\.(\d+)\.")
     mlp = int(sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]) if depth else 0
+    for cfg in TEXT_CONFIGS.values():
+        if (cfg.width, cfg.depth, cfg.mlp_dim) == (width, depth, mlp):
+            return TextTowerConfig(width, depth, cfg.num_heads, mlp, vocab)
+    return TextTowerConfig(width, depth, max(1, width // 64), mlp, vocab)
+
+
+def load_text_tower(
+    path: str | os.PathLike[str] | dict[str, torch.Tensor], variant: TipsVariant, source: str | None = None
+) -> TipsTextTower:
+    """Build a :class:`TipsTextTower` for ``variant`` and load an official ``*_text.npz`` strictly."""
+    sd = path if isinstance(path, dict) else load_npz(path, "text")
+    source = source or repr(os.fspath(path) if not isinstance(path, dict) else "text state dict")
+    found = describe_text_checkpoint(sd, source)
+    vocab, width, depth, mlp = found.vocab_size, found.width, found.depth, found.mlp_dim
     cfg = variant.text
     if cfg is None:
-        cfg = TextTowerConfig(width, depth, max(1, width // 64), mlp)
+        cfg = found
     if (cfg.width, cfg.depth, cfg.mlp_dim) != (width, depth, mlp):
         raise ValueError(
             f"{source} is a text tower of width {width}, depth {depth}, mlp {mlp}; variant {variant.name!r} "
             f"expects width {cfg.width}, depth {cfg.depth}, mlp {cfg.mlp_dim}: pass the text file of the same variant"
         )
     tower = TipsTextTower(vocab, cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.max_len)
+    load_text_state(tower, sd, source)
+    return tower
+
+
+def load_text_state(tower: TipsTextTower, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load an official text state dict into ``tower`` strictly (same keys and shapes, else an error
+    listing them); ``temperature`` may be stored with any shape of one element."""
     sd = dict(sd)
     sd["temperature"] = sd["temperature"].reshape(())
     check_key_set(sd, tower.state_dict(), f"{source} does not match the official TIPS key set")
     tower.load_state_dict(sd, strict=True)
-    return tower
 
 
 class TipsTeacher(Teacher):

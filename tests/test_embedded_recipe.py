@@ -32,7 +32,9 @@ OUT, CACHE, TEACHER = Path("OUT"), "CACHE/index.h5", Path("/TEACHER")
 INIT = "OUT/teacher_vision.safetensors"
 TEACHER_CFG = {"overrides": {"embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}}
 # variants added after the fixture was captured (tested in test_experiment_variants_reach_the_train_config)
-NEWER = ("distill_text_frozen", "distill_text_pretrained", "distill_text_pretrained_frozen")
+TEXT_TOWERS = ("distill_text_frozen", "distill_text_pretrained", "distill_text_pretrained_frozen")
+WIDTHS = tuple(f"w{w}_seed{s}" for w in (64, 192) for s in range(3))
+NEWER = (*TEXT_TOWERS, *WIDTHS)
 
 
 def new_configs() -> dict[str, object]:
@@ -100,13 +102,21 @@ def test_experiment_variants_reach_the_train_config(tmp_path: Path) -> None:
     assert prev["seed0"].data.local_crops == 2 and prev["full_view_nolocal"].data.local_crops == 0
     assert prev["full_view"].data.global_scale == [1.0, 1.0] and prev["full_view"].data.local_crops == 2
     # the paper's Table 2: the student's own text tower, random or the teacher's, trained or frozen
-    for name in ("distill_text", *NEWER):
+    for name in ("distill_text", *TEXT_TOWERS):
         c = cfgs[name]
         assert c.loss.text_source == "student" and c.seed == 0 and v[name].own_text, name
         text = c.student.kwargs["text"]
         assert text.get("freeze", False) == name.endswith("_frozen"), name
         assert text["kind"] == ("teacher" if "pretrained" in name else "tips"), name
     assert cfgs["distill_text_pretrained"].student.kwargs["text"]["teacher"] == "embedded"
+    # students of other widths than the teacher's text (32-wide attention heads), each seed
+    for name in WIDTHS:
+        width, seed = int(name[1 : name.index("_")]), int(name[-1])
+        kw, base = cfgs[name].student.kwargs, cfgs[f"seed{seed}"]
+        assert (kw["embed_dim"], kw["num_heads"], cfgs[name].seed) == (width, width // 32, seed), name
+        assert {k: v for k, v in kw.items() if k not in ("embed_dim", "num_heads")} == {
+            k: v for k, v in base.student.kwargs.items() if k not in ("embed_dim", "num_heads")
+        }, name
     # the pretraining runs scale the recipe's teacher-temperature warm-up (3000 of 90000) to their steps
     assert (
         prev["pretrain_tipsv2"].loss.teacher_temp_warmup_steps == 13

@@ -64,6 +64,7 @@ from .format import (
     shard_name,
     shard_range,
     toolkit_version,
+    weights_digest,
 )
 from .lock import CacheBusyError, ShardLock, busy_message, is_hdf5_lock_error
 from .reduce import BASIS_FILE, PCAFitter, Reduction, explained
@@ -537,6 +538,7 @@ def _plan_job(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | N
         spec=spec,
         size=size,
         patch=patch,
+        min_side=min_side,
         rank=rank,
         world=world,
         start=start,
@@ -611,6 +613,7 @@ def _shard_attrs(
     spec: ViewSpec,
     size: tuple[int, int],
     patch: int,
+    min_side: int,
     rank: int,
     world: int,
     start: int,
@@ -623,8 +626,11 @@ def _shard_attrs(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "teacher": json.loads(json.dumps(teacher.identity(), default=str)),
         "teacher_spec": teacher_spec,
+        "teacher_weights": weights_digest(teacher),
         "image_size": list(size),
         "resize": config.resize,
+        "min_side": int(min_side),
+        "autocast": config.autocast,
         "patch_size": patch,
         "grid": list(layout.grid),
         "dim": layout.dim,

@@ -80,17 +80,20 @@ JSON_ATTRS = (
     "reduce",
     "reduce_fit",
 )
-# what must match between a cache on disk and a run that wants to resume it, in the order checked
-RESUME_FIELDS = (
-    "format_version",
+# who wrote a cache's features, from what and how: compared by a stage-1 resume, across the shards of
+# an index, against a damaged shard's chunk map before a repair keeps its rows, against the PCA basis
+# file, and by a stage-2 resume (the cache a checkpoint was trained on); see :func:`cache_identity`
+IDENTITY_FIELDS = (
     "teacher",
     "teacher_spec",
+    "teacher_weights",  # a digest of the teacher's weights (new weights at the same path or hub name)
     "image_size",
     "resize",
+    "min_side",
+    "autocast",  # the teacher's precision (fp32 vs bf16 features)
     "dataset",
     "num_samples",
     "keys_sha1",
-    "shard_world",
     "storage_dtype",
     "value_trick",
     "value_readout",
@@ -99,6 +102,10 @@ RESUME_FIELDS = (
     "granularities",
     "reduce",
 )
+# what must match between a cache on disk and a run that wants to resume it, in the order checked
+RESUME_FIELDS = ("format_version", "toolkit_version", *IDENTITY_FIELDS, "shard_world")
+# fields a cache made before they were recorded lacks: not compared then (said once, as a warning)
+LATER_FIELDS = ("teacher_weights", "min_side", "autocast", "toolkit_version")
 FEATURES = ("patch", "cls", "value_patch")
 BOOKKEEPING = ("done", "skip_reason", "checksum")  # per-sample arrays that are not the sample's data
 CHUNK_MAP_SUFFIX = ".chunks.npz"
@@ -410,12 +417,46 @@ def _norm(v: Any) -> Any:
     return v
 
 
+def cache_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """The identity of a cache (or shard) from its attributes: :data:`IDENTITY_FIELDS`, JSON-normalised."""
+    return {k: json.loads(json.dumps(_norm(meta.get(k)), default=str)) for k in IDENTITY_FIELDS}
+
+
+def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The :data:`IDENTITY_FIELDS` on which two identities (or attribute dicts) differ; a field one of them
+    lacks (made before it was recorded) and a missing ``teacher_spec`` (a teacher object passed directly)
+    are not compared."""
+    out = []
+    for k in IDENTITY_FIELDS:
+        x, y = _norm(a.get(k)), _norm(b.get(k))
+        if (k == "teacher_spec" or k in LATER_FIELDS) and (x is None or y is None):
+            continue
+        if json.dumps(x, sort_keys=True, default=str) != json.dumps(y, sort_keys=True, default=str):
+            out.append(k)
+    return out
+
+
+def weights_digest(module: Any) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes and bytes of every tensor, in name order)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def check_resume(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
     """Refuse to continue a cache made with other settings, naming the first differing field."""
     for k in RESUME_FIELDS:
         a, b = _norm(stored.get(k)), _norm(wanted.get(k))
         if k == "teacher_spec" and (a is None or b is None):
             continue  # a teacher object passed directly has no spec; its identity is still compared
+        if k in LATER_FIELDS and a is None and b is not None:
+            logger.warning("%s records no %s (made by an older toolkit): not compared", path.name, k)
+            continue
         if k == "format_version" and a in RESUMABLE_VERSIONS and b == FORMAT_VERSION:
             continue  # an older shard is finished in its own layout (rows are written through HDF5)
         if a != b:

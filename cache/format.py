@@ -371,6 +371,9 @@ def create_shard(
         cmap = chunk_map(f, [*layout.per_sample(), "block_stats", "block_count"])
         cmap["@checked"] = np.array(layout.checked())
         cmap["@count"] = np.array(n, np.int64)
+        # who wrote the rows, outside the HDF5 metadata: a repair of a shard whose metadata is unreadable
+        # checks it before keeping any row (cache.repair)
+        cmap["@identity"] = np.array(json.dumps(cache_identity(attrs), sort_keys=True))
         cmap["@block_size"] = np.array(layout.block_size, np.int64)
         fsync_file(f)
     tmp_map = chunk_map_path(tmp)
@@ -434,6 +437,31 @@ def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         if json.dumps(x, sort_keys=True, default=str) != json.dumps(y, sort_keys=True, default=str):
             out.append(k)
     return out
+
+
+def shard_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Fields on which two shards of one cache disagree: the identity, and the layout every shard shares."""
+    out = identity_differences(a, b)
+    for k in (
+        "format_version",
+        "toolkit_version",
+        "grid",
+        "dim",
+        "num_global_tokens",
+        "shard_world",
+        "reduce_dim",
+    ):
+        x, y = _norm(a.get(k)), _norm(b.get(k))
+        if k in LATER_FIELDS and (x is None or y is None):
+            continue
+        if x != y:
+            out.append(k)
+    return out
+
+
+def _brief(v: Any, n: int = 70) -> str:
+    s = json.dumps(_norm(v), sort_keys=True, default=str)
+    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def weights_digest(module: Any) -> str:
@@ -557,6 +585,17 @@ def build_index(out_dir: Path, world: int) -> Path:
         raise ValueError(f"cannot build the index of {out_dir}: shards not complete: {', '.join(missing)}")
     metas = [read_meta(p) for p in paths]
     meta0 = metas[0]
+    for p, m in zip(paths[1:], metas[1:]):
+        diff = shard_differences(meta0, m)
+        if diff:
+            said = "; ".join(
+                f"{k}: {_brief(meta0.get(k))} in {paths[0].name}, {_brief(m.get(k))} here" for k in diff
+            )
+            raise ValueError(
+                f"cannot build the index of {out_dir}: {p.name} was written with other settings than {paths[0].name} "
+                f"({said}); the shards of one cache must come from one teacher, dataset and settings. Move the odd "
+                "shard aside and rerun the command that wrote the others (it rewrites that shard)"
+            )
     N = int(meta0["num_samples"])
     layout = layout_from_meta(meta0, N)
     keys: list[str] = []

@@ -142,7 +142,8 @@ class ShardLock:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 return False
             if e.errno in NO_LOCKS:
-                self.release()
+                os.close(self.fd)
+                self.fd = None
                 raise LockingUnsupportedError(e.errno, no_locks_message(self.path, e)) from e
             raise
 

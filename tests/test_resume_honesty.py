@@ -31,22 +31,40 @@ BASE = ["steps=6", "checkpoint.every=2", "checkpoint.keep_last=0"]
 # ------------------------------------------------------------------------------ stage-2 harness
 
 
+def _ended(pid: int) -> bool:
+    """Process ``pid`` has exited (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def _wait_for(path: Path, timeout: float = 240.0, pid: int | None = None) -> None:
     """Until ``path`` exists (or process ``pid`` has ended)."""
     t0 = time.monotonic()
     while not path.exists():
-        if pid is not None and not Path(f"/proc/{pid}").exists():
+        if pid is not None and _ended(pid):
             return
         if time.monotonic() - t0 > timeout:
             raise TimeoutError(f"{path} did not appear within {timeout:.0f} s")
         time.sleep(0.05)
 
 
+def _read_log(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records of a log.jsonl and its lines that do not parse."""
+    recs, bad = [], []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            recs.append(json.loads(line))
+        except ValueError:
+            bad.append(line)
+    return recs, bad
+
+
 def _scenarios(spec: dict[str, Any]) -> dict[str, Any]:
     """Script mode (process B): every scenario in order; ``{name: {step, log, error, ...}}``."""
     from distill.checkpoint import resolve_resume
     from distill.config import load_config
-    from distill.resume import read_log
     from distill.train import train
     from tests.test_train_support import base_overrides
 
@@ -61,7 +79,7 @@ def _scenarios(spec: dict[str, Any]) -> dict[str, Any]:
             r = {"step": got["step"], "preempted": got.get("preempted")}
         except Exception as e:  # noqa: BLE001 - reported to the test
             r = {"error": f"{type(e).__name__}: {e}"}
-        r["log"], r["torn"] = read_log(out / "log.jsonl")
+        r["log"], r["torn"] = _read_log(out / "log.jsonl")
         r["checkpoints"] = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
         res[name] = r
         return r
@@ -313,6 +331,221 @@ def test_pruning_cut_short_never_leaves_a_marker_without_its_files(tmp_path, mon
     assert ckpt.resolve_resume("auto", tmp_path) is None
     with pytest.raises(ValueError, match="mp_rank_00_model_states.pt"):
         ckpt.find_checkpoint(root / "step_00000004")
+
+
+# ------------------------------------------------------------------------------------------ stage 1
+
+TEACHER = "tests.cache_helpers:build_tiny_teacher"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    from tests.cache_helpers import write_images
+
+    root = tmp_path_factory.mktemp("honest_images")
+    write_images(root / "img", 8, seed=3)
+    return root / "img"
+
+
+def _cfg(out: Path, images: Path, **kw: Any) -> dict[str, Any]:
+    d = dict(
+        out=str(out),
+        teacher=TEACHER,
+        dataset="folder",
+        dataset_kwargs={"root": str(images)},
+        image_size=32,
+        batch_size=4,
+        num_workers=0,
+        progress=False,
+    )
+    return d | kw
+
+
+def _independent(monkeypatch: pytest.MonkeyPatch, rank: int, world: int = 2) -> None:
+    """One shard per job, no process group (RANK / WORLD_SIZE without MASTER_ADDR): the last writes the index."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+
+
+@pytest.fixture(scope="module")
+def two_shards(images, tmp_path_factory) -> Path:
+    """A complete 2-shard cache written by two independent jobs (teacher seed 0)."""
+    from cache import extract_features
+
+    out = tmp_path_factory.mktemp("two") / "c"
+    with pytest.MonkeyPatch.context() as mp:
+        for rank in (0, 1):
+            _independent(mp, rank)
+            extract_features(_cfg(out, images))
+    assert (out / "index.h5").exists()
+    return out
+
+
+def test_index_refuses_shards_of_different_teachers(images, tmp_path, monkeypatch):
+    """9: two shards of one cache written with different teachers (independent jobs): the index is refused,
+    naming the odd shard and the fields."""
+    from cache import extract_features
+
+    out = tmp_path / "c"
+    _independent(monkeypatch, 0)
+    extract_features(_cfg(out, images))
+    _independent(monkeypatch, 1)
+    with pytest.raises(ValueError, match=r"shard-00001-of-00002.h5 was written with other settings") as e:
+        extract_features(_cfg(out, images, teacher_kwargs={"seed": 1}))
+    assert "teacher_weights" in str(e.value) and "teacher_spec" in str(e.value)
+    assert not (out / "index.h5").exists()
+
+
+def test_rerunning_a_complete_two_rank_cache_is_a_no_op_on_both_ranks(two_shards, images):
+    """11: the same command under torchrun on a complete 2-shard cache: both ranks exit 0 at once."""
+    from tests.launch_helpers import subprocess_env, torchrun
+
+    cmd = [*torchrun(2), "-m", "scripts.cache_features", "--teacher", TEACHER, "--images", str(images)]
+    cmd += [
+        "--out",
+        str(two_shards),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--quiet",
+    ]
+    before = (two_shards / "index.h5").stat().st_mtime_ns
+    r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "is already complete" in r.stdout
+    assert (two_shards / "index.h5").stat().st_mtime_ns == before
+
+
+def test_stage1_resume_compares_weights_autocast_min_side_and_version(images, tmp_path, monkeypatch):
+    """12: an interrupted cache resumed with new weights behind the same teacher (no spec to compare),
+    another autocast, another min_side or another toolkit version: refused naming the field."""
+    import h5py
+
+    import cache.extract as ex
+    from cache import extract_features
+    from tests.cache_helpers import build_tiny_teacher
+
+    out = tmp_path / "c"
+    extract_features(_cfg(out, images), teacher=build_tiny_teacher())
+    shard = out / "shard-00000-of-00001.h5"
+    with h5py.File(shard, "r+") as f:  # interrupted: the last block not done
+        f["done"][4:] = False
+        f.attrs["complete"] = False
+    (out / "index.h5").unlink()
+    retrained = build_tiny_teacher()  # new weights behind the same teacher (same identity, no spec)
+    with torch.no_grad():
+        retrained.vit.blocks[0].mlp.fc1.weight.add_(0.01)
+    with pytest.raises(ValueError, match="teacher_weights differs"):
+        extract_features(_cfg(out, images), teacher=retrained)
+    for kw, field in (({"autocast": "bf16"}, "autocast"), ({"min_side": 16}, "min_side")):
+        with pytest.raises(ValueError, match=f"{field} differs"):
+            extract_features(_cfg(out, images, **kw), teacher=build_tiny_teacher())
+    monkeypatch.setattr(ex, "toolkit_version", lambda: "99.0")
+    with pytest.raises(ValueError, match="toolkit_version differs"):
+        extract_features(_cfg(out, images), teacher=build_tiny_teacher())
+    monkeypatch.undo()
+    s = extract_features(_cfg(out, images), teacher=build_tiny_teacher())  # the same settings resume
+    assert s["complete"] and s["index"]
+
+
+def _flip(path: Path, offset: int, n: int = 8) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(n)
+        fh.seek(offset)
+        fh.write(bytes(x ^ 0xFF for x in b))
+
+
+def test_repair_checks_who_wrote_the_rows(images, tmp_path):
+    """8: a shard whose HDF5 metadata is unreadable, rerun with another teacher: its rows are not kept
+    under the new teacher's name; the chunk map's identity refuses, and nothing is changed."""
+    from cache import extract_features
+    from cache.format import H5_ERRORS, read_meta
+
+    out = tmp_path / "c"
+    extract_features(_cfg(out, images))
+    shard = out / "shard-00000-of-00001.h5"
+    (out / "index.h5").unlink()
+    _flip(shard, 96)  # the root group's object header: HDF5 cannot open the file
+    with pytest.raises(H5_ERRORS):
+        read_meta(shard)
+    damaged = shard.read_bytes()
+    with pytest.raises(ValueError, match=r"was written by another run \(teacher: .*teacher_weights: "):
+        extract_features(_cfg(out, images, teacher_kwargs={"seed": 1}))
+    assert shard.read_bytes() == damaged and not list(out.glob("*.damaged-*"))
+    s = extract_features(_cfg(out, images))  # its own teacher: repaired, every row kept
+    assert s["complete"] and read_meta(shard)["teacher_spec"]["kwargs"] == {}
+
+
+def test_stale_pca_basis_is_refitted_and_a_refused_run_writes_none(images, tmp_path, monkeypatch):
+    """10: reduce_basis.npz of another teacher in the folder is not reused (the cache gets its own
+    teacher's basis, as a fresh run's); a run refused by the disk check leaves no basis behind."""
+    import shutil
+    from collections import namedtuple
+
+    import numpy as np
+
+    import cache.extract as ex
+    from cache import extract_features, open_cache
+    from cache.reduce import BASIS_FILE
+
+    extract_features(_cfg(tmp_path / "a", images, reduce_dim=8))  # teacher seed 0
+    extract_features(_cfg(tmp_path / "fresh", images, reduce_dim=8, teacher_kwargs={"seed": 1}))
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / BASIS_FILE, tmp_path / "b" / BASIS_FILE)  # left by another run
+    extract_features(_cfg(tmp_path / "b", images, reduce_dim=8, teacher_kwargs={"seed": 1}))
+    got = open_cache(tmp_path / "b").reduction.bases["patch"][1]
+    np.testing.assert_array_equal(got, open_cache(tmp_path / "fresh").reduction.bases["patch"][1])
+    assert not np.array_equal(got, open_cache(tmp_path / "a").reduction.bases["patch"][1])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ex.shutil, "disk_usage", lambda p: usage(10**6, 10**6, 10))
+    with pytest.raises(OSError, match="not enough disk space"):
+        extract_features(_cfg(tmp_path / "full", images, reduce_dim=8))
+    assert not (tmp_path / "full" / BASIS_FILE).exists()
+
+
+def test_lock_errors_on_cluster_filesystems(tmp_path, monkeypatch):
+    """18: ENOLCK from flock (NFS nolock) and HDF5's errno 38 (Lustre without flock) are reported as
+    missing file locks with the fix, not as another process; a fresh lock record of another host is
+    honoured where flock is host-local."""
+    import fcntl
+    import socket
+
+    import cache.lock as lk
+
+    shard = tmp_path / "shard-00000-of-00001.h5"
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    real_flock = fcntl.flock
+    monkeypatch.setattr(lk.fcntl, "flock", no_locks)
+    with pytest.raises(OSError, match="file locks are not supported") as e:
+        lk.ShardLock(shard).acquire()
+    assert "HDF5_USE_FILE_LOCKING=FALSE" in str(e.value) and "nolock" in str(e.value)
+    monkeypatch.setattr(lk.fcntl, "flock", real_flock)
+    h5_err = OSError("Unable to synchronously open file (unable to lock file, errno = 38, error message = "
+                     "'Function not implemented')")  # fmt: skip
+    msg = lk.busy_message(shard, h5_err)
+    assert (
+        "file locks are not supported" in msg
+        and "HDF5_USE_FILE_LOCKING=FALSE" in msg
+        and "open in" not in msg
+    )
+    # host-local flock: this host gets the lock, but another host's holder refreshed its record just now
+    other = {"pid": 4242, "host": socket.gethostname() + "-other", "started": "x", "command": "c"}
+    lk.lock_path(shard).write_text(json.dumps(other | {"heartbeat": time.time()}))
+    with pytest.raises(lk.CacheBusyError, match=r"held by a run on another host: pid 4242 on host .*-other"):
+        lk.ShardLock(shard).acquire()
+    lk.lock_path(shard).write_text(json.dumps(other | {"heartbeat": time.time() - 3600}))  # long gone
+    lock = lk.ShardLock(shard).acquire()
+    assert lk.read_holder(lk.lock_path(shard))["pid"] == os.getpid()
+    lock.release()
 
 
 if __name__ == "__main__":

@@ -51,10 +51,12 @@ from .format import (
     INDEX_NAME,
     Layout,
     build_index,
+    cache_identity,
     check_resume,
     chunk_map_path,
     create_shard,
     git_revision,
+    identity_differences,
     keys_digest,
     layout_from_meta,
     read_chunk_map,
@@ -64,8 +66,9 @@ from .format import (
     shard_name,
     shard_range,
     toolkit_version,
+    weights_digest,
 )
-from .lock import CacheBusyError, ShardLock, busy_message, is_hdf5_lock_error
+from .lock import CacheBusyError, ShardLock, busy_message, is_hdf5_lock_error, live_writer
 from .reduce import BASIS_FILE, PCAFitter, Reduction, explained
 from .repair import ShardReport, check_hdf5, data_end, repair_shard, verify_shard
 from .resources import apply_threads, fit_threads
@@ -194,9 +197,14 @@ def make_dataset(spec: str, kwargs: dict[str, Any]) -> Dataset:
     return build_dataset(spec, **kwargs)
 
 
-# a process group exists under a launcher; the index barrier waits for the slowest shard (a resumed
-# run can leave one rank with hours of work after the others finished)
-INDEX_BARRIER_TIMEOUT_S = 7 * 24 * 3600
+# a process group exists under a launcher, but no collective waits for another rank's work: rank 0
+# waits for the other shards through their files (a resumed run can leave one rank with hours of work
+# after the others finished), so a collective that hangs on a dead rank fails within this time
+PROCESS_GROUP_TIMEOUT_S = 30 * 60
+# rank 0 waiting for the other shards before the index: a shard incomplete with no process holding its
+# lock for this long means its rank is dead; rank 0 stops and says so (the rerun resumes it)
+INDEX_DEAD_WRITER_S = 120.0
+INDEX_POLL_S = 1.0
 MIXED_PRECISION_AUTOCAST = {"no": "none", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -246,7 +254,7 @@ def launch_state() -> LaunchState:
         )
     acc = Accelerator(
         cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=INDEX_BARRIER_TIMEOUT_S))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))],
     )
     mp = str(acc.mixed_precision)
     if mp not in MIXED_PRECISION_AUTOCAST:
@@ -419,14 +427,15 @@ def _run_job(job: ShardJob) -> dict[str, Any]:
     if job.shard_path.exists():
         _check_existing_shard(job)
     if _cache_already_complete(job):
-        msg = _complete_message(job)
-        logger.info(msg)
-        print(msg, flush=True)
+        if job.is_main:
+            msg = _complete_message(job)
+            logger.info(msg)
+            print(msg, flush=True)
         summary.update(already_complete=True, complete=True, index=str(job.index_path), done=job.count)
         return summary
+    _check_disk_space(job)  # before the PCA basis: a refused run leaves no basis behind
     if job.layout.reduce_dim:
         job.reduction = _resolve_reduction(job)
-    _check_disk_space(job)
     if not job.shard_path.exists():
         _create_shard_file(job)
     if shard_complete(job.shard_path):
@@ -537,6 +546,7 @@ def _plan_job(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | N
         spec=spec,
         size=size,
         patch=patch,
+        min_side=min_side,
         rank=rank,
         world=world,
         start=start,
@@ -611,6 +621,7 @@ def _shard_attrs(
     spec: ViewSpec,
     size: tuple[int, int],
     patch: int,
+    min_side: int,
     rank: int,
     world: int,
     start: int,
@@ -623,8 +634,11 @@ def _shard_attrs(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "teacher": json.loads(json.dumps(teacher.identity(), default=str)),
         "teacher_spec": teacher_spec,
+        "teacher_weights": weights_digest(teacher),
         "image_size": list(size),
         "resize": config.resize,
+        "min_side": int(min_side),
+        "autocast": "off" if config.autocast == "none" else config.autocast,  # ("none" reads back as None)
         "patch_size": patch,
         "grid": list(layout.grid),
         "dim": layout.dim,
@@ -681,14 +695,22 @@ def _resolve_reduction(job: ShardJob) -> Reduction:
                 "cannot read the PCA basis of %s (%s); using %s", job.shard_path.name, e, BASIS_FILE
             )
     path = job.out_dir / BASIS_FILE
+    want = cache_identity(job.attrs)
     if red is None and path.exists():
         red = Reduction.load(path)
+        diff = _basis_differences(red, want)
+        if diff:  # left by another (refused, or other-teacher) run into this folder: never reused
+            logger.warning(
+                "%s was fitted for another cache (%s differ); fitting this run's basis", path, ", ".join(diff)
+            )
+            red = None
     if red is None:
         if job.rank == 0:
             red = _fit_reduction(job)
+            red.fit["identity"] = want
             red.save(path)
         else:
-            red = _wait_for_basis(job, path)
+            red = _wait_for_basis(job, path, want)
     if red.dim != job.layout.reduce_dim:
         raise ValueError(
             f"{path} holds a reduce_dim={red.dim} basis but this run asks for {job.layout.reduce_dim}: write to "
@@ -698,10 +720,26 @@ def _resolve_reduction(job: ShardJob) -> Reduction:
     return red
 
 
-def _wait_for_basis(job: ShardJob, path: Path) -> Reduction:
+def _basis_differences(red: Reduction, want: dict[str, Any]) -> list[str]:
+    """Why a basis file does not belong to this run (identity fields, or that it records none)."""
+    have = red.fit.get("identity")
+    if not isinstance(have, dict):
+        return ["identity (none recorded)"]
+    return identity_differences(have, want)
+
+
+def _wait_for_basis(job: ShardJob, path: Path, want: dict[str, Any]) -> Reduction:
+    """Ranks > 0: rank 0's basis for this run (a stale file of another run is waited past)."""
     t0 = time.monotonic()
     last = t0
-    while not path.exists():
+    while True:
+        if path.exists():
+            try:
+                red = Reduction.load(path)
+                if not _basis_differences(red, want):
+                    return red
+            except ValueError:  # being replaced right now
+                pass
         if time.monotonic() - t0 > job.config.reduce_wait_s:
             raise TimeoutError(
                 f"rank {job.rank}: rank 0 has not written the PCA basis {path} after {job.config.reduce_wait_s:.0f} s; "
@@ -711,7 +749,6 @@ def _wait_for_basis(job: ShardJob, path: Path) -> Reduction:
             logger.info("rank %d: waiting for rank 0's PCA basis %s", job.rank, path)
             last = time.monotonic()
         time.sleep(0.5)
-    return Reduction.load(path)
 
 
 def _fit_reduction(job: ShardJob) -> Reduction:
@@ -796,7 +833,13 @@ def _check_existing_shard(job: ShardJob) -> None:
         layout = dataclasses.replace(job.layout, block_size=report.block_size or job.layout.block_size)
         red = _resolve_reduction(job) if layout.reduce_dim else None
         repair_shard(
-            path, layout, job.attrs, job.keys[job.start : job.start + job.count], report, reduction=red
+            path,
+            layout,
+            job.attrs,
+            job.keys[job.start : job.start + job.count],
+            report,
+            reduction=red,
+            metadata_checked=stored is not None,
         )
         stored = read_meta(path)
     elif job.config.repair:
@@ -837,8 +880,9 @@ def _note_missing_shards(job: ShardJob) -> None:
 
 
 def _cache_already_complete(job: ShardJob) -> bool:
-    """Rank 0 only: the index and every shard are complete (a rerun is then a no-op)."""
-    if not (job.is_main and job.index_path.exists() and shard_complete(job.shard_path)):
+    """The index and every shard are complete (a rerun is then a no-op on every rank: each rank reads
+    the same files, and no rank waits for another)."""
+    if not (job.index_path.exists() and shard_complete(job.shard_path)):
         return False
     return bool(read_meta(job.index_path).get("complete")) and all(
         shard_complete(p) for p in job.shard_paths()
@@ -898,16 +942,53 @@ def _create_shard_file(job: ShardJob) -> None:
 
 
 def _write_index(job: ShardJob) -> str | None:
-    """The index: rank 0 after a barrier when a process group exists, else the last rank to finish."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        path = str(build_index(job.out_dir, job.world)) if job.is_main else None
-        torch.distributed.barrier()
-        return path
-    if all(shard_complete(p) for p in job.shard_paths()):
+    """The index. With a process group: rank 0, once every shard is complete (it waits through the files,
+    watching each unfinished shard's writer: :func:`_wait_for_shards`); the other ranks return once
+    their shard is complete (no collective: a rank that died or returned early never hangs the others).
+    Without one (independent jobs, one per shard): the last rank to finish."""
+    group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if job.world == 1 or (group and job.is_main):
+        if job.world > 1:
+            _wait_for_shards(job)
         return str(build_index(job.out_dir, job.world))
-    logger.info("shard %s complete; index.h5 is written by the last rank to finish", job.shard_path.name)
+    if not group and all(shard_complete(p) for p in job.shard_paths()):
+        return str(build_index(job.out_dir, job.world))
+    who = "rank 0" if group else "the last rank to finish"
+    logger.info("shard %s complete; index.h5 is written by %s", job.shard_path.name, who)
     return None
+
+
+def _wait_for_shards(job: ShardJob) -> None:
+    """Rank 0: wait until every shard is complete. A shard that is incomplete while no process holds its
+    lock (:func:`cache.lock.live_writer`) for :data:`INDEX_DEAD_WRITER_S` has lost its writer: stop,
+    naming it (the same command resumes it and writes the index)."""
+    orphaned: dict[Path, float] = {}
+    last_note = time.monotonic()
+    while True:
+        todo = [p for p in job.shard_paths() if not shard_complete(p)]
+        if not todo:
+            return
+        now = time.monotonic()
+        for p in todo:
+            if live_writer(p) is None:
+                orphaned.setdefault(p, now)
+            else:
+                orphaned.pop(p, None)
+        dead = [p for p in todo if p in orphaned and now - orphaned[p] > INDEX_DEAD_WRITER_S]
+        if dead:
+            raise RuntimeError(
+                f"cannot write {job.index_path.name}: {', '.join(p.name for p in dead)} incomplete and no process "
+                f"has written it for {INDEX_DEAD_WRITER_S:.0f} s (its rank stopped or died; see that rank's log). "
+                "Rerun the same command: it resumes the unfinished shard(s) and writes the index"
+            )
+        if now - last_note > 60:
+            logger.info(
+                "rank 0: waiting for %d shard(s) before the index: %s",
+                len(todo),
+                ", ".join(p.name for p in todo),
+            )
+            last_note = now
+        time.sleep(INDEX_POLL_S)
 
 
 def _todo_blocks(job: ShardJob, done: np.ndarray) -> list[tuple[int, list[int]]]:

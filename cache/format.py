@@ -80,17 +80,20 @@ JSON_ATTRS = (
     "reduce",
     "reduce_fit",
 )
-# what must match between a cache on disk and a run that wants to resume it, in the order checked
-RESUME_FIELDS = (
-    "format_version",
+# who wrote a cache's features, from what and how: compared by a stage-1 resume, across the shards of
+# an index, against a damaged shard's chunk map before a repair keeps its rows, against the PCA basis
+# file, and by a stage-2 resume (the cache a checkpoint was trained on); see :func:`cache_identity`
+IDENTITY_FIELDS = (
     "teacher",
     "teacher_spec",
+    "teacher_weights",  # a digest of the teacher's weights (new weights at the same path or hub name)
     "image_size",
     "resize",
+    "min_side",
+    "autocast",  # the teacher's precision (fp32 vs bf16 features)
     "dataset",
     "num_samples",
     "keys_sha1",
-    "shard_world",
     "storage_dtype",
     "value_trick",
     "value_readout",
@@ -99,6 +102,10 @@ RESUME_FIELDS = (
     "granularities",
     "reduce",
 )
+# what must match between a cache on disk and a run that wants to resume it, in the order checked
+RESUME_FIELDS = ("format_version", "toolkit_version", *IDENTITY_FIELDS, "shard_world")
+# fields a cache made before they were recorded lacks: not compared then (said once, as a warning)
+LATER_FIELDS = ("teacher_weights", "min_side", "autocast", "toolkit_version")
 FEATURES = ("patch", "cls", "value_patch")
 BOOKKEEPING = ("done", "skip_reason", "checksum")  # per-sample arrays that are not the sample's data
 CHUNK_MAP_SUFFIX = ".chunks.npz"
@@ -364,6 +371,9 @@ def create_shard(
         cmap = chunk_map(f, [*layout.per_sample(), "block_stats", "block_count"])
         cmap["@checked"] = np.array(layout.checked())
         cmap["@count"] = np.array(n, np.int64)
+        # who wrote the rows, outside the HDF5 metadata: a repair of a shard whose metadata is unreadable
+        # checks it before keeping any row (cache.repair)
+        cmap["@identity"] = np.array(json.dumps(cache_identity(attrs), sort_keys=True))
         cmap["@block_size"] = np.array(layout.block_size, np.int64)
         fsync_file(f)
     tmp_map = chunk_map_path(tmp)
@@ -410,12 +420,71 @@ def _norm(v: Any) -> Any:
     return v
 
 
+def cache_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """The identity of a cache (or shard) from its attributes: :data:`IDENTITY_FIELDS`, JSON-normalised."""
+    return {k: json.loads(json.dumps(_norm(meta.get(k)), default=str)) for k in IDENTITY_FIELDS}
+
+
+def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The :data:`IDENTITY_FIELDS` on which two identities (or attribute dicts) differ; a field one of them
+    lacks (made before it was recorded) and a missing ``teacher_spec`` (a teacher object passed directly)
+    are not compared."""
+    out = []
+    for k in IDENTITY_FIELDS:
+        x, y = _norm(a.get(k)), _norm(b.get(k))
+        if (k == "teacher_spec" or k in LATER_FIELDS) and (x is None or y is None):
+            continue
+        if json.dumps(x, sort_keys=True, default=str) != json.dumps(y, sort_keys=True, default=str):
+            out.append(k)
+    return out
+
+
+def shard_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Fields on which two shards of one cache disagree: the identity, and the layout every shard shares."""
+    out = identity_differences(a, b)
+    for k in (
+        "format_version",
+        "toolkit_version",
+        "grid",
+        "dim",
+        "num_global_tokens",
+        "shard_world",
+        "reduce_dim",
+    ):
+        x, y = _norm(a.get(k)), _norm(b.get(k))
+        if k in LATER_FIELDS and (x is None or y is None):
+            continue
+        if x != y:
+            out.append(k)
+    return out
+
+
+def _brief(v: Any, n: int = 70) -> str:
+    s = json.dumps(_norm(v), sort_keys=True, default=str)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def weights_digest(module: Any) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes and bytes of every tensor, in name order)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def check_resume(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
     """Refuse to continue a cache made with other settings, naming the first differing field."""
     for k in RESUME_FIELDS:
         a, b = _norm(stored.get(k)), _norm(wanted.get(k))
         if k == "teacher_spec" and (a is None or b is None):
             continue  # a teacher object passed directly has no spec; its identity is still compared
+        if k in LATER_FIELDS and a is None and b is not None:
+            logger.warning("%s records no %s (made by an older toolkit): not compared", path.name, k)
+            continue
         if k == "format_version" and a in RESUMABLE_VERSIONS and b == FORMAT_VERSION:
             continue  # an older shard is finished in its own layout (rows are written through HDF5)
         if a != b:
@@ -516,6 +585,17 @@ def build_index(out_dir: Path, world: int) -> Path:
         raise ValueError(f"cannot build the index of {out_dir}: shards not complete: {', '.join(missing)}")
     metas = [read_meta(p) for p in paths]
     meta0 = metas[0]
+    for p, m in zip(paths[1:], metas[1:]):
+        diff = shard_differences(meta0, m)
+        if diff:
+            said = "; ".join(
+                f"{k}: {_brief(meta0.get(k))} in {paths[0].name}, {_brief(m.get(k))} here" for k in diff
+            )
+            raise ValueError(
+                f"cannot build the index of {out_dir}: {p.name} was written with other settings than {paths[0].name} "
+                f"({said}); the shards of one cache must come from one teacher, dataset and settings. Move the odd "
+                "shard aside and rerun the command that wrote the others (it rewrites that shard)"
+            )
     N = int(meta0["num_samples"])
     layout = layout_from_meta(meta0, N)
     keys: list[str] = []

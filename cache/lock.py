@@ -11,6 +11,15 @@ DataLoader workers with ``forkserver``, so they never do). A second run on the s
 
 Two runs therefore never both write a shard. ``flock`` on NFS is emulated with POSIX locks by Linux
 (since 2.6.12), which also hold across hosts.
+
+Cluster filesystems without locks (Lustre mounted without ``-o flock``, NFS mounted ``nolock``) answer
+``flock`` (and HDF5's own file locking) with ENOSYS / ENOLCK / EOPNOTSUPP: that is reported as what it
+is (:class:`LockingUnsupportedError`, with the fix), never as "another process has it open". Where
+``flock`` is host-local (Lustre ``-o localflock``, NFS ``local_lock=flock``), two hosts could both take
+it: the holder refreshes its record every ``HEARTBEAT_S`` seconds, and a run on another host that
+finds a record refreshed within ``STALE_S`` is refused even though it got the ``flock``.
+
+The stage-2 run directory is locked the same way (``distill.resume``: ``<output_dir>/run.lock``).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,10 +39,34 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".lock"
+# where flock is host-local, a holder on another host is recognised by its record's refresh time
+HEARTBEAT_S = 30.0
+STALE_S = 120.0
+# errno values of a filesystem that does not implement file locks (Lustre without -o flock, NFS nolock)
+NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP}
+CACHE_ADVICE = (
+    "Two runs never write one cache: wait for that run to finish (rerun this command then: it resumes or "
+    "confirms), stop it, or write elsewhere (--out)."
+)
 
 
 class CacheBusyError(RuntimeError):
-    """Another live process writes (or holds open) this cache."""
+    """Another live process writes (or holds open) this cache (or, for stage 2, this run directory)."""
+
+
+class LockingUnsupportedError(OSError):
+    """The filesystem does not implement file locks (ENOSYS / ENOLCK / EOPNOTSUPP)."""
+
+
+def no_locks_message(path: Path, e: BaseException) -> str:
+    """What an ENOSYS / ENOLCK from a lock call means, and the fix."""
+    return (
+        f"file locks are not supported on the filesystem of {path} ({e}): this is not another process holding "
+        "it. Typical causes: Lustre mounted without -o flock, NFS mounted with nolock. Fix: mount with -o flock "
+        "(Lustre) or with locking (NFS), or write to a local disk; HDF5's own file locking also fails there: set "
+        "HDF5_USE_FILE_LOCKING=FALSE (the toolkit's lock file <shard>.lock still keeps one writer per shard, "
+        "once flock works)"
+    )
 
 
 def lock_path(shard: Path) -> Path:
@@ -82,13 +116,22 @@ def describe(holder: dict[str, Any]) -> str:
 
 
 class ShardLock:
-    """``with ShardLock(shard):`` holds the shard's lock file for the block (see the module docs)."""
+    """``with ShardLock(shard):`` holds the shard's lock file for the block (see the module docs).
 
-    def __init__(self, shard: Path, wait_s: float = 30.0, poll_s: float = 0.1) -> None:
+    ``what`` names the locked thing in messages (default: the shard's path) and ``advice`` says what to
+    do when another run holds it (default: the cache's advice)."""
+
+    def __init__(
+        self, shard: Path, wait_s: float = 30.0, poll_s: float = 0.1, *, what: str = "", advice: str = ""
+    ) -> None:
         self.shard, self.path, self.wait_s, self.poll_s = Path(shard), lock_path(Path(shard)), wait_s, poll_s
+        self.what, self.advice = what or str(self.shard), advice or CACHE_ADVICE
         self.fd: int | None = None
         self.took_over: dict[str, Any] | None = None
         self.waited_s = 0.0
+        self._record: dict[str, Any] = {}
+        self._beat: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def _try(self) -> bool:
         assert self.fd is not None
@@ -98,22 +141,67 @@ class ShardLock:
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 return False
+            if e.errno in NO_LOCKS:
+                os.close(self.fd)
+                self.fd = None
+                raise LockingUnsupportedError(e.errno, no_locks_message(self.path, e)) from e
             raise
 
     def acquire(self) -> ShardLock:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         if not self._try():
             self._wait_for_dead_holder()
-        record = {
+        self._refuse_fresh_holder_elsewhere()
+        self._record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": " ".join(sys.argv)[:500],
         }
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(record).encode(), 0)
-        os.fsync(self.fd)
+        self._write_record()
+        self._stop.clear()
+        self._beat = threading.Thread(
+            target=self._heartbeat, name=f"lock-heartbeat {self.path.name}", daemon=True
+        )
+        self._beat.start()
         return self
+
+    def _write_record(self) -> None:
+        assert self.fd is not None
+        data = json.dumps({**self._record, "heartbeat": time.time()}).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+        os.fsync(self.fd)
+
+    def _heartbeat(self) -> None:
+        """Refresh the record every ``HEARTBEAT_S`` (a run on another host sees this holder as alive)."""
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                if self.fd is None:
+                    return
+                self._write_record()
+            except OSError as e:  # a full or unreachable disk: the lock itself stays held
+                logger.warning("cannot refresh the lock record %s: %s", self.path, e)
+
+    def _refuse_fresh_holder_elsewhere(self) -> None:
+        """Got the ``flock``, but the record names a live-looking holder on another host: ``flock`` is
+        host-local on this filesystem (Lustre ``localflock``, NFS ``local_lock``), so refuse."""
+        holder = read_holder(self.path)
+        here = socket.gethostname()
+        beat = holder.get("heartbeat")
+        if not holder or holder.get("host") in (None, here) or not isinstance(beat, (int, float)):
+            return
+        if holder.get("released"):
+            return
+        age = time.time() - float(beat)
+        if age < STALE_S:
+            self.release()
+            raise CacheBusyError(
+                f"{self.what} is held by a run on another host: {describe(holder)}, whose lock record was refreshed "
+                f"{age:.0f} s ago; this host could take the file lock anyway, so file locks on this filesystem are "
+                f"host-local (Lustre -o localflock, NFS local_lock). {self.advice} If that run is gone, wait "
+                f"{STALE_S:.0f} s after its last refresh and rerun. Lock file: {self.path}"
+            )
 
     def _wait_for_dead_holder(self) -> None:
         holder = read_holder(self.path)
@@ -127,9 +215,8 @@ class ShardLock:
                 else " (another machine: its liveness cannot be checked from here)"
             )
             raise CacheBusyError(
-                f"{self.shard} is being written by another run: {describe(holder)}{where}. Two runs never "
-                f"write one cache: wait for that run to finish (rerun this command then: it resumes or "
-                f"confirms), stop it, or write elsewhere (--out). Lock file: {self.path}"
+                f"{self.what} is being written by another run: {describe(holder)}{where}. {self.advice} "
+                f"Lock file: {self.path}"
             )
         msg = (
             f"{self.shard.name}: the run that held it ({describe(holder)}) is dead, but processes it "
@@ -150,13 +237,24 @@ class ShardLock:
         left = processes_holding(self.path)
         self.release()
         raise CacheBusyError(
-            f"{self.shard} is still locked {self.wait_s:.0f} s after its run (pid {pid}) died, by processes "
+            f"{self.what} is still locked {self.wait_s:.0f} s after its run (pid {pid}) died, by processes "
             f"it left behind: {left or 'not visible from here'}. End them (kill {' '.join(map(str, left)) or 'PID'}) "
             "and rerun the same command: it resumes; the shard itself is not damaged by this."
         )
 
     def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None and self._beat is not threading.current_thread():
+            self._beat.join(timeout=5)
+        self._beat = None
         if self.fd is not None:
+            try:
+                if self._record:  # a clean exit: a run on another host need not wait for the record to age
+                    data = json.dumps({**self._record, "released": time.time()}).encode()
+                    os.ftruncate(self.fd, 0)
+                    os.pwrite(self.fd, data, 0)
+            except OSError:
+                pass
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
             finally:
@@ -190,14 +288,26 @@ def live_writer(shard: Path) -> dict[str, Any] | None:
 
 
 def is_hdf5_lock_error(e: BaseException) -> bool:
-    """HDF5's "unable to lock file" (errno 11): another process has the file open, not damage."""
+    """HDF5's "unable to lock file" (errno 11: another process has the file open; errno 38/37/95: the
+    filesystem has no locks): not damage."""
     s = str(e)
     return "unable to lock file" in s or (
-        isinstance(e, OSError) and e.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+        isinstance(e, OSError) and e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, *NO_LOCKS)
     )
 
 
+def _no_locks_error(e: BaseException) -> bool:
+    """An HDF5 / OS lock error that says the filesystem implements no locks (ENOSYS, ENOLCK, EOPNOTSUPP)."""
+    if isinstance(e, OSError) and e.errno in NO_LOCKS:
+        return True
+    s = str(e)
+    return "unable to lock file" in s and any(f"errno = {n}" in s or os.strerror(n) in s for n in NO_LOCKS)
+
+
 def busy_message(path: Path, e: BaseException) -> str:
+    """Why HDF5 could not lock ``path``: another process has it open, or the filesystem has no locks."""
+    if _no_locks_error(e):
+        return no_locks_message(path, e)
     pids = processes_holding(path)
     who = f"processes {pids}" if pids else "another process (not visible from here: another user or machine)"
     return (

@@ -16,6 +16,7 @@ into place; the extraction then redoes the rest.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -30,12 +31,14 @@ from .format import (
     H5_ERRORS,
     INDEX_NAME,
     Layout,
+    cache_identity,
     chunk_map,
     chunk_map_path,
     create_shard,
     decode_attrs,
     fsync_dir,
     fsync_file,
+    identity_differences,
     layout_from_meta,
     read_chunk_map,
     read_meta,
@@ -245,13 +248,41 @@ def repair_shard(
     keys: list[str],
     report: ShardReport | None = None,
     reduction: Any = None,
+    metadata_checked: bool = False,
 ) -> ShardReport:
     """Write a fresh shard holding the intact write blocks of the damaged ``path``; rename the damaged
     file aside (kept, never deleted) and put the fresh one in its place. Returns the report used.
-    ``reduction``: the cache's PCA basis (:class:`cache.reduce.Reduction`) for a reduced-dimension shard."""
+    ``reduction``: the cache's PCA basis (:class:`cache.reduce.Reduction`) for a reduced-dimension shard.
+
+    Rows are kept only when who wrote them is known to be this run's teacher, dataset and settings: the
+    identity the chunk map records (``@identity``) must equal ``attrs``' (else refused, nothing changed);
+    a chunk map without one (an older cache) is trusted only when ``metadata_checked`` (the shard's own
+    HDF5 attributes were read and compared by the caller), else every row is redone."""
     path = Path(path)
     report = report or verify_shard(path)
     cmap = read_chunk_map(path) if chunk_map_path(path).exists() else None
+    if cmap is not None and "@identity" in cmap:
+        recorded = json.loads(str(cmap["@identity"]))
+        diff = identity_differences(recorded, attrs)
+        if diff:
+            said = "; ".join(
+                f"{k}: {json.dumps(recorded.get(k), default=str)[:70]} on disk, "
+                f"{json.dumps(cache_identity(attrs).get(k), default=str)[:70]} in this run"
+                for k in diff
+            )
+            raise ValueError(
+                f"the damaged shard {path} was written by another run ({said}; from its chunk map "
+                f"{chunk_map_path(path).name}), so this run cannot keep its samples: rerun with the settings it was "
+                "made with, or write elsewhere (--out). Nothing was changed."
+            )
+    elif report.kept_blocks and not metadata_checked:
+        logger.warning(
+            "%s: neither its metadata nor its chunk map says who wrote its rows (a chunk map of an older toolkit); "
+            "keeping none of its %d intact samples: all are redone",
+            path.name,
+            report.kept_rows,
+        )
+        report.kept_blocks, report.kept_rows = [], 0
     if cmap is not None:
         for name, (shape, dt) in layout.per_sample().items():
             had = (

@@ -5,8 +5,16 @@ position, EMA head, DINO centers, RNG states) travels as DeepSpeed ``client_stat
 rank under ZeRO, so per-rank RNG states come back to their rank). A checkpoint counts only once
 ``complete.json`` is written, after every rank finished saving and fsynced its files; ``--resume
 auto`` picks the newest complete one (and names the incomplete ones it skips), so an interrupted
-save, even one cut by a machine crash, is never resumed from. Older complete checkpoints beyond
-``keep_last`` are deleted.
+save, even one cut by a machine crash, is never resumed from. ``complete.json`` lists every file of
+the checkpoint with its size, and a checkpoint counts as complete only while all of them are there.
+
+Older complete checkpoints beyond ``keep_last`` are deleted: each is first renamed aside
+(``.pruning-step_*``, never listed again), then removed, so a deletion cut short never leaves a
+``step_*`` directory whose marker survived its files. A save never writes into a complete checkpoint:
+a ``step_*`` directory already there is renamed aside (complete) or removed (interrupted) first.
+Resuming an older checkpoint into its own run directory (a rollback) moves the newer checkpoints of
+the abandoned timeline to ``checkpoints/abandoned-<time>/`` before training, so keep-last-K and
+``--resume auto`` follow the new timeline.
 """
 
 from __future__ import annotations
@@ -41,16 +49,133 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def missing_files(ckpt: Path) -> list[str]:
+    """The files ``ckpt/complete.json`` lists that are missing or of another size (an older marker
+    without a list: the model states file must be there); ``["complete.json"]`` without a marker."""
+    try:
+        marker = json.loads((ckpt / COMPLETE).read_text())
+    except FileNotFoundError:
+        return [COMPLETE]
+    except (OSError, ValueError):
+        return [f"{COMPLETE} (unreadable)"]
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict):
+        names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        return [] if any((ckpt / n).is_file() for n in names) else ["mp_rank_00_model_states.pt"]
+    bad = []
+    for name, size in files.items():
+        try:
+            if (ckpt / name).stat().st_size != int(size):
+                bad.append(f"{name} (size)")
+        except OSError:
+            bad.append(name)
+    return bad
+
+
 def list_complete(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
-    """``[(step, path)]`` of complete checkpoints, oldest first."""
+    """``[(step, path)]`` of complete checkpoints (marker present, every file it lists there), oldest first."""
     root = Path(ckpt_dir)
     out = []
     if root.is_dir():
         for p in root.iterdir():
             m = TAG_RE.match(p.name)
-            if m and (p / COMPLETE).is_file():
+            if m and (p / COMPLETE).is_file() and not missing_files(p):
                 out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def _manifest(path: Path) -> dict[str, int]:
+    """``{relative path: size}`` of every file under ``path`` (the marker excluded)."""
+    out = {}
+    for d, _, files in os.walk(path):
+        for name in files:
+            f = Path(d) / name
+            rel = str(f.relative_to(path))
+            if rel not in (COMPLETE, COMPLETE + ".tmp", BEST_JSON):
+                out[rel] = f.stat().st_size
+    return dict(sorted(out.items()))
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Delete the complete checkpoints of ``root`` beyond the newest ``keep_last``: each is renamed aside
+    first (``.pruning-step_*``: never listed again, whatever happens next), then removed; a removal that
+    fails is reported with the path to delete by hand. Returns the pruned checkpoints."""
+    pruned = []
+    for _, old in list_complete(root)[:-keep_last] if keep_last > 0 else []:
+        trash = root / f".pruning-{old.name}"
+        if trash.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+        old.replace(trash)
+        _fsync_dir(root)
+        pruned.append(old)
+        try:
+            shutil.rmtree(trash)
+        except OSError as e:
+            logger.warning(
+                "pruned checkpoint %s (keep_last=%d) was renamed to %s but could not be deleted (%s); it is never "
+                "resumed from: delete it by hand",
+                old.name,
+                keep_last,
+                trash,
+                e,
+            )
+    return pruned
+
+
+def set_aside_newer(output_dir: str | Path, step: int) -> list[str]:
+    """A rollback: resuming ``step`` while ``output_dir`` holds checkpoints of later steps (an abandoned
+    timeline). Rank 0 moves the complete ones (and a ``best`` saved after ``step``) to
+    ``checkpoints/abandoned-<time>/`` and deletes the incomplete ones; every rank waits. Returns the moved names."""
+    root = checkpoint_dir(output_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    moved: list[str] = []
+    if rank == 0 and root.is_dir():
+        newer = sorted(p for p in root.iterdir() if (m := TAG_RE.match(p.name)) and int(m.group(1)) > step)
+        best = read_best(output_dir)
+        if best is not None and int(best.get("step", 0)) > step:
+            newer.append(root / BEST)
+        dest = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-from-{tag_for(step)}"
+        for p in newer:
+            if p.name != BEST and missing_files(p):
+                shutil.rmtree(p, ignore_errors=True)  # an interrupted save: nothing to keep
+                logger.info(
+                    "removed the incomplete checkpoint %s (newer than the resumed step %d)", p.name, step
+                )
+                continue
+            dest.mkdir(exist_ok=True)
+            p.replace(dest / p.name)
+            moved.append(p.name)
+        if moved:
+            _fsync_dir(root)
+            logger.warning(
+                "rollback to step %d: the newer checkpoint(s) %s of the abandoned timeline were moved to %s "
+                "(keep_last and --resume auto now follow the resumed timeline)",
+                step,
+                ", ".join(moved),
+                dest,
+            )
+    if dist.is_initialized():
+        dist.barrier()
+    return moved
+
+
+def _clear_target(root: Path, tag: str) -> Path | None:
+    """Before a save into ``root/tag`` (rank 0): a complete checkpoint there is renamed aside (returned,
+    deleted once the new one is complete); an incomplete one is removed. A save never writes into a
+    complete checkpoint (a kill would leave a torn checkpoint that looks complete)."""
+    target = root / tag
+    if not target.exists():
+        return None
+    if (target / COMPLETE).exists():
+        aside = root / f".replaced-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.replace(aside)
+        _fsync_dir(root)
+        logger.warning(
+            "%s already holds a checkpoint: renamed to %s until the new one is complete", target, aside.name
+        )
+        return aside
+    shutil.rmtree(target)
+    return None
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> tuple[Path, str] | None:
@@ -74,9 +199,10 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> tuple[Path, st
             f"--resume {resume}: not a checkpoint directory (expected .../checkpoints/step_XXXXXXXX or "
             ".../checkpoints/best) or 'auto'"
         )
-    if not (p / COMPLETE).is_file():
+    if missing := missing_files(p):
         raise ValueError(
-            f"--resume {resume}: checkpoint is incomplete (no {COMPLETE}); pick an older one or use --resume auto"
+            f"--resume {resume}: checkpoint is incomplete (missing: {', '.join(missing[:5])}); pick an older one "
+            "or use --resume auto"
         )
     return p.parent, p.name
 
@@ -104,13 +230,14 @@ def _note_incomplete(root: Path, complete: list[tuple[int, Path]]) -> None:
     if not root.is_dir():
         return
     done = {p.name for _, p in complete}
-    partial = sorted(p.name for p in root.iterdir() if TAG_RE.match(p.name) and p.name not in done)
+    partial = sorted(p for p in root.iterdir() if TAG_RE.match(p.name) and p.name not in done)
     if partial:
         logger.warning(
-            "--resume auto: ignoring %d incomplete checkpoint(s) (no %s: interrupted while saving): %s",
+            "--resume auto: ignoring %d incomplete checkpoint(s) (no %s: interrupted while saving; or files it "
+            "lists missing): %s",
             len(partial),
             COMPLETE,
-            ", ".join(partial),
+            ", ".join(f"{p.name} (missing {', '.join(missing_files(p)[:3])})" for p in partial),
         )
 
 
@@ -136,18 +263,25 @@ def save(
     root = checkpoint_dir(output_dir)
     tag = tag_for(step)
     t0 = time.time()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    replaced = None
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        replaced = _clear_target(root, tag)
+    if dist.is_initialized():
+        dist.barrier()  # no rank writes before the target is clear
     ok = engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
     if ok is False:
         raise RuntimeError(f"DeepSpeed failed to save checkpoint {root / tag}")
     _fsync_tree(root / tag)  # every rank: its files are on the disk before the marker says complete
     if dist.is_initialized():
         dist.barrier()
-    rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         marker = {
             "step": step,
             "time": time.time(),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "files": _manifest(root / tag),
         }
         tmp = root / tag / (COMPLETE + ".tmp")
         with open(tmp, "w") as fh:
@@ -156,9 +290,9 @@ def save(
             os.fsync(fh.fileno())
         tmp.replace(root / tag / COMPLETE)
         _fsync_dir(root / tag)
-        if keep_last > 0:
-            for _, old in list_complete(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        prune(root, keep_last)
         logger.info("saved checkpoint %s (%.1fs)", root / tag, time.time() - t0)
     if dist.is_initialized():
         dist.barrier()
@@ -211,6 +345,7 @@ def save_best(
             "step": step,
             "time": time.time(),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "files": _manifest(tmp),
         }
         for name, content in ((BEST_JSON, best), (COMPLETE, marker)):
             with open(tmp / name, "w") as fh:
@@ -242,7 +377,17 @@ def save_best(
 # ------------------------------------------------------------------- reading a checkpoint offline
 # (export, evaluation, resume on other hardware): no engine, DeepSpeed's own files and consolidation
 
-_CLIENT_KEYS = ("step", "aux", "data", "rng", "config", "samples_seen", "world_size", "best")
+_CLIENT_KEYS = (
+    "step",
+    "aux",
+    "data",
+    "rng",
+    "config",
+    "cache_identity",
+    "samples_seen",
+    "world_size",
+    "best",
+)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -252,9 +397,10 @@ def find_checkpoint(path: str | Path) -> Path:
     if TAG_RE.match(p.name) or p.name == BEST:
         if not p.is_dir():
             raise FileNotFoundError(f"checkpoint {p} does not exist")
-        if not (p / COMPLETE).is_file():
+        if missing := missing_files(p):
             raise ValueError(
-                f"checkpoint {p} is incomplete (no {COMPLETE}: its save was interrupted); pass an older "
+                f"checkpoint {p} is incomplete (missing: {', '.join(missing[:5])}: its save was interrupted or "
+                "its files were deleted); pass an older "
                 f"step_* directory or the run directory (the newest complete checkpoint is picked)"
             )
         return p

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from cache import open_cache
+from cache.format import cache_identity
 from cache.resources import apply_threads, fit_threads
 
 from . import checkpoint as ckpt
@@ -57,6 +60,16 @@ from .export import export_model, export_student
 from .feeder import feeder_for
 from .multinode import slurm_env
 from .reshard import load_resharded, remap_position
+from .resume import (
+    LOG_NAME,
+    PREEMPT_SIGNALS,
+    PreemptionWatch,
+    check_resume,
+    lock_run_dir,
+    preempt_exit_code,
+    record_start,
+    rewrite_log,
+)
 from .schedules import Schedules
 from .task import build_task
 from .tracking import Trackers, tracker_names
@@ -252,6 +265,13 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _worker_ignores_preemption(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGUSR1 to the main process (it finishes the step and writes a
+    checkpoint; a worker killed by the same signal would end the run without it)."""
+    for name in PREEMPT_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class _Loader:
     """Endless, resumable iteration over epochs: tracks ``(epoch, consumed)`` of this rank."""
 
@@ -277,6 +297,7 @@ class _Loader:
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=cfg.data.prefetch_factor if nw > 0 else None,
             persistent_workers=nw > 0,
+            worker_init_fn=_worker_ignores_preemption if nw > 0 else None,
         )
         self.epoch, self.consumed = 0, 0
         self._it = None
@@ -344,11 +365,21 @@ def _drain_terms(
     return list(per_step.values())
 
 
-def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None = None) -> dict[str, Any]:
-    """Run (or resume) training; returns ``{"step", "final": {term: value}, "export": path, "engine"}``.
+def train(
+    cfg: TrainConfig,
+    resume: str | None = None,
+    *,
+    max_steps: int | None = None,
+    allow_changes: tuple[str, ...] | list[str] = (),
+) -> dict[str, Any]:
+    """Run (or resume) training; returns ``{"step", "final": {term: value}, "export": path, "engine",
+    "preempted": signal name or None}``.
 
     ``max_steps`` stops early after that many optimizer steps (schedules still follow ``cfg.steps``);
-    used to simulate interruption.
+    used to simulate interruption. ``allow_changes``: config keys (or sections, or ``all``) and
+    ``cache.<identity field>`` a resume may change (``distill.resume.check_resume``). The run holds
+    ``output_dir/run.lock`` throughout; SIGTERM / SIGUSR1 stop it at the next step boundary with a
+    checkpoint (``preempted`` names the signal; no export).
     """
     check_accelerate_env(cfg)
     names = tracker_names(cfg.log)  # an unknown or not-installed tracker fails before anything starts
@@ -366,6 +397,27 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
+    lock = lock_run_dir(Path(cfg.output_dir))  # one run per output_dir (every rank fails if another holds it)
+    try:
+        return _train(cfg, resume, max_steps, tuple(allow_changes), names, device, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    cfg: TrainConfig,
+    resume: str | None,
+    max_steps: int | None,
+    allow_changes: tuple[str, ...],
+    names: list[str],
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> dict[str, Any]:
+    """:func:`train` after the distributed set-up, holding the run directory's lock."""
+    import deepspeed
+
     is_main = rank == 0
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
@@ -376,20 +428,44 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
             f"{out} already holds checkpoints of another run; pass --resume auto to continue it or choose "
             "another output_dir"
         )
-
     # ---- task (model, heads, losses, data)
     built = build_task(cfg, device=device, rank=rank, world=world)
     task, dataset, sampler = built.task, built.dataset, built.sampler
+
+    # a resume compares the checkpoint's config (as the task resolved it) and cache identity with this
+    # start's, before anything is written
+    accepted: list[tuple[str, Any, Any]] = []
+    states: dict[str, Any] | None = None
+    cache_ident = cache_identity(open_cache(cfg.cache.path).meta) if cfg.cache.path else None
+    if found is not None:
+        path = Path(found[0]) / found[1]
+        states = ckpt.read_model_states(path)
+        saved = ckpt.client_state(states)
+        accepted = check_resume(
+            path, saved, config_to_dict(cfg), cache_ident, world=world, allow=allow_changes
+        )
+        # a rollback (an older checkpoint of this run): the newer ones of the abandoned timeline go aside
+        ckpt.set_aside_newer(out, int(saved.get("step", ckpt.layout(path, states)["step"])))
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out, extra={"world_size": world, "task": built.info})
+        resumed_from = str(Path(found[0]) / found[1]) if found is not None else None
+        save_resolved(
+            cfg,
+            out,
+            extra={
+                "world_size": world,
+                "task": built.info,
+                "resumed_from": resumed_from,
+                "cache_identity": cache_ident,
+            },
+        )
+        start_step = int(ckpt.client_state(states).get("step", 0)) if states is not None else 0
+        record_start(out, config_to_dict(cfg), step=start_step, resumed_from=resumed_from, accepted=accepted)
         if getattr(dataset, "skipped_keys", None):
             (out / "skipped_keys.txt").write_text("\n".join(dataset.skipped_keys) + "\n")
     loader = _Loader(dataset, sampler, cfg)
     evaluator = None
     if cfg.eval.every > 0:  # before the engine: the evaluator keeps a plain copy of the student
-        from cache import open_cache
-
         from .evaluation.while_training import TrainingEval
 
         evaluator = TrainingEval(
@@ -429,7 +505,8 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     best: dict[str, Any] | None = None  # {"step", "metric", "value"} of checkpoints/best
     if found is not None:
         path = Path(found[0]) / found[1]
-        src = ckpt.layout(path)
+        src = ckpt.layout(path, states)
+        states = None  # the engine loads its own copy
         if (src["world_size"], src["zero_stage"]) == (world, zero_stage):
             client = ckpt.load(engine, *found)
             data = client["data"]
@@ -469,16 +546,21 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
             logger.info("best so far: step %d, %s = %.4g", best["step"], best["metric"], best["value"])
 
     # ---- logging: a resumed run drops log lines past its checkpoint (written after it, then lost)
-    log_path = out / "log.jsonl"
+    # (a torn last line, left by a power loss, is reported and dropped; the rewrite is atomic)
+    log_path = out / LOG_NAME
     if is_main:
-        kept = []
         if found is not None and log_path.exists():
-            kept = [
-                ln
-                for ln in log_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= step
-            ]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
+            kept, dropped, torn = rewrite_log(log_path, step)
+            logger.info(
+                "%s: kept %d line(s) up to step %d, dropped %d written after it, %d torn",
+                log_path,
+                kept,
+                step,
+                dropped,
+                len(torn),
+            )
+        else:
+            log_path.write_text("")
     log_f = open(log_path, "a") if is_main else None
     trackers = None
     if is_main:
@@ -503,6 +585,8 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     if cfg.checkpoint.export == "student":
         exported_ema = None
     t_last = time.time()
+    watch = PreemptionWatch(world)  # SIGTERM / SIGUSR1: a checkpoint at the next step boundary, then exit
+    preempted: str | None = None
     try:
         while step < stop:
             vals = schedules.at(step)
@@ -526,10 +610,12 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
             samples_seen += global_batch
             every = cfg.checkpoint.every
             save_now = (every and step % every == 0) or (step == cfg.steps and cfg.checkpoint.at_end)
+            preempted = watch.poll()  # every rank agrees (distill.resume.PreemptionWatch)
+            save_now = bool(save_now or preempted)
             # an evaluation step logs its metrics with that step's losses (read back like a log step,
             # so a diverged run stops before it evaluates or saves a best checkpoint)
             eval_now = evaluator is not None and step % cfg.eval.every == 0
-            log_now = step % cfg.log.every == 0 or step == stop or eval_now
+            log_now = step % cfg.log.every == 0 or step == stop or eval_now or preempted is not None
             if log_now or save_now:  # the one host sync of the step, at the logging interval
                 history += _drain_terms(pending, cfg.optim.accum_steps, cfg.log.every)
             acc = history[-1] if not pending else {}
@@ -562,7 +648,14 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                     best = {"step": step, "metric": evaluator.key, "value": value}
                     if cfg.eval.keep_best:
                         state = _client_state(
-                            cfg, step, built, loader, best, samples_seen=samples_seen, world=world
+                            cfg,
+                            step,
+                            built,
+                            loader,
+                            best,
+                            samples_seen=samples_seen,
+                            world=world,
+                            cache_ident=cache_ident,
                         )
                         ckpt.save_best(engine, out, step, state, best)
                 t_last = time.time()  # samples/s measure training; the evaluation has its own eval/s
@@ -580,9 +673,28 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
                             sps=f"{rec['samples_per_s']:.1f}",
                         )
             if save_now:
-                client = _client_state(cfg, step, built, loader, best, samples_seen=samples_seen, world=world)
+                client = _client_state(
+                    cfg,
+                    step,
+                    built,
+                    loader,
+                    best,
+                    samples_seen=samples_seen,
+                    world=world,
+                    cache_ident=cache_ident,
+                )
                 ckpt.save(engine, out, step, client, keep_last=cfg.checkpoint.keep_last)
+            if preempted is not None:
+                logger.warning(
+                    "%s: stopped after step %d with a checkpoint; exit code %d asks the scheduler to requeue; "
+                    "--resume auto continues",
+                    preempted,
+                    step,
+                    preempt_exit_code(preempted),
+                )
+                break
     finally:
+        watch.close()
         if loader.feeder is not None:
             loader.feeder.close()
         if bar is not None:
@@ -596,6 +708,15 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
     if history:
         tail = history[-min(len(history), 10) :]
         final = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1]}
+    if preempted is not None:  # the grace period is short: the checkpoint is written, no export
+        return {
+            "step": step,
+            "final": final,
+            "export": None,
+            "best": best,
+            "engine": engine,
+            "preempted": preempted,
+        }
     # a run stopped before cfg.steps (--max-steps) exports its current state too, named by its step
     export_path = out / ("export" if step == cfg.steps else f"export_{ckpt.tag_for(step)}")
     with gather(list(built.student.parameters())):
@@ -622,6 +743,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, max_steps: int | None 
         "export": str(export_path),
         "best": best,
         "engine": engine,
+        "preempted": None,
     }
 
 
@@ -634,8 +756,10 @@ def _client_state(
     *,
     samples_seen: int,
     world: int,
+    cache_ident: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The run's own state saved with a checkpoint (DeepSpeed ``client_state``, one file per rank)."""
+    """The run's own state saved with a checkpoint (DeepSpeed ``client_state``, one file per rank); the
+    config and the cache's identity are what a resume compares (``distill.resume.check_resume``)."""
     return {
         "step": step,
         "aux": built.aux_state(),
@@ -644,5 +768,6 @@ def _client_state(
         "world_size": world,
         "rng": ckpt.rng_state(),
         "config": config_to_dict(cfg),
+        "cache_identity": cache_ident,
         "best": best,
     }

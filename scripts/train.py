@@ -9,6 +9,12 @@ Examples::
     deepspeed --num_gpus 8 scripts/train.py --recipe distill cache.path=cache/
     # continue the newest complete checkpoint of output_dir
     tipsdistill-train --recipe distill cache.path=cache/ output_dir=runs/b16 --resume auto
+    # a resume refuses a changed config or cache, naming every key; accept a change explicitly
+    tipsdistill-train ... --resume auto optim.lr=1e-4 --allow-change optim.lr
+
+SIGTERM / SIGUSR1 (preemption) end the current step, write a checkpoint and exit with 128 + the signal
+(143 / 138) so the scheduler requeues the job; exit codes: 0 done, 2 bad input (a changed config, an
+output_dir in use, ...), 3 diverged.
 
 Overrides are dotted ``key=value`` pairs (values parsed as YAML); ``--print-config`` shows the resolved
 config and exits; ``--list-recipes`` lists the shipped recipes.
@@ -32,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resume", default="", help="'auto' (newest complete checkpoint of output_dir) or a checkpoint dir"
+    )
+    p.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a resume may change this config key or section (e.g. optim.lr, loss), or cache.<identity field>; "
+        "'all' accepts every change; repeatable (a resume otherwise refuses naming every changed key)",
     )
     p.add_argument(
         "--max-steps",
@@ -73,16 +87,28 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
+    from cache.lock import CacheBusyError
+    from distill.resume import preempt_exit_code
     from distill.train import TrainingDiverged, train
 
     try:
-        result = train(cfg, resume=args.resume or None, max_steps=args.max_steps)
+        result = train(
+            cfg, resume=args.resume or None, max_steps=args.max_steps, allow_changes=args.allow_change
+        )
     except TrainingDiverged as e:
         print(f"tipsdistill-train: {e}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as e:  # bad input found before training (cache, output_dir...)
-        print(f"tipsdistill-train: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, CacheBusyError) as e:  # bad input found before training
+        print(f"tipsdistill-train: {e}", file=sys.stderr)  # (cache, output_dir in use, changed config...)
         return 2
+    if result.get("preempted"):  # SIGTERM / SIGUSR1: checkpoint written; the scheduler requeues the job
+        code = preempt_exit_code(result["preempted"])
+        print(
+            f"tipsdistill-train: {result['preempted']}: stopped at step {result['step']} with a checkpoint; exit "
+            f"code {code} (requeue); rerun with --resume auto to continue",
+            file=sys.stderr,
+        )
+        return code
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             json.dumps(

@@ -89,8 +89,8 @@ GRANULARITIES = ("alt", "short", "detailed")
 
 class BadImageError(ValueError):
     """An image that cannot be used; the message says why, ``kind`` names the category
-    (``empty``, ``corrupt``, ``truncated``, ``too_small``, ``too_large``, ``format``, ``nonfinite``,
-    ``unreadable``, ``outside_root``)."""
+    (``empty``, ``corrupt`` (also: a format the toolkit does not decode), ``truncated``, ``too_small``,
+    ``too_large``, ``nonfinite``, ``unreadable``, ``outside_root``)."""
 
     def __init__(self, message: str, kind: str = "corrupt") -> None:
         super().__init__(message)
@@ -213,8 +213,9 @@ def decode_image(
         raise
     except Image.UnidentifiedImageError as e:
         raise BadImageError(
-            f"not an image in a format the toolkit decodes ({', '.join(IMAGE_FORMATS)}): {_msg(e, src)}",
-            "format",
+            f"corrupt image: not an image in a format the toolkit decodes ({', '.join(IMAGE_FORMATS)}): "
+            f"{_msg(e, src)}",
+            "corrupt",
         ) from e
     except Exception as e:  # noqa: BLE001 - whatever a decoder raises is this image's problem, not the run's
         kind = "truncated" if "truncated" in str(e).lower() else "corrupt"

@@ -14,7 +14,6 @@ import inspect
 import io
 import json
 import logging
-import math
 import os
 import re
 import warnings
@@ -171,10 +170,12 @@ def decode_image(
 
     In order: ``Image.open`` with ``formats=IMAGE_FORMATS`` (the header only); the pixel count against
     ``max_pixels`` (:func:`pixel_cap`; 0: no cap) and the short side against ``min_side``,
-    before any pixel is decoded; with ``size`` and ``resize="short_crop"`` a JPEG is decoded at a reduced
-    scale (``Image.draft``, keeping at least twice the target's pixels) and the centre region with the
-    target's aspect is cropped in source coordinates; only that region becomes float and is resized
-    (:func:`resize_image`). So a 16 x 100000 strip costs a 16 x 16 crop, never the 448 x 2.8M upsample.
+    before any pixel is decoded; with ``size`` and ``resize="short_crop"`` the centre region with the
+    target's aspect (:func:`center_crop_box`) is cropped in source coordinates and only that region
+    becomes float and is resized. So a 16 x 100000 strip costs a 16 x 16 crop, never the 448 x 2.8M
+    upsample. The result equals :func:`resize_image` of the whole decoded image bit for bit (stage 2 cuts
+    the cache's base image that way), which is why the JPEG decoder is not asked for a reduced scale
+    (``Image.draft``): its pixels would differ from the full decode's.
     Any exception of the decoder is this image's problem: a :class:`BadImageError` naming its type.
     """
     cap = pixel_cap(max_pixels)
@@ -199,15 +200,12 @@ def decode_image(
                     f"image is {w}x{h} px, smaller than the minimum side {min_side} px (one patch)",
                     "too_small",
                 )
-            crop = target is not None and resize == "short_crop"
-            if crop and im.format == "JPEG":
-                _draft(im, target)
             im.load()
             im = ImageOps.exif_transpose(im)
-            if crop:
+            if target is not None and resize == "short_crop" and (im.height, im.width) != tuple(target):
                 top, left, ch, cw = center_crop_box(im.height, im.width, *target)
-                if (ch, cw) != (im.height, im.width):
-                    im = im.crop((left, top, left + cw, top + ch))
+                im = im.crop((left, top, left + cw, top + ch))  # source coordinates, before any resize
+                resize = "exact"  # the region has the target's aspect: what is left is the resize itself
             arr = _to_rgb_array(im)
     except BadImageError:
         raise
@@ -230,16 +228,6 @@ def decode_image(
 
 def _msg(e: BaseException, src: Any) -> str:
     return str(e).replace(repr(src), "the image bytes") if isinstance(src, io.BytesIO) else str(e)
-
-
-def _draft(im: Image.Image, target: tuple[int, int]) -> None:
-    """Let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while the image keeps at least twice the
-    pixels the centre crop needs (either orientation: EXIF may swap the sides)."""
-    w, h = im.size
-    th, tw = target
-    f = 2.0 * max(th / h, tw / w, th / w, tw / h)
-    if f < 1.0:
-        im.draft(im.mode, (math.ceil(w * f), math.ceil(h * f)))
 
 
 def center_crop_box(h: int, w: int, th: int, tw: int) -> tuple[int, int, int, int]:

@@ -188,7 +188,7 @@ def test_pixel_cap_is_an_error_before_decoding(tmp_path, monkeypatch):
 def test_strip_is_cropped_in_source_coordinates_before_resizing(tmp_path, monkeypatch):
     import cache.datasets as cds
 
-    _png(tmp_path / "strip.png", (4000, 16))
+    strip = _png(tmp_path / "strip.png", (4000, 16))
     sizes: list[tuple[int, ...]] = []
     real = cds.F.interpolate
 
@@ -205,6 +205,10 @@ def test_strip_is_cropped_in_source_coordinates_before_resizing(tmp_path, monkey
     # never the 448 x 112000 upsample of the whole strip: the inputs are the 16 x 16 centre, outputs the target
     assert sizes and all(h * w <= 448 * 448 for h, w in sizes), sizes
     assert (16, 16) in sizes
+    # decoding with a target equals resizing the full decode (what stage 2 does with the base image), exactly
+    photo = _png(tmp_path / "photo.png", (53, 37), seed=5)
+    for path, size in [(strip, (448, 448)), (photo, (32, 24)), (photo, (16, 40))]:
+        assert torch.equal(load_image(path, size=size), resize_image(load_image(path), size))
 
 
 # ----------------------------------------------------------------------------- point 4

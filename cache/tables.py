@@ -282,12 +282,14 @@ class TableDataset(_Rows):
                     self.path,
                     parse_options=parse,
                     convert_options=conv,
+                    # one thread: the bad rows are reported in file order with their record number
                     read_options=pcsv.ReadOptions(use_threads=False),
                 )
             except pa.ArrowInvalid as e:
                 raise ValueError(f"{self.path}: cannot parse the {fmt} table: {e}") from e
             for bad in bad_rows:
-                line = f"line {bad.number}" if bad.number is not None else "a line"
+                # pyarrow counts records (a quoted multi-line value is one), the header being record 1
+                line = f"record {bad.number} (the header is 1)" if bad.number is not None else "a record"
                 text = bad.text if len(bad.text) <= 200 else bad.text[:200] + "..."
                 self.problems.append(
                     {

@@ -356,6 +356,7 @@ def test_malformed_csv_row_is_skipped_and_a_multiline_caption_reads(tmp_path):
     assert ds[1]["captions"] == {"alt": "plain"} and ds[1]["image"].shape[0] == 3
     bad = [p for p in ds.problems if p["kind"] == "bad_row"]
     assert len(bad) == 1 and "i1.png,a,stray,field" in bad[0]["message"] and "4 field(s)" in bad[0]["message"]
+    assert "record 3 (the header is 1)" in bad[0]["message"]
 
 
 # ----------------------------------------------------------------------------- point 6

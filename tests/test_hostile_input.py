@@ -150,6 +150,27 @@ def test_postscript_jpg_is_never_handed_to_ghostscript(tmp_path, ghostscript):
     assert ghostscript == []
 
 
+def test_evaluation_skips_and_lists_an_image_it_cannot_use(tmp_path, ghostscript):
+    from distill.evaluation import SegmentationSettings, evaluate_segmentation, load_eval_dataset
+    from distill.evaluation.text import resolve_class_embeddings
+    from tests.test_eval_toymodel import ToyEncoder
+
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    _png(tmp_path / "images" / "a.png", (42, 28))
+    _postscript(tmp_path / "images" / "b.jpg")
+    (tmp_path / "labels").mkdir()
+    for stem in "ab":
+        Image.fromarray(np.zeros((28, 42), np.uint8)).save(tmp_path / "labels" / f"{stem}.png")
+    ds = load_eval_dataset("seg_folder", root=str(tmp_path))
+    model = ToyEncoder()
+    text = resolve_class_embeddings(ds.class_names, model=model, cache_dir=None)
+    res = evaluate_segmentation(
+        model, ds, text, SegmentationSettings(image_size=28, mode="whole"), progress=False
+    )
+    assert res["num_images"] == 1 and [(s["index"], s["kind"]) for s in res["skipped"]] == [(1, "corrupt")]
+    assert "b.jpg" in res["skipped"][0]["error"] and ghostscript == []
+
+
 def test_stage1_skips_and_counts_hostile_images(tmp_path, ghostscript, capsys, monkeypatch):
     root = tmp_path / "img"
     root.mkdir()

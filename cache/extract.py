@@ -127,8 +127,8 @@ class CacheConfig:
     device: str | None = None  # default accelerate's device for this process (cuda:LOCAL_RANK, else cpu)
     autocast: str = "auto"  # auto (accelerate's mixed precision) | none | bf16 | fp16 (CUDA only)
     min_side: int | None = None  # images with a shorter side are skipped; default one patch
-    # images with more pixels are skipped before they are decoded (too_large); None: cache.datasets'
-    # DEFAULT_MAX_PIXELS (Pillow's limit), 0: no cap
+    # images with more pixels are skipped before they are decoded (too_large); None: Pillow's
+    # Image.MAX_IMAGE_PIXELS (cache.datasets.pixel_cap), 0: no cap
     max_pixels: int | None = None
     space_margin: float = 1.05  # refuse when estimate * margin exceeds the free disk space
     progress: bool = True
@@ -777,12 +777,11 @@ def _fit_reduction(job: ShardJob) -> Reduction:
         if not batch["index"]:
             continue
         feats = _teacher_forward(job, batch)
+        # a non-finite sample must not bend the basis (it is skipped when written)
         finite = torch.stack(
-            [torch.isfinite(feats[n].flatten(1)).all(1) for n in ("patch", "cls", *job.reduction_names())]
+            [torch.isfinite(feats[n].flatten(1)).all(1) for n in ("cls", *job.reduction_names())]
         ).all(0)
-        bad += int(
-            (~finite).sum()
-        )  # a non-finite sample must not bend the basis (it is skipped when written)
+        bad += int((~finite).sum())
         if not bool(finite.any()):
             continue
         for name in job.reduction_names():

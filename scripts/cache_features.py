@@ -304,7 +304,8 @@ def verify_main(out: str | None) -> int:
     bad = [r for r in reports if not r.ok]
     print(
         f"verified {len(reports)} shard(s): {sum(r.intact for r in reports)} intact samples, "
-        f"{sum(len(r.damaged) for r in reports)} damaged, {len(bad)} damaged shard(s), "
+        f"{sum(len(r.damaged) for r in reports)} damaged ({sum(len(r.nonfinite) for r in reports)} of them "
+        f"non-finite), {len(bad)} damaged shard(s), "
         f"{len(index_problems)} index problem(s)"
         + (
             "; rerun the same extraction command with --repair to keep the intact samples and redo the rest"

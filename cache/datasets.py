@@ -15,6 +15,8 @@ import io
 import json
 import logging
 import os
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,67 +65,183 @@ def build_dataset(name: str, **kwargs: Any) -> Dataset:
 # --------------------------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# the Pillow decoders the toolkit opens images with, whatever a file's name says: never EPS / PDF (which
+# hand the bytes to Ghostscript), nor any other of Pillow's many plug-ins (docs/cache.md "Threat model")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+# images with more pixels are refused before they are decoded (a sample problem, ``too_large``): by default
+# Pillow's own limit ``PIL.Image.MAX_IMAGE_PIXELS`` (89478485 unless changed), which Pillow itself only warns
+# about below twice that. ``max_pixels=`` of every image dataset (``--max-pixels`` in stage 1) sets another
+# cap; 0 turns the check off
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+def pixel_cap(max_pixels: int | None = None) -> int:
+    """The pixel cap in force: ``max_pixels``, else Pillow's ``Image.MAX_IMAGE_PIXELS`` (0: none)."""
+    if max_pixels is not None:
+        return int(max_pixels)
+    return int(Image.MAX_IMAGE_PIXELS or 0)
+
+
 RESIZE_MODES = ("short_crop", "exact", "none")
 GRANULARITIES = ("alt", "short", "detailed")
 
 
 class BadImageError(ValueError):
     """An image that cannot be used; the message says why, ``kind`` names the category
-    (``empty``, ``corrupt``, ``truncated``, ``too_small``, ``unreadable``)."""
+    (``empty``, ``corrupt`` (also: a format the toolkit does not decode), ``truncated``, ``too_small``,
+    ``too_large``, ``nonfinite``, ``unreadable``, ``outside_root``)."""
 
     def __init__(self, message: str, kind: str = "corrupt") -> None:
         super().__init__(message)
         self.kind = kind
 
 
-def load_image(path: str | Path, min_side: int = 1) -> torch.Tensor:
-    """Decode an image file to float RGB ``(3, H, W)`` in [0, 1].
+def escape_name(name: str) -> str:
+    """A file or tar member name as a cache key: unchanged when it is valid UTF-8; otherwise (a name the OS
+    handed over with undecodable bytes as surrogates) each such byte written ``\\xNN``.
+
+    The key then stores in HDF5 and JSON; :func:`unescape_name` gives the name's bytes back."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def unescape_name(key: str) -> bytes:
+    """The bytes of the name :func:`escape_name` turned into ``key`` (for a key made from a name that was
+    not valid UTF-8; ``os.fsdecode`` of the result opens the file)."""
+    return re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), key.encode("utf-8"))
+
+
+def load_image(
+    path: str | Path,
+    min_side: int = 1,
+    *,
+    size: int | tuple[int, int] | None = None,
+    resize: str = "short_crop",
+    max_pixels: int | None = None,
+) -> torch.Tensor:
+    """Decode an image file to float RGB ``(3, H, W)`` in [0, 1] (``(3, *size)`` when ``size`` is given).
 
     Converts what can be converted: grayscale, palette, CMYK and 16-bit images become RGB (16-bit
     values are scaled by 1/65535, not clipped); alpha is composited over white; EXIF orientation is
-    applied. Raises :class:`BadImageError` for empty, corrupt or truncated files and for images with
-    a side shorter than ``min_side`` pixels (for example smaller than one patch).
+    applied. Raises :class:`BadImageError` for empty, corrupt or truncated files, for formats outside
+    :data:`IMAGE_FORMATS`, for images with more than ``max_pixels`` pixels (checked before decoding),
+    with non-finite pixels, or with a side shorter than ``min_side`` pixels (for example smaller than
+    one patch). See :func:`decode_image` for ``size`` / ``resize``.
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        nbytes = path.stat().st_size
     except OSError as e:
         raise BadImageError(f"cannot read: {e.strerror or e}", "unreadable") from e
-    if size == 0:
+    if nbytes == 0:
         raise BadImageError("empty file (0 bytes)", "empty")
-    return decode_image(path, min_side)
+    if not path.is_file():
+        raise BadImageError("not a regular file", "unreadable")
+    return decode_image(path, min_side, size=size, resize=resize, max_pixels=max_pixels)
 
 
-def load_image_bytes(data: bytes | None, min_side: int = 1) -> torch.Tensor:
+def load_image_bytes(
+    data: bytes | None,
+    min_side: int = 1,
+    *,
+    size: int | tuple[int, int] | None = None,
+    resize: str = "short_crop",
+    max_pixels: int | None = None,
+) -> torch.Tensor:
     """:func:`load_image` for encoded bytes held in memory (a tar member, a table cell): ``(3, H, W)``."""
     if not data:
         raise BadImageError("empty image (0 bytes)", "empty")
-    return decode_image(io.BytesIO(data), min_side)
+    return decode_image(io.BytesIO(data), min_side, size=size, resize=resize, max_pixels=max_pixels)
 
 
-def decode_image(src: str | Path | io.BytesIO, min_side: int = 1) -> torch.Tensor:
-    """Decode an opened image source (path or bytes buffer) to ``(3, H, W)``; see :func:`load_image`."""
+def decode_image(
+    src: str | Path | io.BytesIO,
+    min_side: int = 1,
+    *,
+    size: int | tuple[int, int] | None = None,
+    resize: str = "short_crop",
+    max_pixels: int | None = None,
+) -> torch.Tensor:
+    """Decode an opened image source (path or bytes buffer) to ``(3, H, W)``; the one image decoder of
+    stage 1, stage 2 and evaluation.
+
+    In order: ``Image.open`` with ``formats=IMAGE_FORMATS`` (the header only); the pixel count against
+    ``max_pixels`` (:func:`pixel_cap`; 0: no cap) and the short side against ``min_side``,
+    before any pixel is decoded; with ``size`` and ``resize="short_crop"`` the centre region with the
+    target's aspect (:func:`center_crop_box`) is cropped in source coordinates and only that region
+    becomes float and is resized. So a 16 x 100000 strip costs a 16 x 16 crop, never the 448 x 2.8M
+    upsample. The result equals :func:`resize_image` of the whole decoded image bit for bit (stage 2 cuts
+    the cache's base image that way), which is why the JPEG decoder is not asked for a reduced scale
+    (``Image.draft``): its pixels would differ from the full decode's.
+    Any exception of the decoder is this image's problem: a :class:`BadImageError` naming its type.
+    """
+    cap = pixel_cap(max_pixels)
+    target = _as_size(size)
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {resize!r}; choose one of {RESIZE_MODES}")
     try:
-        with Image.open(src) as im:
+        with warnings.catch_warnings():
+            # our cap below is the limit (an error); Pillow's warning between 1x and 2x its own is noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(src, formats=IMAGE_FORMATS)
+        with im:
+            w, h = im.size
+            if cap and w * h > cap:
+                raise BadImageError(
+                    f"image is {w}x{h} = {w * h} px, above the pixel cap of {cap} px; not decoded (raise the cap "
+                    "with max_pixels= / --max-pixels if such images are wanted)",
+                    "too_large",
+                )
+            if min(w, h) < min_side:
+                raise BadImageError(
+                    f"image is {w}x{h} px, smaller than the minimum side {min_side} px (one patch)",
+                    "too_small",
+                )
             im.load()
             im = ImageOps.exif_transpose(im)
+            if target is not None and resize == "short_crop" and (im.height, im.width) != tuple(target):
+                top, left, ch, cw = center_crop_box(im.height, im.width, *target)
+                im = im.crop((left, top, left + cw, top + ch))  # source coordinates, before any resize
+                resize = "exact"  # the region has the target's aspect: what is left is the resize itself
             arr = _to_rgb_array(im)
     except BadImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        kind = "truncated" if "truncated" in str(e).lower() else "corrupt"
-        msg = str(e).replace(repr(src), "the image bytes") if isinstance(src, io.BytesIO) else str(e)
-        raise BadImageError(f"{kind} image: {msg}", kind) from e
-    h, w = arr.shape[:2]
-    if min(h, w) < min_side:
+    except Image.UnidentifiedImageError as e:
         raise BadImageError(
-            f"image is {w}x{h} px, smaller than the minimum side {min_side} px (one patch)", "too_small"
-        )
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            f"corrupt image: not an image in a format the toolkit decodes ({', '.join(IMAGE_FORMATS)}): "
+            f"{_msg(e, src)}",
+            "corrupt",
+        ) from e
+    except Exception as e:  # noqa: BLE001 - whatever a decoder raises is this image's problem, not the run's
+        kind = "truncated" if "truncated" in str(e).lower() else "corrupt"
+        if isinstance(e, Image.DecompressionBombError):
+            kind = "too_large"
+        raise BadImageError(f"{kind} image ({type(e).__name__}: {_msg(e, src)})", kind) from e
+    image = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    if target is not None:
+        image = resize_image(image, target, resize)
+    return image
+
+
+def _msg(e: BaseException, src: Any) -> str:
+    return str(e).replace(repr(src), "the image bytes") if isinstance(src, io.BytesIO) else str(e)
+
+
+def center_crop_box(h: int, w: int, th: int, tw: int) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)``: the centre region of an ``h x w`` image with the aspect of ``th x tw``
+    (what ``short_crop`` keeps), in source pixels."""
+    scale = max(th / h, tw / w)
+    ch = min(h, max(1, round(th / scale)))
+    cw = min(w, max(1, round(tw / scale)))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
 def _to_rgb_array(im: Image.Image) -> np.ndarray:
-    """PIL image of any common mode -> float32 ``(H, W, 3)`` in [0, 1]."""
+    """PIL image of any common mode -> float32 ``(H, W, 3)`` in [0, 1]; non-finite pixels (a float TIFF
+    with NaN or inf) are a :class:`BadImageError` (``nonfinite``), never passed on."""
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         a = np.asarray(im).astype(np.float32)
@@ -131,7 +249,14 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
         a = np.clip(a, 0.0, 1.0)
         return np.repeat(a[..., None], 3, axis=2)
     if mode == "F":
-        a = np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)
+        a = np.asarray(im, dtype=np.float32)
+        bad = ~np.isfinite(a)
+        if bad.any():
+            raise BadImageError(
+                f"{int(bad.sum())} of {a.size} pixels are not finite (NaN or inf) in this float image",
+                "nonfinite",
+            )
+        a = np.clip(a, 0.0, 1.0)
         return np.repeat(a[..., None], 3, axis=2)
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
@@ -144,7 +269,8 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
 def resize_image(image: torch.Tensor, size: tuple[int, int], mode: str = "short_crop") -> torch.Tensor:
     """Resize ``(3, H, W)`` to ``size = (height, width)``.
 
-    ``short_crop``: scale so the image covers ``size`` (short side to the target), then center crop;
+    ``short_crop``: the centre region with the target's aspect (:func:`center_crop_box`) is cut first, in
+    source coordinates, then resized (so the upsampled intermediate is never larger than the target);
     ``exact``: resize to ``size`` ignoring the aspect ratio; ``none``: require the size already matches.
     Bicubic with antialiasing, clamped to [0, 1].
     """
@@ -158,16 +284,15 @@ def resize_image(image: torch.Tensor, size: tuple[int, int], mode: str = "short_
         raise ValueError(
             f"image is {h}x{w} but {th}x{tw} is required and resize='none'; use short_crop or exact"
         )
-    if mode == "exact":
-        nh, nw = th, tw
-    else:
-        scale = max(th / h, tw / w)
-        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    if mode == "short_crop":
+        top, left, ch, cw = center_crop_box(h, w, th, tw)
+        image = image[:, top : top + ch, left : left + cw]
+        if (ch, cw) == (th, tw):
+            return image.contiguous()
     out = F.interpolate(
-        image[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False
+        image[None].float(), size=(th, tw), mode="bicubic", antialias=True, align_corners=False
     )[0]
-    top, left = (nh - th) // 2, (nw - tw) // 2
-    return out[:, top : top + th, left : left + tw].clamp_(0.0, 1.0).contiguous()
+    return out.clamp_(0.0, 1.0).contiguous()
 
 
 def _as_size(size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
@@ -273,9 +398,13 @@ class ImageFolderDataset(Dataset):
         resize: ``short_crop`` (short side resize + center crop) or ``exact``; see :func:`resize_image`.
         min_side: images with a side shorter than this are bad (the extractor sets one patch).
         captions_encoding: text encoding of the captions file.
+        max_pixels: images with more pixels are bad, refused before decoding (default
+            :func:`pixel_cap`: Pillow's ``Image.MAX_IMAGE_PIXELS``; 0: no cap).
 
     ``__getitem__`` raises :class:`BadImageError` for unusable files (the extraction driver records
-    and skips them; it never drops one silently).
+    and skips them; it never drops one silently). A file name that is not valid UTF-8 is kept, its key
+    escaped (:func:`escape_name`); a key that two names share (an escaped name and a real name spelled
+    like it) is listed in :attr:`problems` and only the first is used.
     """
 
     def __init__(
@@ -286,6 +415,7 @@ class ImageFolderDataset(Dataset):
         resize: str = "short_crop",
         min_side: int = 1,
         captions_encoding: str = "utf-8",
+        max_pixels: int | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -295,11 +425,39 @@ class ImageFolderDataset(Dataset):
         self.image_size = _as_size(image_size)
         self.resize = resize
         self.min_side = int(min_side)
-        self._keys = sorted(
-            p.relative_to(self.root).as_posix()
-            for p in self.root.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        self.max_pixels = max_pixels
+        self.problems: list[dict[str, Any]] = []
+        files = sorted(
+            (escape_name(rel), rel)
+            for rel in (
+                p.relative_to(self.root).as_posix()
+                for p in self.root.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            )
         )
+        self._files: dict[str, str] = {}  # key -> relative path as the OS spells it
+        for key, rel in files:
+            if key in self._files:
+                self.problems.append(
+                    {
+                        "key": key,
+                        "kind": "duplicate_name",
+                        "message": f"{self.root}: the file name {rel!r} has the same key {key!r} as another file "
+                        f"({self._files[key]!r}, kept); rename one of them to cache both",
+                    }
+                )
+                continue
+            if key != rel:
+                self.problems.append(
+                    {
+                        "key": key,
+                        "kind": "escaped_name",
+                        "message": f"{self.root}: a file name is not valid UTF-8; kept under the escaped key {key!r}",
+                    }
+                )
+            self._files[key] = rel
+        self._keys = list(self._files)
+        log_problems(str(self.root), self.problems)
         if not self._keys:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
         self.captions_path = None if captions is None else Path(captions)
@@ -342,9 +500,13 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         key = self._keys[index]
         try:
-            image = load_image(self.root / key, self.min_side)
+            image = load_image(
+                self.root / self._files[key],
+                self.min_side,
+                size=self.image_size,
+                resize=self.resize,
+                max_pixels=self.max_pixels,
+            )
         except BadImageError as e:
             raise BadImageError(f"{self.root / key}: {e}", e.kind) from e
-        if self.image_size is not None:
-            image = resize_image(image, self.image_size, self.resize)
         return {"key": key, "image": image, "captions": dict(self.captions.get(key, {}))}

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import teachers  # noqa: F401  (importing the package registers every teacher adapter)
-from teachers.base import Teacher, build_teacher
+from teachers.base import Teacher, build_teacher, list_teachers
 
 from . import synthetic  # noqa: F401  (registers the "synthetic" dataset)
 from .dataset_spec import build_from_spec, is_shorthand, recorded_spec, registry_name, remember_spec
@@ -73,7 +73,15 @@ from .reduce import BASIS_FILE, PCAFitter, Reduction, explained
 from .repair import ShardReport, check_hdf5, data_end, repair_shard, verify_shard
 from .resources import apply_threads, fit_threads
 from .views import ViewSpec, apply_view, sample_views
-from .writer import CacheWriteError, ShardWriter, WriteBatch, is_disk_full, quantise_int8_torch, sample_stats
+from .writer import (
+    CacheWriteError,
+    ShardWriter,
+    WriteBatch,
+    is_disk_full,
+    nonfinite_rows,
+    quantise_int8_torch,
+    sample_stats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +130,9 @@ class CacheConfig:
     device: str | None = None  # default accelerate's device for this process (cuda:LOCAL_RANK, else cpu)
     autocast: str = "auto"  # auto (accelerate's mixed precision) | none | bf16 | fp16 (CUDA only)
     min_side: int | None = None  # images with a shorter side are skipped; default one patch
+    # images with more pixels are skipped before they are decoded (too_large); None: Pillow's
+    # Image.MAX_IMAGE_PIXELS (cache.datasets.pixel_cap), 0: no cap
+    max_pixels: int | None = None
     space_margin: float = 1.05  # refuse when estimate * margin exceeds the free disk space
     progress: bool = True
     # faults (docs/cache.md "What happens when it crashes")
@@ -180,8 +191,34 @@ def load_object(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def make_teacher(spec: str, kwargs: dict[str, Any]) -> Teacher:
+class UntrustedCodeError(ValueError):
+    """A teacher spec names Python code (``package.module:factory``) where only registry names are trusted."""
+
+
+def make_teacher(spec: str, kwargs: dict[str, Any], *, trust_code: bool = False, where: str = "") -> Teacher:
+    """Build a teacher from a registry name (``teachers.list_teachers()``) or, only with ``trust_code``,
+    from ``"package.module:factory"``.
+
+    Importing a module and calling a factory runs code, so a spec that comes from a file someone else
+    made (a cache's ``teacher_spec`` attribute) is rebuilt from registry names only unless the user
+    opts in, as transformers asks for ``trust_remote_code``; ``where`` names that file and the opt-in
+    in the error. A spec the user typed (stage 1's ``--teacher``) passes ``trust_code=True``.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"teacher spec {spec!r}{' in ' + where if where else ''} is not a name")
+    if not isinstance(kwargs, dict):
+        raise ValueError(
+            f"teacher kwargs {kwargs!r}{' in ' + where if where else ''} are not a mapping of keyword arguments"
+        )
     if ":" in spec:
+        if not trust_code:
+            raise UntrustedCodeError(
+                f"teacher {spec!r}{' recorded in ' + where if where else ''} is a Python import path: rebuilding "
+                "it would import that module and call it, running code named by a file. Only registry teachers "
+                f"({', '.join(list_teachers())}) are rebuilt from such files. If you trust the file and the module, "
+                "opt in explicitly (eval.trust_remote_code=true for stage 2, like transformers' trust_remote_code), "
+                "or name a text model yourself (eval.text_model=SPEC / eval.text_embeddings=FILE)"
+            )
         teacher = load_object(spec)(**kwargs)
         if not isinstance(teacher, Teacher):
             raise ValueError(f"{spec} returned {type(teacher).__name__}, not a teachers.Teacher")
@@ -314,6 +351,9 @@ class _Items(Dataset):
             base = resize_image(image.float(), self.size, self.resize)
         except BadImageError as e:
             return {"index": index, "error": str(e), "kind": e.kind}
+        except Exception as e:  # noqa: BLE001 - whatever one sample raises is that sample's problem, not the run's
+            logger.warning("sample %d: %s: %s", index, type(e).__name__, e)
+            return {"index": index, "error": f"{type(e).__name__}: {e}", "kind": "error"}
         boxes, flips = sample_views(self.spec, index, *self.size)
         if self.spec.num_views == 1 and not flips[0] and tuple(boxes[0]) == (0.0, 0.0, 1.0, 1.0):
             views = base[None]
@@ -446,8 +486,12 @@ def _run_job(job: ShardJob) -> dict[str, Any]:
         summary.update(_extract_shard(job))
     summary["index"] = _write_index(job)
     if summary["index"]:
-        msg = f"cache complete: {summary['index']} ({job.num_samples} samples)"
-        logger.info(msg)
+        m = read_meta(job.index_path)
+        msg = (
+            f"cache complete: {summary['index']}: {m.get('num_done')} cached, {m.get('num_skipped')} skipped "
+            f"(of {job.num_samples} samples)"
+        )
+        (logger.warning if not m.get("num_done") else logger.info)(msg)
         print(msg, flush=True)
     return summary
 
@@ -490,7 +534,7 @@ def _plan_job(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | N
     config = dataclasses.replace(config, num_workers=threads.workers)
     teacher_spec = None
     if teacher is None:
-        teacher = make_teacher(config.teacher, dict(config.teacher_kwargs))
+        teacher = make_teacher(config.teacher, dict(config.teacher_kwargs), trust_code=True)  # the user's own
         teacher_spec = {
             "teacher": config.teacher,
             "kwargs": json.loads(json.dumps(config.teacher_kwargs, default=str)),
@@ -578,6 +622,8 @@ def _build_dataset(config: CacheConfig, size: tuple[int, int], min_side: int) ->
         kw.setdefault("min_side", min_side)
         kw.setdefault("image_size", list(size))
         kw.setdefault("resize", config.resize)
+        if config.max_pixels is not None:
+            kw.setdefault("max_pixels", int(config.max_pixels))
     return remember_spec(make_dataset(config.dataset, kw), config.dataset, config.dataset_kwargs)
 
 
@@ -768,9 +814,16 @@ def _fit_reduction(job: ShardJob) -> Reduction:
         if not batch["index"]:
             continue
         feats = _teacher_forward(job, batch)
+        # a non-finite sample must not bend the basis (it is skipped when written)
+        finite = torch.stack(
+            [torch.isfinite(feats[n].flatten(1)).all(1) for n in ("cls", *job.reduction_names())]
+        ).all(0)
+        bad += int((~finite).sum())
+        if not bool(finite.any()):
+            continue
         for name in job.reduction_names():
-            fitter.add(name, feats[name])
-        used += len(batch["index"])
+            fitter.add(name, feats[name][finite])
+        used += int(finite.sum())
     if not used:
         raise ValueError(f"no usable image among the first {n} of the dataset to fit the PCA basis on")
     bases, facts = fitter.fit(cfg.reduce_dim)
@@ -892,8 +945,8 @@ def _cache_already_complete(job: ShardJob) -> bool:
 def _complete_message(job: ShardJob) -> str:
     m = read_meta(job.index_path)
     return (
-        f"cache {job.out_dir} is already complete ({m.get('num_done')} samples, "
-        f"{m.get('num_skipped')} skipped); nothing to do"
+        f"cache {job.out_dir} is already complete: {m.get('num_done')} cached, {m.get('num_skipped')} skipped "
+        f"(of {job.num_samples} samples); nothing to do"
     )
 
 
@@ -1194,6 +1247,7 @@ def _extract_blocks(job: ShardJob, writer: ShardWriter, todo: list[tuple[int, li
                 t0 = time.perf_counter()
                 arrays = _encode_batch(job, batch)
                 writer.forward_seconds += time.perf_counter() - t0
+                rows, arrays = _drop_nonfinite(rows, arrays, skipped, start)
             writer.submit(WriteBatch(block=block, rows=rows, arrays=arrays, skipped=skipped))
             bar.update(len(rows) + len(skipped))
             el = max(time.perf_counter() - t_loop, 1e-9)
@@ -1201,6 +1255,27 @@ def _extract_blocks(job: ShardJob, writer: ShardWriter, todo: list[tuple[int, li
     finally:
         bar.close()
         writer.close()
+
+
+def _drop_nonfinite(
+    rows: np.ndarray, arrays: dict[str, np.ndarray], skipped: list[tuple[int, str]], start: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Leave out the samples whose stored values would not be finite (NaN/inf from the teacher, or beyond
+    float16's range): each becomes a skipped row (``nonfinite``) naming the fields, never a stored one."""
+    bad, which = nonfinite_rows(arrays)
+    if not bad.any():
+        return rows, arrays
+    for pos in np.flatnonzero(bad).tolist():
+        skipped.append(
+            (
+                int(rows[pos]),
+                f"nonfinite: the teacher's {', '.join(which[pos])} hold NaN/inf (or exceed the storage dtype's "
+                "range, float16: 65504); not stored",
+            )
+        )
+        logger.warning("sample %d: non-finite %s; skipped", int(rows[pos]) + start, ", ".join(which[pos]))
+    keep = ~bad
+    return rows[keep], {k: (v[keep] if getattr(v, "ndim", 0) else v) for k, v in arrays.items()}
 
 
 def _disk_full(job: ShardJob, e: BaseException) -> OSError:

@@ -44,6 +44,7 @@ from .format import (
     read_meta,
     row_checksum,
 )
+from .writer import nonfinite_rows
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class ShardReport:
     done: int = 0  # rows flagged done (skipped ones included)
     intact: int = 0  # done rows whose bytes are present and match their checksum
     damaged: list[int] = field(default_factory=list)  # done rows that are not intact
+    nonfinite: list[int] = field(default_factory=list)  # of those: bytes as written, values NaN/inf
     kept_blocks: list[int] = field(default_factory=list)
     kept_rows: int = 0  # rows of the kept blocks (what a repair keeps)
     block_size: int = 0
@@ -77,6 +79,11 @@ class ShardReport:
         )
         if self.damaged:
             s += f" (rows {self.damaged[:8]}{' ...' if len(self.damaged) > 8 else ''})"
+        if self.nonfinite:
+            s += (
+                f"; {len(self.nonfinite)} of them hold non-finite values (NaN/inf; rows {self.nonfinite[:8]}"
+                f"{' ...' if len(self.nonfinite) > 8 else ''}), which stop stage 2"
+            )
         if not self.ok:
             s += f"; a repair keeps {self.kept_rows} and redoes {self.rows - self.kept_rows}"
         if self.complete:
@@ -227,6 +234,9 @@ def _verify_rows(raw: _Raw, cmap: dict[str, np.ndarray], report: ShardReport) ->
             rows[name] = v[None]
         else:
             intact[r] = row_checksum(rows, 0, checked) == int(crc[r])
+            if intact[r] and nonfinite_rows(rows)[0].any():  # written as computed, but NaN/inf: not usable
+                intact[r] = False
+                report.nonfinite.append(r)
     report.intact = int(intact.sum())
     report.damaged = np.flatnonzero(done & ~intact).tolist()
     B = report.block_size = int(cmap["@block_size"])

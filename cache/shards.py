@@ -44,7 +44,7 @@ import numpy as np
 from torch.utils.data import Dataset
 from webdataset.tariterators import base_plus_ext
 
-from .datasets import BadImageError, _as_size, load_image_bytes, log_problems, register_dataset, resize_image
+from .datasets import BadImageError, _as_size, escape_name, load_image_bytes, log_problems, register_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def index_shard(path: str | Path, shard: int) -> tuple[list[_Sample], list[dict[
     problems: list[dict[str, Any]] = []
     end = 0  # end of the last whole member's data
     try:
-        with tarfile.open(path, "r:") as tf:
+        # member names as bytes the OS would give (undecodable bytes as surrogates), escaped into keys below
+        with tarfile.open(path, "r:", encoding="utf-8", errors="surrogateescape") as tf:
             while True:
                 try:
                     ti = tf.next()
@@ -130,10 +131,21 @@ def index_shard(path: str | Path, shard: int) -> tuple[list[_Sample], list[dict[
                 parts = base_plus_ext(ti.name)
                 if parts is None or parts[0] is None:
                     problems.append(
-                        _problem(path, "no_key", f"member {ti.name!r} has no key.ext name; ignored")
+                        _problem(
+                            path, "no_key", f"member {escape_name(ti.name)!r} has no key.ext name; ignored"
+                        )
                     )
                     continue
-                key, ext = parts[0], parts[1].lower()
+                key, ext = escape_name(parts[0]), escape_name(parts[1]).lower()
+                if key != parts[0]:
+                    problems.append(
+                        _problem(
+                            path,
+                            "escaped_name",
+                            f"member {key}.{ext}: the name is not valid UTF-8; kept under the escaped key {key!r}",
+                            key,
+                        )
+                    )
                 s = samples.setdefault(key, _Sample(shard, key))
                 if ti.offset_data + ti.size > size:
                     s.truncated.append(ext)
@@ -189,8 +201,10 @@ class WebDatasetShards(Dataset):
         urls: shard pattern(s): ``/data/{00000..00009}.tar``, a list, ``a.tar::b.tar`` or a glob.
         caption_fields: granularity -> member extension or ``json.<key>`` (default ``{"alt": "txt"}``).
         image_exts: member extensions tried for the image, in order (default jpg, jpeg, png, webp).
-        image_size / resize / min_side: as :class:`cache.datasets.ImageFolderDataset`.
+        image_size / resize / min_side / max_pixels: as :class:`cache.datasets.ImageFolderDataset`.
         captions_encoding: text encoding of the caption members.
+    Member names that are not valid UTF-8 are kept, their keys escaped (:func:`cache.datasets.escape_name`)
+    and listed in :attr:`problems`.
     """
 
     def __init__(
@@ -202,8 +216,10 @@ class WebDatasetShards(Dataset):
         resize: str = "short_crop",
         min_side: int = 1,
         captions_encoding: str = "utf-8",
+        max_pixels: int | None = None,
     ) -> None:
         self.urls = urls
+        self.max_pixels = max_pixels
         self.paths = [str(Path(p).resolve()) for p in expand_urls(urls)]
         self.caption_fields = dict(DEFAULT_CAPTION_FIELDS if caption_fields is None else caption_fields)
         self.image_exts = tuple(e.lower().lstrip(".") for e in image_exts)
@@ -427,12 +443,14 @@ class WebDatasetShards(Dataset):
         off, size, e = (int(v) for v in self._img[index])
         where = f"{self.paths[shard]}:{key.rsplit('/', 1)[-1]}.{self.image_exts[e]}"
         try:
-            image = load_image_bytes(os.pread(self._fd(shard), size, off), self.min_side)
-        except BadImageError as err:
-            raise BadImageError(f"{where}: {err}", err.kind) from err
+            data = os.pread(self._fd(shard), size, off)
         except OSError as err:
             raise BadImageError(f"{where}: cannot read: {err}", "unreadable") from err
-        if self.image_size is not None:
-            image = resize_image(image, self.image_size, self.resize)
+        try:
+            image = load_image_bytes(
+                data, self.min_side, size=self.image_size, resize=self.resize, max_pixels=self.max_pixels
+            )
+        except BadImageError as err:
+            raise BadImageError(f"{where}: {err}", err.kind) from err
         caps = {g: c[index] for g, c in self._caps.items() if c[index]}
         return {"key": key, "image": image, "captions": caps}

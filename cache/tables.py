@@ -11,12 +11,21 @@ naming the columns that exist. Keys are ``<table file name>/<row>`` (tables, 0-b
 Bad rows are never fatal and never silent: a missing or null image, a path that does not exist or an
 undecodable image is a skipped row at extraction time (kind ``no_image`` / ``unreadable`` / ``corrupt``,
 key with the row); a caption that is not valid text in ``captions_encoding`` counts as missing and
-is listed in :attr:`problems` with its row; so is a row with an image but no caption.
+is listed in :attr:`problems` with its row; so is a row with an image but no caption. A CSV/TSV line
+that does not parse (a wrong number of fields) is left out and listed (``bad_row``); quoted values
+may span lines (a multi-line caption).
+
+Paths in cells stay inside the dataset: a relative path is resolved against ``image_root`` (default the
+table's folder), and a cell whose path (absolute, or with ``..``) leads outside that folder is a skipped
+row (``outside_root``) unless the user allows its root explicitly (``allow_root=`` a folder or a list of
+folders, ``--data-allow-root`` in stage 1 and evaluation, ``data.dataset_kwargs.allow_root`` in stage 2).
+The check is on the path as written (normalised, symbolic links inside the folder are followed as usual).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +38,41 @@ from .datasets import (
     load_image_bytes,
     log_problems,
     register_dataset,
-    resize_image,
 )
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CAPTION_FIELDS = {"alt": "caption"}
 TABLE_FORMATS = ("parquet", "csv", "tsv")
+
+
+def allowed_roots(base: str | Path, allow_root: str | Path | list[str | Path] | tuple | None) -> list[str]:
+    """The folders paths of a table may point into: ``base`` (the folder its relative paths are resolved
+    against) and the ones the user allowed, normalised absolute paths."""
+    extra = (
+        [] if allow_root is None else [allow_root] if isinstance(allow_root, str | Path) else list(allow_root)
+    )
+    return [os.path.normpath(os.path.abspath(os.fspath(p))) for p in [base, *extra]]
+
+
+def contained_path(cell: str, base: str | Path, roots: list[str], where: str, fix: str) -> Path:
+    """The path a table cell names (relative ones resolved against ``base``), or a :class:`BadImageError`
+    (``outside_root``) when it leads outside every folder of ``roots`` (:func:`allowed_roots`)."""
+    p = Path(cell)
+    full = os.path.normpath(os.path.abspath(p if p.is_absolute() else Path(base) / p))
+    if not any(full == r or full.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        raise BadImageError(
+            f"{where}: the path {cell!r} is outside the dataset's folder, refused (allow its folder explicitly: "
+            f"{fix}); it leads to {full}, the folder is {roots[0]}",
+            "outside_root",
+        )
+    return Path(full)
+
+
+ALLOW_ROOT_FIX = (
+    "allow_root=FOLDER (tipsdistill-cache / tipsdistill-eval --data-allow-root FOLDER; stage 2: "
+    "data.dataset_kwargs.allow_root=FOLDER)"
+)
 
 
 def check_columns(where: str, columns: list[str], image_field: str, caption_fields: dict[str, str]) -> None:
@@ -63,12 +100,16 @@ class _Rows(Dataset):
         resize: str,
         min_side: int,
         encoding: str,
+        max_pixels: int | None = None,
+        allow_root: Any = None,
     ) -> None:
         """The settings every table-like source shares (``caption_fields=None``: the defaults)."""
         self.where = where
         self.image_field = image_field
         self.caption_fields = dict(DEFAULT_CAPTION_FIELDS if caption_fields is None else caption_fields)
         self.image_size, self.resize, self.min_side = _as_size(image_size), resize, int(min_side)
+        self.max_pixels = max_pixels
+        self.allow_root = allow_root
         self.encoding = encoding
         self.problems: list[dict[str, Any]] = []
 
@@ -119,14 +160,14 @@ class _Rows(Dataset):
             raise BadImageError(
                 f"{self.where} row {row}: no image (empty {self.image_field!r} cell)", "no_image"
             )
+        opts = {"size": self.image_size, "resize": self.resize, "max_pixels": self.max_pixels}
         if isinstance(value, bytes | bytearray | memoryview):
-            return load_image_bytes(bytes(value), self.min_side)
+            return load_image_bytes(bytes(value), self.min_side, **opts)
         if isinstance(value, str):
-            p = Path(value)
-            if not p.is_absolute():
-                p = self.image_root / p
+            roots = allowed_roots(self.image_root, self.allow_root)
+            p = contained_path(value, self.image_root, roots, f"{self.where} row {row}", ALLOW_ROOT_FIX)
             try:
-                return load_image(p, self.min_side)
+                return load_image(p, self.min_side, **opts)
             except BadImageError as e:
                 raise BadImageError(f"{self.where} row {row}: {p}: {e}", e.kind) from e
         raise BadImageError(
@@ -153,8 +194,6 @@ class _Rows(Dataset):
             image = self._load(index, self._image_value(index))
         except BadImageError as e:
             raise BadImageError(f"{key}: {e}", e.kind) from e
-        if self.image_size is not None:
-            image = resize_image(image, self.image_size, self.resize)
         return {"key": key, "image": image, "captions": dict(self._captions[index])}
 
 
@@ -166,7 +205,9 @@ class TableDataset(_Rows):
         path: the table file. format: ``parquet``, ``csv`` or ``tsv`` (default: from the suffix).
         image_field: column of image paths or bytes (default ``image``).
         caption_fields: granularity -> column (default ``{"alt": "caption"}``).
-        image_root: folder relative paths are resolved against (default: the table's folder).
+        image_root: folder relative paths are resolved against (default: the table's folder); cells
+            pointing outside it are refused unless ``allow_root`` (a folder or a list) names their folder.
+        max_pixels: the pixel cap of :func:`cache.datasets.decode_image`.
     """
 
     name = "table"
@@ -182,6 +223,8 @@ class TableDataset(_Rows):
         resize: str = "short_crop",
         min_side: int = 1,
         captions_encoding: str = "utf-8",
+        max_pixels: int | None = None,
+        allow_root: str | list[str] | None = None,
     ) -> None:
         import pyarrow as pa
 
@@ -196,7 +239,15 @@ class TableDataset(_Rows):
         self.format = fmt
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self._setup(
-            str(self.path), image_field, caption_fields, image_size, resize, min_side, captions_encoding
+            str(self.path),
+            image_field,
+            caption_fields,
+            image_size,
+            resize,
+            min_side,
+            captions_encoding,
+            max_pixels,
+            allow_root,
         )
         cols = [image_field, *dict.fromkeys(self.caption_fields.values())]
         if fmt == "parquet":
@@ -208,7 +259,15 @@ class TableDataset(_Rows):
         else:
             import pyarrow.csv as pcsv
 
-            parse = pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
+            bad_rows: list[Any] = []
+
+            def skip_row(row: Any) -> str:  # a line with the wrong number of fields: left out, listed
+                bad_rows.append(row)
+                return "skip"
+
+            # quoted values may hold line breaks (multi-line captions)
+            delim = "\t" if fmt == "tsv" else ","
+            parse = pcsv.ParseOptions(delimiter=delim, newlines_in_values=True, invalid_row_handler=skip_row)
             try:
                 with pcsv.open_csv(self.path, parse_options=parse) as r:
                     names = r.schema.names
@@ -217,10 +276,30 @@ class TableDataset(_Rows):
             check_columns(str(self.path), names, image_field, self.caption_fields)
             # read as bytes: a cell that is not valid UTF-8 is then one bad caption, not a failed file
             conv = pcsv.ConvertOptions(include_columns=cols, column_types={c: pa.binary() for c in cols})
+            bad_rows.clear()  # the header read may have met the first ones already
             try:
-                table = pcsv.read_csv(self.path, parse_options=parse, convert_options=conv)
+                table = pcsv.read_csv(
+                    self.path,
+                    parse_options=parse,
+                    convert_options=conv,
+                    # one thread: the bad rows are reported in file order with their record number
+                    read_options=pcsv.ReadOptions(use_threads=False),
+                )
             except pa.ArrowInvalid as e:
                 raise ValueError(f"{self.path}: cannot parse the {fmt} table: {e}") from e
+            for bad in bad_rows:
+                # pyarrow counts records (a quoted multi-line value is one), the header being record 1
+                line = f"record {bad.number} (the header is 1)" if bad.number is not None else "a record"
+                text = bad.text if len(bad.text) <= 200 else bad.text[:200] + "..."
+                self.problems.append(
+                    {
+                        "row": None,
+                        "key": None,
+                        "kind": "bad_row",
+                        "message": f"{self.path} {line}: {bad.actual_columns} field(s) where the header has "
+                        f"{bad.expected_columns}; the row is left out (not a sample): {text!r}",
+                    }
+                )
         self._images = self._image_cells(table.column(image_field).to_pylist())
         self._captions = self._decode_captions(
             {g: table.column(c).to_pylist() for g, c in self.caption_fields.items()}, len(self._images)
@@ -277,7 +356,9 @@ class HFImageDataset(_Rows):
     builder; captions from its ``metadata.jsonl``/``.csv``), parquet file(s) (the ``parquet`` builder;
     a glob is fine), or a hub dataset name (``load_dataset(name, split=, revision=)``; offline it must
     be in the HF cache). ``split`` defaults to the only split, or ``train``. ``cache_dir``: where the
-    builders keep their Arrow files (default the ``datasets`` cache).
+    builders keep their Arrow files (default the ``datasets`` cache). Image paths (a path column, or the
+    ``path`` of an ``Image`` feature without bytes) must stay inside ``image_root`` (default the dataset's
+    folder) or a folder of ``allow_root``, as for :class:`TableDataset`.
     """
 
     name = "hf"
@@ -295,12 +376,22 @@ class HFImageDataset(_Rows):
         resize: str = "short_crop",
         min_side: int = 1,
         captions_encoding: str = "utf-8",
+        max_pixels: int | None = None,
+        allow_root: str | list[str] | None = None,
     ) -> None:
         import datasets as hfd
 
         self.path, self.revision = str(path), revision
         self._setup(
-            f"hf:{path}", image_field, caption_fields, image_size, resize, min_side, captions_encoding
+            f"hf:{path}",
+            image_field,
+            caption_fields,
+            image_size,
+            resize,
+            min_side,
+            captions_encoding,
+            max_pixels,
+            allow_root,
         )
         ds, self.builder = _load_hf(self.path, split, revision, cache_dir)
         if isinstance(ds, hfd.DatasetDict):

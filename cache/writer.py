@@ -58,6 +58,27 @@ def sample_stats(patch: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     return torch.cat([p.mean(1, keepdim=True), p.square().mean(1, keepdim=True), cm, csq], dim=1)
 
 
+def nonfinite_rows(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[int, list[str]]]:
+    """Which samples of a write block hold a value that is not finite, in the arrays as they would be
+    stored (a float16 overflow is already inf there; an int8 array's ``<name>_scale`` carries its NaN/inf).
+
+    ``arrays``: name -> ``(B, ...)`` (as :class:`WriteBatch`). Returns ``(bad (B,) bool, {row: [names]})``.
+    Integer and boolean arrays are always finite."""
+    sizes = {v.shape[0] for v in arrays.values() if getattr(v, "ndim", 0)}
+    n = sizes.pop() if len(sizes) == 1 else 0
+    bad = np.zeros(n, bool)
+    which: dict[int, list[str]] = {}
+    for name, arr in arrays.items():
+        a = np.asarray(arr)
+        if a.ndim == 0 or a.shape[0] != n or not np.issubdtype(a.dtype, np.floating):
+            continue
+        rows = ~np.isfinite(a.reshape(n, -1)).all(axis=1)
+        for r in np.flatnonzero(rows).tolist():
+            which.setdefault(r, []).append(name.removesuffix("_scale"))
+        bad |= rows
+    return bad, {r: sorted(set(v)) for r, v in which.items()}
+
+
 def dequantise_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale[..., None].astype(np.float32)
 

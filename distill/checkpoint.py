@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -300,7 +301,10 @@ def save(
 
 
 def load(engine: Any, load_dir: str | Path, tag: str) -> dict[str, Any]:
-    """Load model + optimizer states into ``engine``; return the client state."""
+    """Load model + optimizer states into ``engine``; return the client state. Every pickle of the
+    checkpoint is checked against the allow-list first (:func:`check_pickles`): DeepSpeed's own loader
+    unpickles without restriction."""
+    check_pickles(Path(load_dir) / tag)
     path, client = engine.load_checkpoint(
         str(load_dir),
         tag=tag,
@@ -426,8 +430,9 @@ def _model_states_file(ckpt: Path) -> Path:
 
 
 def read_model_states(ckpt: str | Path) -> dict[str, Any]:
-    """Rank 0's DeepSpeed model states file of checkpoint ``ckpt`` (DeepSpeed keys + client state)."""
-    return torch.load(_model_states_file(Path(ckpt)), map_location="cpu", weights_only=False)
+    """Rank 0's DeepSpeed model states file of checkpoint ``ckpt`` (DeepSpeed keys + client state), loaded
+    with ``weights_only=True`` and the allow-list of :func:`safe_load` (a pickle that would run code is refused)."""
+    return safe_load(_model_states_file(Path(ckpt)))
 
 
 def layout(ckpt: str | Path, states: dict[str, Any] | None = None) -> dict[str, int]:
@@ -460,5 +465,63 @@ def consolidated_state_dict(
         return {k: v.float() if v.is_floating_point() else v for k, v in ms["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    check_pickles(ckpt)  # DeepSpeed's consolidation unpickles without restriction: check the files first
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+# ------------------------------------------------------------------------------------------ safe loading
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds an object outside the allow-list (a pickle that could run code)."""
+
+
+def checkpoint_globals() -> list[Any]:
+    """The allow-list of :func:`safe_load`: what the toolkit's checkpoints really hold besides tensors and
+    plain containers. numpy arrays (the numpy RNG state of ``client_state``) and DeepSpeed's optimizer
+    bookkeeping (loss scaler, ZeRO stage enum, fragment addresses). Found by
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` over ZeRO 0-3, fp32 and bf16 checkpoints."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    rec = core.multiarray._reconstruct
+    allowed: list[Any] = [
+        (rec, "numpy._core.multiarray._reconstruct"),
+        (rec, "numpy.core.multiarray._reconstruct"),  # a checkpoint written under numpy 1
+        np.ndarray,
+        np.dtype,
+        *{type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64, np.bool_)},
+    ]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:  # pragma: no cover - without DeepSpeed its classes cannot be in a loadable checkpoint
+        pass
+    return allowed
+
+
+def safe_load(path: str | Path, *, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with :func:`checkpoint_globals` allowed: tensors, containers,
+    numbers, strings and those classes come back; any other global (a pickle that would call
+    ``os.system`` or build an arbitrary object) raises :class:`UnsafeCheckpointError` naming the file and the
+    global, and nothing of it runs. ``mmap``: map the tensors instead of reading them (a cheap check)."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(checkpoint_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path} holds an object outside the checkpoint allow-list, so it was not loaded (loading it could "
+            f"run code): {str(e).splitlines()[0]}. tipsdistill checkpoints hold tensors, numbers, numpy arrays and "
+            "DeepSpeed's loss scaler / ZeRO enums only; do not load this file with torch.load(weights_only=False) "
+            "unless you trust its source (docs/cache.md, 'Threat model')"
+        ) from e
+
+
+def check_pickles(ckpt: str | Path) -> int:
+    """Check every ``*.pt`` file of checkpoint folder ``ckpt`` with :func:`safe_load` (tensors mapped, not
+    read) before a library that unpickles without restriction (DeepSpeed) opens it. Returns the count."""
+    files = sorted(Path(ckpt).rglob("*.pt"))
+    for f in files:
+        safe_load(f, mmap=True)
+    return len(files)

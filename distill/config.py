@@ -206,6 +206,9 @@ class EvalConfig:
     text_model: str = ""
     metric: str = "miou"  # the best checkpoint's metric: miou, miou_objects, pixel_accuracy, mean_accuracy
     keep_best: bool = True  # keep checkpoints/best (a complete checkpoint + best.json), apart from keep_last
+    # the cache's recorded teacher may be rebuilt from a Python import path (package.module:factory), which
+    # runs code named by the cache file: off by default (registry teachers only), like trust_remote_code
+    trust_remote_code: bool = False
 
 
 @dataclass

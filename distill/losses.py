@@ -176,7 +176,10 @@ class ContrastiveLoss(nn.Module):
 
     ``forward(image (B, D), text (B, D), valid (B,) | None) -> scalar``: both sides L2-normalised;
     local rows against the gathered columns of all ranks; ``0.5 * (CE(i->t) + CE(t->i))`` averaged over
-    valid local rows. Invalid examples are neither queries nor negatives.
+    valid local rows. Invalid examples are neither queries nor negatives. The result is always a 0-d
+    tensor (also when the temperature parameter is stored as shape ``(1,)``, as under DeepSpeed): a
+    batch with no valid example gives a 0-d zero that still reaches every input and the temperature,
+    so it stacks with the other terms and its backward pass runs on every rank.
     """
 
     def __init__(
@@ -234,15 +237,15 @@ class ContrastiveLoss(nn.Module):
         logits_t2i = (scale * txt @ img_all.t()).masked_fill(col_mask, neg)
         labels = torch.arange(B, device=image.device) + rank * B
         n = int(valid.sum())
-        if n == 0:
+        if n == 0:  # nothing to contrast on this rank: a 0-d zero on the same graph (see the docstring)
             self.metrics = {"num_valid": 0.0, "temperature": self.temperature}
-            return (img.sum() + txt.sum()) * 0.0 + scale * 0.0
+            return (img.sum() + txt.sum() + img_all.sum() + txt_all.sum() + scale.sum()) * 0.0
         li = F.cross_entropy(logits_i2t[valid], labels[valid])
         lt = F.cross_entropy(logits_t2i[valid], labels[valid])
         with torch.no_grad():
             acc = (logits_i2t[valid].argmax(-1) == labels[valid]).float().mean()
         self.metrics = {"num_valid": float(n), "temperature": self.temperature, "i2t_acc": float(acc)}
-        return 0.5 * (li + lt)
+        return (0.5 * (li + lt)).reshape(())
 
 
 class ImageTextLoss(nn.Module):
@@ -310,7 +313,7 @@ class ImageTextLoss(nn.Module):
                     "project the image tokens into the text space first (a student with text_dim="
                     f"{text[key].shape[-1]} carries that projection: Student.project_to_text)"
                 )
-            terms.append(self.contrastive(img, text[key], valid.get(key)))
+            terms.append(self.contrastive(img, text[key], valid.get(key)).reshape(()))
             self.metrics.update({f"{key}/{k}": v for k, v in self.contrastive.metrics.items()})
         return {"clip": torch.stack(terms).mean()}
 
@@ -402,6 +405,7 @@ def weighted_token_mean(per_token: torch.Tensor, weights: torch.Tensor) -> torch
 
     iBOT (visible weight 0): mean over masked tokens per image, then over images. iBOT++ / distillation
     (uniform weights): mean over all tokens.
+    A batch where no token has weight (iBOT with nothing masked) gives a 0-d zero on ``per_token``'s graph.
     """
     wsum = weights.sum(dim=1)
     keep = wsum > 0
@@ -571,16 +575,22 @@ class PatchFeatureLoss(nn.Module):
 class KoLeoLoss(nn.Module):
     """KoLeo regulariser (DINOv2): ``-mean_i log(min_j ||x_i - x_j|| + eps)`` on L2-normalised ``(B, D)``.
 
-    ``forward(x (B, D)) -> {"koleo": loss}`` (per rank, like DINOv2). Needs B >= 2.
+    ``forward(x (B, D)) -> {"koleo": loss}`` (per rank, like DINOv2). A rank with fewer than two rows has
+    no neighbour to push away from: the term is then a 0-d zero on ``x``'s graph (``metrics["num_rows"]``
+    says so), never an error that stops the run.
     """
 
     def __init__(self, eps: float = 1e-8) -> None:
         super().__init__()
         self.eps = float(eps)
+        self.metrics: dict[str, float] = {}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != 2 or x.shape[0] < 2:
-            raise ValueError(f"KoLeo needs (B, D) with B >= 2, got {tuple(x.shape)}")
+        if x.ndim != 2:
+            raise ValueError(f"KoLeo needs (B, D), got {tuple(x.shape)}")
+        self.metrics = {"num_rows": float(x.shape[0])}
+        if x.shape[0] < 2:
+            return {"koleo": _up(x).sum() * 0.0}
         x = F.normalize(_up(x), dim=-1, eps=self.eps)
         with torch.no_grad():
             dots = x @ x.t()

@@ -69,6 +69,7 @@ def _universal(ckpt_path: Path, work: Path) -> Path:
     if rank == 0:
         from deepspeed.checkpoint import ds_to_universal
 
+        ckpt.check_pickles(ckpt_path)  # the converter unpickles without restriction: the allow-list first
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         args = argparse.Namespace(
@@ -112,7 +113,7 @@ def _stage0_moments(
 
 
 def _load_universal(path: Path) -> torch.Tensor:
-    x = torch.load(path, weights_only=False)  # ZeRO 1/2 sources: {"param": tensor, ...}; ZeRO-3: the tensor
+    x = ckpt.safe_load(path)  # ZeRO 1/2 sources: {"param": tensor, ...}; ZeRO-3: the tensor
     return x["param"] if isinstance(x, dict) else x
 
 
@@ -132,7 +133,7 @@ def _universal_moments(
             step = float(_load_universal(d / "step.pt"))
     common = zero / "optimizer_state.pt"
     if not step and common.is_file():  # ZeRO-3 sources: the step lives in the base optimizer's state
-        st = (torch.load(common, weights_only=False).get("optimizer_state_dict") or {}).get("state") or {}
+        st = (ckpt.safe_load(common).get("optimizer_state_dict") or {}).get("state") or {}
         steps = {float(v["step"]) for v in st.values() if isinstance(v, dict) and "step" in v}
         if len(steps) > 1:
             raise ValueError(f"{common}: Adam steps disagree across parameter groups ({sorted(steps)})")

@@ -326,37 +326,56 @@ class _Loader:
         return b
 
 
-def _all_reduce_terms(terms: dict[str, torch.Tensor], world: int) -> tuple[list[str], torch.Tensor]:
-    """The terms' names (sorted) and their mean over ranks, ``(T,)`` float32 on the device: no host copy
+def _all_reduce_terms(
+    terms: dict[str, torch.Tensor], world: int, rank: int = 0
+) -> tuple[list[str], torch.Tensor]:
+    """The terms' names (sorted) and their mean over ranks, then one flag per rank (> 0: that rank's own
+    terms were not finite), ``(T + world,)`` float32 on the device, in the same all-reduce: no host copy
     here (the values are read back by :func:`_drain_terms` at the logging interval)."""
     names = sorted(terms)
-    vals = torch.stack([terms[k].detach().float().reshape(()) for k in names])
+    local = torch.stack([terms[k].detach().float().reshape(()) for k in names])
+    flags = torch.zeros(world, dtype=local.dtype, device=local.device)
+    flags[rank] = (~torch.isfinite(local)).any().to(local.dtype)
+    vals = torch.cat([local, flags])
     if world > 1:
         dist.all_reduce(vals)
         vals /= world
     return names, vals
 
 
+def _batch_keys(batch: Any) -> list[str]:
+    """The sample keys of a stage-2 batch (``batch["key"]``), to name them when its loss is not finite."""
+    keys = batch.get("key") if isinstance(batch, dict) else None
+    return [str(k) for k in keys] if isinstance(keys, (list, tuple)) else []
+
+
 def _drain_terms(
-    pending: list[tuple[int, int, list[str], torch.Tensor]], accum: int, every: int
+    pending: list[tuple[int, int, list[str], torch.Tensor, list[str]]], accum: int, every: int, rank: int = 0
 ) -> list[dict[str, float]]:
-    """Read the pending ``(step, micro, names, values)`` back with ONE host copy; per optimizer step the
+    """Read the pending ``(step, micro, names, values, keys)`` back with ONE host copy; per optimizer step the
     mean of each term over its micro steps. A non-finite term raises :class:`TrainingDiverged` naming the
-    first such step, micro step and term (checked here, at the logging interval and before every
-    checkpoint, so a diverged run never saves)."""
+    first such step, micro step and term, the ranks whose own batch gave it and this rank's sample keys of
+    that batch (checked here, at the logging interval and before every checkpoint, so a diverged run never
+    saves)."""
     if not pending:
         return []
-    rows = torch.stack([v for *_, v in pending]).cpu().tolist()
+    rows = torch.stack([v for _, _, _, v, _ in pending]).cpu().tolist()
     per_step: dict[int, dict[str, float]] = {}
-    for (st, micro, names, _), row in zip(pending, rows):
+    for (st, micro, names, _, keys), full in zip(pending, rows):
+        row, flags = full[: len(names)], full[len(names) :]
         bad = [(k, v) for k, v in zip(names, row) if not math.isfinite(v)]
         if bad:
             pending.clear()
+            ranks = [r for r, f in enumerate(flags) if f > 0]
+            mine = rank in ranks
+            shown = ", ".join(keys[:16]) + (f" ... ({len(keys)} in all)" if len(keys) > 16 else "")
             raise TrainingDiverged(
-                f"loss term {bad[0][0]!r} is {bad[0][1]} at step {st} (micro step {micro}); stopping "
-                f"without saving (last complete checkpoint stays valid; terms are checked every "
-                f"log.every={every} steps and before each checkpoint). Lower optim.lr, raise "
-                f"optim.warmup_steps or check the data"
+                f"loss term {bad[0][0]!r} is {bad[0][1]} at step {st} (micro step {micro}); the batch of "
+                f"rank(s) {ranks or '?'} gave it; this rank's ({rank}) batch "
+                f"{'(non-finite here) ' if mine else '(finite here) '}held the samples [{shown}]. Stopping without "
+                f"saving (last complete checkpoint stays valid; terms are checked every log.every={every} steps "
+                "and before each checkpoint). Check those samples (tipsdistill-cache --verify --out CACHE flags "
+                "non-finite cached features), lower optim.lr or raise optim.warmup_steps"
             )
         acc = per_step.setdefault(st, {})
         for k, v in zip(names, row):
@@ -578,7 +597,7 @@ def _train(
         bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.recipe}", dynamic_ncols=True)
     global_batch = cfg.data.batch_size * cfg.optim.accum_steps * world
     history: list[dict[str, float]] = []
-    pending: list[tuple[int, int, list[str], torch.Tensor]] = []  # loss terms not yet read back
+    pending: list[tuple[int, int, list[str], torch.Tensor, list[str]]] = []  # loss terms not yet read back
     engine.train()
     # the full EMA copy, when the export holds it (checkpoint.export): evaluated while training too
     exported_ema = task.targets.modules().get("ema_student")
@@ -602,7 +621,7 @@ def _train(
                 terms = engine(batch, teacher_temp=vals["teacher_temp"])
                 total = sum(terms.values())
                 terms = {**terms, "loss": total}
-                pending.append((step + 1, micro, *_all_reduce_terms(terms, world)))
+                pending.append((step + 1, micro, *_all_reduce_terms(terms, world, rank), _batch_keys(batch)))
                 engine.backward(total)
                 engine.step()
             built.after_step(momentum=vals["momentum"], gather=gather)
@@ -617,7 +636,7 @@ def _train(
             eval_now = evaluator is not None and step % cfg.eval.every == 0
             log_now = step % cfg.log.every == 0 or step == stop or eval_now or preempted is not None
             if log_now or save_now:  # the one host sync of the step, at the logging interval
-                history += _drain_terms(pending, cfg.optim.accum_steps, cfg.log.every)
+                history += _drain_terms(pending, cfg.optim.accum_steps, cfg.log.every, rank)
             acc = history[-1] if not pending else {}
             now = time.time()
             rec = {

@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K=V",
         help="dataset keyword arguments: key=value ... or a JSON object",
     )
+    d.add_argument(
+        "--data-allow-root",
+        action="append",
+        metavar="DIR",
+        help="tables and HF datasets: also read image paths under DIR (cells outside the table's folder are "
+        "refused otherwise); repeatable",
+    )
     d.add_argument("--images", help="shorthand for --dataset folder --data-kw root=IMAGES")
     d.add_argument("--captions", help="captions JSON-lines file for the folder dataset")
     p.add_argument(
@@ -150,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher autocast on CUDA; default auto: accelerate's mixed precision (accelerate launch --mixed_precision)",
     )
     p.add_argument("--min-side", type=int, help="skip images with a shorter side (default: one patch)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        help="skip images with more pixels, before decoding them (default Pillow's limit, 89478485; 0: no cap)",
+    )
     p.add_argument(
         "--verify",
         action="store_true",
@@ -240,6 +252,8 @@ def _data_from_args(args: argparse.Namespace, base: dict[str, Any]) -> dict[str,
             kw["caption_fields"] = caption_fields_for(upd.get("dataset", base.get("dataset", "")), given_caps)
     if args.captions:
         kw["captions"] = args.captions
+    if args.data_allow_root:
+        kw["allow_root"] = [str(Path(d).resolve()) for d in args.data_allow_root]
     kw.update(parse_kv(args.data_kw))
     upd["dataset_kwargs"] = kw
     return upd
@@ -290,7 +304,8 @@ def verify_main(out: str | None) -> int:
     bad = [r for r in reports if not r.ok]
     print(
         f"verified {len(reports)} shard(s): {sum(r.intact for r in reports)} intact samples, "
-        f"{sum(len(r.damaged) for r in reports)} damaged, {len(bad)} damaged shard(s), "
+        f"{sum(len(r.damaged) for r in reports)} damaged ({sum(len(r.nonfinite) for r in reports)} of them "
+        f"non-finite), {len(bad)} damaged shard(s), "
         f"{len(index_problems)} index problem(s)"
         + (
             "; rerun the same extraction command with --repair to keep the intact samples and redo the rest"

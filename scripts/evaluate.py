@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset-kwargs", default=None, help='JSON kwargs, e.g. {"split": "validation", "size": 8}'
     )
     p.add_argument("--data-root", default=None, help="shortcut for dataset kwarg root=")
+    p.add_argument(
+        "--data-allow-root",
+        action="append",
+        metavar="DIR",
+        help="tables, HF datasets and caption folders: also read image paths under DIR (paths outside the "
+        "dataset's folder are refused otherwise); repeatable (dataset kwarg allow_root=)",
+    )
     p.add_argument("--max-images", type=int, default=None)
     g = p.add_argument_group("protocol (defaults = the official TIPS notebook)")
     g.add_argument("--mode", choices=["slide", "whole"], default="slide")
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         ds_kw = json_kwargs(args.dataset_kwargs, "--dataset-kwargs")
         if args.data_root:
             ds_kw["root"] = args.data_root
+        if args.data_allow_root:
+            ds_kw["allow_root"] = [str(Path(d).resolve()) for d in args.data_allow_root]
         settings = SegmentationSettings(
             image_size=args.image_size or None,
             mode=args.mode,

@@ -98,6 +98,7 @@ def launched_run(launched_cache, tmp_path_factory) -> dict:
         "checkpoint.every=1",
         "checkpoint.keep_last=1",
         "eval.every=2",
+        "eval.trust_remote_code=true",  # the cache records our own tests.cache_helpers factory: trusted here
         "eval.max_images=6",
         "eval.dataset_kwargs={split: validation, size: 6, image_size: 32}",
         "log.trackers=" + json.dumps(trackers),

@@ -30,6 +30,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from cache.datasets import BadImageError, pixel_cap
+from cache.datasets import load_image as decode_file
+from cache.tables import ALLOW_ROOT_FIX, allowed_roots, contained_path
+
 from .metrics import IGNORE_INDEX
 from .templates import load_class_names
 
@@ -58,28 +62,39 @@ ADE150_CLASSES: tuple[str, ...] = (
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """RGB ``(3, H, W)`` float in [0, 1]."""
+def load_image(path: Path, max_pixels: int | None = None) -> torch.Tensor:
+    """RGB ``(3, H, W)`` float in [0, 1], through the toolkit's one decoder (:func:`cache.datasets.load_image`:
+    the listed formats only, the pixel cap checked before decoding, non-finite pixels refused). A bad image
+    is a :class:`cache.datasets.BadImageError` naming the file; the evaluation skips and lists it."""
     try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"image {path} cannot be read ({e}); replace it or remove it with its label") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)
+        return decode_file(path, max_pixels=max_pixels)
+    except BadImageError as e:
+        raise BadImageError(
+            f"image {path} cannot be used ({e}); replace it or remove it with its label", e.kind
+        ) from e
 
 
 def load_label(path: Path) -> torch.Tensor:
     """Label PNG (palette or grayscale, 8 or 16 bit) -> ``(H, W)`` int64 of raw ids."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=("PNG",)) as im:
+            cap = pixel_cap()
+            if cap and im.width * im.height > cap:
+                raise ValueError(
+                    f"label {path} is {im.width}x{im.height} px, above the pixel cap {cap}; not decoded"
+                )
             if im.mode not in ("L", "P", "I", "I;16"):
                 raise ValueError(
                     f"label {path} has mode {im.mode}; label maps must be single-channel (L, P or I;16) with class "
                     "ids as pixel values, not colour-coded RGB"
                 )
             arr = np.asarray(im).astype(np.int64)
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"label {path} cannot be read ({e}); re-export it as a single-channel PNG") from e
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder error names the file
+        raise ValueError(
+            f"label {path} cannot be read ({type(e).__name__}: {e}); re-export it as a single-channel PNG"
+        ) from e
     return torch.from_numpy(arr)
 
 
@@ -383,22 +398,29 @@ class CaptionFolder(Dataset):
     ``{"image": "relative/path.jpg", "caption": "..."}`` or ``{"image": ..., "captions": {"alt": ..., "short": ...}}``."""
 
     def __init__(
-        self, root: str | Path, captions: str = "captions.jsonl", max_images: int | None = None
+        self,
+        root: str | Path,
+        captions: str = "captions.jsonl",
+        max_images: int | None = None,
+        allow_root: str | list[str] | None = None,
     ) -> None:
         self.root = Path(root)
         path = self.root / captions
         if not path.is_file():
             raise ValueError(f"caption file {path} does not exist")
+        roots = allowed_roots(self.root, allow_root)
         rows = []
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             obj = json.loads(line)
-            if "image" not in obj or not ("caption" in obj or "captions" in obj):
+            if not isinstance(obj, dict) or "image" not in obj or not ("caption" in obj or "captions" in obj):
                 raise ValueError(f"{path}:{lineno} needs 'image' and 'caption' (or 'captions')")
             caps = obj.get("captions") or {"alt": obj["caption"]}
-            if not (self.root / obj["image"]).is_file():
-                raise ValueError(f"{path}:{lineno}: image {self.root / obj['image']} does not exist")
+            # a line naming a file outside the folder (absolute, or with ..) is refused unless allowed
+            img = contained_path(str(obj["image"]), self.root, roots, f"{path}:{lineno}", ALLOW_ROOT_FIX)
+            if not img.is_file():
+                raise ValueError(f"{path}:{lineno}: image {img} does not exist")
             rows.append((obj["image"], caps))
         self.rows = rows[:max_images] if max_images is not None else rows
 

@@ -291,11 +291,17 @@ def evaluate_model(
     res = evaluate_segmentation(
         model, dataset, text, settings, keep_examples=num_examples, progress=progress, desc=desc
     )
+    if res["skipped"] and not res["num_images"]:
+        raise ValueError(
+            f"every one of the {len(res['skipped'])} images was skipped (first: {res['skipped'][0]['error']}); "
+            "nothing to measure"
+        )
     entry: dict[str, Any] = {
         "identity": _identity(model),
         "text_source": text_source,
         "text": dict(text.source),
         "num_images": res["num_images"],
+        "skipped": res["skipped"],
         "metrics": res["metrics"],
     }
     if layers is not None:

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cache.datasets import BadImageError
+
 from .metrics import IGNORE_INDEX, ConfusionMatrix
 from .text import ClassEmbeddings
 
@@ -376,17 +378,27 @@ def evaluate_segmentation(
         it = tqdm(range(n), desc=desc, disable=not progress, leave=False)
     except ImportError:  # pragma: no cover
         it = range(n)
+    skipped: list[dict[str, Any]] = []  # images that cannot be used: left out and listed, never the run's end
     for i in it:
-        image, label, key = check_item(dataset[i], i, dname)
+        try:
+            item = dataset[i]
+        except BadImageError as e:
+            skipped.append({"index": i, "kind": e.kind, "error": f"{type(e).__name__}: {e}"})
+            logger.warning("%s item %d skipped (%s): %s", dname, i, e.kind, e)
+            continue
+        image, label, key = check_item(item, i, dname)
         pred, _ = predict(model, image, text, settings, out_size=tuple(label.shape))
         cm.update(pred.cpu(), label, where=f"{dname} item {key!r}")
         if len(examples) < keep_examples:
             examples.append(Example(key, image.cpu(), label.cpu(), pred.cpu()))
+    if skipped:
+        logger.warning("%s: %d of %d image(s) skipped and left out of the metrics", dname, len(skipped), n)
     metrics = cm.compute(names, subsets)
     return {
         "metrics": metrics,
         "settings": settings.to_dict(),
-        "num_images": n,
+        "num_images": n - len(skipped),
+        "skipped": skipped,
         "confusion_matrix": cm.mat,
         "examples": examples,
     }

@@ -81,8 +81,19 @@ def _teacher_for_text(cfg: Any, online_teacher: nn.Module | None, cache_meta: di
         )
     from cache.extract import make_teacher
 
+    if not isinstance(spec, dict):
+        raise ValueError(
+            f"the cache {cfg.cache.path}'s teacher_spec attribute is {spec!r}, not {{'teacher': NAME, 'kwargs': {{...}}}}; "
+            "set eval.text_model=SPEC or eval.text_embeddings=FILE"
+        )
     logger.info("eval: class-name embeddings from the cache's teacher %s (built once)", spec.get("teacher"))
-    return make_teacher(str(spec["teacher"]), dict(spec.get("kwargs") or {}))
+    # a registry name only, unless the user trusts the cache (its teacher_spec is a file's content, not theirs)
+    return make_teacher(
+        spec.get("teacher"),
+        spec.get("kwargs") or {},
+        trust_code=bool(getattr(cfg.eval, "trust_remote_code", False)),
+        where=f"the cache {cfg.cache.path or '(given)'} (attribute teacher_spec)",
+    )
 
 
 def _label(source: dict[str, Any]) -> str:

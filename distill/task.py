@@ -313,20 +313,23 @@ def _build_text(
     return TowerText(teacher.encode_text, probs, trainable=False), teacher.text_dim
 
 
-def _align_text_width(cfg: TrainConfig, student: nn.Module, text_dim: int) -> None:
+def _align_text_width(cfg: TrainConfig, student: nn.Module, text_dim: int) -> bool:
     """Give the student its text interface: a projection into the caption embeddings' space when they are
     wider or narrower than its tokens (``Student.set_text_dim``), recorded in ``student.kwargs.text_dim`` so
-    checkpoints, exports and resumes rebuild it. A ``text_dim`` the user set must match the captions."""
+    checkpoints, exports and resumes rebuild it. A ``text_dim`` the user set must match the captions.
+    Returns whether the student changed (a projection was added or replaced)."""
     asked = cfg.student.kwargs.get("text_dim")
     if asked is not None and int(asked) != int(text_dim):
         raise ValueError(
             f"student.kwargs.text_dim={asked}, but the captions ({cfg.loss.text_source}) are {text_dim} wide; "
             f"set student.kwargs.text_dim={text_dim} or drop it"
         )
-    if student.text_dim != text_dim:
+    changed = student.text_dim != text_dim
+    if changed:
         student.set_text_dim(int(text_dim))
     if text_dim != student.embed_dim:
         cfg.student.kwargs["text_dim"] = int(text_dim)
+    return changed
 
 
 def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: int = 1) -> BuiltTask:
@@ -349,8 +352,12 @@ def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: 
     if isinstance(targets, OnlineTargets):
         info["teacher"] = targets.teacher.identity()
     text = _build_text(cfg, student, targets, cache)
-    if text is not None:
-        _align_text_width(cfg, student, text[1])
+    if (
+        text is not None
+        and _align_text_width(cfg, student, text[1])
+        and isinstance(targets, EMAStudentTargets)
+    ):
+        targets = EMAStudentTargets(student)  # the full EMA copy follows the student's text interface too
     info["text_source"] = cfg.loss.text_source if text is not None else "none"
     info["text_dim"] = student.text_dim
     if not cfg.uses_heads and cfg.ema.kind == "head":

@@ -225,7 +225,7 @@ def plot_suite(results: dict[str, Any], path: Path) -> Path:
     nm = len(models)
     width = 0.8 / max(nm, 1)
     x = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) * max(1, nm / 2) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(labels) * max(1, nm / 2) + 2), 4))
     for j, m in enumerate(models):
         vals = [results["datasets"][d]["models"][m].get(k) for d, k, _ in cols] + [suite_mean(results, m)]
         bars = ax.bar(
@@ -251,7 +251,9 @@ def plot_suite(results: dict[str, Any], path: Path) -> Path:
         ]
     )
     ax.set_ylim(0, max(10.0, min(100.0, top * 1.15)))
-    ax.set_title(f"Zero-shot segmentation: suite {results['suite']}, protocol {results['protocol']}")
+    ax.set_title(
+        f"Zero-shot segmentation: suite {results['suite']}, protocol {results['protocol']}", fontsize=9
+    )
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

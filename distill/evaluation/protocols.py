@@ -248,14 +248,22 @@ def suite_datasets(suite: str) -> tuple[str, ...]:
     return names
 
 
+def _benchmarks() -> Any:
+    """``distill.evaluation.benchmarks`` (importing it registers the benchmark datasets), or ``None``
+    where this installation has no such module (then only other registered datasets run)."""
+    try:
+        from . import benchmarks
+    except ImportError:
+        return None
+    return benchmarks
+
+
 def mmseg_subdir(name: str) -> str:
     """The folder of benchmark ``name`` under mmsegmentation's ``data/`` directory
     (``distill.evaluation.benchmarks.MMSEG_SUBDIRS``); the name itself for other datasets."""
-    try:
-        from .benchmarks import MMSEG_SUBDIRS  # noqa: PLC0415 (the benchmarks register on import)
-    except ImportError:
-        return name
-    return str(MMSEG_SUBDIRS.get(name, name))
+    mod = _benchmarks()
+    subdirs = getattr(mod, "MMSEG_SUBDIRS", {}) if mod is not None else {}
+    return str(subdirs.get(name, name))
 
 
 def parse_data_roots(values: Sequence[str] | str | None) -> tuple[str | None, dict[str, str]]:
@@ -340,6 +348,7 @@ def run_suite(
     if not models:
         raise ValueError("run_suite needs at least one model")
     names = suite_datasets(suite)
+    _benchmarks()  # registers the benchmark datasets before any is built
     roots = dict(roots or {})
     stray = sorted(set(roots) - set(names))
     if stray:

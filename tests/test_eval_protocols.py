@@ -242,7 +242,7 @@ def test_sclip_and_tcl_scoring_rules():
 # ------------------------------------------------------------------------------------- speed paths
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_batched_equals_unbatched(mode):
-    model, ds, text = ToyEncoder(), _list_dataset(), _text(4)
+    model, ds, text = ToyEncoder(), _list_dataset(n=4), _text(4)  # shapes: 2 of one size, 2 others
     one = SegmentationSettings(
         image_size=None, mode=mode, window=42, stride=28, image_batch=1, window_batch=1
     )
@@ -280,6 +280,7 @@ def _rank_worker(rank: int, world: int, port: int, argv: list[str], ds, text, se
         {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
          "MASTER_PORT": str(port)}
     )  # fmt: skip
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
     try:
         dist.init_process_group("gloo")
         res = evaluate_segmentation(

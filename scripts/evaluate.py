@@ -208,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     from distill.evaluation import compare_models
     from distill.evaluation.datasets import build_eval_dataset
     from distill.evaluation.models import build_model, json_kwargs, parse_models
-    from distill.evaluation.protocols import get_protocol, parse_data_roots, resolve_settings, run_suite
+    from distill.evaluation.protocols import (
+        get_protocol,
+        parse_data_roots,
+        resolve_settings,
+        run_suite,
+        suite_datasets,
+    )
 
     distributed, rank = False, 0
     try:
@@ -219,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             rank = dist.get_rank()
             if rank != 0:
                 logging.getLogger().setLevel(logging.WARNING)
-        get_protocol(args.protocol)
+        get_protocol(args.protocol)  # bad names stop before any model is built
+        if args.suite:
+            suite_datasets(args.suite)
         overrides = setting_overrides(args)
         data_root, roots = parse_data_roots(args.data_root)
         workers = args.workers if args.workers is not None else (4 if device.startswith("cuda") else 0)

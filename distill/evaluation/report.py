@@ -25,10 +25,11 @@ from .segmentation import (
     SegmentationSettings,
     dataset_class_names,
     dense_patch_features,
+    dist_rank_world,
     evaluate_segmentation,
     layer_curve,
     model_device,
-    resize_short_side,
+    resize_image,
 )
 from .templates import apply_synonyms, normalise_class_list
 from .text import ClassEmbeddings, resolve_class_embeddings
@@ -123,6 +124,51 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _suite_columns(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(dataset, metric key, header)`` columns of a suite table: each dataset's mIoU, and its object
+    mIoU where the dataset lists object classes."""
+    cols = []
+    for name, entry in results["datasets"].items():
+        cols.append((name, "miou", name))
+        if any("miou_objects" in r for r in entry["models"].values()):
+            cols.append((name, "miou_objects", f"{name} (objects)"))
+    return cols
+
+
+def suite_mean(results: dict[str, Any], model: str) -> float | None:
+    """Mean mIoU of ``model`` over the suite's evaluated datasets (``None`` if one is undefined)."""
+    vals = [e["models"][model]["miou"] for e in results["datasets"].values()]
+    return None if any(v is None for v in vals) or not vals else float(np.mean(vals))
+
+
+def suite_markdown(results: dict[str, Any]) -> str:
+    """Markdown of a suite (:func:`~distill.evaluation.protocols.run_suite`): one row per model, one
+    mIoU column per dataset (plus ``(objects)`` where it has object classes) and the mean over datasets."""
+    cols = _suite_columns(results)
+    head = ["model"] + [c[2] for c in cols] + ["mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for m in results["models"]:
+        row = [m] + [_fmt(results["datasets"][d]["models"][m].get(k)) for d, k, _ in cols]
+        lines.append("| " + " | ".join(row + [_fmt(suite_mean(results, m))]) + " |")
+    out = [
+        f"# Zero-shot segmentation: suite {results['suite']}, protocol {results['protocol']}",
+        "",
+        *lines,
+        "",
+    ]
+    out.append(
+        "mIoU (%), one global confusion matrix per dataset, ignore index 255; mean = mean of the dataset mIoUs. "
+        "Images: " + ", ".join(f"{d} {e['num_images']}" for d, e in results["datasets"].items()) + "."
+    )
+    out.append(
+        "Every setting per dataset: results.json (`datasets.<name>.settings`); per-dataset reports: `<name>/`."
+    )
+    if results["skipped"]:
+        out += ["", f"Skipped ({len(results['skipped'])}):"]
+        out += [f"- {s['dataset']}: {s['reason']} ({s['path']})" for s in results["skipped"]]
+    return "\n".join(out) + "\n"
+
+
 # ------------------------------------------------------------------------------------------ plots
 def _plt():
     import matplotlib
@@ -163,6 +209,53 @@ def plot_per_class_iou(results: dict[str, Any], path: Path, max_classes: int = 6
     ax.set_ylim(0, 100)
     ax.set_title(f"Per-class IoU ({results['dataset'].get('name', '')}, {results['settings']['mode']})")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_suite(results: dict[str, Any], path: Path) -> Path:
+    """Grouped bars of a suite: one group per dataset (its mIoU; object mIoU as a hatched bar where the
+    dataset has object classes), one bar per model, and the mean over datasets."""
+    plt = _plt()
+    cols = _suite_columns(results)
+    labels = [c[2] for c in cols] + ["mean"]
+    models = list(results["models"])
+    nm = len(models)
+    width = 0.8 / max(nm, 1)
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(labels) * max(1, nm / 2) + 2), 4))
+    for j, m in enumerate(models):
+        vals = [results["datasets"][d]["models"][m].get(k) for d, k, _ in cols] + [suite_mean(results, m)]
+        bars = ax.bar(
+            x + j * width - 0.4 + width / 2,
+            [np.nan if v is None else v for v in vals],
+            width,
+            label=m,
+        )
+        for b, (_, k, _) in zip(bars, cols):
+            if k != "miou":
+                b.set_hatch("//")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("mIoU (%)")
+    top = max(
+        [0.0]
+        + [
+            v
+            for e in results["datasets"].values()
+            for r in e["models"].values()
+            for k, v in r.items()
+            if k.startswith("miou") and isinstance(v, float)
+        ]
+    )
+    ax.set_ylim(0, max(10.0, min(100.0, top * 1.15)))
+    ax.set_title(
+        f"Zero-shot segmentation: suite {results['suite']}, protocol {results['protocol']}", fontsize=9
+    )
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -286,10 +379,20 @@ def evaluate_model(
     retrieval_image_size: int,
     progress: bool,
     desc: str,
+    distributed: bool = False,
+    num_workers: int = 0,
 ) -> tuple[dict[str, Any], list]:
     """One model's report entry (metrics, optional layer curve and retrieval) and its kept examples."""
     res = evaluate_segmentation(
-        model, dataset, text, settings, keep_examples=num_examples, progress=progress, desc=desc
+        model,
+        dataset,
+        text,
+        settings,
+        keep_examples=num_examples,
+        progress=progress,
+        desc=desc,
+        distributed=distributed,
+        num_workers=num_workers,
     )
     if res["skipped"] and not res["num_images"]:
         raise ValueError(
@@ -305,7 +408,16 @@ def evaluate_model(
         "metrics": res["metrics"],
     }
     if layers is not None:
-        entry["layer_curve"] = layer_curve(model, dataset, text, settings, layers, progress=progress)
+        entry["layer_curve"] = layer_curve(
+            model,
+            dataset,
+            text,
+            settings,
+            layers,
+            progress=progress,
+            distributed=distributed,
+            num_workers=num_workers,
+        )
     if retrieval_dataset is not None:
         entry["retrieval"] = retrieval_recall(
             model, retrieval_dataset, text_model=retrieval_text_model, image_size=retrieval_image_size
@@ -315,7 +427,7 @@ def evaluate_model(
 
 def pca_figure(models: dict[str, Any], examples: list, settings: SegmentationSettings, path: Path) -> Path:
     """PCA-to-RGB of every model's patch features on the images of ``examples`` (same readout/layer)."""
-    images = [resize_short_side(ex.image, settings.image_size, settings.resize_backend) for ex in examples]
+    images = [resize_image(ex.image, settings) for ex in examples]
     feats = {}
     for name, model in models.items():
         feats[name] = [
@@ -327,6 +439,7 @@ def pca_figure(models: dict[str, Any], examples: list, settings: SegmentationSet
                     settings.layer,
                     False,
                     text_space=False,
+                    amp=settings.amp,
                 )[0].cpu()
             )
             for im in images
@@ -384,23 +497,37 @@ def compare_models(
     cache_dir: str | Path | None = "default",
     progress: bool = True,
     plots: bool = True,
+    distributed: bool = False,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Evaluate every model on ``dataset`` with the same ``settings``; write the report to ``out_dir``.
 
     Text: ``text_embeddings`` (file/object) for all models, else ``text_model`` for all models, else each
-    model's own text tower. ``synonyms`` (file or lists, one line per class) adds names scored by max.
-    ``layers`` (``"all"`` or ids) adds an mIoU-by-depth curve per model.
-    Returns the results dict (also written as ``results.json``) with ``files`` listing the outputs.
+    model's own text tower. ``synonyms`` (file or lists, one line per class) adds names scored by max;
+    ``settings.background_names`` replace the background class's names. ``layers`` (``"all"`` or ids)
+    adds an mIoU-by-depth curve per model. ``distributed``: every rank of ``torch.distributed`` calls
+    this, each evaluates its share of the images (:func:`evaluate_segmentation`), rank 0 writes.
+    Returns the results dict (also written as ``results.json`` by the writing rank) with ``files``
+    listing the outputs.
     """
     if not models:
         raise ValueError("compare_models needs at least one model")
     settings = settings or SegmentationSettings()
+    writer = not distributed or dist_rank_world()[0] == 0
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     names = dataset_class_names(dataset)
     classes = apply_synonyms(
         normalise_class_list(getattr(dataset, "class_synonyms", None) or names), synonyms
     )
+    if settings.background_names is not None:
+        if not 0 <= settings.background_class < len(classes):
+            raise ValueError(
+                f"background_class {settings.background_class} is not a class id (0..{len(classes) - 1})"
+            )
+        classes = [list(c) for c in classes]
+        classes[settings.background_class] = list(settings.background_names)
     results: dict[str, Any] = {
         "dataset": dataset_identity(dataset, len(names)),
         "settings": settings.to_dict(),
@@ -433,7 +560,11 @@ def compare_models(
             retrieval_image_size=retrieval_image_size,
             progress=progress,
             desc=mname,
+            distributed=distributed,
+            num_workers=num_workers,
         )
+    if not writer:
+        return results
     figures = (
         write_figures(results, models, examples, settings, out, num_examples=num_examples, num_pca=num_pca)
         if plots

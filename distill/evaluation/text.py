@@ -95,15 +95,22 @@ class ClassEmbeddings:
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """Cosine scores of L2-normalised features ``(..., D)`` -> ``(C, ...)`` (max over synonyms)."""
+        return self.reduce_names(self.name_scores(feats))
+
+    def name_scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """Cosine scores of L2-normalised features ``(..., D)`` with every row -> ``(K, ...)``."""
         emb = self.embeddings.to(feats.device, feats.dtype)
-        cos = torch.einsum("kd,...d->k...", emb, feats)
+        return torch.einsum("kd,...d->k...", emb, feats)
+
+    def reduce_names(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-row scores ``(K, ...)`` -> per-class ``(C, ...)``: the max over each class's rows."""
         if not self.has_synonyms and torch.equal(
             self.class_index.cpu(), torch.arange(self.num_classes, dtype=torch.long)
         ):
-            return cos
-        out = cos.new_full((self.num_classes, *cos.shape[1:]), float("-inf"))
-        idx = self.class_index.to(cos.device).view(-1, *([1] * (cos.ndim - 1))).expand_as(cos)
-        return out.scatter_reduce(0, idx, cos, reduce="amax", include_self=True)
+            return scores
+        out = scores.new_full((self.num_classes, *scores.shape[1:]), float("-inf"))
+        idx = self.class_index.to(scores.device).view(-1, *([1] * (scores.ndim - 1))).expand_as(scores)
+        return out.scatter_reduce(0, idx, scores, reduce="amax", include_self=True)
 
 
 def _flatten(classes: list[list[str]]) -> tuple[list[str], list[int]]:

@@ -128,13 +128,13 @@ sys.path.insert(0, os.getcwd())
 import distill.train as T
 root = Path(sys.argv[1])
 real, seen = T._all_reduce_terms, [0]
-def reduce(terms, world):  # after the forward of step 3: pause until B has tried the directory
+def reduce(terms, *args):  # after the forward of step 3: pause until B has tried the directory
     seen[0] += 1
     if seen[0] == 3:
         (root / "a.paused").write_text(str(os.getpid()))
         while not (root / "a.go").exists():
             time.sleep(0.05)
-    return real(terms, world)
+    return real(terms, *args)
 T._all_reduce_terms = reduce
 from scripts.train import main
 rc = main(sys.argv[2:])

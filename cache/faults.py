@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,60 @@ def _done(out: Path) -> int:
     return n
 
 
+# ------------------------------------------------------------------ the round scaffolding both stages use
+
+
+def reference_run(
+    cmd_at: Callable[[Path], list[str]],
+    work: Path,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    *,
+    writes: str | None = None,
+) -> tuple[Path, float]:
+    """Run ``cmd_at(work / "reference")`` uninterrupted into a fresh folder; ``(that folder, seconds)``.
+
+    Raises ``RuntimeError`` (with the end of its stderr) when it fails or leaves no file ``writes``."""
+    work.mkdir(parents=True, exist_ok=True)
+    ref = work / "reference"
+    shutil.rmtree(ref, ignore_errors=True)
+    t0 = time.time()
+    r = subprocess.run(cmd_at(ref), env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0 or (writes is not None and not (ref / writes).exists()):
+        raise RuntimeError(f"the reference run failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
+    return ref, time.time() - t0
+
+
+def hit_bounds(window: tuple[float, float], ref_s: float) -> tuple[float, float]:
+    """The ``(lo, hi)`` seconds a hit lands in: ``hi`` capped below the reference run's length."""
+    lo, hi = window
+    return lo, min(hi, max(lo + 0.5, 0.9 * ref_s))
+
+
+def fresh_round(work: Path, i: int) -> tuple[Path, Path]:
+    """Round ``i``'s output folder and log file under ``work``, left over ones removed."""
+    out = work / f"round-{i:02d}"
+    shutil.rmtree(out, ignore_errors=True)
+    log = work / f"round-{i:02d}.log"
+    log.unlink(missing_ok=True)
+    return out, log
+
+
+def final_run(
+    cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` to the end (no hit), its output appended to ``log``."""
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    with open(log, "a") as fh:
+        fh.write(p.stdout + p.stderr)
+    return p
+
+
+def log_messages(log: Path, words: tuple[str, ...]) -> list[str]:
+    """The first 8 lines of ``log`` holding any of ``words``."""
+    return [ln.strip() for ln in log.read_text().splitlines() if any(w in ln for w in words)][:8]
+
+
 def _killed_run(cmd: list[str], env: dict[str, str], log: Path, how: str, after: float) -> int:
     """Start ``cmd`` (its own process group), ``kill -9`` it after ``after`` s; its exit status."""
     with open(log, "a") as fh:
@@ -125,23 +180,12 @@ def run_rounds(
     """Run the reference, then ``rounds`` kill/resume rounds of ``cmd`` (whose ``--out`` is appended)."""
     rng = random.Random(seed)
     env = dict(os.environ)
-    work.mkdir(parents=True, exist_ok=True)
-    ref = work / "reference"
-    shutil.rmtree(ref, ignore_errors=True)
-    t0 = time.time()
-    r = subprocess.run([*cmd, "--out", str(ref)], env=env, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0 or not (ref / INDEX_NAME).exists():
-        raise RuntimeError(f"the reference run failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
-    ref_s = time.time() - t0
+    ref, ref_s = reference_run(lambda o: [*cmd, "--out", str(o)], work, timeout, env, writes=INDEX_NAME)
     logger.warning("reference run: %.1f s", ref_s)
-    lo, hi = kill_window
-    hi = min(hi, max(lo + 0.5, 0.9 * ref_s))
+    lo, hi = hit_bounds(kill_window, ref_s)
     results = []
     for i in range(rounds):
-        out = work / f"round-{i:02d}"
-        shutil.rmtree(out, ignore_errors=True)
-        log = work / f"round-{i:02d}.log"
-        log.unlink(missing_ok=True)
+        out, log = fresh_round(work, i)
         rd = Round()
         for _ in range(rng.randint(1, max_kills)):
             how = rng.choice(["main", "group"])
@@ -151,20 +195,11 @@ def run_rounds(
             rd.done_after_kill.append(_done(out))
             if rc == 0:  # it finished before the kill
                 break
-        p = subprocess.run(
-            [*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=timeout
-        )
+        p = final_run([*cmd, "--out", str(out)], log, timeout, env)
         rd.final_rc = p.returncode
-        with open(log, "a") as fh:
-            fh.write(p.stdout + p.stderr)
-        text = log.read_text()
-        rd.messages = [
-            ln.strip()
-            for ln in text.splitlines()
-            if any(
-                w in ln for w in ("took over", "resuming", "waiting up to", "damaged", "repaired", "error")
-            )
-        ][:8]
+        rd.messages = log_messages(
+            log, ("took over", "resuming", "waiting up to", "damaged", "repaired", "error")
+        )
         rd.identical, rd.lost, diffs = compare(out, ref) if p.returncode == 0 else (False, -1, ["run failed"])
         if diffs:
             rd.messages += diffs[:5]

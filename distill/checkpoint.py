@@ -107,7 +107,7 @@ def prune(root: Path, keep_last: int) -> list[Path]:
         if trash.exists():
             shutil.rmtree(trash, ignore_errors=True)
         old.replace(trash)
-        _fsync_dir(root)
+        fsync_dir(root)
         pruned.append(old)
         try:
             shutil.rmtree(trash)
@@ -147,7 +147,7 @@ def set_aside_newer(output_dir: str | Path, step: int) -> list[str]:
             p.replace(dest / p.name)
             moved.append(p.name)
         if moved:
-            _fsync_dir(root)
+            fsync_dir(root)
             logger.warning(
                 "rollback to step %d: the newer checkpoint(s) %s of the abandoned timeline were moved to %s "
                 "(keep_last and --resume auto now follow the resumed timeline)",
@@ -170,7 +170,7 @@ def _clear_target(root: Path, tag: str) -> Path | None:
     if (target / COMPLETE).exists():
         aside = root / f".replaced-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
         target.replace(aside)
-        _fsync_dir(root)
+        fsync_dir(root)
         logger.warning(
             "%s already holds a checkpoint: renamed to %s until the new one is complete", target, aside.name
         )
@@ -215,10 +215,12 @@ def _fsync_tree(path: Path) -> None:
         for name in files:
             with open(os.path.join(d, name), "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(d))
+        fsync_dir(Path(d))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or new file inside ``path`` durable; an ``OSError`` propagates (a save that cannot
+    be made durable fails; ``cache.format.fsync_dir`` is the best-effort one for the cache)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -290,7 +292,7 @@ def save(
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(root / tag / COMPLETE)
-        _fsync_dir(root / tag)
+        fsync_dir(root / tag)
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
         prune(root, keep_last)
@@ -356,14 +358,14 @@ def save_best(
                 fh.write(json.dumps(content, indent=2))
                 fh.flush()
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final, old = root / BEST, root / (BEST + ".old")
         if old.exists():
             shutil.rmtree(old)
         if final.exists():
             final.replace(old)
         tmp.replace(final)
-        _fsync_dir(root)
+        fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
         logger.info(
             "best checkpoint: step %d, %s = %.4g -> %s (%.1fs)",

@@ -17,14 +17,14 @@ import json
 import logging
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cache.faults import final_run, fresh_round, hit_bounds, log_messages, reference_run
 
 from .checkpoint import checkpoint_dir, list_complete
 
@@ -87,25 +87,14 @@ def train_rounds(
 ) -> tuple[list[TrainRound], Path]:
     """Run the reference, then ``rounds`` hit/resume rounds of ``tipsdistill-train overrides``."""
     rng = random.Random(seed)
-    work.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "scripts.train", *overrides]
-    ref = work / "reference"
-    shutil.rmtree(ref, ignore_errors=True)
-    t0 = time.time()
-    r = subprocess.run([*base, f"output_dir={ref}"], capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"the reference run failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
-    ref_s = time.time() - t0
+    ref, ref_s = reference_run(lambda o: [*base, f"output_dir={o}"], work, timeout)
     want = [(x["step"], x.get("loss")) for x in _log(ref)]
     logger.warning("reference run: %.1f s, %d logged steps", ref_s, len(want))
-    lo, hi = hit_window
-    hi = min(hi, max(lo + 0.5, 0.9 * ref_s))
+    lo, hi = hit_bounds(hit_window, ref_s)
     results = []
     for i in range(rounds):
-        out = work / f"round-{i:02d}"
-        shutil.rmtree(out, ignore_errors=True)
-        log = work / f"round-{i:02d}.log"
-        log.unlink(missing_ok=True)
+        out, log = fresh_round(work, i)
         cmd = [*base, f"output_dir={out}", "--resume", "auto"]
         rd = TrainRound()
         for _ in range(rng.randint(1, max_hits)):
@@ -121,18 +110,12 @@ def train_rounds(
                 rd.lost += max(last - ck, 0)
             if rc == 0:  # it finished before the hit
                 break
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = final_run(cmd, log, timeout)
         rd.final_rc = p.returncode
-        with open(log, "a") as fh:
-            fh.write(p.stdout + p.stderr)
         got = [(x["step"], x.get("loss")) for x in _log(out)]
         rd.steps = len(got)
         rd.identical = p.returncode == 0 and got == want
-        rd.messages = [
-            ln.strip()
-            for ln in log.read_text().splitlines()
-            if any(w in ln for w in ("resumed from", "SIGTERM", "torn", "refus", "Error"))
-        ][:8]
+        rd.messages = log_messages(log, ("resumed from", "SIGTERM", "torn", "refus", "Error"))
         results.append(rd)
         logger.info("round %d: %s", i, rd)
     return results, ref

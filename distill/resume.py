@@ -34,6 +34,8 @@ import yaml
 
 from cache.lock import CacheBusyError, ShardLock
 
+from .checkpoint import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 # config keys (dotted prefixes) a resume may change without --allow-change: where and how the run
@@ -218,14 +220,6 @@ def lock_run_dir(out: Path, *, wait_s: float = 30.0) -> ShardLock | None:
 # ------------------------------------------------------------------------------------------- log
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_log(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
     """``(records, torn)`` of a ``log.jsonl``: every line that parses as a JSON object with a step;
     ``torn`` lists ``(line number, its start)`` of the others (a write cut by a power loss)."""
@@ -264,7 +258,7 @@ def rewrite_log(path: Path, step: int) -> tuple[int, int, list[tuple[int, str]]]
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return len(kept), len(records) - len(kept), torn
 
 

@@ -604,6 +604,12 @@ def _train(
     if cfg.checkpoint.export == "student":
         exported_ema = None
     t_last = time.time()
+
+    def client_state() -> dict[str, Any]:  # the state at the current step, saved with its checkpoints
+        return _client_state(
+            cfg, step, built, loader, best, samples_seen=samples_seen, world=world, cache_ident=cache_ident
+        )
+
     watch = PreemptionWatch(world)  # SIGTERM / SIGUSR1: a checkpoint at the next step boundary, then exit
     preempted: str | None = None
     try:
@@ -666,17 +672,7 @@ def _train(
                 if value is not None and (best is None or value > best["value"]):
                     best = {"step": step, "metric": evaluator.key, "value": value}
                     if cfg.eval.keep_best:
-                        state = _client_state(
-                            cfg,
-                            step,
-                            built,
-                            loader,
-                            best,
-                            samples_seen=samples_seen,
-                            world=world,
-                            cache_ident=cache_ident,
-                        )
-                        ckpt.save_best(engine, out, step, state, best)
+                        ckpt.save_best(engine, out, step, client_state(), best)
                 t_last = time.time()  # samples/s measure training; the evaluation has its own eval/s
             if is_main:
                 if log_now:
@@ -692,17 +688,7 @@ def _train(
                             sps=f"{rec['samples_per_s']:.1f}",
                         )
             if save_now:
-                client = _client_state(
-                    cfg,
-                    step,
-                    built,
-                    loader,
-                    best,
-                    samples_seen=samples_seen,
-                    world=world,
-                    cache_ident=cache_ident,
-                )
-                ckpt.save(engine, out, step, client, keep_last=cfg.checkpoint.keep_last)
+                ckpt.save(engine, out, step, client_state(), keep_last=cfg.checkpoint.keep_last)
             if preempted is not None:
                 logger.warning(
                     "%s: stopped after step %d with a checkpoint; exit code %d asks the scheduler to requeue; "

@@ -10,7 +10,6 @@ than the true class (ties count in its favour, as :func:`~.retrieval.ranks_above
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,13 @@ from typing import Any
 
 import torch
 
-from .retrieval import image_global_tokens, ranks_above, recall_from_ranks
+from .retrieval import (
+    dataset_identity_dict,
+    image_global_tokens,
+    ranks_above,
+    recall_from_ranks,
+    write_results,
+)
 from .segmentation import check_text_dim, model_device
 from .text import ClassEmbeddings, resolve_class_embeddings
 
@@ -135,10 +140,7 @@ def classification_report(
     ``results.json`` and ``results.md`` to ``out_dir`` and returns the results (``files`` lists them)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        ident = dict(dataset.identity())
-    except Exception:  # noqa: BLE001
-        ident = {"name": type(dataset).__name__}
+    ident = dataset_identity_dict(dataset)
     settings = {
         "image_size": image_size,
         "templates": templates if isinstance(templates, str) else list(templates),
@@ -173,7 +175,5 @@ def classification_report(
     notes = [f"{ident[k]} {what}" for k, what in (("num_ignored", "files not evaluated"), ("num_missing", "listed images missing"), ("num_unreadable", "unreadable images left out")) if ident.get(k)]  # fmt: skip
     if notes:
         lines += ["", "; ".join(notes) + " (listed in results.json, dataset)."]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    res["files"] = {"markdown": str(out / "results.md"), "json": str(out / "results.json")}
-    (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
+    write_results(out, res, lines)
     return res

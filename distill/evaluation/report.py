@@ -20,7 +20,7 @@ import torch
 
 from cache.format import git_revision
 
-from .retrieval import retrieval_recall
+from .retrieval import dataset_identity_dict, retrieval_recall
 from .segmentation import (
     SegmentationSettings,
     dataset_class_names,
@@ -348,10 +348,7 @@ def plot_layer_curve(
 # ----------------------------------------------------------------------------------------- driver
 def dataset_identity(dataset: Any, num_classes: int) -> dict[str, Any]:
     """``dataset.identity()`` (its class name when it has none) with ``num_classes``."""
-    try:
-        ident = dict(dataset.identity())
-    except Exception:
-        ident = {"name": type(dataset).__name__}
+    ident = dataset_identity_dict(dataset)
     ident.setdefault("num_classes", num_classes)
     return ident
 

@@ -276,6 +276,21 @@ def retrieval_recall(
     return results
 
 
+def dataset_identity_dict(dataset: Any) -> dict[str, Any]:
+    """``dataset.identity()`` as a dict (``{"name": its class name}`` when it has none or it fails)."""
+    try:
+        return dict(dataset.identity())
+    except Exception:  # noqa: BLE001
+        return {"name": type(dataset).__name__}
+
+
+def write_results(out: Path, res: dict[str, Any], lines: list[str]) -> None:
+    """``results.md`` (``lines``) and ``results.json`` (``res``, which gains ``files`` naming both) in ``out``."""
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    res["files"] = {"markdown": str(out / "results.md"), "json": str(out / "results.json")}
+    (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
+
+
 def retrieval_table(models: dict[str, dict[str, Any]], ks: Sequence[int] = (1, 5, 10)) -> list[str]:
     """Markdown rows of :func:`retrieval_recall` results, ``{model: {pair: row}}``."""
     cols = [f"{d} R@{k}" for d in ("i2t", "t2i") for k in ks]
@@ -312,10 +327,7 @@ def retrieval_report(
     and returns the results (``files`` lists them)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        ident = dict(dataset.identity())
-    except Exception:  # noqa: BLE001
-        ident = {"name": type(dataset).__name__}
+    ident = dataset_identity_dict(dataset)
     settings = {
         "image_size": image_size,
         "ks": list(ks),
@@ -339,7 +351,5 @@ def retrieval_report(
     skipped = ident.get("num_skipped")
     if skipped:
         lines += ["", f"{skipped} image(s) of the split left out (listed in results.json, dataset.skipped)."]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    res["files"] = {"markdown": str(out / "results.md"), "json": str(out / "results.json")}
-    (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
+    write_results(out, res, lines)
     return res

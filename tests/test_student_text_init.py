@@ -14,7 +14,7 @@ import torch
 
 from students import build_student, load_student
 from teachers import build_teacher
-from tests.test_hub_teachers import put_in_hub_cache
+from tests.test_hub_teachers import hub, put_in_hub_cache  # noqa: F401  (fixture)
 from tests.test_teachers_hf import _configs
 from tests.test_teachers_tips import TINY_DICT, D, tips_files  # noqa: F401  (fixture)
 
@@ -134,17 +134,7 @@ def test_kind_teacher_copies_a_tips_teachers_tower(tips_files):  # noqa: F811
 
 
 # ------------------------------------------------------------------------- transformers by hub id
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
-def test_hf_text_model_by_hub_id_offline(hub, tmp_path, monkeypatch):
+def test_hf_text_model_by_hub_id_offline(hub, tmp_path, monkeypatch):  # noqa: F811
     import transformers as tr
 
     torch.manual_seed(0)

@@ -204,9 +204,8 @@ class TaskModule(nn.Module):
     def _clip(self, global_tokens: torch.Tensor, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
         """Global tokens ``(B, C, D)`` vs the caption embeddings of the batch."""
         text, valid = self.text(batch)
-        image = self.student.project_to_text(
-            global_tokens
-        )  # the student's text interface (identity at equal width)
+        # the student's text interface (identity at equal width)
+        image = self.student.project_to_text(global_tokens)
         image = image.float().to(_head_dtype(self.clip_loss))
         text = {key: emb.to(image.dtype) for key, emb in text.items()}
         valid = {key: ok.to(device) for key, ok in valid.items() if ok is not None}

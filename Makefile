@@ -20,10 +20,10 @@ $(VENV)/.installed: requirements.lock setup.cfg
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m scripts.demo
+	$(PY) -m tipsdistill.scripts.demo
 
 demo-quick: venv
-	$(PY) -m scripts.demo --quick
+	$(PY) -m tipsdistill.scripts.demo --quick
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -44,7 +44,7 @@ class TeacherShape:
 
 
 def _tips(letter: str, patch: int, label: str) -> TeacherShape:
-    from teachers.tips import VARIANTS  # dims only; nothing is loaded
+    from tipsdistill.teachers.tips import VARIANTS  # dims only; nothing is loaded
 
     d = VARIANTS[letter].embed_dim
     return TeacherShape(label, d, patch, 2, d)
@@ -78,7 +78,7 @@ def teacher_shape(spec: str, kwargs: dict[str, Any] | None = None) -> TeacherSha
     if key in KNOWN_SHAPES:
         return KNOWN_SHAPES[key]
     if key.startswith("tips:") or (key == "tips" and "variant" in kwargs):
-        from teachers.tips import PATCH_SIZE, resolve_variant
+        from tipsdistill.teachers.tips import PATCH_SIZE, resolve_variant
 
         v = resolve_variant(spec.split(":", 1)[1] if ":" in spec else kwargs["variant"])
         return TeacherShape(f"TIPS-{v.name}", v.embed_dim, PATCH_SIZE, 2, v.embed_dim if v.text else 0)

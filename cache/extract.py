@@ -31,8 +31,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import teachers  # noqa: F401  (importing the package registers every teacher adapter)
-from teachers.base import Teacher, build_teacher, list_teachers
+from tipsdistill import teachers  # noqa: F401  (importing the package registers every teacher adapter)
+from tipsdistill.teachers.base import Teacher, build_teacher, list_teachers
 
 from . import synthetic  # noqa: F401  (registers the "synthetic" dataset)
 from .dataset_spec import build_from_spec, is_shorthand, recorded_spec, registry_name, remember_spec

@@ -210,4 +210,4 @@ def run_rounds(
 
 def main_cmd(extra: list[str]) -> list[str]:
     """The stage-1 command as a user runs it (the installed console script's module)."""
-    return [sys.executable, "-m", "scripts.cache_features", *extra]
+    return [sys.executable, "-m", "tipsdistill.scripts.cache_features", *extra]

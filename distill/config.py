@@ -21,8 +21,8 @@ from typing import Any, Union
 
 import yaml
 
-from cache.format import git_revision
-from students.heads import HEAD_WEIGHT_INITS
+from tipsdistill.cache.format import git_revision
+from tipsdistill.students.heads import HEAD_WEIGHT_INITS
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, default_collate
 from torchvision.ops import roi_align
 
-from cache import FeatureCache
-from cache.datasets import resize_image
-from cache.views import apply_view
+from tipsdistill.cache import FeatureCache
+from tipsdistill.cache.datasets import resize_image
+from tipsdistill.cache.views import apply_view
 
 from .config import DataConfig
 from .masking import random_mask

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-import teachers.embedded  # noqa: F401  (registers the "embedded" teacher)
-from cache import extract_features
-from cache.synthetic import SyntheticScenes
-from students import load_student
-from teachers import build_teacher
+import tipsdistill.teachers.embedded  # noqa: F401  (registers the "embedded" teacher)
+from tipsdistill.cache import extract_features
+from tipsdistill.cache.synthetic import SyntheticScenes
+from tipsdistill.students import load_student
+from tipsdistill.teachers import build_teacher
 
 from .config import TrainConfig, config_to_dict, load_config
 from .evaluation import (

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from cache import open_cache
-from cache.format import layout_from_meta
-from cache.synthetic import SyntheticScenes
-from students import load_student
-from teachers import build_teacher
-from teachers.embedded import default_path
+from tipsdistill.cache import open_cache
+from tipsdistill.cache.format import layout_from_meta
+from tipsdistill.cache.synthetic import SyntheticScenes
+from tipsdistill.students import load_student
+from tipsdistill.teachers import build_teacher
+from tipsdistill.teachers.embedded import default_path
 
 from .config import TrainConfig, config_to_dict
 from .embedded import (

@@ -44,8 +44,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from students import build_student
-from students.io import CONFIG_FILE, EXTRAS_FILE, MODEL_FILE
+from tipsdistill.students import build_student
+from tipsdistill.students.io import CONFIG_FILE, EXTRAS_FILE, MODEL_FILE
 
 from . import checkpoint as ckpt
 
@@ -220,7 +220,7 @@ def export_embedded_teacher(
     embedded benchmark use it); default: a ``tips`` tower's own, else the shipped teacher's (trained on
     the synthetic captions).
     """
-    from teachers.embedded import default_path
+    from tipsdistill.teachers.embedded import default_path
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

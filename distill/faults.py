@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache.faults import final_run, fresh_round, hit_bounds, log_messages, reference_run
+from tipsdistill.cache.faults import final_run, fresh_round, hit_bounds, log_messages, reference_run
 
 from .checkpoint import checkpoint_dir, list_complete
 
@@ -87,7 +87,7 @@ def train_rounds(
 ) -> tuple[list[TrainRound], Path]:
     """Run the reference, then ``rounds`` hit/resume rounds of ``tipsdistill-train overrides``."""
     rng = random.Random(seed)
-    base = [sys.executable, "-m", "scripts.train", *overrides]
+    base = [sys.executable, "-m", "tipsdistill.scripts.train", *overrides]
     ref, ref_s = reference_run(lambda o: [*base, f"output_dir={o}"], work, timeout)
     want = [(x["step"], x.get("loss")) for x in _log(ref)]
     logger.warning("reference run: %.1f s, %d logged steps", ref_s, len(want))

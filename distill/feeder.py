@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache import FeatureBatch, FeatureCache
+from tipsdistill.cache import FeatureBatch, FeatureCache
 
 from .data import ResumableSampler, ratio_order, replay_views
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.nn.functional import all_gather
 from torch.nn import functional as F
 
-from students.heads import build_head
+from tipsdistill.students.heads import build_head
 
 logger = logging.getLogger(__name__)
 

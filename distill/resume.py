@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from cache.lock import CacheBusyError, ShardLock
+from tipsdistill.cache.lock import CacheBusyError, ShardLock
 
 from .checkpoint import fsync_dir
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cache.codec import decode
+from tipsdistill.cache.codec import decode
 
 from .captions import CaptionSampler
 from .data import align_teacher_maps, resample_grid

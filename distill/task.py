@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cache import FeatureCache, open_cache
-from cache.dataset_spec import build_from_spec, source_for_cache
-from students import build_head, build_student, frozen_projection, load_student_weights
-from teachers import build_teacher
+from tipsdistill.cache import FeatureCache, open_cache
+from tipsdistill.cache.dataset_spec import build_from_spec, source_for_cache
+from tipsdistill.students import build_head, build_student, frozen_projection, load_student_weights
+from tipsdistill.teachers import build_teacher
 
 from .config import TrainConfig
 from .data import DistillDataset, ResumableSampler

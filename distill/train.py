@@ -49,9 +49,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cache import open_cache
-from cache.format import cache_identity
-from cache.resources import apply_threads, fit_threads
+from tipsdistill.cache import open_cache
+from tipsdistill.cache.format import cache_identity
+from tipsdistill.cache.resources import apply_threads, fit_threads
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict, save_resolved

@@ -10,7 +10,7 @@ start methods, (5) bytes per image and token cosine for float16, int8 and reduce
 storage. ``--sections 2,5`` runs only some. Every timed figure is
 the median of ``--repeats`` runs (the runs are printed too); the page cache stays warm (stated).
 
-    python -m scripts.bench_cache --images 256 --dim 384 --depth 6 --image-size 224 --out /tmp/bench
+    python -m tipsdistill.scripts.bench_cache --images 256 --dim 384 --depth 6 --image-size 224 --out /tmp/bench
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 
-from cache import extract_features, open_cache
-from teachers.base import DenseFeatures, Teacher
-from teachers.vit import vit_dense_forward
+from tipsdistill.cache import extract_features, open_cache
+from tipsdistill.teachers.base import DenseFeatures, Teacher
+from tipsdistill.teachers.vit import vit_dense_forward
 
 
 class BenchTeacher(Teacher):
@@ -100,8 +100,8 @@ def _forward_alone(teacher: Teacher, data: RandomImages, batch_size: int) -> flo
 
 def _loader_alone(data: RandomImages, size: int, batch_size: int) -> float:
     """The extraction's input pipeline alone (item prep + collate, 0 workers), no forward, no writing."""
-    from cache.extract import _collate, _Items
-    from cache.views import ViewSpec
+    from tipsdistill.cache.extract import _collate, _Items
+    from tipsdistill.cache.views import ViewSpec
 
     items = _Items(data, (size, size), "short_crop", ViewSpec(num_views=1), 16)
     blocks = [list(range(s, min(s + batch_size, len(data)))) for s in range(0, len(data), batch_size)]
@@ -112,7 +112,7 @@ def _loader_alone(data: RandomImages, size: int, batch_size: int) -> float:
 
 
 def _teacher_batches(teacher: Teacher, data: RandomImages, batch_size: int) -> list[dict[str, Any]]:
-    from cache.writer import sample_stats
+    from tipsdistill.cache.writer import sample_stats
 
     out = []
     with torch.inference_mode():
@@ -130,8 +130,8 @@ def _writer_alone(
     """The writer pipeline with no forward running: ShardWriter (thread + queue + HDF5 writes + flushes
     + done flags) on precomputed teacher outputs, float16 arrays (``half``) or float32 (the writer
     thread converts)."""
-    from cache.format import Layout, create_shard
-    from cache.writer import ShardWriter, WriteBatch
+    from tipsdistill.cache.format import Layout, create_shard
+    from tipsdistill.cache.writer import ShardWriter, WriteBatch
 
     b0 = batches[0]
     layout = Layout(count=n, grid=b0["grid"], dim=b0["patch"].shape[-1], num_global_tokens=b0["cls"].shape[1],
@@ -530,8 +530,8 @@ def _feeder_rate(
     import resource
     import threading
 
-    from distill.data import ResumableSampler, collate_packed, unpack_tensors
-    from distill.feeder import FeatureFeeder
+    from tipsdistill.distill.data import ResumableSampler, collate_packed, unpack_tensors
+    from tipsdistill.distill.feeder import FeatureFeeder
 
     feeder = (
         FeatureFeeder(
@@ -609,7 +609,7 @@ def measure_batch_reader(args: argparse.Namespace, out: Path, npy: Path) -> None
         return time.perf_counter() - t0
 
     P = args.read_passes
-    from distill.feeder import FeatureFeeder
+    from tipsdistill.distill.feeder import FeatureFeeder
 
     ring = FEEDER_DEPTH + FeatureFeeder.SPARE_BUFFERS  # as many buffers as the feeder keeps in flight
     one, rings = _RawBuffers(npy, rb), _RawBuffers(npy, rb, ring)
@@ -684,7 +684,7 @@ def measure_storage(
 ) -> None:
     """(5) bytes per image and token cosine against the teacher's float32 tokens, for float16, int8 and
     each reduced-dimension setting (PCA fitted on the first ``--reduce-fit-images`` images)."""
-    from cache.format import layout_from_meta
+    from tipsdistill.cache.format import layout_from_meta
 
     N, common, quiet = args.images, _extract_kwargs(args), io.StringIO()
     with torch.inference_mode():

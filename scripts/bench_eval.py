@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate_once(model, ds, text, settings, device: str) -> tuple[float, torch.Tensor]:  # noqa: ANN001
     """Seconds of one evaluation of every image, and its confusion matrix."""
-    from distill.evaluation.segmentation import evaluate_segmentation
+    from tipsdistill.distill.evaluation.segmentation import evaluate_segmentation
 
     t0 = time.perf_counter()
     res = evaluate_segmentation(model, ds, text, settings, progress=False)
@@ -90,8 +90,8 @@ def evaluate_once(model, ds, text, settings, device: str) -> tuple[float, torch.
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from distill.evaluation import ClassEmbeddings, SegmentationSettings
-    from students import build_student
+    from tipsdistill.distill.evaluation import ClassEmbeddings, SegmentationSettings
+    from tipsdistill.students import build_student
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     amp = args.amp == "on" or (args.amp == "auto" and device.startswith("cuda"))

@@ -88,7 +88,7 @@ def _train(args: argparse.Namespace, out: Path, extra: list[str]) -> list[dict]:
     cmd = [
         sys.executable,
         "-m",
-        "scripts.train",
+        "tipsdistill.scripts.train",
         "--recipe",
         "distill",
         f"output_dir={out}",
@@ -131,9 +131,9 @@ def train_step_flops(args: argparse.Namespace, cache_dir: Path) -> float:
     """FLOPs of one cached training step (forward + backward of student, heads, losses), no DeepSpeed."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from distill.config import load_config
-    from distill.task import build_task
-    from distill.train import _Loader, _to_device
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.task import build_task
+    from tipsdistill.distill.train import _Loader, _to_device
 
     cfg = load_config("distill", [f"cache.path={cache_dir}", *distill_overrides(args), "data.num_workers=0"])
     built = build_task(cfg, device=torch.device("cpu"))
@@ -198,7 +198,7 @@ def saved_teacher(args: argparse.Namespace, out: Path) -> tuple[Any, Path]:
     the online run loads)."""
     from safetensors.torch import save_file
 
-    from teachers.timm_teacher import build_timm_teacher
+    from tipsdistill.teachers.timm_teacher import build_timm_teacher
 
     torch.manual_seed(0)
     teacher = build_timm_teacher(**teacher_kwargs(args, None)).freeze()
@@ -214,7 +214,7 @@ def saved_teacher(args: argparse.Namespace, out: Path) -> tuple[Any, Path]:
 
 def measure_flops(args: argparse.Namespace, teacher: Any) -> dict[str, float]:
     """FLOPs per image of the student (global and local crops) and of the teacher; prints them."""
-    from students import build_student
+    from tipsdistill.students import build_student
 
     student = build_student("vit_tiny_patch16_224", **student_kwargs(args))
     f_s, f_t = flops_per_image(student, args.image_size), flops_per_image(teacher, args.image_size)
@@ -239,7 +239,7 @@ def measure_flops(args: argparse.Namespace, teacher: Any) -> dict[str, float]:
 
 def build_cache(args: argparse.Namespace, teacher: Any, cache_dir: Path) -> tuple[Any, float]:
     """The stage-1 cache of the synthetic training images with ``teacher``; returns (dataset, seconds)."""
-    from cache import build_dataset, extract_features
+    from tipsdistill.cache import build_dataset, extract_features
 
     t0 = time.time()
     ds = build_dataset("synthetic", split="train", size=args.images, image_size=args.image_size)
@@ -263,9 +263,9 @@ def build_cache(args: argparse.Namespace, teacher: Any, cache_dir: Path) -> tupl
 def loader_samples_per_s(args: argparse.Namespace, cache_dir: Path) -> float:
     """Samples/s of the cached run's data path alone (``distill.train._Loader`` with the run's settings:
     image workers + the feature reader thread + the host-to-device step), worker start-up excluded."""
-    from distill.config import load_config
-    from distill.task import build_task
-    from distill.train import _Loader, _to_device
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.task import build_task
+    from tipsdistill.distill.train import _Loader, _to_device
 
     cfg = load_config(
         "distill", [f"cache.path={cache_dir}", *distill_overrides(args), f"data.num_workers={args.workers}"]

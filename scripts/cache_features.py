@@ -7,7 +7,7 @@ Examples::
     tipsdistill-cache --data 'wds:/data/cc3m/{00000..00331}.tar' --caption short=json.short_caption ...
     tipsdistill-cache --data parquet:captions.parquet --image-column path --caption alt=caption ...
     tipsdistill-cache --data hf:my_saved_dataset --caption alt=text ...
-    torchrun --nproc_per_node 8 -m scripts.cache_features --config cache.yaml   # one shard per rank
+    torchrun --nproc_per_node 8 -m tipsdistill.scripts.cache_features --config cache.yaml   # one shard per rank
     tipsdistill-cache --config cache.yaml batch_size=16 dataset_kwargs.caption_fields.alt=txt   # dotted overrides
 
 Dataset specs (--data): wds:PATTERN (braces expanded), parquet:/csv:/tsv:FILE, hf:PATH_OR_NAME, a folder,
@@ -32,10 +32,10 @@ from typing import Any
 
 import yaml
 
-from cache.dataset_spec import caption_fields_for, parse_dataset_spec
-from cache.extract import CacheConfig, extract_features
-from cache.lock import CacheBusyError
-from distill.config import merge_dicts, parse_overrides
+from tipsdistill.cache.dataset_spec import caption_fields_for, parse_dataset_spec
+from tipsdistill.cache.extract import CacheConfig, extract_features
+from tipsdistill.cache.lock import CacheBusyError
+from tipsdistill.distill.config import merge_dicts, parse_overrides
 
 
 def parse_kv(items: list[str] | None) -> dict[str, Any]:
@@ -292,7 +292,7 @@ def config_from_args(args: argparse.Namespace) -> CacheConfig:
 
 def verify_main(out: str | None) -> int:
     """``--verify``: print one line per shard and the index's findings; 0 when all is intact, else 1."""
-    from cache.repair import verify_cache
+    from tipsdistill.cache.repair import verify_cache
 
     if not out:
         raise SystemExit("error: --verify needs --out DIR (the cache to check)")
@@ -318,7 +318,7 @@ def verify_main(out: str | None) -> int:
 
 def estimate_main(args: argparse.Namespace) -> int:
     """``--estimate`` / ``--estimate-table``: bytes per image and per dataset, before anything runs."""
-    from cache import estimate as est
+    from tipsdistill.cache import estimate as est
 
     grans: list[str] | tuple[str, ...] = ("alt", "short", "detailed")
     if args.no_text:
@@ -355,7 +355,7 @@ def estimate_main(args: argparse.Namespace) -> int:
                 )
             n, label = est.KNOWN_DATASETS[key], f"{key}, nominal"
         elif n is None and (args.data or args.images or args.dataset):
-            from cache.extract import make_dataset
+            from tipsdistill.cache.extract import make_dataset
 
             cfg = config_from_args(args)
             n, label = len(make_dataset(cfg.dataset, dict(cfg.dataset_kwargs))), f"{cfg.dataset}, counted"

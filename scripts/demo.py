@@ -14,11 +14,11 @@
    ``results.json`` and PNG figures to ``--out``.
 
 The pipeline is :mod:`distill.embedded`; stage-2 settings are dotted overrides of the recipe
-(``python -m scripts.demo optim.lr=3e-3``, as ``tipsdistill-train`` takes them); the sizes of stage 1
+(``python -m tipsdistill.scripts.demo optim.lr=3e-3``, as ``tipsdistill-train`` takes them); the sizes of stage 1
 and of the measurement are :class:`distill.embedded.DemoConfig` (``FULL``, ``QUICK``).
 
-    python -m scripts.demo            # about 11 minutes on 2 CPU cores
-    python -m scripts.demo --quick    # tiny sizes, under a minute (the test suite runs it)
+    python -m tipsdistill.scripts.demo            # about 11 minutes on 2 CPU cores
+    python -m tipsdistill.scripts.demo --quick    # tiny sizes, under a minute (the test suite runs it)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-from scripts import set_offline_cpu_defaults
+from tipsdistill.scripts import set_offline_cpu_defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
 
-    from distill.embedded import FULL, QUICK, all_finite, run_demo
+    from tipsdistill.distill.embedded import FULL, QUICK, all_finite, run_demo
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = (QUICK if args.quick else FULL).with_overrides(*args.overrides)

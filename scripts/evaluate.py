@@ -246,10 +246,10 @@ def resolve_device(name: str) -> tuple[str, bool]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from distill.evaluation import compare_models
-    from distill.evaluation.datasets import build_eval_dataset
-    from distill.evaluation.models import build_model, json_kwargs, parse_models
-    from distill.evaluation.protocols import (
+    from tipsdistill.distill.evaluation import compare_models
+    from tipsdistill.distill.evaluation.datasets import build_eval_dataset
+    from tipsdistill.distill.evaluation.models import build_model, json_kwargs, parse_models
+    from tipsdistill.distill.evaluation.protocols import (
         get_protocol,
         parse_data_roots,
         resolve_settings,
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.data_allow_root:
                 ds_kw["allow_root"] = [str(Path(d).resolve()) for d in args.data_allow_root]
             if args.cache:
-                from cache.dataset_spec import source_for_cache
+                from tipsdistill.cache.dataset_spec import source_for_cache
 
                 dataset = source_for_cache(args.cache, args.dataset, ds_kw, only_cached=True)
             elif args.dataset:
@@ -402,8 +402,8 @@ def _side_dataset(name: str | None, kwargs: str | None, root: str | None, task: 
         if kwargs or root:
             raise ValueError(f"--{task}-kwargs / --{task}-root given without --{task} NAME")
         return None
-    from distill.evaluation.datasets import build_eval_dataset
-    from distill.evaluation.models import json_kwargs
+    from tipsdistill.distill.evaluation.datasets import build_eval_dataset
+    from tipsdistill.distill.evaluation.models import json_kwargs
 
     kw = json_kwargs(kwargs, f"--{task}-kwargs")
     if root:
@@ -416,8 +416,8 @@ def _global_jobs(
 ) -> str:
     """Run the retrieval / classification jobs (a lone task writes to ``--out``; next to other tasks, to
     ``--out/<task>``); return their Markdown and where it went."""
-    from distill.evaluation.classification import classification_report
-    from distill.evaluation.retrieval import retrieval_report
+    from tipsdistill.distill.evaluation.classification import classification_report
+    from tipsdistill.distill.evaluation.retrieval import retrieval_report
 
     shown = []
     common = {"max_images": args.max_images, "batch_size": args.global_batch_size, "num_workers": args.global_workers,

@@ -44,8 +44,8 @@ locked cached caption embeddings) and ``distill_text`` (random init, trained):
 
 Prints a table (mean and spread over seeds) and writes ``experiments.json`` / ``experiments.md``.
 
-    python -m scripts.experiments --out runs/experiments            # everything (long on 2 cores)
-    python -m scripts.experiments --only seed0,mask75 --steps 300
+    python -m tipsdistill.scripts.experiments --out runs/experiments            # everything (long on 2 cores)
+    python -m tipsdistill.scripts.experiments --only seed0,mask75 --steps 300
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from scripts import set_offline_cpu_defaults
+from tipsdistill.scripts import set_offline_cpu_defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
 
-    from distill.embedded import FULL
-    from distill.experiments import BASES, all_finite, run_experiments, summarise
+    from tipsdistill.distill.embedded import FULL
+    from tipsdistill.distill.experiments import BASES, all_finite, run_experiments, summarise
 
     torch.set_num_threads(args.threads)
     bench = FULL

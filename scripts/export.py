@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation runs on the CPU
-    from distill.export import export_checkpoint
+    from tipsdistill.distill.export import export_checkpoint
 
     try:
         out = export_checkpoint(
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "embedded-teacher":
         summary: dict = {"export": str(out), "metrics": conf["metrics"], "text": conf["text"]}
         if args.alignment_images > 0:
-            from distill.embedded import teacher_alignment
-            from distill.export import copy_run_log
+            from tipsdistill.distill.embedded import teacher_alignment
+            from tipsdistill.distill.export import copy_run_log
 
             copy_run_log(args.checkpoint, out)
             rec = teacher_alignment(out, val_size=args.alignment_images, image_size=conf["image_size"])

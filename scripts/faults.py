@@ -2,7 +2,7 @@
 
 Example (the issue's scenario, 5 rounds)::
 
-    python -m scripts.faults --rounds 5 --images photos/ --work /tmp/faults -- \\
+    python -m tipsdistill.scripts.faults --rounds 5 --images photos/ --work /tmp/faults -- \\
         --teacher efficientnet-lite0 --image-size 160 --batch-size 8 --quiet
 
 Everything after ``--`` is passed to ``tipsdistill-cache`` (``--images`` and ``--out`` are added).
@@ -13,7 +13,7 @@ Stage 2 (``--stage 2``, ``distill.faults``): everything after ``--`` is passed t
 (``output_dir=`` and ``--resume auto`` are added); each hit is a ``kill -9`` of the process group or a
 SIGTERM (preemption)::
 
-    python -m scripts.faults --stage 2 --rounds 4 --work /tmp/faults2 --kill-after 8 25 -- \
+    python -m tipsdistill.scripts.faults --stage 2 --rounds 4 --work /tmp/faults2 --kill-after 8 25 -- \
         --recipe distill cache.path=cache/ steps=40 checkpoint.every=10
 
 Prints one line per round (hits: how, when, the last logged step, the newest checkpoint after it),
@@ -27,7 +27,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cache.faults import main_cmd, run_rounds
+from tipsdistill.cache.faults import main_cmd, run_rounds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stage2(args: argparse.Namespace, extra: list[str]) -> int:
-    from distill.faults import train_rounds
+    from tipsdistill.distill.faults import train_rounds
 
     results, ref = train_rounds(
         extra, Path(args.work), rounds=args.rounds, max_hits=args.max_kills,

@@ -2,8 +2,8 @@
 
 The command line of :mod:`distill.evaluation.benchmarks` (docs/evaluation.md, "Standard benchmarks").
 
-    python -m scripts.prepare_benchmarks list                                     # names, folders, classes, presets
-    python -m scripts.prepare_benchmarks convert-coco-object data/coco_stuff164k  # *_instanceTrainIds.png (val)
+    python -m tipsdistill.scripts.prepare_benchmarks list                                     # names, folders, classes, presets
+    python -m tipsdistill.scripts.prepare_benchmarks convert-coco-object data/coco_stuff164k  # *_instanceTrainIds.png (val)
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from distill.evaluation.benchmarks import benchmarks_table, convert_coco_object
+from tipsdistill.distill.evaluation.benchmarks import benchmarks_table, convert_coco_object
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m scripts.prepare_benchmarks", description=__doc__.split("\n\n")[0]
+        prog="python -m tipsdistill.scripts.prepare_benchmarks", description=__doc__.split("\n\n")[0]
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="print the benchmarks, their folders, classes and background presets")

@@ -22,7 +22,7 @@ Writes checkpoints (``model.safetensors`` in float16 + ``config.json``) to ``--o
 ``--ckpt-every`` steps, so a partial run is usable; logs JSON lines with the losses and a quick
 object-class zero-shot mIoU by layer.
 
-    python -m scripts.pretrain_teacher --out runs/embedded_teacher --minutes 40
+    python -m tipsdistill.scripts.pretrain_teacher --out runs/embedded_teacher --minutes 40
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache.synthetic import SyntheticScenes
-from distill.evaluation.templates import TCL_TEMPLATES as TEMPLATES
-from teachers.tips_text import TipsTextTower, TipsTokenizer
-from teachers.vit import vit_dense_forward
+from tipsdistill.cache.synthetic import SyntheticScenes
+from tipsdistill.distill.evaluation.templates import TCL_TEMPLATES as TEMPLATES
+from tipsdistill.teachers.tips_text import TipsTextTower, TipsTokenizer
+from tipsdistill.teachers.vit import vit_dense_forward
 
 logger = logging.getLogger("pretrain_teacher")
 
@@ -288,7 +288,7 @@ def export_teacher(
     import gzip
     import shutil
 
-    from distill.embedded import teacher_alignment
+    from tipsdistill.distill.embedded import teacher_alignment
 
     run_dir, dest = Path(run_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     val_labels = torch.from_numpy(va["labels"].astype(np.int64))
 
     # tokenizer trained on the training captions (all granularities) plus the class names
-    from students.text import train_sentencepiece
+    from tipsdistill.students.text import train_sentencepiece
 
     corpus = list(tr["alt"][:8000]) + list(tr["short"][:8000]) + list(tr["detailed"][:8000])
     corpus += [t.format(n) for n in train.class_names for t in TEMPLATES]
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in vars(args).items()
             if k not in ("out", "data_cache", "threads", "export_from", "export_to")
         },
-        "command": "python -m scripts.pretrain_teacher "
+        "command": "python -m tipsdistill.scripts.pretrain_teacher "
         + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
     }
     net = Net(cfg)
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             tc["vocab_size"], tc["width"], tc["depth"], tc["num_heads"], tc["mlp_dim"], tc["max_len"]
         )
     else:
-        from teachers.text import HFTextTower, minilm_path
+        from tipsdistill.teachers.text import HFTextTower, minilm_path
 
         text = HFTextTower(minilm_path(), out_dim=tc["out_dim"], max_len=tc["max_len"], freeze=True)
     t1 = time.time()

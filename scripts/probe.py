@@ -16,10 +16,10 @@ A randomly initialised model of the same class gives the floor (``--random-basel
 scratch, **supervised** on the per-patch labels of the training split for a wall-clock budget, and
 scores the validation patches: how learnable the categories are for this architecture at CPU scale.
 
-    python -m scripts.probe                                   # the committed embedded teacher
-    python -m scripts.probe --model runs/demo/student/export  # a distilled student
-    python -m scripts.probe --model DIR --kind teacher        # a pretrain_teacher run folder
-    python -m scripts.probe --learnability 3 --version 1      # supervised ceiling on version-1 scenes
+    python -m tipsdistill.scripts.probe                                   # the committed embedded teacher
+    python -m tipsdistill.scripts.probe --model runs/demo/student/export  # a distilled student
+    python -m tipsdistill.scripts.probe --model DIR --kind teacher        # a pretrain_teacher run folder
+    python -m tipsdistill.scripts.probe --learnability 3 --version 1      # supervised ceiling on version-1 scenes
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from cache.synthetic import SyntheticScenes
-from distill.evaluation.probe import learnability, load_model, probe, random_like, summary_line
+from tipsdistill.cache.synthetic import SyntheticScenes
+from tipsdistill.distill.evaluation.probe import learnability, load_model, probe, random_like, summary_line
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ Examples::
     # one process, no launcher (the distributed env vars are set for you)
     tipsdistill-train --recipe distill cache.path=cache/ output_dir=runs/b16
     # 8 GPUs
-    torchrun --nproc_per_node 8 -m scripts.train --recipe distill cache.path=cache/ engine.zero_stage=2
+    torchrun --nproc_per_node 8 -m tipsdistill.scripts.train --recipe distill cache.path=cache/ engine.zero_stage=2
     deepspeed --num_gpus 8 scripts/train.py --recipe distill cache.path=cache/
     # continue the newest complete checkpoint of output_dir
     tipsdistill-train --recipe distill cache.path=cache/ output_dir=runs/b16 --resume auto
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from distill.config import config_to_dict, list_recipes, load_config
+    from tipsdistill.distill.config import config_to_dict, list_recipes, load_config
 
     if args.list_recipes:
         print("\n".join(list_recipes()))
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
-    from cache.lock import CacheBusyError
-    from distill.resume import preempt_exit_code
-    from distill.train import TrainingDiverged, train
+    from tipsdistill.cache.lock import CacheBusyError
+    from tipsdistill.distill.resume import preempt_exit_code
+    from tipsdistill.distill.train import TrainingDiverged, train
 
     try:
         result = train(

@@ -47,8 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from teachers.text import HFTextTower, minilm_path
-from teachers.tips_text import MAX_LEN, TEXT_CONFIGS, TipsTextTower, TipsTokenizer
+from tipsdistill.teachers.text import HFTextTower, minilm_path
+from tipsdistill.teachers.tips_text import MAX_LEN, TEXT_CONFIGS, TipsTextTower, TipsTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class TipsStudentTextTower(nn.Module):
         freeze: bool = False,
     ) -> None:
         super().__init__()
-        from teachers.hub import resolve_file
+        from tipsdistill.teachers.hub import resolve_file
 
         max_len = int(max_len or MAX_LEN)
         tok = TipsTokenizer(resolve_file(tokenizer, "TIPS tokenizer"), max_len=max_len)
@@ -239,8 +239,8 @@ def _tips_from_checkpoint(
     init: str | Path, given: dict[str, int | None], num_heads: int | None, max_len: int
 ) -> TipsTextTower:
     """A ``TipsTextTower`` of the checkpoint's size with its weights; sizes in ``given`` must agree."""
-    from teachers.hub import resolve_file
-    from teachers.tips import describe_text_checkpoint, load_npz, load_text_state
+    from tipsdistill.teachers.hub import resolve_file
+    from tipsdistill.teachers.tips import describe_text_checkpoint, load_npz, load_text_state
 
     src = repr(os.fspath(init))
     sd = load_npz(resolve_file(init, "TIPS text checkpoint"), "text")
@@ -287,9 +287,9 @@ def _tips_from_checkpoint(
 
 def _teacher_tower(teacher: Any, *, freeze: bool) -> nn.Module:
     """A trainable (or, ``freeze``, wholly locked) copy of ``teacher``'s text tower."""
-    from teachers.embedded import EmbeddedTeacher
-    from teachers.hf import HFTeacher
-    from teachers.tips import TipsTeacher
+    from tipsdistill.teachers.embedded import EmbeddedTeacher
+    from tipsdistill.teachers.hf import HFTeacher
+    from tipsdistill.teachers.tips import TipsTeacher
 
     name = type(teacher).__name__
     if not getattr(teacher, "has_text", False):
@@ -370,7 +370,7 @@ def build_text_tower(
                 f"text kind 'teacher' takes teacher (a teachers registry name, e.g. embedded), teacher_kwargs and "
                 f"freeze; got {sorted(kw)}"
             )
-        from teachers import build_teacher
+        from tipsdistill.teachers import build_teacher
 
         teacher = build_teacher(kw["teacher"], **dict(kw.get("teacher_kwargs") or {}))
         tower = _teacher_tower(teacher, freeze=bool(kw.get("freeze", False)))

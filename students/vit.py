@@ -16,8 +16,8 @@ import timm
 import torch
 from torch import nn
 
-from teachers.base import VALUE_READOUTS, DenseEncoder, DenseFeatures, check_pixels
-from teachers.vit import vit_dense_forward
+from tipsdistill.teachers.base import VALUE_READOUTS, DenseEncoder, DenseFeatures, check_pixels
+from tipsdistill.teachers.vit import vit_dense_forward
 
 logger = logging.getLogger(__name__)
 

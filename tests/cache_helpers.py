@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
-from teachers.base import DenseFeatures, Teacher, check_pixels
-from teachers.vit import vit_dense_forward
+from tipsdistill.teachers.base import DenseFeatures, Teacher, check_pixels
+from tipsdistill.teachers.vit import vit_dense_forward
 
 
 class TinyTeacher(Teacher):

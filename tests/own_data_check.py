@@ -153,7 +153,7 @@ def readme_blocks(readme: Path = REPO / "README.md") -> list[str]:
 
 def check_cache(path: Path, expect: dict[str, Any]) -> list[str]:
     """Compare a cache with the expected good / skipped keys; returns the failures."""
-    from cache import open_cache
+    from tipsdistill.cache import open_cache
 
     fc = open_cache(path)
     fails = []

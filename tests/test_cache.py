@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cache import ImageFolderDataset, apply_view, extract_features, open_cache
-from cache.datasets import resize_image
 from tests.cache_helpers import build_tiny_teacher, write_captions, write_images
+from tipsdistill.cache import ImageFolderDataset, apply_view, extract_features, open_cache
+from tipsdistill.cache.datasets import resize_image
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = "tests.cache_helpers:build_tiny_teacher"
@@ -131,7 +131,7 @@ def test_int8_per_token_cosine(data, tmp_path):
 
 def test_int8_quantiser_matches_numpy_definition():
     """The torch quantiser (run next to the forward) gives the bytes of the format's numpy definition."""
-    from cache.writer import quantise_int8_torch
+    from tipsdistill.cache.writer import quantise_int8_torch
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 7, 64, generator=g) * torch.rand(3, 5, 7, 1, generator=g) * 10
@@ -244,7 +244,8 @@ def test_disk_space_refused_with_numbers(data, tmp_path, monkeypatch):
 
     root, _, _ = data
     monkeypatch.setattr(
-        "cache.extract.shutil.disk_usage", lambda p: _sh._ntuple_diskusage(10**6, 10**6 - 1000, 1000)
+        "tipsdistill.cache.extract.shutil.disk_usage",
+        lambda p: _sh._ntuple_diskusage(10**6, 10**6 - 1000, 1000),
     )
     with pytest.raises(
         OSError, match=r"not enough disk space .* needs about .* per image x 10 images .* only 1000.0 B free"
@@ -255,7 +256,9 @@ def test_disk_space_refused_with_numbers(data, tmp_path, monkeypatch):
 
 def _run_cli(args: list[str], **kw) -> subprocess.Popen:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "scripts.cache_features", *args], cwd=REPO, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tipsdistill.scripts.cache_features", *args], cwd=REPO, env=env, **kw
+    )
 
 
 def _h5_contents(path: Path) -> dict[str, np.ndarray]:
@@ -310,7 +313,7 @@ def test_kill9_then_resume_matches_uninterrupted(tmp_path):
         open_cache(out)
     # resume: rerun the same command
     done = subprocess.run(
-        [sys.executable, "-m", "scripts.cache_features", *args, *kw],
+        [sys.executable, "-m", "tipsdistill.scripts.cache_features", *args, *kw],
         cwd=REPO,
         env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
         capture_output=True,

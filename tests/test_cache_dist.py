@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cache import extract_features, open_cache
 from tests.cache_helpers import write_captions, write_images
 from tests.launch_helpers import torchrun
+from tipsdistill.cache import extract_features, open_cache
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = "tests.cache_helpers:build_tiny_teacher"
@@ -32,7 +32,7 @@ def test_two_ranks_two_shards_one_dataset_in_order(data, tmp_path):
     out = tmp_path / "c2"
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = torchrun()
-    cmd += ["-m", "scripts.cache_features", "--teacher", TEACHER, "--images", str(root / "img")]
+    cmd += ["-m", "tipsdistill.scripts.cache_features", "--teacher", TEACHER, "--images", str(root / "img")]
     cmd += [
         "--captions",
         str(root / "caps.jsonl"),

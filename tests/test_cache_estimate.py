@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from cache import extract_features, open_cache
-from cache.estimate import KNOWN_SHAPES, TeacherShape, bytes_per_image, estimate_table, teacher_shape
-from cache.format import layout_from_meta
-from scripts.cache_features import main as cache_main
 from tests.cache_helpers import write_captions, write_images
+from tipsdistill.cache import extract_features, open_cache
+from tipsdistill.cache.estimate import (
+    KNOWN_SHAPES,
+    TeacherShape,
+    bytes_per_image,
+    estimate_table,
+    teacher_shape,
+)
+from tipsdistill.cache.format import layout_from_meta
+from tipsdistill.scripts.cache_features import main as cache_main
 
 BOOKKEEPING = 1 + 256 + 4  # done, skip_reason, checksum per sample
 VALID = 3  # text_valid per caption granularity (alt, short, detailed)

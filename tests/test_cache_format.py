@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import torch
 
-from cache import extract_features, open_cache
-from cache.format import read_chunk_map
+from tipsdistill.cache import extract_features, open_cache
+from tipsdistill.cache.format import read_chunk_map
 
 FORMAT2 = Path(__file__).resolve().parent / "data" / "format2_cache"
 SHARD = "shard-00000-of-00001.h5"
@@ -106,7 +106,7 @@ def test_format2_cache_read_and_resumed(tmp_path):
 
 
 def test_format2_cache_verified_and_repaired(tmp_path):
-    from cache.repair import verify_shard
+    from tipsdistill.cache.repair import verify_shard
 
     assert verify_shard(FORMAT2 / SHARD).ok
     out = tmp_path / "old"

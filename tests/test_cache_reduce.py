@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from cache import CacheSpec, ImageFolderDataset, extract_features, open_cache
-from cache.codec import decode
-from cache.reduce import BASIS_FILE, Reduction
 from tests.cache_helpers import build_tiny_teacher, write_captions, write_images
 from tests.launch_helpers import torchrun
 from tests.test_cache import _cfg as base_cfg
 from tests.test_train_support import base_overrides, make_cache, run_subprocess
+from tipsdistill.cache import CacheSpec, ImageFolderDataset, extract_features, open_cache
+from tipsdistill.cache.codec import decode
+from tipsdistill.cache.reduce import BASIS_FILE, Reduction
 
 TEACHER = "tests.cache_helpers:build_tiny_teacher"
 SHARD = "shard-00000-of-00001.h5"
@@ -136,7 +136,7 @@ def test_resume_keeps_the_basis_and_refuses_other_settings(data, tmp_path, monke
         f.attrs["complete"] = False
     (out / "index.h5").unlink()
     (out / BASIS_FILE).unlink()
-    import cache.extract as ex
+    import tipsdistill.cache.extract as ex
 
     def no_refit(job):
         raise AssertionError("a resume must reuse the stored basis, not fit a new one")
@@ -193,7 +193,7 @@ def test_two_ranks_share_one_basis(data, tmp_path):
     cmd = torchrun()
     cmd += [
         "-m",
-        "scripts.cache_features",
+        "tipsdistill.scripts.cache_features",
         "--teacher",
         TEACHER,
         "--images",
@@ -224,7 +224,7 @@ def test_two_ranks_share_one_basis(data, tmp_path):
 def test_batch_reader_rows_decode_with_the_basis(data, tmp_path):
     """The batch reader (stage 2's path) returns the stored coefficients; decoding them with the cache's
     basis gives exactly the item reader's tokens, and so does the batch path of CachedTargets."""
-    from distill.targets import CachedTargets
+    from tipsdistill.distill.targets import CachedTargets
 
     root, caps, _ = data
     extract_features(_cfg(tmp_path / "c", root, caps, storage="int8"))

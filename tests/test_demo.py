@@ -1,4 +1,4 @@
-"""End to end: ``python -m scripts.demo --quick`` (cache -> distil with DeepSpeed -> measure) on CPU."""
+"""End to end: ``python -m tipsdistill.scripts.demo --quick`` (cache -> distil with DeepSpeed -> measure) on CPU."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_embedded_teacher_loads() -> None:
     import torch
 
-    import teachers.embedded  # noqa: F401
-    from teachers import build_teacher
+    import tipsdistill.teachers.embedded  # noqa: F401
+    from tipsdistill.teachers import build_teacher
 
     t = build_teacher("embedded")
     assert t.has_text and t.num_global_tokens == 2 and t.num_layers > 2
@@ -35,7 +35,7 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.demo", "--quick", "--out", str(out), "--no-progress"],
+        [sys.executable, "-m", "tipsdistill.scripts.demo", "--quick", "--out", str(out), "--no-progress"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -82,8 +82,8 @@ def test_pretrain_teacher_tiny_run_loads_as_embedded_teacher(tmp_path: Path, tex
     """A 3-step teacher pretraining run (both text towers) writes a checkpoint ``build_teacher`` loads."""
     import torch
 
-    from scripts.pretrain_teacher import main
-    from teachers import build_teacher
+    from tipsdistill.scripts.pretrain_teacher import main
+    from tipsdistill.teachers import build_teacher
 
     out = tmp_path / "run"
     argv = ["--out", str(out), "--steps", "3", "--batch", "8", "--train-size", "48", "--val-size", "8"]

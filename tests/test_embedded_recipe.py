@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import config_to_dict, load_config
-from distill.embedded import FULL, QUICK, train_config
-from distill.experiments import BASES, variant_config, variants
+from tipsdistill.distill.config import config_to_dict, load_config
+from tipsdistill.distill.embedded import FULL, QUICK, train_config
+from tipsdistill.distill.experiments import BASES, variant_config, variants
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = json.loads((ROOT / "tests" / "data" / "embedded_configs_before.json").read_text())
@@ -125,10 +125,13 @@ def test_experiment_variants_reach_the_train_config(tmp_path: Path) -> None:
 
 
 def test_tipsdistill_train_lists_and_resolves_the_embedded_recipe() -> None:
-    from scripts.train import main
+    from tipsdistill.scripts.train import main
 
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.train", "--list-recipes"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "tipsdistill.scripts.train", "--list-recipes"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0 and "embedded" in proc.stdout.split(), proc.stderr
     assert main(["--recipe", "embedded", "--print-config", "cache.path=c.h5"]) == 0

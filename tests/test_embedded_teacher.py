@@ -43,7 +43,7 @@ TINY_VIT = dict(
 
 
 def test_locked_text_tower_memoises_pooled_captions() -> None:
-    from students.text import build_text_tower
+    from tipsdistill.students.text import build_text_tower
 
     tower = build_text_tower("minilm", out_dim=16, max_len=32)
     assert tower.frozen and tower.memo_enabled
@@ -75,9 +75,9 @@ def test_locked_text_tower_memoises_pooled_captions() -> None:
 
 
 def test_mask_prob_masks_a_share_of_the_images() -> None:
-    from cache import build_dataset
-    from distill.config import DataConfig
-    from distill.data import DistillDataset
+    from tipsdistill.cache import build_dataset
+    from tipsdistill.distill.config import DataConfig
+    from tipsdistill.distill.data import DistillDataset
 
     src = build_dataset("synthetic", split="train", size=64, image_size=32)
     data = DataConfig(image_size=32, local_crops=0, batch_size=4, global_scale=[1.0, 1.0])
@@ -99,7 +99,7 @@ def test_decay_tokens_puts_tokens_and_position_tables_under_weight_decay() -> No
     """optim.decay_tokens: DINO/iBOT/DINOv2 decay the class/register tokens and position table; timm does not."""
     import timm
 
-    from distill.train import param_groups
+    from tipsdistill.distill.train import param_groups
 
     vit = timm.create_model(
         "vit_base_patch14_reg1_tipsv2", pretrained=False, num_classes=0, init_values=1.0, **TINY_VIT
@@ -123,9 +123,9 @@ def test_decay_tokens_puts_tokens_and_position_tables_under_weight_decay() -> No
 
 
 def test_ema_copy_leaves_the_text_tower_out_and_exports() -> None:
-    from distill.export import export_model
-    from distill.targets import EMAStudentTargets
-    from students import build_student
+    from tipsdistill.distill.export import export_model
+    from tipsdistill.distill.targets import EMAStudentTargets
+    from tipsdistill.students import build_student
 
     student = build_student(
         "vit_base_patch14_reg1_tipsv2", **TINY_VIT, text={"kind": "minilm", "max_len": 16}
@@ -154,12 +154,20 @@ def test_recipe_trains_and_exports_an_embedded_teacher(tmp_path: Path) -> None:
     ``build_teacher("embedded", path=...)`` with the checkpoint's EMA image weights and trained projection."""
     from safetensors import safe_open
 
-    from distill.checkpoint import client_state, find_checkpoint, read_model_states
-    from teachers import build_teacher
+    from tipsdistill.distill.checkpoint import client_state, find_checkpoint, read_model_states
+    from tipsdistill.teachers import build_teacher
 
     run = tmp_path / "run"
     env = subprocess_env()
-    cmd = [sys.executable, "-m", "scripts.train", "--recipe", "embedded-teacher", f"output_dir={run}", *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tipsdistill.scripts.train",
+        "--recipe",
+        "embedded-teacher",
+        f"output_dir={run}",
+        *TINY,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -170,7 +178,7 @@ def test_recipe_trains_and_exports_an_embedded_teacher(tmp_path: Path) -> None:
     assert final["metrics"]["weights"] == "ema"
 
     dest = tmp_path / "teacher"
-    cmd = [sys.executable, "-m", "scripts.export", str(run / "checkpoints" / "step_00000002")]
+    cmd = [sys.executable, "-m", "tipsdistill.scripts.export", str(run / "checkpoints" / "step_00000002")]
     cmd += ["--format", "embedded-teacher", "--out", str(dest), "--alignment-images", "4"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -201,8 +209,8 @@ def test_recipe_trains_and_exports_an_embedded_teacher(tmp_path: Path) -> None:
 def test_recipe_is_the_shipped_teachers_architecture() -> None:
     """The recipe builds the shipped teacher's image and text towers; when the shipped teacher was trained by
     the engine (its config carries the run's train_config), the recipe reproduces that run's settings."""
-    from distill.config import config_to_dict, load_config
-    from teachers.embedded import default_path
+    from tipsdistill.distill.config import config_to_dict, load_config
+    from tipsdistill.teachers.embedded import default_path
 
     shipped = json.loads((default_path() / "config.json").read_text())
     cfg = load_config("embedded-teacher", [])
@@ -226,10 +234,10 @@ def test_recipe_step_equals_the_pretraining_script() -> None:
     gives the losses and gradients of ``scripts/pretrain_teacher.py``, the second implementation that made
     the shipped teacher; so the two runs differ only outside the step (init, weight decay groups, crops,
     schedules' horizon, data order)."""
-    from distill.config import load_config
-    from distill.data import collate
-    from distill.task import build_task
-    from scripts import pretrain_teacher as script
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.data import collate
+    from tipsdistill.distill.task import build_task
+    from tipsdistill.scripts import pretrain_teacher as script
 
     B, K = 4, 64
     torch.manual_seed(0)

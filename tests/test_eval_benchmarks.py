@@ -14,8 +14,13 @@ import torch
 from PIL import Image
 from test_eval_toymodel import ToyEncoder
 
-from distill.evaluation import ClassEmbeddings, SegmentationSettings, evaluate_segmentation, load_eval_dataset
-from distill.evaluation.benchmarks import (
+from tipsdistill.distill.evaluation import (
+    ClassEmbeddings,
+    SegmentationSettings,
+    evaluate_segmentation,
+    load_eval_dataset,
+)
+from tipsdistill.distill.evaluation.benchmarks import (
     BACKGROUND_PRESETS,
     BENCHMARKS,
     MMSEG_SUBDIRS,
@@ -24,8 +29,8 @@ from distill.evaluation.benchmarks import (
     coco_object_label,
     convert_coco_object,
 )
-from distill.evaluation.datasets import ADE150_CLASSES
-from scripts.prepare_benchmarks import main
+from tipsdistill.distill.evaluation.datasets import ADE150_CLASSES
+from tipsdistill.scripts.prepare_benchmarks import main
 
 H, W = 24, 32
 # the COCO-Stuff raw ids (COCO category id - 1) in train-id order, as mmsegmentation's coco_stuff164k.py maps them
@@ -305,7 +310,7 @@ def test_coco_object_converter_reproduces_groupvit(data, tmp_path, capsys):
         expect = np.vectorize(groupvit.__getitem__)(raw)
         out = np.asarray(Image.open(folder / f"{sid}_instanceTrainIds.png"))
         assert np.array_equal(out, expect)
-    # the command line (python -m scripts.prepare_benchmarks convert-coco-object ROOT), on a fresh copy
+    # the command line (python -m tipsdistill.scripts.prepare_benchmarks convert-coco-object ROOT), on a fresh copy
     root = tmp_path / "coco_stuff164k"
     shutil.copytree(
         data["root"] / "coco_stuff164k", root, ignore=shutil.ignore_patterns("*_instanceTrainIds.png")
@@ -393,7 +398,7 @@ def test_benchmark_metrics_equal_seg_folder(data, tmp_path, toy, name):
 def test_cli_records_benchmark_identity_and_prompts(data, tmp_path):
     """tipsdistill-eval --dataset voc21 --data-root VOCdevkit/VOC2012: SCLIP prompts (26 background names) are
     encoded, and the split, background preset and class source land in results.json."""
-    from scripts.evaluate import main as evaluate_main
+    from tipsdistill.scripts.evaluate import main as evaluate_main
 
     out = tmp_path / "o"
     rc = evaluate_main(

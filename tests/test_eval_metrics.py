@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_eval_toymodel import ToyEncoder
 
-from distill.evaluation import (
+from tipsdistill.distill.evaluation import (
     OPENAI_IMAGENET_TEMPLATES,
     TCL_TEMPLATES,
     ClassEmbeddings,
@@ -21,7 +21,7 @@ from distill.evaluation import (
     resolve_class_embeddings,
     save_text_embeddings,
 )
-from distill.evaluation.retrieval import recall_at_k
+from tipsdistill.distill.evaluation.retrieval import recall_at_k
 
 
 # --------------------------------------------------------------------------------------- metrics

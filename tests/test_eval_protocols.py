@@ -11,15 +11,15 @@ import torch
 from PIL import Image
 from test_eval_toymodel import ListDataset, ToyEncoder
 
-from distill.evaluation import ClassEmbeddings, SegmentationFolder, SegmentationSettings
-from distill.evaluation.protocols import (
+from tipsdistill.distill.evaluation import ClassEmbeddings, SegmentationFolder, SegmentationSettings
+from tipsdistill.distill.evaluation.protocols import (
     PROTOCOLS,
     SCLIP_BACKGROUND_NAMES,
     dataset_background,
     parse_data_roots,
     resolve_settings,
 )
-from distill.evaluation.segmentation import (
+from tipsdistill.distill.evaluation.segmentation import (
     evaluate_segmentation,
     finish_scores,
     mmseg_size,
@@ -58,7 +58,7 @@ class TinyBench(SegmentationFolder):
 
 
 def _register() -> None:
-    from cache.datasets import list_datasets, register_dataset
+    from tipsdistill.cache.datasets import list_datasets, register_dataset
 
     for bench in TinyBench.PRESETS:
         if bench not in list_datasets():
@@ -180,7 +180,7 @@ def test_protocol_values_resolve_and_are_recorded():
 
 def test_tips_is_the_old_default():
     """``--protocol tips`` (the default, no flags) gives exactly the settings of before the protocols."""
-    from scripts.evaluate import build_parser, setting_overrides
+    from tipsdistill.scripts.evaluate import build_parser, setting_overrides
 
     old = {
         "image_size": 448, "mode": "slide", "window": 448, "stride": 336, "readout": "tips", "layer": None,
@@ -274,7 +274,7 @@ def test_batched_equals_unbatched(mode):
 def _rank_worker(rank: int, world: int, port: int, argv: list[str], ds, text, settings, q) -> None:  # noqa: ANN001
     import torch.distributed as dist
 
-    from scripts.evaluate import main
+    from tipsdistill.scripts.evaluate import main
 
     os.environ.update(
         {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
@@ -297,8 +297,8 @@ def test_two_processes_equal_one(tmp_path):
     the CLI's results.json equal one process's."""
     import torch.multiprocessing as mp
 
-    from scripts.evaluate import main
     from tests.launch_helpers import free_port
+    from tipsdistill.scripts.evaluate import main
 
     write_bench(tmp_path / "bench", n=5)
     ds, text = _list_dataset(n=5), _text(4)
@@ -336,7 +336,7 @@ def test_two_processes_equal_one(tmp_path):
 
 # -------------------------------------------------------------------------------------------- suites
 def test_suite_writes_one_table_and_figure_and_lists_missing(tmp_path, capsys):
-    from scripts.evaluate import main
+    from tipsdistill.scripts.evaluate import main
 
     data = tmp_path / "data"
     write_bench(data / "tinyvoc", n=3)

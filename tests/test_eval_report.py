@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from test_eval_toymodel import ListDataset, ToyEncoder
 
-from distill.evaluation import SegmentationSettings, compare_models, retrieval_recall
+from tipsdistill.distill.evaluation import SegmentationSettings, compare_models, retrieval_recall
 
 
 def _dataset(n=3, size=(42, 56)):
@@ -95,8 +95,8 @@ def test_retrieval_oracle():
 
 
 def test_cli_end_to_end(tmp_path, capsys):
-    pytest.importorskip("cache.synthetic")
-    from scripts.evaluate import main
+    pytest.importorskip("tipsdistill.cache.synthetic")
+    from tipsdistill.scripts.evaluate import main
 
     out = tmp_path / "out"
     rc = main(
@@ -125,7 +125,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 
 def test_cli_bad_input_is_clear(tmp_path, capsys):
-    from scripts.evaluate import main
+    from tipsdistill.scripts.evaluate import main
 
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()

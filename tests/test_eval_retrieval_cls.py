@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from distill.evaluation.classification import classification_accuracy
-from distill.evaluation.datasets import load_eval_dataset
-from distill.evaluation.imagenet_classes import IMAGENET_CLASSNAMES, imagenet_wnids
-from distill.evaluation.retrieval import retrieval_ranks, retrieval_recall
-from distill.evaluation.templates import OPENAI_IMAGENET_TEMPLATES
-from teachers.base import DenseEncoder, DenseFeatures, check_pixels
+from tipsdistill.distill.evaluation.classification import classification_accuracy
+from tipsdistill.distill.evaluation.datasets import load_eval_dataset
+from tipsdistill.distill.evaluation.imagenet_classes import IMAGENET_CLASSNAMES, imagenet_wnids
+from tipsdistill.distill.evaluation.retrieval import retrieval_ranks, retrieval_recall
+from tipsdistill.distill.evaluation.templates import OPENAI_IMAGENET_TEMPLATES
+from tipsdistill.teachers.base import DenseEncoder, DenseFeatures, check_pixels
 
 SIZE = 16  # evaluation image size (short side, centre crop); patch 8
 
@@ -219,7 +219,7 @@ def test_ranks_standard_rule_by_hand():
 def test_ranks_equal_the_topk_definition_on_random_embeddings():
     """Recall@K from the ranks = CLIP_benchmark's definition: a query is found at K when any of its positives is
     among the top K (random embeddings: no ties)."""
-    from distill.evaluation.retrieval import recall_from_ranks
+    from tipsdistill.distill.evaluation.retrieval import recall_from_ranks
 
     g = torch.Generator().manual_seed(0)
     n, counts = 30, torch.randint(5, 8, (30,), generator=g)
@@ -376,7 +376,7 @@ def test_imagenet_class_subset_and_flat_csv_checks(tmp_path):
 
 # ------------------------------------------------------------------------------------------ CLI
 def test_cli_karpathy_and_imagenet(tmp_path, capsys):
-    from scripts.evaluate import main
+    from tipsdistill.scripts.evaluate import main
 
     n = 11
     write_karpathy(

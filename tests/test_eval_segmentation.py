@@ -13,7 +13,7 @@ import torchvision.transforms.functional as TVTF
 from PIL import Image
 from test_eval_toymodel import ListDataset, OracleEncoder, ToyEncoder, painted_image
 
-from distill.evaluation import (
+from tipsdistill.distill.evaluation import (
     ADE150_CLASSES,
     ClassEmbeddings,
     SegmentationSettings,
@@ -278,7 +278,7 @@ def test_settings_validation():
 
 
 def test_synthetic_dataset_when_present():
-    pytest.importorskip("cache.synthetic")
+    pytest.importorskip("tipsdistill.cache.synthetic")
     ds = load_eval_dataset("synthetic", split="validation", size=2, image_size=56)
     m = ToyEncoder()
     text = resolve_class_embeddings(ds.class_names, model=m, templates="none", cache_dir=None)

@@ -14,8 +14,8 @@ import timm
 import torch
 from torch import nn
 
-from teachers.base import DenseEncoder, DenseFeatures, check_pixels
-from teachers.vit import vit_dense_forward
+from tipsdistill.teachers.base import DenseEncoder, DenseFeatures, check_pixels
+from tipsdistill.teachers.vit import vit_dense_forward
 
 
 def tiny_tips_vit(

@@ -9,8 +9,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-import teachers.embedded as emb
-from distill.experiments import all_finite, summarise, teacher_vision_file
+import tipsdistill.teachers.embedded as emb
+from tipsdistill.distill.experiments import all_finite, summarise, teacher_vision_file
 
 
 def test_teacher_vision_file_loads_into_the_teachers_timm_layout(tmp_path: Path) -> None:

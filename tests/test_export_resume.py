@@ -212,7 +212,7 @@ def test_resume_other_world_size_and_zero_stage(jobs):
 
 
 def test_position_the_new_batch_does_not_divide_is_refused():
-    from distill.reshard import remap_position
+    from tipsdistill.distill.reshard import remap_position
 
     assert remap_position({"epoch": 1, "consumed": 16}, old_world=2, new_world=1, new_batch=8, where="x") == {
         "epoch": 1,
@@ -226,8 +226,8 @@ def test_export_mid_run_zero3_checkpoint_matches_in_memory_model(jobs, tmp_path,
     import timm
     from safetensors.torch import load_file
 
-    from scripts.export import main
-    from students import load_student
+    from tipsdistill.scripts.export import main
+    from tipsdistill.students import load_student
 
     root = jobs["root"]
     ck6 = root / "z3" / "out" / "checkpoints" / "step_00000006"
@@ -281,7 +281,7 @@ def test_export_mid_run_zero3_checkpoint_matches_in_memory_model(jobs, tmp_path,
 def test_push_to_hub_uses_create_repo_and_upload_folder(jobs, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from distill.export import export_checkpoint
+    from tipsdistill.distill.export import export_checkpoint
 
     calls: list[tuple[str, dict]] = []
 
@@ -307,7 +307,7 @@ def test_push_to_hub_uses_create_repo_and_upload_folder(jobs, tmp_path, monkeypa
 
 
 def test_eval_accepts_checkpoint_and_run_dirs(jobs):
-    from distill.evaluation.models import build_model
+    from tipsdistill.distill.evaluation.models import build_model
 
     root = jobs["root"]
     x = probe_pixels()
@@ -324,7 +324,7 @@ def test_eval_accepts_checkpoint_and_run_dirs(jobs):
 
 
 def test_slurm_variables_translate():
-    from distill.multinode import first_host, slurm_env
+    from tipsdistill.distill.multinode import first_host, slurm_env
 
     assert first_host("gpu-[003-004,010],cpu1") == "gpu-003" and first_host("node7,node8") == "node7"
     env = {

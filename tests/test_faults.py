@@ -22,12 +22,12 @@ import numpy as np
 import psutil
 import pytest
 
-from cache import extract_features, open_cache
-from cache.format import read_chunk_map
-from cache.lock import CacheBusyError, ShardLock
-from cache.repair import verify_cache, verify_shard
-from scripts.cache_features import verify_main
 from tests.cache_helpers import write_captions, write_images
+from tipsdistill.cache import extract_features, open_cache
+from tipsdistill.cache.format import read_chunk_map
+from tipsdistill.cache.lock import CacheBusyError, ShardLock
+from tipsdistill.cache.repair import verify_cache, verify_shard
+from tipsdistill.scripts.cache_features import verify_main
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = "tests.cache_helpers:build_tiny_teacher"
@@ -97,7 +97,7 @@ def _cli_args(root: Path, caps: Path, out: Path, prog: Path, workers: int = 1) -
 
 def _start(args: list[str], group: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "scripts.cache_features", *args],
+        [sys.executable, "-m", "tipsdistill.scripts.cache_features", *args],
         cwd=REPO,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -149,7 +149,7 @@ def test_kill9_main_then_group_then_rerun_identical(data, tmp_path):
     assert "Delete" not in err2 and "damaged" not in err2, err2[-2000:]
     # 3) the same command at once completes
     p3 = subprocess.run(
-        [sys.executable, "-m", "scripts.cache_features", *args],
+        [sys.executable, "-m", "tipsdistill.scripts.cache_features", *args],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert p3.returncode == 0, p3.stderr[-3000:]
@@ -163,7 +163,7 @@ def test_dead_runs_leftover_holding_the_lock_is_waited_for(tmp_path):
     code = textwrap.dedent(
         f"""
         import os, signal, sys, time
-        from cache.lock import ShardLock
+        from tipsdistill.cache.lock import ShardLock
         lk = ShardLock({str(shard)!r}).acquire()
         if os.fork() == 0:  # a leftover worker: inherits the lock's open file description
             os.close(1), os.close(2)  # (not the pipes: the parent test reads them to the end)
@@ -282,7 +282,7 @@ def test_damaged_shards_detected_and_repaired_keeping_intact_samples(data, tmp_p
 def test_disk_full_then_resume(data, tmp_path, monkeypatch):
     root, caps, ref = data
     out = tmp_path / "c"
-    from cache.writer import ShardWriter
+    from tipsdistill.cache.writer import ShardWriter
 
     real = ShardWriter._write_rows
     calls = {"patch": 0}
@@ -315,8 +315,8 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, os.getcwd())
-    import distill.checkpoint as ckpt
-    import distill.train as T
+    import tipsdistill.distill.checkpoint as ckpt
+    import tipsdistill.distill.train as T
     kind, at = os.environ["FAULT_KIND"], int(os.environ["FAULT_AT"])
     if kind == "checkpoint":  # DeepSpeed's files written, the completion marker not yet
         real_save = ckpt.save
@@ -383,8 +383,8 @@ def _train(tmp: Path, name: str, cache: Path, out: Path, fault: tuple[str, int] 
 
 
 def test_stage2_kill_mid_checkpoint_and_mid_step_resume_identical(tmp_path):
-    from distill.checkpoint import resolve_resume
     from tests.test_train_support import make_cache
+    from tipsdistill.distill.checkpoint import resolve_resume
 
     cache = make_cache(tmp_path / "cache", n=48)
     _, full = _train(tmp_path, "full", cache, tmp_path / "full", None, False)
@@ -413,9 +413,9 @@ def test_stage2_refuses_a_cache_still_being_written(data, tmp_path):
             open_cache(out)
         import torch
 
-        from distill.config import load_config
-        from distill.task import build_task
         from tests.test_train_support import base_overrides
+        from tipsdistill.distill.config import load_config
+        from tipsdistill.distill.task import build_task
 
         cfg = load_config("distill", base_overrides(out, tmp_path / "run"))
         with pytest.raises(ValueError, match=r"incomplete"):
@@ -431,7 +431,7 @@ def test_stage2_refuses_a_cache_still_being_written(data, tmp_path):
 def test_eval_dataset_bad_inputs_name_the_file(tmp_path, caplog):
     from PIL import Image
 
-    from distill.evaluation.datasets import load_eval_dataset
+    from tipsdistill.distill.evaluation.datasets import load_eval_dataset
 
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cache import extract_features, open_cache
-from cache.codec import decode
 from tests.cache_helpers import write_captions, write_images
 from tests.test_train_support import base_overrides, make_cache
+from tipsdistill.cache import extract_features, open_cache
+from tipsdistill.cache.codec import decode
 
 TEACHER = "tests.cache_helpers:build_tiny_teacher"
 
@@ -121,11 +121,11 @@ def test_batch_reader_equals_item_reader_in_process(caches, monkeypatch, caplog)
     with pytest.raises(IndexError, match="out of range"):
         cache.read_batch([11])
     # the h5py fallback (e.g. a compressed dataset) gives the same values and says so once
-    import cache.reader as reader
+    import tipsdistill.cache.reader as reader
 
     monkeypatch.setattr(reader, "_map_rows", lambda ds, path: (None, "it is filtered (compressed)"))
     slow = open_cache(caches["two"])
-    with caplog.at_level("INFO", logger="cache.reader"):
+    with caplog.at_level("INFO", logger="tipsdistill.cache.reader"):
         for idx in _random_batches(len(slow), 1)[-3:]:
             got = _decoded(slow.read_batch(idx, ("patch", "cls", "text")).host())
             want = _reference(slow, idx)
@@ -169,9 +169,9 @@ def test_batch_reader_one_view_of_several(caches):
 
 # --------------------------------------------------------------------------- stage 2: the feeder
 def _loaders(cache: Path, extra: list[str]):
-    from distill.config import load_config
-    from distill.task import build_task
-    from distill.train import _Loader
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.task import build_task
+    from tipsdistill.distill.train import _Loader
 
     out = []
     for reader in ("batch", "item"):
@@ -204,7 +204,7 @@ def tiny_views(tmp_path_factory) -> Path:
     ],
 )
 def test_device_targets_equal_the_cpu_reference(which, extra, request):
-    from distill.train import _to_device
+    from tipsdistill.distill.train import _to_device
 
     (bb, lb, cfg), (bi, li, _) = _loaders(request.getfixturevalue(which), extra)
     assert lb.feeder is not None and li.feeder is None
@@ -268,7 +268,7 @@ def test_row_offsets_for_every_layout_the_writer_may_use(tmp_path, layout):
 
     import h5py
 
-    from cache.reader import _map_rows
+    from tipsdistill.cache.reader import _map_rows
 
     data = np.random.default_rng(0).standard_normal((10, 3, 5)).astype(np.float16)
     path = tmp_path / "x.h5"
@@ -298,7 +298,7 @@ def test_row_offsets_for_every_layout_the_writer_may_use(tmp_path, layout):
 
 # ------------------------------------------------------------------ worker -> trainer: one packed buffer
 def test_pack_tensors_round_trip():
-    from distill.data import pack_tensors, unpack_tensors
+    from tipsdistill.distill.data import pack_tensors, unpack_tensors
 
     g = torch.Generator().manual_seed(0)
     batch = {
@@ -355,10 +355,10 @@ def _same(a, b, where="batch"):
 def test_loader_with_workers_equals_no_workers(tiny, context):
     """Stage 2's loader with 2 workers (their batches packed into one buffer each) gives the batches of
     the loader without workers, through an epoch boundary."""
-    from distill.config import load_config
-    from distill.data import collate_packed
-    from distill.task import build_task
-    from distill.train import _Loader
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.data import collate_packed
+    from tipsdistill.distill.task import build_task
+    from tipsdistill.distill.train import _Loader
 
     loaders = []
     for nw in (0, 2):

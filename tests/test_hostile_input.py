@@ -24,11 +24,11 @@ import pytest
 import torch
 from PIL import EpsImagePlugin, Image, ImageFile
 
-from cache import extract_features, open_cache
-from cache.datasets import BadImageError, ImageFolderDataset, load_image, resize_image
-from cache.format import read_chunk_map, row_checksum
-from teachers.base import DenseFeatures, Teacher
 from tests.cache_helpers import TinyTeacher, write_images
+from tipsdistill.cache import extract_features, open_cache
+from tipsdistill.cache.datasets import BadImageError, ImageFolderDataset, load_image, resize_image
+from tipsdistill.cache.format import read_chunk_map, row_checksum
+from tipsdistill.teachers.base import DenseFeatures, Teacher
 
 TEACHER = "tests.cache_helpers:build_tiny_teacher"
 
@@ -94,8 +94,14 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 # ----------------------------------------------------------------------------- point 0
 def test_every_loss_term_keeps_its_shape_and_gradient_with_nothing_valid():
-    from distill.losses import DINOLoss, ImageTextLoss, KoLeoLoss, PatchFeatureLoss, PatchPrototypeLoss
-    from distill.task import _scalar_params_as_vectors
+    from tipsdistill.distill.losses import (
+        DINOLoss,
+        ImageTextLoss,
+        KoLeoLoss,
+        PatchFeatureLoss,
+        PatchPrototypeLoss,
+    )
+    from tipsdistill.distill.task import _scalar_params_as_vectors
 
     torch.manual_seed(0)
     B, D, K = 4, 16, 8
@@ -140,7 +146,7 @@ def test_every_loss_term_keeps_its_shape_and_gradient_with_nothing_valid():
 
 # ----------------------------------------------------------------------------- point 2
 def test_postscript_jpg_is_never_handed_to_ghostscript(tmp_path, ghostscript):
-    from distill.evaluation.datasets import load_image as eval_load_image
+    from tipsdistill.distill.evaluation.datasets import load_image as eval_load_image
 
     ps = _postscript(tmp_path / "photo.jpg")
     for load in (load_image, eval_load_image):
@@ -151,9 +157,9 @@ def test_postscript_jpg_is_never_handed_to_ghostscript(tmp_path, ghostscript):
 
 
 def test_evaluation_skips_and_lists_an_image_it_cannot_use(tmp_path, ghostscript):
-    from distill.evaluation import SegmentationSettings, evaluate_segmentation, load_eval_dataset
-    from distill.evaluation.text import resolve_class_embeddings
     from tests.test_eval_toymodel import ToyEncoder
+    from tipsdistill.distill.evaluation import SegmentationSettings, evaluate_segmentation, load_eval_dataset
+    from tipsdistill.distill.evaluation.text import resolve_class_embeddings
 
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
     _png(tmp_path / "images" / "a.png", (42, 28))
@@ -207,7 +213,7 @@ def test_pixel_cap_is_an_error_before_decoding(tmp_path, monkeypatch):
 
 
 def test_strip_is_cropped_in_source_coordinates_before_resizing(tmp_path, monkeypatch):
-    import cache.datasets as cds
+    import tipsdistill.cache.datasets as cds
 
     strip = _png(tmp_path / "strip.png", (4000, 16))
     sizes: list[tuple[int, ...]] = []
@@ -278,7 +284,7 @@ def test_nonfinite_teacher_outputs_are_skipped_never_stored(tmp_path, storage, v
 
 
 def test_verify_flags_nonfinite_rows(tiny_cache, tmp_path, capsys):
-    from scripts.cache_features import verify_main
+    from tipsdistill.scripts.cache_features import verify_main
 
     out = tmp_path / "cache"
     shutil.copytree(tiny_cache, out)
@@ -295,8 +301,8 @@ def test_verify_flags_nonfinite_rows(tiny_cache, tmp_path, capsys):
 
 
 def test_stage2_names_the_keys_of_a_nonfinite_batch():
-    from distill.data import collate
-    from distill.train import TrainingDiverged, _all_reduce_terms, _drain_terms
+    from tipsdistill.distill.data import collate
+    from tipsdistill.distill.train import TrainingDiverged, _all_reduce_terms, _drain_terms
 
     batch = collate([{"key": f"00003/00000{i}", "x": torch.zeros(2)} for i in range(3)])
     keys = batch["key"]
@@ -313,14 +319,14 @@ def test_stage2_names_the_keys_of_a_nonfinite_batch():
     msg = str(e.value)
     assert "'patch' is nan at step 2" in msg and "rank(s) [0]" in msg
     assert all(k in msg for k in keys)
-    from distill.train import _batch_keys  # what the loop puts with each micro step's terms
+    from tipsdistill.distill.train import _batch_keys  # what the loop puts with each micro step's terms
 
     assert _batch_keys(batch) == ["00003/000000", "00003/000001", "00003/000002"]
 
 
 # ----------------------------------------------------------------------------- point 5
 def test_non_utf8_names_in_a_folder_and_a_tar_are_kept_escaped(tmp_path):
-    from cache.shards import WebDatasetShards
+    from tipsdistill.cache.shards import WebDatasetShards
 
     root = tmp_path / "img"
     write_images(root, 2)
@@ -328,7 +334,7 @@ def test_non_utf8_names_in_a_folder_and_a_tar_are_kept_escaped(tmp_path):
     _png(root / os.fsdecode(raw), (40, 40), seed=3)
     s = extract_features(_cfg(tmp_path / "c", "folder", {"root": str(root)}))
     assert s["complete"] and not s["skipped"]
-    from cache.datasets import unescape_name
+    from tipsdistill.cache.datasets import unescape_name
 
     cache = open_cache(tmp_path / "c")
     key = "caf\\xe9.png"
@@ -362,7 +368,7 @@ def test_non_utf8_names_in_a_folder_and_a_tar_are_kept_escaped(tmp_path):
 
 
 def test_malformed_csv_row_is_skipped_and_a_multiline_caption_reads(tmp_path):
-    from cache.tables import TableDataset
+    from tipsdistill.cache.tables import TableDataset
 
     for i in range(3):
         _png(tmp_path / f"i{i}.png", seed=i)
@@ -382,8 +388,8 @@ def test_malformed_csv_row_is_skipped_and_a_multiline_caption_reads(tmp_path):
 
 # ----------------------------------------------------------------------------- point 6
 def test_table_paths_outside_the_dataset_are_refused_unless_allowed(tmp_path):
-    from cache.dataset_spec import source_for_cache
-    from distill.evaluation.datasets import CaptionFolder
+    from tipsdistill.cache.dataset_spec import source_for_cache
+    from tipsdistill.distill.evaluation.datasets import CaptionFolder
 
     data = tmp_path / "data"
     _png(data / "imgs" / "a.png", seed=1)
@@ -434,8 +440,8 @@ def _set_teacher_spec(cache: Path, spec: dict) -> None:
 
 
 def test_cache_teacher_spec_never_runs_code(tiny_cache, tmp_path):
-    from distill.config import TrainConfig
-    from distill.evaluation.while_training import _teacher_for_text
+    from tipsdistill.distill.config import TrainConfig
+    from tipsdistill.distill.evaluation.while_training import _teacher_for_text
 
     cache = tmp_path / "cache"
     shutil.copytree(tiny_cache, cache)
@@ -473,8 +479,8 @@ class _RunsCode:
 
 
 def test_checkpoint_pickles_that_run_code_are_refused(tmp_path):
-    from distill.checkpoint import consolidated_state_dict, read_model_states
-    from distill.export import student_from_checkpoint
+    from tipsdistill.distill.checkpoint import consolidated_state_dict, read_model_states
+    from tipsdistill.distill.export import student_from_checkpoint
 
     marker = tmp_path / "ran"
     stage0 = tmp_path / "a" / "checkpoints" / "step_00000001"
@@ -502,7 +508,7 @@ def test_checkpoint_pickles_that_run_code_are_refused(tmp_path):
     with pytest.raises(ValueError, match="allow-list"):
         consolidated_state_dict(zero2)
     assert not marker.exists()
-    from distill.checkpoint import UnsafeCheckpointError, safe_load
+    from tipsdistill.distill.checkpoint import UnsafeCheckpointError, safe_load
 
     with pytest.raises(UnsafeCheckpointError):
         safe_load(zero2 / "zero_pp_rank_0_mp_rank_00_optim_states.pt")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from teachers import build_teacher
-from teachers.hub import resolve_file, snapshot
 from tests.test_teachers_hf import _configs
 from tests.test_teachers_tips import TINY_DICT, tips_files  # noqa: F401  (fixture)
+from tipsdistill.teachers import build_teacher
+from tipsdistill.teachers.hub import resolve_file, snapshot
 
 torch.set_num_threads(1)
 REV = "0123456789abcdef0123456789abcdef01234567"

@@ -54,6 +54,8 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
                 mod = node.module or ""
             targets = [mod] + [f"{mod}.{alias.name}" for alias in node.names]
         for target in targets:
+            # the project is imported as tipsdistill.<folder>...; the layering speaks of the folders
+            target = target.removeprefix("tipsdistill.")
             # the longest project module that the target names (a package, or a module in it)
             parts = target.split(".")
             for n in range(len(parts), 0, -1):
@@ -73,7 +75,13 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_walk_sees_the_project() -> None:
     g = graph()
-    assert {"distill.task", "cache.reader", "students.vit", "teachers.base", "scripts.train"} <= set(g)
+    assert {
+        "distill.task",
+        "cache.reader",
+        "students.vit",
+        "teachers.base",
+        "scripts.train",
+    } <= set(g)
     assert "distill.data" in g["distill.task"] and "cache" in g["distill.task"]
     assert "teachers.base" in g["cache.extract"]  # an absolute import
     assert "teachers.vit" in g["teachers.embedded"]  # a relative one
@@ -148,3 +156,26 @@ def test_lower_packages_do_not_reach_up(pkg: str) -> None:
         if d.split(".")[0] in above[pkg]
     )
     assert not reach, reach
+
+
+def test_every_project_import_goes_through_the_namespace() -> None:
+    """``import cache`` would work in a source tree and fail from the wheel (the folders are installed as
+    ``tipsdistill.<folder>``, setup.cfg ``package_dir``), and any ``cache/`` folder in the working directory
+    would shadow it: the project is always imported as ``tipsdistill.<folder>`` or relatively."""
+    bad = []
+    roots = [*PACKAGES, "tests"]
+    for pkg in roots:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module or ""]
+                else:
+                    continue
+                bad += [
+                    f"{path.relative_to(ROOT)}:{node.lineno}: {n}"
+                    for n in names
+                    if n.split(".")[0] in PACKAGES
+                ]
+    assert not bad, "imports outside the tipsdistill namespace:\n" + "\n".join(bad)

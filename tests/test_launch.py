@@ -61,7 +61,7 @@ def launched_cache(tmp_path_factory) -> Path:
     """Stage 1 under ``accelerate launch``: 2 processes write two shards of 48 synthetic images, one index."""
     out = tmp_path_factory.mktemp("launch") / "cache"
     accelerate_launch(
-        ["-m", "scripts.cache_features", "--teacher", TEACHER, "--dataset", "synthetic"]
+        ["-m", "tipsdistill.scripts.cache_features", "--teacher", TEACHER, "--dataset", "synthetic"]
         + ["--data-kw", '{"split": "train", "size": 48, "image_size": 32}', "--out", str(out)]
         + ["--image-size", "32", "--batch-size", "16", "--num-workers", "0", "--quiet"]
     )
@@ -69,7 +69,7 @@ def launched_cache(tmp_path_factory) -> Path:
 
 
 def test_accelerate_launch_stage1_two_shards_one_index(launched_cache):
-    from cache import build_dataset, open_cache
+    from tipsdistill.cache import build_dataset, open_cache
 
     out = launched_cache
     with h5py.File(out / "shard-00000-of-00002.h5") as a, h5py.File(out / "shard-00001-of-00002.h5") as b:
@@ -140,10 +140,14 @@ def test_accelerate_launch_stage2_eval_metrics_finite_at_chosen_steps(launched_r
 def test_sharded_eval_equals_one_process_tipsdistill_eval_code(launched_run):
     """The 2-rank evaluation at step 4 (3 + 3 images, confusion matrices summed) equals
     evaluate_segmentation of the exported step-4 student on all 6 images in this process."""
-    from distill.evaluation import SegmentationSettings, evaluate_segmentation, resolve_class_embeddings
-    from distill.evaluation.datasets import build_eval_dataset
-    from students import load_student
     from tests.test_train_support import tiny_teacher
+    from tipsdistill.distill.evaluation import (
+        SegmentationSettings,
+        evaluate_segmentation,
+        resolve_class_embeddings,
+    )
+    from tipsdistill.distill.evaluation.datasets import build_eval_dataset
+    from tipsdistill.students import load_student
 
     r = launched_run
     ds = build_eval_dataset("synthetic", {"split": "validation", "size": 6, "image_size": 32})
@@ -171,7 +175,7 @@ def test_best_checkpoint_kept_apart_from_keep_last_and_restored(launched_run):
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_00000004"]
     # the resumed train() (no step left) restored the best-so-far from the checkpoint
     assert r["bests"] == [best, best]
-    from distill import checkpoint as ckpt
+    from tipsdistill.distill import checkpoint as ckpt
 
     assert ckpt.resolve_resume(str(ckpts / "best"), r["out"]) == (ckpts, "best")
 
@@ -212,8 +216,8 @@ def test_tensorboard_and_wandb_hold_every_term_and_eval_metric(launched_run):
 
 
 def test_unknown_or_missing_tracker_named(tmp_path):
-    from distill.config import load_config
-    from distill.tracking import tracker_names
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.tracking import tracker_names
 
     cfg = load_config("distill", ["cache.path=/x", "log.trackers=[tensorboard, comet]"])
     with pytest.raises(ValueError, match="unknown tracker 'comet'.*mlflow.*tensorboard.*wandb"):
@@ -233,8 +237,8 @@ def test_unknown_or_missing_tracker_named(tmp_path):
 
 
 def test_accelerate_deepspeed_plugin_and_precision_mismatch_refused(monkeypatch):
-    from distill.config import load_config
-    from distill.train import check_accelerate_env
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.train import check_accelerate_env
 
     cfg = load_config("distill", ["cache.path=/x", "engine.precision=fp32"])
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")

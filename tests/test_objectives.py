@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill import (
+from tipsdistill.distill import (
     CaptionSampler,
     ContrastiveLoss,
     DINOLoss,
@@ -25,8 +25,8 @@ from distill import (
     random_mask,
     sinkhorn_knopp,
 )
-from distill.schedules import cosine, linear_warmup
-from students import build_head
+from tipsdistill.distill.schedules import cosine, linear_warmup
+from tipsdistill.students import build_head
 
 torch.set_num_threads(1)
 

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from cache import BadImageError, build_from_spec, open_cache, parse_dataset_spec, source_for_cache
-from cache.dataset_spec import DatasetSpec
-from cache.datasets import resize_image
 from tests.cache_helpers import build_tiny_teacher
 from tests.launch_helpers import torchrun
 from tests.own_data_check import check_cache, make_example_data
 from tests.test_train_support import base_overrides, run_subprocess
+from tipsdistill.cache import BadImageError, build_from_spec, open_cache, parse_dataset_spec, source_for_cache
+from tipsdistill.cache.dataset_spec import DatasetSpec
+from tipsdistill.cache.datasets import resize_image
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = "tests.cache_helpers:build_tiny_teacher"
@@ -40,7 +40,7 @@ def _stage1(
 ) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HOME": str(root / ".hf")}
     cmd = torchrun(nproc)
-    cmd += ["-m", "scripts.cache_features", "--teacher", TEACHER, *data_args, "--out", str(out)]
+    cmd += ["-m", "tipsdistill.scripts.cache_features", "--teacher", TEACHER, *data_args, "--out", str(out)]
     cmd += ["--image-size", "32", "--batch-size", "2", "--num-workers", str(workers), "--quiet"]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
@@ -114,7 +114,7 @@ def test_csv_caption_not_utf8_is_listed(data, tmp_path):
 
 
 def test_unknown_names_fail_before_any_work(data, tmp_path, capsys):
-    from scripts.cache_features import main
+    from tipsdistill.scripts.cache_features import main
 
     root, _ = data
     common = ["--teacher", TEACHER, "--image-size", "32", "--num-workers", "0", "--quiet"]
@@ -179,7 +179,7 @@ def test_stage2_and_evaluation_from_the_cache_with_no_dataset_arguments(data, wd
     skipped = (tmp_path / "run" / "skipped_keys.txt").read_text().split()
     assert sorted(skipped) == sorted(expect["wds"]["skipped"])
     # evaluation: captioned images without labels -> retrieval over exactly the cached samples
-    from scripts.evaluate import main
+    from tipsdistill.scripts.evaluate import main
 
     out = tmp_path / "eval"
     rc = main(["--model", f"student={r['export']}", "--model", f"teacher=python:{TEACHER}",
@@ -203,8 +203,8 @@ def test_explicit_dataset_overrides_and_a_mismatch_is_refused(data, wds_cache):
 
 
 def test_a_dataset_object_without_spec_records_none_and_stage2_asks(tmp_path):
-    from cache import build_dataset, extract_features
-    from cache.dataset_spec import CachedSubset
+    from tipsdistill.cache import build_dataset, extract_features
+    from tipsdistill.cache.dataset_spec import CachedSubset
 
     class Plain(torch.utils.data.Dataset):  # no source_spec(): where its images come from is unknown
         def __init__(self) -> None:

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache.synthetic import SyntheticScenes
-from distill.evaluation.metrics import roc_auc
-from distill.evaluation.probe import learnability, patch_labels, probe, random_like
-from teachers.base import DenseFeatures
+from tipsdistill.cache.synthetic import SyntheticScenes
+from tipsdistill.distill.evaluation.metrics import roc_auc
+from tipsdistill.distill.evaluation.probe import learnability, patch_labels, probe, random_like
+from tipsdistill.teachers.base import DenseFeatures
 
 
 def test_roc_auc_matches_sklearn_with_ties() -> None:
@@ -58,7 +58,7 @@ def test_probe_finds_information_only_where_it_is() -> None:
 
 
 def test_probe_runs_on_the_embedded_teacher_and_a_random_copy() -> None:
-    import teachers.embedded as emb
+    import tipsdistill.teachers.embedded as emb
 
     t = emb.EmbeddedTeacher()
     ds = SyntheticScenes("validation", size=8)
@@ -72,7 +72,7 @@ def test_probe_runs_on_the_embedded_teacher_and_a_random_copy() -> None:
 
 
 def test_learnability_trains_and_scores() -> None:
-    import teachers.embedded as emb
+    import tipsdistill.teachers.embedded as emb
 
     t = emb.EmbeddedTeacher()
     train, val = SyntheticScenes("train", size=16), SyntheticScenes("validation", size=6)
@@ -83,8 +83,8 @@ def test_learnability_trains_and_scores() -> None:
 
 def test_patch_miou_is_the_evaluation_miou() -> None:
     """A class predicted but absent from the labels counts (IoU 0), as in ``tipsdistill-eval``."""
-    from distill.evaluation.metrics import ConfusionMatrix
-    from distill.evaluation.probe import patch_miou
+    from tipsdistill.distill.evaluation.metrics import ConfusionMatrix
+    from tipsdistill.distill.evaluation.probe import patch_miou
 
     target = torch.tensor([0, 0, 1, 1, 2, 2])
     pred = torch.tensor([0, 3, 1, 1, 2, 0])  # class 3 is predicted, never in the labels
@@ -101,8 +101,8 @@ def test_patch_miou_is_the_evaluation_miou() -> None:
 def test_load_model_reads_the_folder_format(tmp_path) -> None:
     import json
 
-    import teachers.embedded as emb
-    from distill.evaluation.probe import load_model
+    import tipsdistill.teachers.embedded as emb
+    from tipsdistill.distill.evaluation.probe import load_model
 
     assert isinstance(load_model(str(emb.default_path())), emb.EmbeddedTeacher)
     (tmp_path / "config.json").write_text(json.dumps({"format": "something-else/1"}))

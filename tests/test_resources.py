@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cache import resources as rs
+from tipsdistill.cache import resources as rs
 
 
 @pytest.fixture

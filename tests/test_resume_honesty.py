@@ -63,10 +63,10 @@ def _read_log(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 def _scenarios(spec: dict[str, Any]) -> dict[str, Any]:
     """Script mode (process B): every scenario in order; ``{name: {step, log, error, ...}}``."""
-    from distill.checkpoint import resolve_resume
-    from distill.config import load_config
-    from distill.train import train
     from tests.test_train_support import base_overrides
+    from tipsdistill.distill.checkpoint import resolve_resume
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.train import train
 
     root, cache, cache2 = Path(spec["root"]), spec["cache"], spec["cache2"]
     res: dict[str, Any] = {}
@@ -125,7 +125,7 @@ A_SCRIPT = """
 import json, os, sys, time
 from pathlib import Path
 sys.path.insert(0, os.getcwd())
-import distill.train as T
+import tipsdistill.distill.train as T
 root = Path(sys.argv[1])
 real, seen = T._all_reduce_terms, [0]
 def reduce(terms, *args):  # after the forward of step 3: pause until B has tried the directory
@@ -136,7 +136,7 @@ def reduce(terms, *args):  # after the forward of step 3: pause until B has trie
             time.sleep(0.05)
     return real(terms, *args)
 T._all_reduce_terms = reduce
-from scripts.train import main
+from tipsdistill.scripts.train import main
 rc = main(sys.argv[2:])
 (root / "a.exited").write_text(str(rc))
 sys.exit(rc)
@@ -146,8 +146,8 @@ sys.exit(rc)
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory) -> tuple[Path, Path]:
     """The tiny cache of the training tests, and one of another teacher of the same shape (other weights)."""
-    from cache import build_dataset, extract_features
     from tests.test_train_support import make_cache, tiny_teacher
+    from tipsdistill.cache import build_dataset, extract_features
 
     root = tmp_path_factory.mktemp("caches")
     c1 = make_cache(root / "c1")
@@ -293,7 +293,7 @@ class _FakeEngine:
 
 def test_a_save_never_writes_into_a_complete_checkpoint(tmp_path):
     """14: saving step 4 again (a replayed timeline) renames the complete step_4 aside first."""
-    from distill import checkpoint as ckpt
+    from tipsdistill.distill import checkpoint as ckpt
 
     eng = _FakeEngine()
     ckpt.save(eng, tmp_path, 4, {"step": 4})
@@ -307,7 +307,7 @@ def test_a_save_never_writes_into_a_complete_checkpoint(tmp_path):
 def test_pruning_cut_short_never_leaves_a_marker_without_its_files(tmp_path, monkeypatch, caplog):
     """19: keep-last-K whose deletion fails on complete.json (EBUSY, as NFS can answer) never leaves a
     listed step_* directory without its files; a checkpoint whose listed files are gone is not listed."""
-    from distill import checkpoint as ckpt
+    from tipsdistill.distill import checkpoint as ckpt
 
     eng = _FakeEngine()
     ckpt.save(eng, tmp_path, 2, {"step": 2}, keep_last=1)
@@ -372,7 +372,7 @@ def _independent(monkeypatch: pytest.MonkeyPatch, rank: int, world: int = 2) -> 
 @pytest.fixture(scope="module")
 def two_shards(images, tmp_path_factory) -> Path:
     """A complete 2-shard cache written by two independent jobs (teacher seed 0)."""
-    from cache import extract_features
+    from tipsdistill.cache import extract_features
 
     out = tmp_path_factory.mktemp("two") / "c"
     with pytest.MonkeyPatch.context() as mp:
@@ -386,7 +386,7 @@ def two_shards(images, tmp_path_factory) -> Path:
 def test_index_refuses_shards_of_different_teachers(images, tmp_path, monkeypatch):
     """9: two shards of one cache written with different teachers (independent jobs): the index is refused,
     naming the odd shard and the fields."""
-    from cache import extract_features
+    from tipsdistill.cache import extract_features
 
     out = tmp_path / "c"
     _independent(monkeypatch, 0)
@@ -402,7 +402,15 @@ def test_rerunning_a_complete_two_rank_cache_is_a_no_op_on_both_ranks(two_shards
     """11: the same command under torchrun on a complete 2-shard cache: both ranks exit 0 at once."""
     from tests.launch_helpers import subprocess_env, torchrun
 
-    cmd = [*torchrun(2), "-m", "scripts.cache_features", "--teacher", TEACHER, "--images", str(images)]
+    cmd = [
+        *torchrun(2),
+        "-m",
+        "tipsdistill.scripts.cache_features",
+        "--teacher",
+        TEACHER,
+        "--images",
+        str(images),
+    ]
     cmd += [
         "--out",
         str(two_shards),
@@ -426,9 +434,9 @@ def test_stage1_resume_compares_weights_autocast_min_side_and_version(images, tm
     another autocast, another min_side or another toolkit version: refused naming the field."""
     import h5py
 
-    import cache.extract as ex
-    from cache import extract_features
+    import tipsdistill.cache.extract as ex
     from tests.cache_helpers import build_tiny_teacher
+    from tipsdistill.cache import extract_features
 
     out = tmp_path / "c"
     extract_features(_cfg(out, images), teacher=build_tiny_teacher())
@@ -464,8 +472,8 @@ def _flip(path: Path, offset: int, n: int = 8) -> None:
 def test_repair_checks_who_wrote_the_rows(images, tmp_path):
     """8: a shard whose HDF5 metadata is unreadable, rerun with another teacher: its rows are not kept
     under the new teacher's name; the chunk map's identity refuses, and nothing is changed."""
-    from cache import extract_features
-    from cache.format import H5_ERRORS, read_meta
+    from tipsdistill.cache import extract_features
+    from tipsdistill.cache.format import H5_ERRORS, read_meta
 
     out = tmp_path / "c"
     extract_features(_cfg(out, images))
@@ -490,9 +498,9 @@ def test_stale_pca_basis_is_refitted_and_a_refused_run_writes_none(images, tmp_p
 
     import numpy as np
 
-    import cache.extract as ex
-    from cache import extract_features, open_cache
-    from cache.reduce import BASIS_FILE
+    import tipsdistill.cache.extract as ex
+    from tipsdistill.cache import extract_features, open_cache
+    from tipsdistill.cache.reduce import BASIS_FILE
 
     extract_features(_cfg(tmp_path / "a", images, reduce_dim=8))  # teacher seed 0
     extract_features(_cfg(tmp_path / "fresh", images, reduce_dim=8, teacher_kwargs={"seed": 1}))
@@ -516,7 +524,7 @@ def test_lock_errors_on_cluster_filesystems(tmp_path, monkeypatch):
     import fcntl
     import socket
 
-    import cache.lock as lk
+    import tipsdistill.cache.lock as lk
 
     shard = tmp_path / "shard-00000-of-00001.h5"
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from students import build_student, load_student
-from teachers import build_teacher
 from tests.test_hub_teachers import hub, put_in_hub_cache  # noqa: F401  (fixture)
 from tests.test_teachers_hf import _configs
 from tests.test_teachers_tips import TINY_DICT, D, tips_files  # noqa: F401  (fixture)
+from tipsdistill.students import build_student, load_student
+from tipsdistill.teachers import build_teacher
 
 torch.set_num_threads(1)
 
@@ -48,7 +48,7 @@ def _perturb(module: torch.nn.Module) -> None:
 
 def _roundtrip(student: torch.nn.Module, out: Path) -> torch.nn.Module:
     """Export ``student`` and load it back; text embeddings and tokens must be identical."""
-    from distill.export import export_student
+    from tipsdistill.distill.export import export_student
 
     student.eval()
     export_student(student, out)
@@ -203,11 +203,11 @@ def test_kind_teacher_copies_an_hf_teachers_text_model(family, tmp_path):
 
 # ------------------------------------------------------------------------------ the embedded teacher
 def test_kind_teacher_embedded_frozen_and_trained_in_a_task(tmp_path):
-    from distill.config import load_config
-    from distill.data import collate
-    from distill.task import build_task
-    from distill.train import param_groups
     from tests.test_train_support import base_overrides
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.data import collate
+    from tipsdistill.distill.task import build_task
+    from tipsdistill.distill.train import param_groups
 
     teacher = build_teacher("embedded")
     s = _student({"kind": "teacher", "teacher": "embedded"}).eval()

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill import PatchFeatureLoss, PatchPrototypeLoss
-from distill.config import load_config
-from students import build_head, build_student, student_from_config, train_sentencepiece
-from teachers.vit import embed_tokens
+from tipsdistill.distill import PatchFeatureLoss, PatchPrototypeLoss
+from tipsdistill.distill.config import load_config
+from tipsdistill.students import build_head, build_student, student_from_config, train_sentencepiece
+from tipsdistill.teachers.vit import embed_tokens
 
 torch.set_num_threads(1)
 
@@ -251,7 +251,7 @@ def test_small_variants_are_named_by_shape(name: str, tmp_path: Path) -> None:
     import timm
     from safetensors.torch import save_file
 
-    from students import VARIANTS
+    from tipsdistill.students import VARIANTS
 
     assert name in VARIANTS and timm.is_model(name)
     width, depth, patch, size = (

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import cache.synthetic as syn
-from cache.datasets import build_dataset
+import tipsdistill.cache.synthetic as syn
+from tipsdistill.cache.datasets import build_dataset
 
 
 def test_registered_and_contract() -> None:

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from teachers import build_teacher
-from teachers.hf import FAMILY_STATS
+from tipsdistill.teachers import build_teacher
+from tipsdistill.teachers.hf import FAMILY_STATS
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from teachers import build_teacher, list_teachers
+from tipsdistill.teachers import build_teacher, list_teachers
 
 torch.set_num_threads(1)
 

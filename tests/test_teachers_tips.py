@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from teachers import build_teacher
-from teachers.tips import (
+from tipsdistill.teachers import build_teacher
+from tipsdistill.teachers.tips import (
     VARIANTS,
     TipsVariant,
     build_vision_tower,
     describe_vision_checkpoint,
     timm_to_official,
 )
-from teachers.tips_text import TextTowerConfig, TipsTextTower, TipsTokenizer
+from tipsdistill.teachers.tips_text import TextTowerConfig, TipsTextTower, TipsTokenizer
 
 torch.set_num_threads(1)
 
@@ -217,7 +217,7 @@ def test_tips_value_trick_matches_direct_computation(tips_files):
     f = teacher.encode_image(px, value_trick=True)
     m = teacher.model
     with torch.no_grad():
-        from teachers.vit import embed_tokens
+        from tipsdistill.teachers.vit import embed_tokens
 
         x, _ = embed_tokens(m, px, pos_interp="bilinear")
         for blk in m.blocks[:-1]:

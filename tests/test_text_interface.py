@@ -40,7 +40,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def teacher_cache(tmp_path_factory) -> Path:
     """The embedded teacher's features and caption embeddings (96 wide) of SIZE synthetic images."""
-    from distill.embedded import DemoConfig, stage_cache
+    from tipsdistill.distill.embedded import DemoConfig, stage_cache
 
     out = tmp_path_factory.mktemp("cache")
     stage_cache(DemoConfig(train_size=SIZE, cache_batch=SIZE), out, None, progress=False)
@@ -63,7 +63,15 @@ def _train(width: int, cache: Path, root: Path) -> Path:
         out = root / f"w{width}"
         heads = max(1, width // 32)
         _run(
-            ["-m", "scripts.train", "--recipe", "embedded", f"cache.path={cache}", f"output_dir={out}", *TINY]
+            [
+                "-m",
+                "tipsdistill.scripts.train",
+                "--recipe",
+                "embedded",
+                f"cache.path={cache}",
+                f"output_dir={out}",
+                *TINY,
+            ]
             + [f"student.kwargs.embed_dim={width}", f"student.kwargs.num_heads={heads}"]
         )
         _RUNS[width] = out
@@ -77,10 +85,10 @@ def runs(tmp_path_factory) -> Path:
 
 def _eval_like_training(student: torch.nn.Module, cfg: dict) -> dict:
     """The evaluation ``eval.every`` runs, on a loaded student, with the teacher's class-name text."""
-    from distill.evaluation import evaluate_segmentation, resolve_class_embeddings
-    from distill.evaluation.datasets import build_eval_dataset
-    from distill.evaluation.segmentation import SegmentationSettings
-    from teachers import build_teacher
+    from tipsdistill.distill.evaluation import evaluate_segmentation, resolve_class_embeddings
+    from tipsdistill.distill.evaluation.datasets import build_eval_dataset
+    from tipsdistill.distill.evaluation.segmentation import SegmentationSettings
+    from tipsdistill.teachers import build_teacher
 
     e = cfg["eval"]
     dataset = build_eval_dataset(e["dataset"], dict(e["dataset_kwargs"]))
@@ -103,7 +111,7 @@ def _eval_like_training(student: torch.nn.Module, cfg: dict) -> dict:
 
 @pytest.mark.parametrize("width", [64, 192])
 def test_student_of_another_width_is_measured_with_its_teachers_text(width, teacher_cache, runs) -> None:
-    from students import load_student
+    from tipsdistill.students import load_student
 
     out = _train(width, teacher_cache, runs)
     cfg = yaml.safe_load((out / "config.yaml").read_text())
@@ -128,14 +136,29 @@ def test_student_of_another_width_is_measured_with_its_teachers_text(width, teac
     assert metrics["miou_objects"] == pytest.approx(evals[-1]["eval/miou_objects"], abs=1e-9)
     # any checkpoint exports the same interface (tipsdistill-export of the step-2 checkpoint)
     ckpt_export = runs / f"w{width}_step2"
-    _run(["-m", "scripts.export", str(out / "checkpoints" / "step_00000002"), "--out", str(ckpt_export)])
+    _run(
+        [
+            "-m",
+            "tipsdistill.scripts.export",
+            str(out / "checkpoints" / "step_00000002"),
+            "--out",
+            str(ckpt_export),
+        ]
+    )
     early = load_student(ckpt_export)
     assert early.text_dim == 96
     assert _eval_like_training(early, cfg)["miou"] == pytest.approx(evals[0]["eval/miou"], abs=1e-9)
     # tipsdistill-eval with the teacher's text evaluates the student (no width refusal), same numbers
     res_dir = runs / f"w{width}_eval"
     _run(
-        ["-m", "scripts.evaluate", "--model", f"student={export}", "--text-model", "teacher:embedded"]
+        [
+            "-m",
+            "tipsdistill.scripts.evaluate",
+            "--model",
+            f"student={export}",
+            "--text-model",
+            "teacher:embedded",
+        ]
         + ["--dataset", "synthetic", "--dataset-kwargs", '{"split": "validation"}', "--mode", "whole"]
         + ["--image-size", "64", "--resize-backend", "torch", "--max-images", str(EVAL_IMAGES)]
         + ["--out", str(res_dir), "--no-plots", "--quiet", "--text-cache", "none", "--device", "cpu"]
@@ -146,8 +169,8 @@ def test_student_of_another_width_is_measured_with_its_teachers_text(width, teac
 
 
 def test_projection_is_applied_to_global_patch_and_value_tokens() -> None:
-    from distill.evaluation.segmentation import dense_patch_features
-    from students import build_student, student_from_config
+    from tipsdistill.distill.evaluation.segmentation import dense_patch_features
+    from tipsdistill.students import build_student, student_from_config
 
     kw = dict(
         img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, reg_tokens=1, no_embed_class=True

@@ -48,7 +48,7 @@ def _run(name: str, root: Path, cache: Path, extra: list[str], nproc: int = 1, *
 
 
 def test_config_recipes_overrides_and_unknown_keys(tmp_path):
-    from distill.config import list_recipes, load_config, save_resolved
+    from tipsdistill.distill.config import list_recipes, load_config, save_resolved
 
     assert {"distill", "pretrain-tipsv2", "pretrain-tips", "distill-feature"} <= set(list_recipes())
     cfg = load_config("distill", ["cache.path=/x", "optim.lr=1e-3", "data.flip=false", "engine.zero_stage=3"])
@@ -71,8 +71,8 @@ def test_config_recipes_overrides_and_unknown_keys(tmp_path):
 
 
 def test_schedules():
-    from distill.config import load_config
-    from distill.schedules import Schedules
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.schedules import Schedules
 
     cfg = load_config(
         "distill", ["cache.path=/x", "steps=100", "optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr=0.0"]
@@ -85,7 +85,7 @@ def test_schedules():
 
 
 def test_config_keys_say_one_thing_each():
-    from distill.config import CacheSection, TrainConfig, load_config
+    from tipsdistill.distill.config import CacheSection, TrainConfig, load_config
 
     assert isinstance(TrainConfig().cache, CacheSection)
     with pytest.raises(TypeError, match="data.batch_size.*integer.*1.5"):  # an int field refuses "1.5"
@@ -115,9 +115,15 @@ def test_config_keys_say_one_thing_each():
 
 
 def test_task_takes_its_targets_and_captions_from_the_config(tiny_cache):
-    from distill.config import load_config
-    from distill.targets import CachedTargets, CachedText, EMAStudentTargets, SelfTargets, TowerText
-    from distill.task import build_task
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.targets import (
+        CachedTargets,
+        CachedText,
+        EMAStudentTargets,
+        SelfTargets,
+        TowerText,
+    )
+    from tipsdistill.distill.task import build_task
 
     cpu = torch.device("cpu")
     base = base_overrides(tiny_cache, "/tmp/unused")
@@ -146,7 +152,7 @@ def test_task_takes_its_targets_and_captions_from_the_config(tiny_cache):
     assert isinstance(own.task.text, TowerText) and own.task.text.trainable
     assert built.dataset.batch_features == ("patch", "cls", "text") and not own.dataset.batch_features
     batch = own.dataset.__getitems__([(0, 0), (0, 1)])
-    from distill.data import collate
+    from tipsdistill.distill.data import collate
 
     terms = own.task(collate(batch), teacher_temp=0.07)
     assert set(terms) == {"patch", "dino", "clip"} and all(torch.isfinite(v) for v in terms.values())
@@ -157,13 +163,13 @@ def test_task_takes_its_targets_and_captions_from_the_config(tiny_cache):
 
 
 def _tokenizer() -> Path:
-    from teachers.embedded import default_path
+    from tipsdistill.teachers.embedded import default_path
 
     return default_path() / "tokenizer.model"
 
 
 def test_cache_spec_from_meta(tiny_cache):
-    from cache import CacheSpec, open_cache
+    from tipsdistill.cache import CacheSpec, open_cache
 
     cache = open_cache(tiny_cache)
     spec = cache.spec
@@ -183,7 +189,7 @@ def test_cache_spec_from_meta(tiny_cache):
 
 
 def test_align_teacher_map_crop_flip_and_grids():
-    from distill.data import align_teacher_map
+    from tipsdistill.distill.data import align_teacher_map
 
     h = w = 4
     ys, xs = torch.meshgrid(torch.arange(h).float() + 0.5, torch.arange(w).float() + 0.5, indexing="ij")
@@ -203,13 +209,13 @@ def test_align_teacher_map_crop_flip_and_grids():
 
 
 def test_dataset_matches_cache_and_is_seeded(tiny_cache, caplog):
-    from cache import build_dataset, open_cache
-    from distill.config import load_config
-    from distill.data import DistillDataset, ResumableSampler
+    from tipsdistill.cache import build_dataset, open_cache
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.data import DistillDataset, ResumableSampler
 
     cfg = load_config("distill", base_overrides(tiny_cache, "/tmp/unused"))
     src = build_dataset("synthetic", split="train", size=60, image_size=32)  # 12 images not in the cache
-    with caplog.at_level("INFO", logger="distill.data"):
+    with caplog.at_level("INFO", logger="tipsdistill.distill.data"):
         ds = DistillDataset(src, cfg.data, (4, 4), cache=open_cache(tiny_cache), seed=0)
     assert len(ds) == 48 and len(ds.skipped_keys) == 12 and ds.target == "crop"
     assert min(cfg.data.global_scale) < 1 and "resampled from the cached full-image grid" in caplog.text
@@ -244,8 +250,8 @@ def test_dataset_matches_cache_and_is_seeded(tiny_cache, caplog):
 
 
 def test_bad_cache_refused_before_training(tiny_cache):
-    from distill.config import load_config
-    from distill.task import build_task
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.task import build_task
 
     for extra, pat in (
         (["cache.expect_dim=64"], r"48.*64|64.*48"),
@@ -319,7 +325,7 @@ def test_torchrun_two_processes_match_one(tiny_cache, runs):
 def test_export_reload_identical(tiny_cache, runs):
     import timm
 
-    from students import load_student
+    from tipsdistill.students import load_student
 
     r = _run("z0", runs, tiny_cache, Z0)
     export = Path(r["export"])
@@ -350,7 +356,7 @@ def test_nan_loss_stops_naming_step_and_term(tiny_cache, runs):
     r = run_subprocess(args)
     assert "TrainingDiverged" in r["error"] and "at step 2" in r["error"]
     assert any(f"'{t}'" in r["error"] for t in ("patch", "dino", "clip", "loss"))
-    from distill.checkpoint import list_complete
+    from tipsdistill.distill.checkpoint import list_complete
 
     assert [s for s, _ in list_complete(runs / "nan" / "out" / "checkpoints")] == [
         1
@@ -378,8 +384,8 @@ def test_other_recipes_run(recipe, tiny_cache, runs):
 
 
 def test_user_deepspeed_json(tmp_path):
-    from distill.config import load_config
-    from distill.train import build_ds_config
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.train import build_ds_config
 
     cfg = load_config("distill", ["cache.path=/x", "data.batch_size=4", "optim.accum_steps=2"])
     user = tmp_path / "ds.json"

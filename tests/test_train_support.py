@@ -25,7 +25,7 @@ STUDENT_KW = dict(
 
 def tiny_teacher(seed: int = 0):
     """A random tiny timm ViT teacher (dim 48, grid 4x4 at 32 px) with a toy hashed bag-of-words text tower."""
-    from teachers.timm_teacher import build_timm_teacher
+    from tipsdistill.teachers.timm_teacher import build_timm_teacher
 
     torch.manual_seed(seed)
     t = build_timm_teacher("vit_tiny_patch16_224", **TEACHER_KW)
@@ -48,7 +48,7 @@ def tiny_teacher(seed: int = 0):
 def make_cache(out: str | Path, n: int = 48, views: int = 1, **cache_kw: Any) -> Path:
     """Build a real stage-1 cache of ``n`` synthetic 32 px images with the tiny teacher (``cache_kw``:
     further :class:`cache.CacheConfig` fields, e.g. ``reduce_dim=12``)."""
-    from cache import build_dataset, extract_features
+    from tipsdistill.cache import build_dataset, extract_features
 
     out = Path(out)
     if (out / "index.h5").exists():
@@ -126,8 +126,8 @@ def weights_digest(module: torch.nn.Module) -> dict[str, float]:
 def _main(spec_path: str) -> None:
     args = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
-    from distill.config import load_config
-    from distill.train import train
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.train import train
 
     cfg = load_config(args.get("recipe", "distill"), args["overrides"])
     result: dict[str, Any] = {}

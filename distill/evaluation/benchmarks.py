@@ -45,7 +45,7 @@ background class) is reported for every benchmark; ``background_class_ids`` is `
 a background class.
 
 COCO-Object labels come from COCO-Stuff with :func:`convert_coco_object` (``python -m
-scripts.prepare_benchmarks convert-coco-object ROOT``); it reproduces GroupViT's
+tipsdistill.scripts.prepare_benchmarks convert-coco-object ROOT``); it reproduces GroupViT's
 ``convert_dataset/convert_coco_object.py`` (SCLIP ships the same file as ``datasets/cvt_coco_object.py``).
 """
 
@@ -341,7 +341,7 @@ SPECS: dict[str, BenchmarkSpec] = {
             class_source="names: GroupViT COCOObjectDataset; sclip: SCLIP configs/cls_coco_object.txt",
             background="threshold",
             label_hint="make them from the *_labelTrainIds.png with "
-            "`python -m scripts.prepare_benchmarks convert-coco-object ROOT --split SPLIT` "
+            "`python -m tipsdistill.scripts.prepare_benchmarks convert-coco-object ROOT --split SPLIT` "
             "(GroupViT's convert_coco_object.py)",
         ),
         BenchmarkSpec(
@@ -470,7 +470,7 @@ def check_layout(spec: BenchmarkSpec, root: Path, split: str, images: str, label
 
 
 def _register() -> None:
-    from cache.datasets import list_datasets, register_dataset
+    from tipsdistill.cache.datasets import list_datasets, register_dataset
 
     known = set(list_datasets())
     for name in BENCHMARKS:

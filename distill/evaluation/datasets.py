@@ -30,9 +30,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cache.datasets import BadImageError, pixel_cap
-from cache.datasets import load_image as decode_file
-from cache.tables import ALLOW_ROOT_FIX, allowed_roots, contained_path
+from tipsdistill.cache.datasets import BadImageError, pixel_cap
+from tipsdistill.cache.datasets import load_image as decode_file
+from tipsdistill.cache.tables import ALLOW_ROOT_FIX, allowed_roots, contained_path
 
 from .metrics import IGNORE_INDEX
 from .templates import load_class_names
@@ -872,7 +872,7 @@ def _read_solution_csv(path: Path) -> list[tuple[str, str, int]]:
 
 
 def _register() -> None:
-    from cache.datasets import list_datasets, register_dataset
+    from tipsdistill.cache.datasets import list_datasets, register_dataset
 
     known = set(list_datasets())
     for name, fn in (
@@ -893,11 +893,11 @@ _register()
 
 def load_eval_dataset(name: str, **kwargs: Any) -> Dataset:
     """Build a dataset through the :mod:`cache.datasets` registry (importing ``cache.synthetic`` when present)."""
-    from cache.datasets import build_dataset, list_datasets
+    from tipsdistill.cache.datasets import build_dataset, list_datasets
 
     if name not in list_datasets():
         try:  # the built-in synthetic set lives in another package; register it on demand
-            import cache.synthetic  # noqa: F401
+            import tipsdistill.cache.synthetic  # noqa: F401
         except ImportError:
             pass
     return build_dataset(name, **kwargs)
@@ -906,6 +906,6 @@ def load_eval_dataset(name: str, **kwargs: Any) -> Dataset:
 def build_eval_dataset(name: str, kwargs: dict[str, Any]) -> Dataset:
     """A registered evaluation dataset (``synthetic``, ``ade20k``, ``seg_folder``, ...) or a dataset spec
     (``wds:...``, ``parquet:...``, ``hf:...``), as ``tipsdistill-eval --dataset`` takes them."""
-    from cache.dataset_spec import build_from_spec, is_shorthand
+    from tipsdistill.cache.dataset_spec import build_from_spec, is_shorthand
 
     return build_from_spec(name, **kwargs) if is_shorthand(name) else load_eval_dataset(name, **kwargs)

@@ -19,9 +19,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import teachers
-from students import load_student
-from teachers.embedded import EmbeddedTeacher
+from tipsdistill import teachers
+from tipsdistill.students import load_student
+from tipsdistill.teachers.embedded import EmbeddedTeacher
 
 from ..checkpoint import BEST, TAG_RE, checkpoint_dir, list_complete
 from ..export import student_from_checkpoint

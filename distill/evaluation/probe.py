@@ -13,7 +13,7 @@ probes tell the two apart. On the validation split (first half fits, second half
 
 :func:`random_like` gives the floor (a randomly initialised copy); :func:`learnability` asks the data
 question instead: it trains the model's architecture from scratch, supervised on per-patch labels, and
-scores the validation patches. ``python -m scripts.probe`` is the command line.
+scores the validation patches. ``python -m tipsdistill.scripts.probe`` is the command line.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from students import load_student
-from teachers.embedded import EmbeddedTeacher
-from teachers.vit import vit_dense_forward
+from tipsdistill.students import load_student
+from tipsdistill.teachers.embedded import EmbeddedTeacher
+from tipsdistill.teachers.vit import vit_dense_forward
 
 from .metrics import ConfusionMatrix, roc_auc
 from .models import build_model

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from cache.format import git_revision
+from tipsdistill.cache.format import git_revision
 
 from .datasets import build_eval_dataset
 from .report import compare_models, plot_suite, suite_markdown

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache.format import git_revision
+from tipsdistill.cache.format import git_revision
 
 from .retrieval import dataset_identity_dict, retrieval_recall
 from .segmentation import (

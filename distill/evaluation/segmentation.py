@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cache.datasets import BadImageError
+from tipsdistill.cache.datasets import BadImageError
 
 from .metrics import IGNORE_INDEX, ConfusionMatrix
 from .text import ClassEmbeddings

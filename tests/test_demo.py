@@ -75,36 +75,3 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
         assert set(curves) == {"teacher", "student"}
         for rows in curves.values():
             assert all(r["miou_objects"] is not None and math.isfinite(r["miou_objects"]) for r in rows)
-
-
-@pytest.mark.parametrize("text_tower", ["tips", "minilm"])
-def test_pretrain_teacher_tiny_run_loads_as_embedded_teacher(tmp_path: Path, text_tower: str) -> None:
-    """A 3-step teacher pretraining run (both text towers) writes a checkpoint ``build_teacher`` loads."""
-    import torch
-
-    from tipsdistill.scripts.pretrain_teacher import main
-    from tipsdistill.teachers import build_teacher
-
-    out = tmp_path / "run"
-    argv = ["--out", str(out), "--steps", "3", "--batch", "8", "--train-size", "48", "--val-size", "8"]
-    argv += ["--width", "32", "--heads", "2", "--depth", "2", "--prototypes", "64", "--local-crops", "1"]
-    argv += ["--vocab", "200", "--eval-every", "2", "--ckpt-every", "2", "--threads", "1"]
-    argv += ["--text-tower", text_tower, "--data-cache", str(tmp_path / "data")]
-    assert main(argv) == 0
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["step"] == 3 and cfg["text"]["kind"] == text_tower and "--text-tower" in cfg["command"]
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)
-    assert "alignment" in log[1] and "alignment" in log[2]
-    if text_tower == "minilm":  # pooled caption features are cached, the locked encoder is not stored
-        assert len(list((tmp_path / "data").glob("minilm_pooled_*.npy"))) == 3  # alt, short, detailed
-        from safetensors import safe_open
-
-        with safe_open(str(out / "model.safetensors"), "pt") as f:
-            text_keys = [k for k in f.keys() if k.startswith("text.")]
-        assert sorted(text_keys) == ["text.proj.bias", "text.proj.weight"]
-    t = build_teacher("embedded", path=out)
-    f = t.encode_image(torch.rand(2, 3, 64, 64))
-    assert f.patch.shape == (2, 8, 8, 32)
-    e = t.encode_text(["a red ball on grass.", "snow"])
-    assert e.shape == (2, 32) and torch.isfinite(e).all()

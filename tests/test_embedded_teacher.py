@@ -149,6 +149,55 @@ def test_ema_copy_leaves_the_text_tower_out_and_exports() -> None:
         export_model(student, None, "ema")
 
 
+@pytest.mark.parametrize("kind", ["tips", "minilm"])
+def test_export_writes_the_folder_the_loader_reads(tmp_path: Path, kind: str) -> None:
+    """``export_embedded_teacher`` (``tipsdistill-export --format embedded-teacher``) writes through the
+    loader's writer, for both text towers: ``build_teacher("embedded", path=...)`` reads back the student's
+    image and text towers (float16 weights); ``config.json`` spells the ViT for timm alone; a folder whose
+    text config lacks a field is refused with the file named."""
+    from tipsdistill.distill.export import export_embedded_teacher
+    from tipsdistill.students import build_student
+    from tipsdistill.teachers import build_teacher
+    from tipsdistill.teachers.embedded import FORMAT, default_path, read_embedded_teacher
+
+    text = {"kind": "minilm", "max_len": 16}
+    if kind == "tips":
+        tok = str(default_path() / "tokenizer.model")
+        text = {"kind": "tips", "tokenizer": tok, "depth": 1, "num_heads": 2, "mlp_dim": 64, "max_len": 16}
+    torch.manual_seed(0)
+    student = build_student("vit_w96d4_patch8_reg1_tipsv2_64", embed_dim=32, depth=1, num_heads=2, text=text)
+    student.eval()
+    with torch.no_grad():  # the folder stores float16: compare on float16-exact weights
+        for name, p in student.named_parameters():
+            if not name.startswith("text.encoder."):  # the locked MiniLM comes from its package, not the folder
+                p.copy_(p.half().float())
+    dest = export_embedded_teacher(student, tmp_path / "teacher", metrics={"step": 7})
+    conf, vision, text_sd = read_embedded_teacher(dest)
+    assert (conf["format"], conf["step"], conf["image_size"], conf["text"]["kind"]) == (FORMAT, 7, 64, kind)
+    assert conf["timm_name"] == "vit_base_patch14_reg1_tipsv2"  # builds without students' registrations
+    assert conf["overrides"]["depth"] == 1 and conf["overrides"]["patch_size"] == 8
+    assert vision.keys() == student.vit.state_dict().keys()
+    assert (sorted(text_sd) == ["proj.bias", "proj.weight"]) == (
+        kind == "minilm"
+    )  # locked encoder not stored
+    teacher = build_teacher("embedded", path=dest)
+    pixels = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        got, want = (
+            teacher.encode_image(pixels, value_trick=True),
+            student.encode_image(pixels, value_trick=True),
+        )
+        texts = ["a red ball on grass.", "a small blue cube left of a tree."]
+        t_text, s_text = teacher.encode_text(texts), student.encode_text(texts)
+    assert torch.allclose(got.patch, want.patch, atol=1e-4) and torch.allclose(got.cls, want.cls, atol=1e-4)
+    assert torch.allclose(got.value_patch, want.value_patch, atol=1e-4)
+    assert torch.allclose(t_text, s_text, atol=1e-4), (t_text - s_text).abs().max()
+    broken = dict(conf, text={k: v for k, v in conf["text"].items() if k != "max_len"})
+    (dest / "config.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"config.json.*lacks \['max_len'\]"):
+        build_teacher("embedded", path=dest)
+
+
 def test_recipe_trains_and_exports_an_embedded_teacher(tmp_path: Path) -> None:
     """A 3-step run of the recipe, exported from its step-2 checkpoint as an embedded teacher, loads as
     ``build_teacher("embedded", path=...)`` with the checkpoint's EMA image weights and trained projection."""
@@ -228,76 +277,73 @@ def test_recipe_is_the_shipped_teachers_architecture() -> None:
         assert (run["seed"], run["steps"]) == (mine["seed"], mine["steps"])
 
 
-def test_recipe_step_equals_the_pretraining_script() -> None:
-    """On the same weights and batch, the engine's TIPS v1 step (``--recipe embedded-teacher``: iBOT on
-    the masked tokens of half of the images, DINO on the local crops, CLIP CLS1/CLS2, full EMA targets)
-    gives the losses and gradients of ``scripts/pretrain_teacher.py``, the second implementation that made
-    the shipped teacher; so the two runs differ only outside the step (init, weight decay groups, crops,
-    schedules' horizon, data order)."""
+SCRIPT_STEP = ROOT / "tests" / "data" / "pretrain_script_step.json"
+
+
+def tiny_recipe_step() -> dict[str, object]:
+    """The engine's TIPS v1 step (``--recipe embedded-teacher``) on a tiny config, seed 0, step 0 (the full
+    EMA copy is the student): the task, its student, one batch, the loss terms (backward done) and the
+    fingerprints (sum, L2 norm) of the step's input weights and of the gradients, by parameter name.
+
+    ``tests/data/capture_script_step.py`` fed the same weights and batch to ``scripts/pretrain_teacher.py``
+    (the second implementation that made the shipped teacher, removed after that commit) and recorded
+    its terms and gradients in :data:`SCRIPT_STEP`."""
     from tipsdistill.distill.config import load_config
     from tipsdistill.distill.data import collate
     from tipsdistill.distill.task import build_task
-    from tipsdistill.scripts import pretrain_teacher as script
 
     B, K = 4, 64
     torch.manual_seed(0)
-    tiny = [
-        f"data.batch_size={B}",
-        "data.dataset_kwargs.size=8",
-        "data.local_size=16",
-        "student.kwargs.depth=1",
-    ]
-    tiny += ["student.kwargs.embed_dim=32", "student.kwargs.num_heads=2", f"head.out_dim={K}"]
-    tiny += ["head.hidden_dim=64", "head.bottleneck_dim=32", "output_dir=/nonexistent"]
+    tiny = [f"data.batch_size={B}", "data.dataset_kwargs.size=8", "data.local_size=16"]
+    tiny += ["student.kwargs.depth=1", "student.kwargs.embed_dim=32", "student.kwargs.num_heads=2"]
+    tiny += [f"head.out_dim={K}", "head.hidden_dim=64", "head.bottleneck_dim=32", "output_dir=/nonexistent"]
     cfg = load_config("embedded-teacher", tiny)
     built = build_task(cfg, device=torch.device("cpu"))
     task, student = built.task.train(), built.student
     batch = collate(built.dataset.__getitems__([(0, i) for i in range(B)]))
     mask = batch["mask"].bool().reshape(B, -1)
-    assert 0 < int(mask.any(1).sum()) < B  # mask_prob 0.5: some images masked, some not
+    weights = {
+        n: [float(p.detach().sum()), float(p.detach().norm())]
+        for n, p in student.named_parameters()
+        if p.requires_grad
+    }
     terms = task(batch, teacher_temp=0.04)
     sum(terms.values()).backward()
+    grads = {
+        n: [float(p.grad.sum()), float(p.grad.norm())]
+        for n, p in student.named_parameters()
+        if p.grad is not None and (n.startswith("vit.") or n == "mask_token")
+    }
+    for name, head in (("patch_head", task.patch_head), ("cls_head", task.cls_head)):
+        g = head.mlp[0].weight.grad
+        grads[f"{name}.mlp.0.weight"] = [float(g.sum()), float(g.norm())]
+    return {
+        "cfg": cfg, "task": task, "student": student, "batch": batch, "mask": mask,
+        "terms": {k: float(v) for k, v in terms.items()}, "weights": weights, "grads": grads,
+    }  # fmt: skip
 
-    net = script.Net({"timm_name": "vit_base_patch14_reg1_tipsv2", "prototypes": K, "head_hidden": 64,
-                      "head_bottleneck": 32, "overrides": {k: v for k, v in cfg.student.kwargs.items() if k != "text"}})  # fmt: skip
-    net.vit.load_state_dict(student.vit.state_dict())
-    net.mask_token.data.copy_(student.mask_token.data)
-    pairs = [(net.ibot_head, task.patch_head), (net.dino_head, task.cls_head)]
-    for mine, theirs in pairs:
-        for i in (0, 2):
-            mine.mlp[i].load_state_dict(theirs.mlp[i].state_dict())
-        mine.last.parametrizations.weight.original1.data.copy_(
-            theirs.last_layer.parametrizations.weight.original1
-        )
-    ema = copy.deepcopy(net).requires_grad_(False)  # step 0: the EMA copy is the student
-    x, n_loc = batch["global"], batch["locals"].shape[1]
-    # the local crops in the script's crop-major order
-    local = batch["locals"].transpose(0, 1).reshape(-1, *batch["locals"].shape[2:])
-    center = torch.zeros(K)
-    with torch.no_grad():
-        t_cls, t_patch = ema.tokens(x)
-        t_cls_logits, t_patch_logits = ema.dino_head(t_cls[:, 0]), ema.ibot_head(t_patch[mask])
-    s_cls, s_patch = net.tokens(x, mask)
-    s_loc = net.dino_head(net.tokens(local)[0][:, 0]).reshape(n_loc, B, K)
-    dino = sum(script.sk_center_ce(t_cls_logits, s_loc[i], center, 0.04) for i in range(n_loc)) / n_loc
-    ibot = script.sk_center_ce(t_patch_logits, net.ibot_head(s_patch[mask]), center, 0.04)
-    text = student.text
-    alt, short = text(list(batch["captions"]["alt"])), text(list(batch["captions"]["short"]))
-    scale = task.clip_loss.contrastive.log_scale.detach().exp().reshape(())
-    clip = 0.5 * (script.info_nce(s_cls[:, 0], alt, scale) + script.info_nce(s_cls[:, 1], short, scale))
-    ref = {"patch": cfg.loss.patch_weight * ibot, "dino": dino, "clip": clip}
-    for k in ref:
-        assert torch.allclose(terms[k].detach(), ref[k].detach(), rtol=1e-5, atol=1e-6), k
-    sum(ref.values()).backward()
-    grads = {f"vit.{k}": p.grad for k, p in net.vit.named_parameters()}
-    grads["mask_token"] = net.mask_token.grad
-    compared = 0
-    for name, p in student.named_parameters():
-        if name in grads and p.grad is not None:
-            assert torch.allclose(
-                p.grad, grads[name], rtol=1e-4, atol=1e-6 * float(grads[name].abs().max())
-            ), name
-            compared += 1
-    for mine, theirs in pairs:
-        assert torch.allclose(theirs.mlp[0].weight.grad, mine.mlp[0].weight.grad, rtol=1e-4, atol=1e-7)
-    assert compared >= 15 and student.mask_token.grad.abs().sum() > 0
+
+def test_recipe_step_equals_the_pretraining_script() -> None:
+    """On the same weights and batch, the engine's TIPS v1 step (``--recipe embedded-teacher``: iBOT on
+    the masked tokens of half of the images, DINO on the local crops, CLIP CLS1/CLS2, full EMA targets)
+    gives the losses and gradients that ``scripts/pretrain_teacher.py``, the second implementation that
+    made the shipped teacher, gave at its last commit (recorded in ``tests/data/pretrain_script_step.json``
+    by ``tests/data/capture_script_step.py``); so the two runs differ only outside the step (init, weight
+    decay groups, crops, schedules' horizon, data order)."""
+    ref = json.loads(SCRIPT_STEP.read_text())
+    got = tiny_recipe_step()
+    mask = got["mask"]
+    assert 0 < int(mask.any(1).sum()) < mask.shape[0]  # mask_prob 0.5: some images masked, some not
+    assert int(mask.sum()) == ref["masked_tokens"]
+    # the step's inputs: the same seed builds the same weights as when the reference was recorded
+    assert got["weights"].keys() == ref["weights"].keys()
+    for name, (total, norm) in ref["weights"].items():
+        assert math.isclose(got["weights"][name][1], norm, rel_tol=1e-5), f"init of {name} moved"
+        assert math.isclose(got["weights"][name][0], total, rel_tol=1e-4, abs_tol=1e-5 * norm), name
+    for k, v in ref["terms"].items():
+        assert math.isclose(got["terms"][k], v, rel_tol=1e-5, abs_tol=1e-6), (k, got["terms"][k], v)
+    assert len(ref["grads"]) >= 17 and got["grads"].keys() >= ref["grads"].keys()
+    for name, (total, norm) in ref["grads"].items():
+        assert norm > 0, name
+        assert math.isclose(got["grads"][name][1], norm, rel_tol=1e-4), name
+        assert math.isclose(got["grads"][name][0], total, rel_tol=1e-3, abs_tol=1e-4 * norm), name

@@ -20,16 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from tipsdistill.cache import open_cache
 from tipsdistill.cache.format import layout_from_meta
 from tipsdistill.cache.synthetic import SyntheticScenes
 from tipsdistill.students import load_student
+from tipsdistill.students.variants import canonical_spelling
 from tipsdistill.teachers import build_teacher
 from tipsdistill.teachers.embedded import default_path, read_embedded_teacher
 
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, config_to_dict, recipe_path
 from .embedded import (
     DemoConfig,
     fmt,
@@ -88,6 +90,18 @@ def teacher_text_tower(teacher_path: str | Path | None = None, *, freeze: bool =
     return {"kind": "teacher", "teacher": "embedded", "teacher_kwargs": kwargs, "freeze": freeze}
 
 
+def student_shaped(**shape: Any) -> tuple[str, ...]:
+    """Overrides that give the ``embedded`` recipe's student the ``shape`` kwargs (``embed_dim``, ``depth``...):
+    ``student.name=`` the registered variant of that shape (``students.variants``), plus whatever kwargs
+    no registered name covers."""
+    student = yaml.safe_load(recipe_path("embedded").read_text())["student"]
+    name, kwargs = canonical_spelling(student["name"], {**(student.get("kwargs") or {}), **shape})
+    return (
+        f"student.name={name}",
+        *(f"student.kwargs.{k}={json.dumps(v)}" for k, v in kwargs.items() if k in shape),
+    )
+
+
 def variants(
     teacher_config: dict[str, Any],
     teacher_init: str,
@@ -98,7 +112,7 @@ def variants(
     teacher-sized students); ``teacher_init``: a timm-keyed file of the teacher's vision weights;
     ``teacher_path``: the teacher's folder when not the shipped one (the pretrained text towers copy it)."""
     arch = {"mlp_ratio": 4.0, **teacher_config["overrides"]}
-    deep = tuple(f"student.kwargs.{k}={arch[k]}" for k in ("embed_dim", "depth", "num_heads", "mlp_ratio"))
+    deep = student_shaped(**{k: arch[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio")})
     # the student's own trainable text tower makes the CLIP term's caption embeddings
     own_text = ("student.kwargs.text=" + json.dumps(text_tower(tokenizer)), "loss.text_source=student")
 
@@ -112,9 +126,7 @@ def variants(
     # students narrower and wider than the teacher's 96-wide text: each learns a projection into the
     # caption-embedding space (its text interface) and is measured with the teacher's text; 32-wide heads
     widths = {
-        f"w{w}_seed{seed}": Variant(
-            (f"seed={seed}", f"student.kwargs.embed_dim={w}", f"student.kwargs.num_heads={w // 32}")
-        )
+        f"w{w}_seed{seed}": Variant((f"seed={seed}", *student_shaped(embed_dim=w, num_heads=w // 32)))
         for w in (64, 192)
         for seed in range(3)
     }

@@ -9,7 +9,10 @@ by wrapping ``load_config``, with output folder ``OUT``, cache ``CACHE/index.h5`
 in every field but ``recipe`` (the old runs were named ``distill``, they are now ``embedded``), and
 but the one intended change: a run with the student's own text tower used to find its captions by
 reading a copy of the cache with the caption embeddings hidden (``OUT/cache_notext``; pretraining runs:
-no cache), it now says ``loss.text_source=student`` and reads the cache itself.
+no cache), it now says ``loss.text_source=student`` and reads the cache itself. The students are named as
+registered (``vit_w96d4_patch8_reg1_tipsv2_64``...), where the old runs spelt the base name and the shape's
+kwargs: both are compared spelt out (``students.variants.expanded_spelling``: the base name and every
+shape kwarg), which builds the same model with the same weights for the same seed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +29,7 @@ import pytest
 from tipsdistill.distill.config import config_to_dict, load_config
 from tipsdistill.distill.embedded import FULL, QUICK, train_config
 from tipsdistill.distill.experiments import BASES, variant_config, variants
+from tipsdistill.students.variants import VARIANTS, canonical_spelling, expanded_spelling
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = json.loads((ROOT / "tests" / "data" / "embedded_configs_before.json").read_text())
@@ -65,6 +70,12 @@ def own_text_source(data: dict) -> dict:
     return data
 
 
+def spelt(cfg: dict, spelling: Callable[[str, dict], tuple[str, dict]]) -> dict:
+    """``cfg`` with its student in another spelling (``canonical_spelling``, ``expanded_spelling``)."""
+    name, kwargs = spelling(cfg["student"]["name"], cfg["student"]["kwargs"])
+    return {**cfg, "student": {**cfg["student"], "name": name, "kwargs": kwargs}}
+
+
 def test_every_run_resolves_to_the_old_python_recipe() -> None:
     new = new_configs()
     assert set(new) == set(BEFORE)
@@ -76,7 +87,10 @@ def test_every_run_resolves_to_the_old_python_recipe() -> None:
         got = config_to_dict(new[name])
         want_recipe = "embedded" if before["recipe"] == "distill" else before["recipe"]
         assert (old.pop("recipe"), got.pop("recipe")) == (before["recipe"], want_recipe), name
-        assert got == old, name
+        # every embedded run's student is a registered shape, named so; the old runs spelt it out
+        assert got["student"]["name"] in VARIANTS and before["data"]["student"]["name"] not in VARIANTS, name
+        assert spelt(got, canonical_spelling)["student"]["name"] == got["student"]["name"], name
+        assert spelt(got, expanded_spelling) == spelt(old, expanded_spelling), name
 
 
 def test_experiment_variants_reach_the_train_config(tmp_path: Path) -> None:
@@ -95,7 +109,8 @@ def test_experiment_variants_reach_the_train_config(tmp_path: Path) -> None:
     assert cfgs["lr3e-3"].optim.lr == 3e-3 and cfgs["seed0"].optim.lr == 1e-3
     assert cfgs["mask75"].loss.mask_ratio == 0.75 and cfgs["cosine"].loss.patch == "cosine"
     assert cfgs["deep_teacher_init"].student.init == "teacher.safetensors"
-    assert cfgs["deep_random"].student.kwargs["depth"] == 6 and cfgs["seed1"].seed == 1
+    assert cfgs["deep_random"].student.name == "vit_w96d6_patch8_reg1_tipsv2_64" and cfgs["seed1"].seed == 1
+    assert cfgs["seed0"].student.name == "vit_w96d4_patch8_reg1_tipsv2_64"
     assert cfgs["pretrain_tipsv2"].data.local_crops == 2 and cfgs["pretrain_tipsv2"].loss.mask_ratio == 0.75
     prev = {n: variant_config(FULL, c, tmp_path, "c.h5", n, BASES["previous"]) for n, c in v.items()}
     assert prev["seed0"].steps == 400 and prev["seed0"].data.global_scale == [0.5, 1.0]
@@ -112,11 +127,9 @@ def test_experiment_variants_reach_the_train_config(tmp_path: Path) -> None:
     # students of other widths than the teacher's text (32-wide attention heads), each seed
     for name in WIDTHS:
         width, seed = int(name[1 : name.index("_")]), int(name[-1])
-        kw, base = cfgs[name].student.kwargs, cfgs[f"seed{seed}"]
-        assert (kw["embed_dim"], kw["num_heads"], cfgs[name].seed) == (width, width // 32, seed), name
-        assert {k: v for k, v in kw.items() if k not in ("embed_dim", "num_heads")} == {
-            k: v for k, v in base.student.kwargs.items() if k not in ("embed_dim", "num_heads")
-        }, name
+        student, base = cfgs[name].student, cfgs[f"seed{seed}"]
+        assert (student.name, cfgs[name].seed) == (f"vit_w{width}d4_patch8_reg1_tipsv2_64", seed), name
+        assert student.kwargs == base.student.kwargs, name
     # the pretraining runs scale the recipe's teacher-temperature warm-up (3000 of 90000) to their steps
     assert (
         prev["pretrain_tipsv2"].loss.teacher_temp_warmup_steps == 13

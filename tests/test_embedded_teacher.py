@@ -259,14 +259,17 @@ def test_recipe_is_the_shipped_teachers_architecture() -> None:
     """The recipe builds the shipped teacher's image and text towers; when the shipped teacher was trained by
     the engine (its config carries the run's train_config), the recipe reproduces that run's settings."""
     from tipsdistill.distill.config import config_to_dict, load_config
+    from tipsdistill.students.variants import canonical_spelling, expanded_spelling
     from tipsdistill.teachers.embedded import default_path
 
     shipped = json.loads((default_path() / "config.json").read_text())
     cfg = load_config("embedded-teacher", [])
     kwargs = dict(cfg.student.kwargs)
     text = kwargs.pop("text")
-    assert cfg.student.name == shipped["timm_name"]
-    assert kwargs == shipped["overrides"]
+    # the shipped config.json spells the ViT for timm alone; the recipe names it as registered
+    assert cfg.student.name == "vit_w96d6_patch8_reg1_tipsv2_64" and kwargs == {}
+    assert canonical_spelling(shipped["timm_name"], shipped["overrides"]) == (cfg.student.name, kwargs)
+    assert expanded_spelling(cfg.student.name, kwargs) == (shipped["timm_name"], shipped["overrides"])
     assert text["kind"] == shipped["text"]["kind"] == "minilm"
     assert cfg.teacher.source == "ema" and cfg.ema.kind == "full" and cfg.loss.patch_visible_weight == 0.0
     run = shipped.get("train_config")

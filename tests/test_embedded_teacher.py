@@ -169,7 +169,9 @@ def test_export_writes_the_folder_the_loader_reads(tmp_path: Path, kind: str) ->
     student.eval()
     with torch.no_grad():  # the folder stores float16: compare on float16-exact weights
         for name, p in student.named_parameters():
-            if not name.startswith("text.encoder."):  # the locked MiniLM comes from its package, not the folder
+            if not name.startswith(
+                "text.encoder."
+            ):  # the locked MiniLM comes from its package, not the folder
                 p.copy_(p.half().float())
     dest = export_embedded_teacher(student, tmp_path / "teacher", metrics={"step": 7})
     conf, vision, text_sd = read_embedded_teacher(dest)

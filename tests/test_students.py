@@ -14,6 +14,13 @@ from torch import nn
 from tipsdistill.distill import PatchFeatureLoss, PatchPrototypeLoss
 from tipsdistill.distill.config import load_config
 from tipsdistill.students import build_head, build_student, student_from_config, train_sentencepiece
+from tipsdistill.students.variants import (
+    BASE_NAME,
+    BASE_SHAPE,
+    VARIANTS,
+    canonical_spelling,
+    expanded_spelling,
+)
 from tipsdistill.teachers.vit import embed_tokens
 
 torch.set_num_threads(1)
@@ -241,19 +248,18 @@ def test_tiny_end_to_end_patch_loss_goes_down(loss_kind: str) -> None:
     assert time.time() - t0 < 30
 
 
-@pytest.mark.parametrize("name", ["vit_w96d4_patch8_reg1_tipsv2_64", "vit_w96d6_patch8_reg1_tipsv2_64"])
+@pytest.mark.parametrize("name", VARIANTS)
 def test_small_variants_are_named_by_shape(name: str, tmp_path: Path) -> None:
     """Every registered small variant has the width, depth, patch and size its name says, is the
-    ``vit_base_patch14_reg1_tipsv2`` layout with those dims set explicitly (same init), and reloads by
-    name through timm's pretrained path."""
+    ``vit_base_patch14_reg1_tipsv2`` layout with those dims set explicitly (same init; that old spelling
+    builds it under its name, with a warning naming it), and reloads by name through timm's pretrained
+    path."""
     import re
 
     import timm
     from safetensors.torch import save_file
 
-    from tipsdistill.students import VARIANTS
-
-    assert name in VARIANTS and timm.is_model(name)
+    assert timm.is_model(name)
     width, depth, patch, size = (
         int(v) for v in re.fullmatch(r"vit_w(\d+)d(\d+)_patch(\d+)_reg1_tipsv2_(\d+)", name).groups()
     )
@@ -267,17 +273,24 @@ def test_small_variants_are_named_by_shape(name: str, tmp_path: Path) -> None:
         width,
     )
     torch.manual_seed(0)
-    old = build_student(
-        "vit_base_patch14_reg1_tipsv2",
-        img_size=size,
-        patch_size=patch,
-        embed_dim=width,
-        depth=depth,
-        num_heads=width // 32,
-        mlp_ratio=4.0,
-        reg_tokens=1,
-        no_embed_class=True,
-        init_values=1.0,
+    with pytest.warns(FutureWarning, match=f"registered shape '{name}'"):
+        old = build_student(
+            "vit_base_patch14_reg1_tipsv2",
+            img_size=size,
+            patch_size=patch,
+            embed_dim=width,
+            depth=depth,
+            num_heads=width // 32,
+            mlp_ratio=4.0,
+            reg_tokens=1,
+            no_embed_class=True,
+            init_values=1.0,
+        )
+    assert (old.config["name"], old.config["overrides"]) == (name, {})
+    torch.manual_seed(0)  # the plain timm build of the old spelling: the same weights
+    vit = timm.create_model("vit_base_patch14_reg1_tipsv2", num_classes=0, **expanded_spelling(name, {})[1])
+    assert all(
+        torch.equal(a, b) for a, b in zip(vit.state_dict().values(), s.vit.state_dict().values(), strict=True)
     )
     new_sd, old_sd = s.state_dict(), old.state_dict()
     assert new_sd.keys() == old_sd.keys() and all(torch.equal(new_sd[k], old_sd[k]) for k in new_sd)
@@ -287,3 +300,73 @@ def test_small_variants_are_named_by_shape(name: str, tmp_path: Path) -> None:
     assert all(
         torch.equal(a, b) for a, b in zip(vit.state_dict().values(), s.vit.state_dict().values(), strict=True)
     )
+
+
+def test_old_spellings_resolve_to_registered_names() -> None:
+    """The base name (or a registered one) with kwargs that make a registered shape is that shape's name,
+    the implied kwargs dropped and the others kept; shapes nobody registered stay as written, unwarned."""
+    import warnings
+
+    import timm
+
+    with torch.device("meta"):  # the base layout as timm builds it, without allocating ViT-B
+        base = timm.create_model(BASE_NAME, num_classes=0)
+    assert (base.patch_embed.patch_size[0], base.embed_dim, len(base.blocks), base.num_reg_tokens) == (
+        BASE_SHAPE["patch_size"],
+        BASE_SHAPE["embed_dim"],
+        BASE_SHAPE["depth"],
+        BASE_SHAPE["reg_tokens"],
+    )
+    assert base.blocks[0].attn.num_heads == BASE_SHAPE["num_heads"] and base.no_embed_class
+    shape = {"patch_size": 8, "embed_dim": 96, "depth": 6, "num_heads": 3, "img_size": 64}
+    text = {"kind": "minilm"}
+    assert canonical_spelling(BASE_NAME, {**shape, "text": text}) == (
+        "vit_w96d6_patch8_reg1_tipsv2_64",
+        {"text": text},
+    )
+    # another input size is kept; without img_size the base's own default (448) is
+    assert canonical_spelling(BASE_NAME, {**shape, "img_size": 128})[1] == {"img_size": 128}
+    assert canonical_spelling(BASE_NAME, {k: v for k, v in shape.items() if k != "img_size"})[1] == {
+        "img_size": 448
+    }
+    assert canonical_spelling("vit_w96d4_patch8_reg1_tipsv2_64", {"depth": 6, "img_size": 64}) == (
+        "vit_w96d6_patch8_reg1_tipsv2_64",
+        {},
+    )
+    for name, kwargs in [
+        (BASE_NAME, {"img_size": 224}),
+        (BASE_NAME, {**shape, "mlp_ratio": 2.0}),
+        ("vit_w96d4_patch8_reg1_tipsv2_64", {"depth": 1}),
+        ("vit_small_patch16_224", {"depth": 4}),
+    ]:
+        assert canonical_spelling(name, kwargs) == (name, kwargs)
+    for name in VARIANTS:
+        assert canonical_spelling(*expanded_spelling(name, {})) == (name, {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.manual_seed(0)
+        s = build_student("vit_w96d4_patch8_reg1_tipsv2_64", depth=1)  # a registered name: no warning
+    assert s.config["name"] == "vit_w96d4_patch8_reg1_tipsv2_64" and s.num_layers == 1
+
+
+def test_export_with_the_old_spelling_still_loads(tmp_path: Path) -> None:
+    """A student export whose ``config.json`` spells a registered shape the old way (every export before
+    the names were used) loads with a warning naming the registered name, with its weights."""
+    from tipsdistill.distill.export import export_student
+    from tipsdistill.students import load_student
+
+    torch.manual_seed(0)
+    student = build_student("vit_w64d4_patch8_reg1_tipsv2_64", text_dim=96)
+    out = export_student(student, tmp_path / "export")
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["student"]["name"] == conf["timm"]["model_name"] == "vit_w64d4_patch8_reg1_tipsv2_64"
+    conf["student"]["name"], conf["student"]["overrides"] = expanded_spelling(
+        "vit_w64d4_patch8_reg1_tipsv2_64", {}
+    )
+    conf["timm"] = {"model_name": BASE_NAME, "kwargs": {"num_classes": 0, **conf["student"]["overrides"]}}
+    (out / "config.json").write_text(json.dumps(conf))
+    with pytest.warns(FutureWarning, match="vit_w64d4_patch8_reg1_tipsv2_64"):
+        loaded = load_student(out)
+    assert loaded.config["name"] == "vit_w64d4_patch8_reg1_tipsv2_64" and loaded.text_dim == 96
+    want, got = student.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -18,7 +18,7 @@ scores the validation patches: how learnable the categories are for this archite
 
     python -m tipsdistill.scripts.probe                                   # the committed embedded teacher
     python -m tipsdistill.scripts.probe --model runs/demo/student/export  # a distilled student
-    python -m tipsdistill.scripts.probe --model DIR --kind teacher        # a pretrain_teacher run folder
+    python -m tipsdistill.scripts.probe --model DIR --kind teacher        # an embedded-teacher folder
     python -m tipsdistill.scripts.probe --learnability 3 --version 1      # supervised ceiling on version-1 scenes
 """
 

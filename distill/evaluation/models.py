@@ -6,8 +6,8 @@
                                               or a run directory (``output_dir``)
 ``python:<module>:<factory>[:<json kwargs>]`` any callable returning a DenseEncoder
 A bare existing directory is a checkpoint or a run directory (as above), else it is read by its
-``config.json`` ``format``: a student export or an embedded-teacher folder (``scripts/pretrain_teacher.py``
-runs); a bare name is a teacher. A run directory gives its newest student: the newest complete
+``config.json`` ``format``: a student export or an embedded-teacher folder (``tipsdistill-export --format
+embedded-teacher``); a bare name is a teacher. A run directory gives its newest student: the newest complete
 checkpoint, or ``export/`` when that holds a later step.
 """
 

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import yaml
 
 from tipsdistill.cache.lock import CacheBusyError, ShardLock
+from tipsdistill.students.variants import canonical_spelling, expanded_spelling
 
 from .checkpoint import fsync_dir
 
@@ -83,13 +84,24 @@ def _covered(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
     return any(p == "all" or key == p or key.startswith(p + ".") for p in prefixes)
 
 
+def _student_spelt_out(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``student.name``/``student.kwargs`` in one spelling of the model they build (a
+    checkpoint written when recipes spelt a registered shape as the base name + kwargs resumes under its
+    registered name: the same model)."""
+    student = config.get("student")
+    if not isinstance(student, dict) or not isinstance(student.get("name"), str):
+        return config
+    name, kwargs = expanded_spelling(*canonical_spelling(student["name"], student.get("kwargs") or {}))
+    return {**config, "student": {**student, "name": name, "kwargs": kwargs}}
+
+
 def config_changes(
     old: dict[str, Any], new: dict[str, Any], *, old_world: int, new_world: int
 ) -> list[tuple[str, Any, Any]]:
     """``[(key, checkpoint's value, this start's value)]`` of the config keys that change what the run
     computes (every key but :data:`OPERATIONAL`); the per-process batch and accumulation count as one
     key, the global batch."""
-    a, b = flatten(old), flatten(new)
+    a, b = flatten(_student_spelt_out(old)), flatten(_student_spelt_out(new))
     out = []
     for key in sorted(set(a) | set(b)):
         if _covered(key, OPERATIONAL) or key in ("data.batch_size", "optim.accum_steps"):

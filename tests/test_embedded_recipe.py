@@ -150,3 +150,25 @@ def test_tipsdistill_train_lists_and_resolves_the_embedded_recipe() -> None:
     assert main(["--recipe", "embedded", "--print-config", "cache.path=c.h5"]) == 0
     with pytest.raises(ValueError, match="cache.path"):
         load_config("embedded")  # the cache is the one thing a user must give
+
+
+def test_a_checkpoint_of_the_old_spelling_resumes_under_the_registered_name() -> None:
+    """A demo run checkpointed when the recipe spelt its student as the base name + the shape's kwargs
+    resumes with today's recipe (the same model under its registered name); a real change of the shape
+    is still refused."""
+    from tipsdistill.distill.resume import config_changes
+
+    before = BEFORE["demo"]
+    old = config_to_dict(load_config(before["recipe"], data=before["data"]))
+    new = config_to_dict(train_config(FULL, OUT, CACHE))
+    assert (old["student"]["name"], new["student"]["name"]) == (
+        "vit_base_patch14_reg1_tipsv2",
+        "vit_w96d4_patch8_reg1_tipsv2_64",
+    )
+    old["recipe"] = new[
+        "recipe"
+    ]  # the runs were renamed distill -> embedded before (see the module docstring)
+    assert config_changes(old, new, old_world=1, new_world=1) == []
+    deeper = json.loads(json.dumps(new))
+    deeper["student"]["name"] = "vit_w96d6_patch8_reg1_tipsv2_64"
+    assert config_changes(old, deeper, old_world=1, new_world=1) == [("student.kwargs.depth", 4, 6)]

@@ -136,9 +136,7 @@ def plan_shard(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | 
     min_side = config.min_side if config.min_side is not None else int(teacher.patch_size)
     if dataset is None:
         dataset = _build_dataset(config, size, min_side)
-    if (
-        state.rank == 0
-    ):  # every problem the dataset found while indexing (truncated shards, bad captions, ...)
+    if state.rank == 0:  # every problem the dataset found while indexing (truncated shards, bad captions)
         write_problems(out_dir, dataset)
     keys = _dataset_keys(dataset)
     start, count = shard_range(len(keys), state.rank, state.world)

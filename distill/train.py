@@ -2,10 +2,10 @@
 
 ``train(cfg, resume=None)`` runs one process of a (possibly multi-process) job:
 
-- distributed set-up: under ``srun`` (one task per process) the SLURM task variables are translated
-  (``distill.multinode``); without a launcher the single-process env vars (``RANK``, ``LOCAL_RANK``,
-  ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) are set for the user; with ``torchrun`` /
-  ``deepspeed`` they come from the launcher. Backend nccl on CUDA, gloo otherwise;
+- distributed set-up (``cache.launch.process_place``, stage 1's answer too): under ``srun`` (one task
+  per process) the SLURM task variables are translated; without a launcher the single-process env
+  vars (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) are set for the
+  user; with ``torchrun`` / ``deepspeed`` they come from the launcher. Backend nccl on CUDA, gloo otherwise;
 - ``deepspeed.initialize`` with ZeRO stage 0-3 (or a user DeepSpeed JSON), fp32 or bf16, gradient
   accumulation and clipping; a client ``torch.optim.AdamW`` with parameter groups (no weight decay
   on norms, biases, tokens and position embeddings);
@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from tipsdistill.cache import open_cache
 from tipsdistill.cache.format import cache_identity
+from tipsdistill.cache.launch import process_place
 from tipsdistill.cache.resources import apply_threads, fit_threads
 
 from . import checkpoint as ckpt
@@ -58,7 +59,6 @@ from .config import TrainConfig, config_to_dict, save_resolved
 from .data import collate, collate_packed, sample_seed, unpack_tensors
 from .export import export_model, export_student
 from .feeder import feeder_for
-from .multinode import slurm_env
 from .reshard import load_resharded, remap_position
 from .resume import (
     LOG_NAME,
@@ -91,35 +91,26 @@ def _free_port() -> int:
 
 
 def setup_env() -> dict[str, str]:
-    """Set the single-process distributed env vars when no launcher did; returns what was set."""
+    """Export the distributed variables DeepSpeed reads, from this process's place in the job
+    (:func:`cache.launch.process_place`: the launcher's, SLURM's task variables translated, or one
+    process with a free port); returns what was set here."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    set_now = {}
-    if "RANK" not in os.environ and (slurm := slurm_env(os.environ)):  # srun, one task per process
-        os.environ.update(slurm)
-        logger.info("SLURM task: %s", ", ".join(f"{k}={v}" for k, v in sorted(slurm.items())))
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        defaults = {
-            "RANK": "0",
-            "LOCAL_RANK": "0",
-            "WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
-        }
-        for k, v in defaults.items():
-            if k not in os.environ:
-                os.environ[k] = v
-                set_now[k] = v
+    place = process_place(os.environ, group=True)  # stage 2's processes always meet in one group
+    alone = place.launcher == "none"
+    want = {
+        "RANK": str(place.rank),
+        "LOCAL_RANK": str(place.local_rank),
+        "WORLD_SIZE": str(place.world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()) if alone else "29500",
+    }
+    set_now = {k: v for k, v in want.items() if k not in os.environ}
+    os.environ.update(set_now)
+    if alone:
         logger.info(
             "no launcher found: running one process (set %s)",
             ", ".join(f"{k}={v}" for k, v in set_now.items()),
         )
-    for k in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if k not in os.environ:
-            os.environ[k] = {
-                "LOCAL_RANK": os.environ.get("RANK", "0"),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": "29500",
-            }[k]
     return set_now
 
 
@@ -145,7 +136,7 @@ def check_accelerate_env(cfg: TrainConfig) -> None:
 
 def device_for_rank() -> torch.device:
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda":
-        d = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        d = torch.device("cuda", process_place(group=True).local_rank)
         torch.cuda.set_device(d)
         return d
     return torch.device("cpu")

@@ -100,13 +100,13 @@ def _forward_alone(teacher: Teacher, data: RandomImages, batch_size: int) -> flo
 
 def _loader_alone(data: RandomImages, size: int, batch_size: int) -> float:
     """The extraction's input pipeline alone (item prep + collate, 0 workers), no forward, no writing."""
-    from tipsdistill.cache.extract import _collate, _Items
+    from tipsdistill.cache.run import ViewItems, collate_views
     from tipsdistill.cache.views import ViewSpec
 
-    items = _Items(data, (size, size), "short_crop", ViewSpec(num_views=1), 16)
+    items = ViewItems(data, (size, size), "short_crop", ViewSpec(num_views=1), 16)
     blocks = [list(range(s, min(s + batch_size, len(data)))) for s in range(0, len(data), batch_size)]
     t0 = time.perf_counter()
-    for _ in DataLoader(items, batch_sampler=blocks, num_workers=0, collate_fn=_collate):
+    for _ in DataLoader(items, batch_sampler=blocks, num_workers=0, collate_fn=collate_views):
         pass
     return time.perf_counter() - t0
 

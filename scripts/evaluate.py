@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -225,17 +224,19 @@ def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def resolve_device(name: str) -> tuple[str, bool]:
     """``(device, distributed)``: ``auto`` is ``cuda`` when there is a GPU, else ``cpu``; under torchrun
     (``WORLD_SIZE`` > 1) the process group is initialised (NCCL on GPUs, gloo on CPUs) and each rank
-    takes the GPU of its ``LOCAL_RANK``."""
+    takes the GPU of its ``LOCAL_RANK`` (:func:`cache.launch.process_place`, as both stages)."""
     import torch
 
+    from tipsdistill.cache.launch import process_place
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    place = process_place(group=True)
+    if place.world <= 1:
         return device, False
     import torch.distributed as dist
 
     if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = place.local_rank
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():

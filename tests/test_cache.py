@@ -244,7 +244,7 @@ def test_disk_space_refused_with_numbers(data, tmp_path, monkeypatch):
 
     root, _, _ = data
     monkeypatch.setattr(
-        "tipsdistill.cache.extract.shutil.disk_usage",
+        "tipsdistill.cache.commit.shutil.disk_usage",
         lambda p: _sh._ntuple_diskusage(10**6, 10**6 - 1000, 1000),
     )
     with pytest.raises(

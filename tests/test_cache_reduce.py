@@ -136,12 +136,12 @@ def test_resume_keeps_the_basis_and_refuses_other_settings(data, tmp_path, monke
         f.attrs["complete"] = False
     (out / "index.h5").unlink()
     (out / BASIS_FILE).unlink()
-    import tipsdistill.cache.extract as ex
+    import tipsdistill.cache.basis as basis
 
-    def no_refit(job):
+    def no_refit(plan, layout):
         raise AssertionError("a resume must reuse the stored basis, not fit a new one")
 
-    monkeypatch.setattr(ex, "_fit_reduction", no_refit)
+    monkeypatch.setattr(basis, "fit_reduction", no_refit)
     s = extract_features(_cfg(out, root, caps))
     assert s["complete"] and s["done"] == 10
     again = open_cache(out)

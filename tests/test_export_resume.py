@@ -1,7 +1,7 @@
 """Export from any checkpoint, resume on other hardware, multi-node launchers (CPU, gloo, tiny models).
 
 One 8-step source run in 2 processes at ZeRO-2 (started the way ``srun`` starts tasks: two plain
-processes with fake ``SLURM_*`` variables, translated by ``distill.multinode``) checkpoints at step 4.
+processes with fake ``SLURM_*`` variables, translated by ``cache.launch``) checkpoints at step 4.
 That checkpoint resumes in 1 process at ZeRO-0 (to step 8), and in 2 processes at ZeRO-3 started as two
 ``torchrun --nnodes 2`` agents meeting at a c10d rendezvous (stopped with ``--max-steps 2``: a mid-run
 ZeRO-3 checkpoint at step 6, exported and compared with the in-memory model). The ZeRO-3 step-6
@@ -324,7 +324,7 @@ def test_eval_accepts_checkpoint_and_run_dirs(jobs):
 
 
 def test_slurm_variables_translate():
-    from tipsdistill.distill.multinode import first_host, slurm_env
+    from tipsdistill.cache.launch import first_host, slurm_env
 
     assert first_host("gpu-[003-004,010],cpu1") == "gpu-003" and first_host("node7,node8") == "node7"
     env = {

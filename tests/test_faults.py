@@ -474,3 +474,18 @@ def test_eval_dataset_bad_inputs_name_the_file(tmp_path, caplog):
     (tmp_path / "classes.txt").write_text("cat\n\ndog\n")
     with pytest.raises(ValueError, match=r"classes.txt:2 is blank"):
         load_eval_dataset("seg_folder", root=str(tmp_path))
+
+
+def test_fault_rounds_compare_counts_lost_samples(data, tmp_path):
+    """The kill/resume harness (scripts/faults.py, a tool outside the library) finds a cache equal to
+    its reference, and names the dataset and counts the samples when one row differs."""
+    from tipsdistill.scripts.faults import compare
+
+    _, _, ref = data
+    copy = tmp_path / "copy"
+    shutil.copytree(ref, copy)
+    assert compare(copy, ref) == (True, 0, [])
+    with h5py.File(copy / SHARD, "r+") as f:
+        f["patch"][2] = f["patch"][2] + 1
+    identical, lost, diffs = compare(copy, ref)
+    assert (identical, lost) == (False, 1) and f"{SHARD}:patch differs" in diffs

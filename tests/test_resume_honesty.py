@@ -434,7 +434,7 @@ def test_stage1_resume_compares_weights_autocast_min_side_and_version(images, tm
     another autocast, another min_side or another toolkit version: refused naming the field."""
     import h5py
 
-    import tipsdistill.cache.extract as ex
+    import tipsdistill.cache.plan as plan
     from tests.cache_helpers import build_tiny_teacher
     from tipsdistill.cache import extract_features
 
@@ -453,7 +453,7 @@ def test_stage1_resume_compares_weights_autocast_min_side_and_version(images, tm
     for kw, field in (({"autocast": "bf16"}, "autocast"), ({"min_side": 16}, "min_side")):
         with pytest.raises(ValueError, match=f"{field} differs"):
             extract_features(_cfg(out, images, **kw), teacher=build_tiny_teacher())
-    monkeypatch.setattr(ex, "toolkit_version", lambda: "99.0")
+    monkeypatch.setattr(plan, "toolkit_version", lambda: "99.0")
     with pytest.raises(ValueError, match="toolkit_version differs"):
         extract_features(_cfg(out, images), teacher=build_tiny_teacher())
     monkeypatch.undo()
@@ -498,7 +498,7 @@ def test_stale_pca_basis_is_refitted_and_a_refused_run_writes_none(images, tmp_p
 
     import numpy as np
 
-    import tipsdistill.cache.extract as ex
+    import tipsdistill.cache.commit as commit
     from tipsdistill.cache import extract_features, open_cache
     from tipsdistill.cache.reduce import BASIS_FILE
 
@@ -511,7 +511,7 @@ def test_stale_pca_basis_is_refitted_and_a_refused_run_writes_none(images, tmp_p
     np.testing.assert_array_equal(got, open_cache(tmp_path / "fresh").reduction.bases["patch"][1])
     assert not np.array_equal(got, open_cache(tmp_path / "a").reduction.bases["patch"][1])
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(ex.shutil, "disk_usage", lambda p: usage(10**6, 10**6, 10))
+    monkeypatch.setattr(commit.shutil, "disk_usage", lambda p: usage(10**6, 10**6, 10))
     with pytest.raises(OSError, match="not enough disk space"):
         extract_features(_cfg(tmp_path / "full", images, reduce_dim=8))
     assert not (tmp_path / "full" / BASIS_FILE).exists()

@@ -79,7 +79,7 @@ def _teacher_for_text(cfg: Any, online_teacher: nn.Module | None, cache_meta: di
             "eval.text_model=SPEC (as tipsdistill-eval --text-model, e.g. teacher:embedded) or "
             "eval.text_embeddings=FILE (one row per class)"
         )
-    from tipsdistill.cache.extract import make_teacher
+    from tipsdistill.cache.build import make_teacher
 
     if not isinstance(spec, dict):
         raise ValueError(

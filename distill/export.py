@@ -45,7 +45,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tipsdistill.students import build_student
-from tipsdistill.students.io import CONFIG_FILE, EXTRAS_FILE, MODEL_FILE
+from tipsdistill.students.factory import check_trusted
+from tipsdistill.students.io import CONFIG_FILE, EXTRAS_FILE, MODEL_FILE, backbone_key
 
 from . import checkpoint as ckpt
 
@@ -57,10 +58,40 @@ def _cpu_contig(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def timm_spec(student: nn.Module) -> dict[str, Any]:
-    """``{"model_name", "kwargs"}`` to rebuild the student's ViT with ``timm.create_model``."""
+    """``{"model_name", "kwargs"}`` to rebuild the student's timm model with ``timm.create_model``; for a
+    feature-map student also ``pruned_after`` (the ``feature_info`` stage it was pruned after:
+    ``model.prune_intermediate_layers([stage], prune_head=True)`` before loading the weights)."""
     cfg = dict(getattr(student, "config", {}) or {})
     kwargs = {"num_classes": 0, **dict(cfg.get("overrides") or {})}
-    return {"model_name": cfg.get("name"), "kwargs": kwargs}
+    spec: dict[str, Any] = {"model_name": cfg.get("name"), "kwargs": kwargs}
+    if backbone_key(student) != "vit":
+        spec["pruned_after"] = cfg.get("feature_stage")
+    return spec
+
+
+def architecture(student: nn.Module) -> dict[str, Any]:
+    """What the student is, for ``config.json`` and the model card: ``kind`` (``vit`` or ``featuremap``),
+    its backbone, its token grid's stride and width, and its zero-shot ``readout`` (``tips``, the value
+    trick, for ViTs; ``patch``, the projected dense tokens, for feature-map students)."""
+    cfg = dict(getattr(student, "config", {}) or {})
+    if backbone_key(student) == "vit":
+        return {
+            "kind": "vit",
+            "backbone": cfg.get("name"),
+            "stride": int(student.patch_size),
+            "width": int(student.embed_dim),
+            "readout": "tips",
+        }
+    return {
+        "kind": "featuremap",
+        "backbone": cfg.get("name"),
+        "feature_stage": cfg.get("feature_stage"),
+        "stride": int(student.patch_size),
+        "stage_width": int(student.width),
+        "width": int(student.embed_dim),
+        "global_pool": f"attention pooling, {int(student.num_global_tokens)} latent queries",
+        "readout": "patch",
+    }
 
 
 def timm_hub_config(student: nn.Module) -> dict[str, Any]:
@@ -110,8 +141,9 @@ def export_student(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = student.state_dict()
-    vit_sd = {k[len("vit.") :]: v for k, v in sd.items() if k.startswith("vit.")}
-    extras = {k: v for k, v in sd.items() if not k.startswith("vit.")}
+    prefix = backbone_key(student) + "."
+    vit_sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    extras = {k: v for k, v in sd.items() if not k.startswith(prefix)}
     save_file(_cpu_contig(vit_sd), str(out / MODEL_FILE), metadata={"format": "pt"})
     if extras:
         save_file(_cpu_contig(extras), str(out / EXTRAS_FILE), metadata={"format": "pt"})
@@ -121,10 +153,15 @@ def export_student(
     if tower is not None and hasattr(tower, "export_architecture"):
         # the files the tower's architecture needs travel with the export (no pretrained weights)
         scfg["text"] = tower.export_architecture(out)
+    # timm's hub fields only where timm.create_model("local-dir:...") rebuilds the model (a ViT; a feature-map
+    # student's timm model is pruned after its stage, see "timm")
+    hub = timm_hub_config(student) if backbone_key(student) == "vit" else {}
     conf = {
-        **timm_hub_config(student),
+        **hub,
         "format": "tipsdistill-student/1",
         "student": scfg,
+        "architecture_info": architecture(student),
+        "teacher": teacher_of(train_config or {}),
         "timm": spec,
         "patch_size": int(student.patch_size),
         "embed_dim": int(student.embed_dim),
@@ -258,33 +295,96 @@ def export_embedded_teacher(
     return out
 
 
-def model_card(conf: dict[str, Any]) -> str:
-    tc = conf.get("train_config") or {}
+def teacher_of(train_config: dict[str, Any]) -> dict[str, Any]:
+    """The teacher a run distilled: the online teacher's name and kwargs, or the teacher identity recorded
+    in the stage-1 cache (``{"source": "cache", "cache": PATH, "teacher": ...}``; ``"teacher": None`` with
+    ``"note"`` when the cache cannot be read here)."""
+    teacher = dict(train_config.get("teacher") or {})
+    source = teacher.get("source", "?")
+    if source == "online":
+        return {"source": "online", "name": teacher.get("name"), "kwargs": teacher.get("kwargs") or {}}
+    if source != "cache":
+        return {"source": source}
+    path = (train_config.get("cache") or {}).get("path")
+    out: dict[str, Any] = {"source": "cache", "cache": path, "teacher": None}
+    try:
+        from tipsdistill.cache import open_cache
+
+        out["teacher"] = dict(open_cache(path).spec.teacher) or None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        out["note"] = f"the cache could not be read at export time ({type(exc).__name__}: {exc})"
+    return out
+
+
+def _card_load(conf: dict[str, Any]) -> list[str]:
     spec = conf["timm"]
-    metrics = conf.get("metrics") or {}
-    lines = [
-        f"# Student `{spec['model_name']}` distilled with tipsdistill",
-        "",
-        f"- recipe: `{tc.get('recipe', '?')}` (teacher source `{(tc.get('teacher') or {}).get('source', '?')}`), "
-        f"{tc.get('steps', '?')} steps",
-        f"- patch size {conf['patch_size']}, width {conf['embed_dim']}, {conf['num_global_tokens']} global tokens",
-        f"- teacher: {json.dumps(tc.get('teacher', {}))}",
-        f"- cache: {json.dumps(tc.get('cache', {}))}",
-        "",
+    arch = conf.get("architecture_info") or {}
+    head = [
         "## Load",
         "",
         "```python",
-        "from students import load_student",
-        "student = load_student('PATH')  # a students.Student (DenseEncoder): encode_image(pixels in [0, 1])",
+        "from tipsdistill.students import load_student",
+        "student = load_student('PATH')  # a DenseEncoder: encode_image(pixels in [0, 1]), project_to_text",
         "",
         "import timm",
-        "import students  # registers the small TIPSv2 shapes (vit_w96d4_patch8_reg1_tipsv2_64, ...) with timm",
+    ]
+    if arch.get("kind") == "featuremap":
+        if str(spec["model_name"]).startswith("python:"):
+            return head[:4] + [
+                "# a python: student: load_student('PATH', trust_code=True) imports the module it names",
+                "```",
+            ]
+        return head + [
+            "from safetensors.torch import load_file",
+            f"net = timm.create_model({spec['model_name']!r}, pretrained=False, **{spec['kwargs']!r})",
+            f"net.prune_intermediate_layers([{spec['pruned_after']}], prune_head=True)",
+            "net.load_state_dict(load_file('PATH/model.safetensors'))",
+            f"fmap = net.forward_intermediates(x, indices=[{spec['pruned_after']}], intermediates_only=True)[0]",
+            "# (B, C, H/s, W/s); the 1x1 projection, norm, pooling and text projection are in student_extras",
+            "```",
+        ]
+    return head + [
+        "import tipsdistill.students  # registers the small TIPSv2 shapes (vit_w96d4_patch8_reg1_tipsv2_64, ...)",
         "vit = timm.create_model('local-dir:PATH', pretrained=True)  # or 'hf-hub:ORG/NAME' once uploaded",
         "# the same, naming the architecture and the file:",
         f"vit = timm.create_model({spec['model_name']!r}, pretrained=True,",
         "                        pretrained_cfg_overlay=dict(file='PATH/model.safetensors'),",
         f"                        **{spec['kwargs']!r})",
         "```",
+    ]
+
+
+def _card_architecture(conf: dict[str, Any]) -> list[str]:
+    arch = conf.get("architecture_info") or {}
+    if arch.get("kind") == "featuremap":
+        proj = "" if arch["stage_width"] == arch["width"] else f", 1x1 projection to {arch['width']}"
+        return [
+            f"- architecture: feature-map student over `{arch['backbone']}`: dense tokens from stage "
+            f"{arch['feature_stage']} (stride {arch['stride']}, width {arch['stage_width']}{proj}, LayerNorm), "
+            f"{conf['num_global_tokens']} global tokens from {arch['global_pool']}",
+            "- zero-shot readout: `patch`, the dense tokens through the text interface (no value trick: it "
+            "needs attention)",
+        ]
+    return [
+        f"- architecture: ViT `{arch.get('backbone', conf['timm']['model_name'])}`, patch size {conf['patch_size']}, "
+        f"width {conf['embed_dim']}, {conf['num_global_tokens']} global tokens",
+        "- zero-shot readout: `tips` (the value trick of the last block), or `patch` / `maskclip`",
+    ]
+
+
+def model_card(conf: dict[str, Any]) -> str:
+    tc = conf.get("train_config") or {}
+    metrics = conf.get("metrics") or {}
+    lines = [
+        f"# Student `{conf['timm']['model_name']}` distilled with tipsdistill",
+        "",
+        f"- recipe: `{tc.get('recipe', '?')}` (teacher source `{(tc.get('teacher') or {}).get('source', '?')}`), "
+        f"{tc.get('steps', '?')} steps",
+        *_card_architecture(conf),
+        f"- teacher: {json.dumps(conf.get('teacher') or teacher_of(tc), default=str)}",
+        f"- cache: {json.dumps(tc.get('cache', {}))}",
+        "",
+        *_card_load(conf),
         "Inputs are RGB in [0, 1]; the student's own normalisation is "
         f"mean={conf['student'].get('mean')}, std={conf['student'].get('std')} (apply it yourself with timm).",
         *_card_text_interface(conf),
@@ -331,7 +431,9 @@ LEGACY_TEXT_PROJ = "clip_loss.image_proj.weight"
 _LOG_META = {"step", "epoch", "consumed", "samples_seen", "lr", "wd", "samples_per_s", "data_s"}
 
 
-def student_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def student_from_checkpoint(
+    path: str | Path, *, trust_code: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
     """The student of a checkpoint (a ``step_*`` directory, or the newest complete one of a run directory),
     any ZeRO stage, consolidated in fp32 with DeepSpeed's ``zero_to_fp32``. Returns ``(student, info)``
     with ``info``: ``checkpoint`` (path), ``step``, ``samples_seen``, ``layout`` (processes, ZeRO stage) and
@@ -358,6 +460,7 @@ def student_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]
         logger.info(
             "%s: the loss's image projection %s becomes the student's text_proj", found, LEGACY_TEXT_PROJ
         )
+    check_trusted(config["student"]["name"], trust_code)  # a python: student imports the module it names
     student = build_student(config["student"]["name"], **kwargs)
     student.load_state_dict(own, strict=True)
     info = {

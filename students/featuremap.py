@@ -61,6 +61,7 @@ CONFIG_KEYS = (
     "check_inputs",
     "factory_kwargs",
     "probe_size",
+    "img_size",
 )
 
 
@@ -327,6 +328,7 @@ def build_featuremap_student(
     check_inputs: bool = True,
     factory_kwargs: dict[str, Any] | None = None,
     probe_size: int = 224,
+    img_size: int | None = None,
     overrides: dict[str, Any] | None = None,
     **kw_overrides: Any,
 ) -> FeatureMapStudent:
@@ -346,6 +348,8 @@ def build_featuremap_student(
         text, text_dim: the text interface, as for :func:`students.vit.build_student`.
         factory_kwargs: keyword arguments of a python factory; ``probe_size``: the square input side of
             the build-time forward that reads its stride and width.
+        img_size: the nominal input size (recorded, as the ViT recipes set it; not passed to the network,
+            which takes any multiple of its stride).
         overrides / **kw_overrides: timm ``create_model`` kwargs (``depths``, ``dims``, ``layers``...).
     Returns:
         :class:`FeatureMapStudent`; ``student.config`` rebuilds the architecture (with the resolved stage).
@@ -399,6 +403,8 @@ def build_featuremap_student(
         "text": tower.arch() if tower is not None else None,
         "check_inputs": check_inputs,
     }
+    if img_size is not None:
+        config["img_size"] = int(img_size)
     if name.startswith(PYTHON_PREFIX):
         config.update(factory_kwargs=dict(factory_kwargs or {}), probe_size=int(probe_size))
     student = FeatureMapStudent(

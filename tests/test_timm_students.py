@@ -222,7 +222,8 @@ def test_trains_resumes_exports_and_evaluates(name, stage, stride, teacher_cache
             "runs": [None, "auto"],  # two steps past the first checkpoint, then a resume to the end
             "max_steps": [3, None],
             "result": str(tmp_path / "result.json"),
-        }
+        },
+        timeout=600,
     )
     assert "error" not in res, res.get("error")
     assert res["step"] == 4

@@ -123,17 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = [bench(m, s, args.batch, args.repeats) for s in args.sizes for m in args.models]
     print(f"CPU, {args.threads} thread(s), batch {args.batch}, median of {args.repeats} runs")
     print(
-        "| model | size | params (M) | readout | PyTorch img/s | ONNX Runtime img/s | x teacher (PyTorch) |"
+        "| model | size | params (M) | readout | PyTorch img/s | ONNX Runtime img/s | x teacher (PyTorch / ORT) |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        base = next(
-            (t["ort_img_s"] for t in rows if t["model"] == "teacher" and t["size"] == r["size"]), None
-        )
-        ratio = f"{r['ort_img_s'] / base:.2f}" if base else "-"
+        base = next((t for t in rows if t["model"] == "teacher" and t["size"] == r["size"]), None)
+        ratio = f"{r['torch_img_s'] / base['torch_img_s']:.2f}" if base else "-"
+        if base and r["ort_img_s"] is not None and base["ort_img_s"] is not None:
+            ratio += f" / {r['ort_img_s'] / base['ort_img_s']:.2f}"
+        ort_cell = f"{r['ort_img_s']:.1f}" if r["ort_img_s"] is not None else "export failed (see JSON)"
         print(
             f"| {r['model']} | {r['size']} | {r['params_m']:.2f} | {r['readout']} | {r['torch_img_s']:.1f} | "
-            f"{r['ort_img_s']:.1f} | {ratio} |"
+            f"{ort_cell} | {ratio} |"
         )
     for r in rows:
         print(json.dumps(r))

@@ -478,8 +478,27 @@ def load_config(
     if data:
         merged = merge_dicts(merged, data)
     if overrides:
-        merged = merge_dicts(merged, parse_overrides(overrides))
+        upd = parse_overrides(overrides)
+        merged = merge_dicts(_other_architecture(merged, upd), upd)
     return _from_dict(TrainConfig, _drop_mode(merged)).validate()
+
+
+def _other_architecture(merged: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
+    """A ``student.name`` override of another kind than the recipe's (a ViT recipe, a convolutional student:
+    ``students.is_vit_student``) does not inherit the recipe's ``student.kwargs`` (the ViT's size keys would
+    not fit it); the dropped keys are logged."""
+    from tipsdistill.students import is_vit_student
+
+    new = (upd.get("student") or {}).get("name")
+    old = (merged.get("student") or {}).get("name")
+    if not new or not old or is_vit_student(str(new)) == is_vit_student(str(old)):
+        return merged
+    dropped = (merged["student"] or {}).get("kwargs") or {}
+    if dropped:
+        logger.info(
+            "student.name=%s is not a %s: the recipe's student.kwargs %s do not apply", new, old, dropped
+        )
+    return {**merged, "student": {**merged["student"], "kwargs": {}}}
 
 
 def _drop_mode(merged: dict[str, Any]) -> dict[str, Any]:

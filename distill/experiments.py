@@ -45,6 +45,7 @@ from .embedded import (
 )
 from .evaluation import evaluate_segmentation, resolve_class_embeddings
 from .evaluation.retrieval import retrieval_recall
+from .evaluation.segmentation import resolve_readout
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +131,27 @@ def variants(
         for w in (64, 192)
         for seed in range(3)
     }
+    # students of other architectures at the ViT student's budget (0.47M parameters, the same steps): a
+    # ConvNeXt read at stride 8 (the teacher's 8x8 grid at 64 px) and a MobileNetV4 at stride 16 (4x4: the
+    # teacher grid is area-averaged to it), both with 96-wide tokens (the teacher's text width)
+    archs = {
+        "convnext_s8": {"feature_stride": 8, "dim": 96, "dims": [48, 96, 160, 320], "depths": [2, 4, 6, 2]},
+        "mnv4_s16": {"feature_stride": 16, "dim": 96},
+    }
+    arch_names = {"convnext_s8": "convnext_atto", "mnv4_s16": "mobilenetv4_conv_small"}
+    other_archs = {
+        f"{key}_seed{seed}": Variant(
+            (f"seed={seed}", f"student.name={arch_names[key]}", "student.kwargs=" + json.dumps(kw))
+        )
+        for key, kw in archs.items()
+        for seed in range(3)
+    }
     return {
         "seed0": Variant(("seed=0",)),
         "seed1": Variant(("seed=1",)),
         "seed2": Variant(("seed=2",)),
         **widths,
+        **other_archs,
         "mask75": Variant(("loss.mask_ratio=0.75",)),
         "cosine": Variant(("loss.patch=cosine",)),
         "crop_view": Variant(("data.global_scale=[0.5, 1.0]",)),
@@ -316,6 +333,8 @@ def run_experiments(
             "recipe": v.pretrain or bench.recipe,
             "config": config_to_dict(tcfg),
             "metrics": metrics,
+            # the readout each column used (patch for a student without attention: no value trick)
+            "readouts": {ro: resolve_readout(student, ro) for ro in READOUTS},
             "minutes": (time.time() - t0) / 60,
             **extra,
         }

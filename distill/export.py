@@ -45,7 +45,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tipsdistill.students import build_student
-from tipsdistill.students.io import CONFIG_FILE, EXTRAS_FILE, MODEL_FILE
+from tipsdistill.students.factory import check_trusted
+from tipsdistill.students.io import CONFIG_FILE, EXTRAS_FILE, MODEL_FILE, backbone_key
 from tipsdistill.students.variants import expanded_spelling
 from tipsdistill.teachers.embedded import TEXT_FIELDS
 
@@ -59,10 +60,40 @@ def _cpu_contig(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def timm_spec(student: nn.Module) -> dict[str, Any]:
-    """``{"model_name", "kwargs"}`` to rebuild the student's ViT with ``timm.create_model``."""
+    """``{"model_name", "kwargs"}`` to rebuild the student's timm model with ``timm.create_model``; for a
+    feature-map student also ``pruned_after`` (the ``feature_info`` stage it was pruned after:
+    ``model.prune_intermediate_layers([stage], prune_head=True)`` before loading the weights)."""
     cfg = dict(getattr(student, "config", {}) or {})
     kwargs = {"num_classes": 0, **dict(cfg.get("overrides") or {})}
-    return {"model_name": cfg.get("name"), "kwargs": kwargs}
+    spec: dict[str, Any] = {"model_name": cfg.get("name"), "kwargs": kwargs}
+    if backbone_key(student) != "vit":
+        spec["pruned_after"] = cfg.get("feature_stage")
+    return spec
+
+
+def architecture(student: nn.Module) -> dict[str, Any]:
+    """What the student is, for ``config.json`` and the model card: ``kind`` (``vit`` or ``featuremap``),
+    its backbone, its token grid's stride and width, and its zero-shot ``readout`` (``tips``, the value
+    trick, for ViTs; ``patch``, the projected dense tokens, for feature-map students)."""
+    cfg = dict(getattr(student, "config", {}) or {})
+    if backbone_key(student) == "vit":
+        return {
+            "kind": "vit",
+            "backbone": cfg.get("name"),
+            "stride": int(student.patch_size),
+            "width": int(student.embed_dim),
+            "readout": "tips",
+        }
+    return {
+        "kind": "featuremap",
+        "backbone": cfg.get("name"),
+        "feature_stage": cfg.get("feature_stage"),
+        "stride": int(student.patch_size),
+        "stage_width": int(student.width),
+        "width": int(student.embed_dim),
+        "global_pool": f"attention pooling, {int(student.num_global_tokens)} latent queries",
+        "readout": "patch",
+    }
 
 
 def timm_hub_config(student: nn.Module) -> dict[str, Any]:
@@ -112,8 +143,9 @@ def export_student(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = student.state_dict()
-    vit_sd = {k[len("vit.") :]: v for k, v in sd.items() if k.startswith("vit.")}
-    extras = {k: v for k, v in sd.items() if not k.startswith("vit.")}
+    prefix = backbone_key(student) + "."
+    vit_sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    extras = {k: v for k, v in sd.items() if not k.startswith(prefix)}
     save_file(_cpu_contig(vit_sd), str(out / MODEL_FILE), metadata={"format": "pt"})
     if extras:
         save_file(_cpu_contig(extras), str(out / EXTRAS_FILE), metadata={"format": "pt"})
@@ -123,10 +155,15 @@ def export_student(
     if tower is not None and hasattr(tower, "export_architecture"):
         # the files the tower's architecture needs travel with the export (no pretrained weights)
         scfg["text"] = tower.export_architecture(out)
+    # timm's hub fields only where timm.create_model("local-dir:...") rebuilds the model (a ViT; a feature-map
+    # student's timm model is pruned after its stage, see "timm")
+    hub = timm_hub_config(student) if backbone_key(student) == "vit" else {}
     conf = {
-        **timm_hub_config(student),
+        **hub,
         "format": "tipsdistill-student/1",
         "student": scfg,
+        "architecture_info": architecture(student),
+        "teacher": teacher_of(train_config or {}),
         "timm": spec,
         "patch_size": int(student.patch_size),
         "embed_dim": int(student.embed_dim),
@@ -139,6 +176,135 @@ def export_student(
     (out / "README.md").write_text(model_card(conf))
     logger.info("exported student to %s", out)
     return out
+
+
+ONNX_FILE = "model.onnx"
+
+
+class OnnxStudent(nn.Module):
+    """What ``--format onnx`` traces: ``pixels (B, 3, H, W)`` RGB in [0, 1] -> ``dense (B, h, w, text_dim)``
+    (the zero-shot readout's tokens through the text interface) and ``global (B, C, text_dim)`` (the global
+    tokens through it), unnormalised: L2-normalise both before comparing them with text embeddings.
+    ``readout``: ``patch`` (the tokens) or, for a ViT, ``tips`` / ``maskclip`` (the value trick)."""
+
+    def __init__(self, student: nn.Module, readout: str) -> None:
+        super().__init__()
+        self.student = student
+        self.readout = readout
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        value = self.readout != "patch"
+        feats = self.student.encode_image(
+            pixels, value_trick=value, value_readout=self.readout if value else "tips"
+        )
+        dense = feats.value_patch if value else feats.patch
+        return self.student.project_to_text(dense), self.student.project_to_text(feats.cls)
+
+
+def export_onnx(
+    student: nn.Module,
+    path: str | Path,
+    *,
+    image_size: int,
+    dynamic_size: bool = False,
+    readout: str | None = None,
+    opset: int = 17,
+    check: bool = True,
+) -> dict[str, Any]:
+    """Write ``student`` as an ONNX graph (:class:`OnnxStudent`: dense text-space features and global
+    embeddings) with a dynamic batch and a fixed ``image_size`` square input (``dynamic_size``: any height and
+    width, multiples of the stride), traced with ``torch.onnx.export`` (TorchScript exporter). ``readout``:
+    the student's zero-shot readout by default (``tips`` for a ViT, ``patch`` for a feature-map student).
+    ``check``: run the graph with onnxruntime on two random batches and compare with PyTorch (raises
+    beyond 1e-4). Returns the facts recorded in ``config.json["onnx"]``."""
+    from .evaluation.segmentation import resolve_readout
+
+    try:
+        import onnx  # noqa: F401  (the exporter writes its protobuf)
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(
+            f"--format onnx needs onnx and onnxruntime ({exc}); pip install 'tipsdistill[onnx]'"
+        ) from exc
+    path = Path(path)
+    if image_size % int(student.patch_size):
+        raise ValueError(
+            f"--image-size {image_size} is not a multiple of the student's stride {student.patch_size}"
+        )
+    readout = resolve_readout(student, readout or ("tips" if backbone_key(student) == "vit" else "patch"))
+    model = OnnxStudent(copy.deepcopy(student).float().cpu().eval(), readout).eval()
+    model.student.check_inputs = False  # value checks are Python control flow: not part of a graph
+    axes: dict[str, dict[int, str]] = {"pixels": {0: "batch"}, "dense": {0: "batch"}, "global": {0: "batch"}}
+    if dynamic_size:
+        axes["pixels"].update({2: "height", 3: "width"})
+        axes["dense"].update({1: "grid_h", 2: "grid_w"})
+    example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["pixels"],
+            output_names=["dense", "global"],
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+    info: dict[str, Any] = {
+        "file": path.name,
+        "inputs": {
+            "pixels": [
+                "batch",
+                3,
+                "height" if dynamic_size else image_size,
+                "width" if dynamic_size else image_size,
+            ]
+        },
+        "outputs": {
+            "dense": ["batch", "grid_h", "grid_w", int(student.text_dim)],
+            "global": ["batch", int(student.num_global_tokens), int(student.text_dim)],
+        },
+        "image_size": int(image_size),
+        "dynamic_size": bool(dynamic_size),
+        "readout": readout,
+        "opset": int(opset),
+        "normalised": False,
+    }
+    if check:
+        info["max_abs_diff"] = onnx_max_diff(model, path, image_size, dynamic_size)
+        if info["max_abs_diff"] > 1e-4:
+            raise RuntimeError(
+                f"{path}: onnxruntime differs from PyTorch by {info['max_abs_diff']:.3g} (> 1e-4); try another --opset"
+            )
+    logger.info(
+        "exported ONNX %s (%s readout, max |ORT - torch| %s)", path, readout, info.get("max_abs_diff")
+    )
+    return info
+
+
+def onnx_max_diff(model: nn.Module, path: str | Path, image_size: int, dynamic_size: bool) -> float:
+    """Largest ``|onnxruntime - PyTorch|`` over both outputs of two random batches (3 images at ``image_size``;
+    with ``dynamic_size`` also 1 image of another height and width)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(1)
+    stride = int(model.student.patch_size)
+    shapes = [(3, image_size, image_size)]
+    if dynamic_size:
+        shapes.append((1, image_size + stride, image_size + 2 * stride))
+    worst = 0.0
+    for b, h, w in shapes:
+        x = torch.rand(b, 3, h, w, generator=gen)
+        with torch.no_grad():
+            ref = model(x)
+        got = sess.run(None, {"pixels": x.numpy()})
+        worst = max(worst, *(float((torch.from_numpy(g) - r).abs().max()) for g, r in zip(got, ref)))
+    return worst
 
 
 EXPORT_CHOICES = ("auto", "student", "ema")
@@ -242,36 +408,100 @@ def export_embedded_teacher(
     )
 
 
-def model_card(conf: dict[str, Any]) -> str:
-    tc = conf.get("train_config") or {}
+def teacher_of(train_config: dict[str, Any]) -> dict[str, Any]:
+    """The teacher a run distilled: the online teacher's name and kwargs, or the teacher identity recorded
+    in the stage-1 cache (``{"source": "cache", "cache": PATH, "teacher": ...}``; ``"teacher": None`` with
+    ``"note"`` when the cache cannot be read here)."""
+    teacher = dict(train_config.get("teacher") or {})
+    source = teacher.get("source", "?")
+    if source == "online":
+        return {"source": "online", "name": teacher.get("name"), "kwargs": teacher.get("kwargs") or {}}
+    if source != "cache":
+        return {"source": source}
+    path = (train_config.get("cache") or {}).get("path")
+    out: dict[str, Any] = {"source": "cache", "cache": path, "teacher": None}
+    try:
+        from tipsdistill.cache import open_cache
+
+        out["teacher"] = dict(open_cache(path).spec.teacher) or None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        out["note"] = f"the cache could not be read at export time ({type(exc).__name__}: {exc})"
+    return out
+
+
+def _card_load(conf: dict[str, Any]) -> list[str]:
     spec = conf["timm"]
-    metrics = conf.get("metrics") or {}
-    lines = [
-        f"# Student `{spec['model_name']}` distilled with tipsdistill",
-        "",
-        f"- recipe: `{tc.get('recipe', '?')}` (teacher source `{(tc.get('teacher') or {}).get('source', '?')}`), "
-        f"{tc.get('steps', '?')} steps",
-        f"- patch size {conf['patch_size']}, width {conf['embed_dim']}, {conf['num_global_tokens']} global tokens",
-        f"- teacher: {json.dumps(tc.get('teacher', {}))}",
-        f"- cache: {json.dumps(tc.get('cache', {}))}",
-        "",
+    arch = conf.get("architecture_info") or {}
+    head = [
         "## Load",
         "",
         "```python",
-        "from students import load_student",
-        "student = load_student('PATH')  # a students.Student (DenseEncoder): encode_image(pixels in [0, 1])",
+        "from tipsdistill.students import load_student",
+        "student = load_student('PATH')  # a DenseEncoder: encode_image(pixels in [0, 1]), project_to_text",
         "",
         "import timm",
-        "import students  # registers the small TIPSv2 shapes (vit_w96d4_patch8_reg1_tipsv2_64, ...) with timm",
+    ]
+    if arch.get("kind") == "featuremap":
+        if str(spec["model_name"]).startswith("python:"):
+            return head[:4] + [
+                "# a python: student: load_student('PATH', trust_code=True) imports the module it names",
+                "```",
+            ]
+        return head + [
+            "from safetensors.torch import load_file",
+            f"net = timm.create_model({spec['model_name']!r}, pretrained=False, **{spec['kwargs']!r})",
+            f"net.prune_intermediate_layers([{spec['pruned_after']}], prune_head=True)",
+            "net.load_state_dict(load_file('PATH/model.safetensors'))",
+            f"fmap = net.forward_intermediates(x, indices=[{spec['pruned_after']}], intermediates_only=True)[0]",
+            "# (B, C, H/s, W/s); the 1x1 projection, norm, pooling and text projection are in student_extras",
+            "```",
+        ]
+    return head + [
+        "import tipsdistill.students  # registers the small TIPSv2 shapes (vit_w96d4_patch8_reg1_tipsv2_64, ...)",
         "vit = timm.create_model('local-dir:PATH', pretrained=True)  # or 'hf-hub:ORG/NAME' once uploaded",
         "# the same, naming the architecture and the file:",
         f"vit = timm.create_model({spec['model_name']!r}, pretrained=True,",
         "                        pretrained_cfg_overlay=dict(file='PATH/model.safetensors'),",
         f"                        **{spec['kwargs']!r})",
         "```",
+    ]
+
+
+def _card_architecture(conf: dict[str, Any]) -> list[str]:
+    arch = conf.get("architecture_info") or {}
+    if arch.get("kind") == "featuremap":
+        proj = "" if arch["stage_width"] == arch["width"] else f", 1x1 projection to {arch['width']}"
+        return [
+            f"- architecture: feature-map student over `{arch['backbone']}`: dense tokens from stage "
+            f"{arch['feature_stage']} (stride {arch['stride']}, width {arch['stage_width']}{proj}, LayerNorm), "
+            f"{conf['num_global_tokens']} global tokens from {arch['global_pool']}",
+            "- zero-shot readout: `patch`, the dense tokens through the text interface (no value trick: it "
+            "needs attention)",
+        ]
+    return [
+        f"- architecture: ViT `{arch.get('backbone', conf['timm']['model_name'])}`, patch size {conf['patch_size']}, "
+        f"width {conf['embed_dim']}, {conf['num_global_tokens']} global tokens",
+        "- zero-shot readout: `tips` (the value trick of the last block), or `patch` / `maskclip`",
+    ]
+
+
+def model_card(conf: dict[str, Any]) -> str:
+    tc = conf.get("train_config") or {}
+    metrics = conf.get("metrics") or {}
+    lines = [
+        f"# Student `{conf['timm']['model_name']}` distilled with tipsdistill",
+        "",
+        f"- recipe: `{tc.get('recipe', '?')}` (teacher source `{(tc.get('teacher') or {}).get('source', '?')}`), "
+        f"{tc.get('steps', '?')} steps",
+        *_card_architecture(conf),
+        f"- teacher: {json.dumps(conf.get('teacher') or teacher_of(tc), default=str)}",
+        f"- cache: {json.dumps(tc.get('cache', {}))}",
+        "",
+        *_card_load(conf),
         "Inputs are RGB in [0, 1]; the student's own normalisation is "
         f"mean={conf['student'].get('mean')}, std={conf['student'].get('std')} (apply it yourself with timm).",
         *_card_text_interface(conf),
+        *_card_onnx(conf),
         "",
         "## Final metrics (mean of the last logged steps)",
         "",
@@ -282,6 +512,32 @@ def model_card(conf: dict[str, Any]) -> str:
         lines.append(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")
     lines += ["", "## Training config", "", "```json", json.dumps(tc, indent=2, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def _card_onnx(conf: dict[str, Any]) -> list[str]:
+    info = conf.get("onnx")
+    if not info:
+        return []
+    size = (
+        "any height and width (multiples of the stride)"
+        if info["dynamic_size"]
+        else f"{info['image_size']} px"
+    )
+    return [
+        "",
+        "## ONNX",
+        "",
+        f"`{info['file']}` (opset {info['opset']}): input `pixels` (batch, 3, H, W), RGB in [0, 1] (the normalisation "
+        f"is inside), {size}, any batch; outputs `dense` {info['outputs']['dense']} (the `{info['readout']}` readout) and "
+        f"`global` {info['outputs']['global']}, both in the text space and unnormalised (L2-normalise, then cosine "
+        f"with the teacher's text embeddings). onnxruntime vs PyTorch at export: max |diff| {info.get('max_abs_diff')}.",
+        "",
+        "```python",
+        "import onnxruntime as ort",
+        f"sess = ort.InferenceSession('PATH/{info['file']}')",
+        "dense, global_tokens = sess.run(None, {'pixels': images})  # images: float32 (B, 3, H, W) in [0, 1]",
+        "```",
+    ]
 
 
 def _card_text_interface(conf: dict[str, Any]) -> list[str]:
@@ -315,7 +571,9 @@ LEGACY_TEXT_PROJ = "clip_loss.image_proj.weight"
 _LOG_META = {"step", "epoch", "consumed", "samples_seen", "lr", "wd", "samples_per_s", "data_s"}
 
 
-def student_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def student_from_checkpoint(
+    path: str | Path, *, trust_code: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
     """The student of a checkpoint (a ``step_*`` directory, or the newest complete one of a run directory),
     any ZeRO stage, consolidated in fp32 with DeepSpeed's ``zero_to_fp32``. Returns ``(student, info)``
     with ``info``: ``checkpoint`` (path), ``step``, ``samples_seen``, ``layout`` (processes, ZeRO stage) and
@@ -342,6 +600,7 @@ def student_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]
         logger.info(
             "%s: the loss's image projection %s becomes the student's text_proj", found, LEGACY_TEXT_PROJ
         )
+    check_trusted(config["student"]["name"], trust_code)  # a python: student imports the module it names
     student = build_student(config["student"]["name"], **kwargs)
     student.load_state_dict(own, strict=True)
     info = {
@@ -414,15 +673,27 @@ def export_checkpoint(
     weights: str | None = None,
     format: str = "student",
     tokenizer: str | Path | None = None,
+    onnx_size: int | None = None,
+    onnx_dynamic_size: bool = False,
+    trust_code: bool = False,
 ) -> Path:
     """Export a checkpoint (``step_*`` dir or run dir, any ZeRO stage) to ``out_dir`` (default
     ``<run>/export`` for the final step, ``<run>/export_step_XXXXXXXX`` before it; with
     ``format="embedded-teacher"``, ``<run>/embedded_teacher_step_XXXXXXXX``): the same files as the end of
     training. ``weights``: student / ema / auto (default: the run's ``checkpoint.export``). With
-    ``push_to_hub_repo``, upload them (:func:`push_to_hub`)."""
-    if format not in ("student", "embedded-teacher"):
-        raise ValueError(f"export format {format!r} is invalid; choose 'student' or 'embedded-teacher'")
-    student, info = student_from_checkpoint(path)
+    ``push_to_hub_repo``, upload them (:func:`push_to_hub`).
+
+    ``format="onnx"``: the student files plus ``model.onnx`` (:func:`export_onnx`, checked with onnxruntime;
+    input side ``onnx_size``, default the run's ``data.image_size``; ``onnx_dynamic_size``: any size);
+    ``path`` may also be a student export directory (the ONNX file is added to it, or to ``out_dir``).
+    ``trust_code``: rebuild a ``python:`` student (imports the module its config names)."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"export format {format!r} is invalid; choose one of {list(EXPORT_FORMATS)}")
+    if format == "onnx" and (Path(path) / CONFIG_FILE).is_file():
+        return onnx_from_export(
+            path, out_dir, image_size=onnx_size, dynamic_size=onnx_dynamic_size, trust_code=trust_code
+        )
+    student, info = student_from_checkpoint(path, trust_code=trust_code)
     found = Path(info["checkpoint"])
     run_dir = found.parent.parent
     step = info["step"]
@@ -445,9 +716,47 @@ def export_checkpoint(
         )
     else:
         out = export_student(model, out_dir, train_config=info["config"], metrics=metrics)
+    if format == "onnx":
+        size = onnx_size or int((info["config"].get("data") or {}).get("image_size") or 224)
+        add_onnx(out, model, image_size=size, dynamic_size=onnx_dynamic_size)
     if push_to_hub_repo:
         push_to_hub(out, push_to_hub_repo, private=private, token=token, step=step)
     return out
+
+
+EXPORT_FORMATS = ("student", "embedded-teacher", "onnx")
+
+
+def add_onnx(out_dir: str | Path, student: nn.Module, *, image_size: int, dynamic_size: bool = False) -> Path:
+    """Write ``model.onnx`` of ``student`` into the export ``out_dir`` (:func:`export_onnx`) and record it in
+    its ``config.json`` (``onnx``) and model card."""
+    out = Path(out_dir)
+    conf = json.loads((out / CONFIG_FILE).read_text())
+    conf["onnx"] = export_onnx(student, out / ONNX_FILE, image_size=image_size, dynamic_size=dynamic_size)
+    (out / CONFIG_FILE).write_text(json.dumps(conf, indent=2, default=str))
+    (out / "README.md").write_text(model_card(conf))
+    return out
+
+
+def onnx_from_export(
+    path: str | Path,
+    out_dir: str | Path | None,
+    *,
+    image_size: int | None,
+    dynamic_size: bool,
+    trust_code: bool = False,
+) -> Path:
+    """``model.onnx`` for a student export directory ``path``, written into it or into a copy at ``out_dir``."""
+    from tipsdistill.students import load_student
+
+    src = Path(path)
+    student = load_student(src, trust_code=trust_code)
+    out = Path(out_dir) if out_dir is not None else src
+    if out.resolve() != src.resolve():
+        shutil.copytree(src, out, dirs_exist_ok=True)
+    conf = json.loads((src / CONFIG_FILE).read_text())
+    size = image_size or int(((conf.get("train_config") or {}).get("data") or {}).get("image_size") or 224)
+    return add_onnx(out, student, image_size=size, dynamic_size=dynamic_size)
 
 
 def push_to_hub(

@@ -8,6 +8,9 @@ Examples::
     tipsdistill-export runs/x --out students/x
     # and upload the export (safetensors + config.json + model card) to the Hugging Face Hub
     tipsdistill-export runs/x --push-to-hub my-org/vit-b14-distilled
+    # the student plus model.onnx (dense text-space features, global embeddings; dynamic batch), checked
+    # with onnxruntime; a student export directory works too
+    tipsdistill-export runs/x --format onnx --image-size 224 [--dynamic-size]
     # a pretraining run (recipe embedded-teacher) as an embedded-teacher folder
     tipsdistill-export runs/embedded_teacher --format embedded-teacher --out DIR
 
@@ -48,9 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--format",
-        choices=("student", "embedded-teacher"),
+        choices=("student", "embedded-teacher", "onnx"),
         default="student",
-        help="student: safetensors + timm config + model card; embedded-teacher: a teachers.embedded folder",
+        help="student: safetensors + timm config + model card; embedded-teacher: a teachers.embedded folder; "
+        "onnx: the student files plus model.onnx (dense text-space features and global embeddings, checked "
+        "with onnxruntime); CHECKPOINT may then also be a student export directory",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="onnx: the input side the graph is traced at (default: the run's data.image_size)",
+    )
+    p.add_argument(
+        "--dynamic-size", action="store_true", help="onnx: any input height and width (default: fixed size)"
+    )
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="rebuild a python:<module>:<factory> student (imports and runs the module its config names)",
     )
     p.add_argument(
         "--tokenizer",
@@ -84,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             weights=args.weights,
             format=args.format,
             tokenizer=args.tokenizer,
+            onnx_size=args.image_size,
+            onnx_dynamic_size=args.dynamic_size,
+            trust_code=args.trust_code,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"tipsdistill-export: {e}", file=sys.stderr)
@@ -105,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         json.dumps(
-            {"export": str(out), "metrics": conf["metrics"], "architecture": conf["architecture"]}, indent=2
+            {
+                "export": str(out),
+                "metrics": conf["metrics"],
+                "architecture": conf.get("architecture") or conf.get("architecture_info"),
+                **({"onnx": conf["onnx"]} if "onnx" in conf else {}),
+            },
+            indent=2,
         )
     )
     return 0

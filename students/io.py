@@ -1,6 +1,7 @@
 """Load an exported student (the files ``distill.export.export_student`` writes).
 
-Layout of an export directory: ``model.safetensors`` (the timm ViT's state dict, timm key names),
+Layout of an export directory: ``model.safetensors`` (the backbone's state dict: the timm ViT's, or a
+feature-map student's timm model / python module, ``student.backbone_key``; timm key names),
 ``student_extras.safetensors`` (mask token, text tower, when any), ``config.json`` (``student`` is the
 ``build_student`` config) and a model card ``README.md``.
 """
@@ -31,19 +32,26 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     return json.loads(f.read_text())
 
 
+def backbone_key(student: nn.Module) -> str:
+    """The attribute holding the student's backbone, whose state dict is an export's ``model.safetensors``
+    (``vit`` for ViT students, ``backbone`` for feature-map students)."""
+    return str(getattr(student, "backbone_key", "vit"))
+
+
 def load_student_weights(student: nn.Module, path: str | Path) -> nn.Module:
     """Load exported weights (directory, or a timm-keyed ``.safetensors`` file) into ``student`` strictly."""
     from safetensors.torch import load_file
 
     p = Path(path)
+    key = backbone_key(student)
     if p.is_file():
-        missing, unexpected = student.vit.load_state_dict(load_file(str(p)), strict=False)
+        missing, unexpected = getattr(student, key).load_state_dict(load_file(str(p)), strict=False)
         if unexpected or missing:
             raise ValueError(
-                f"{p}: weights do not fit the student ViT (missing {missing[:5]}, unexpected {unexpected[:5]})"
+                f"{p}: weights do not fit the student's {key} (missing {missing[:5]}, unexpected {unexpected[:5]})"
             )
         return student
-    sd = {f"vit.{k}": v for k, v in load_file(str(p / MODEL_FILE)).items()}
+    sd = {f"{key}.{k}": v for k, v in load_file(str(p / MODEL_FILE)).items()}
     if (p / EXTRAS_FILE).is_file():
         sd.update(load_file(str(p / EXTRAS_FILE)))
     student.load_state_dict(sd, strict=True)
@@ -63,17 +71,20 @@ def export_text_config(text: dict[str, Any] | None, folder: str | Path) -> dict[
     return out
 
 
-def load_student(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+def load_student(
+    path: str | Path, *, device: str | torch.device = "cpu", trust_code: bool = False
+) -> nn.Module:
     """Rebuild an exported student (``students.student_from_config``) and load its weights. The text tower,
     when any, is rebuilt from its architecture (``student.text``: the files the export carries), never
-    from the pretrained weights it started from; its trained weights are in the export."""
-    from .vit import student_from_config
+    from the pretrained weights it started from; its trained weights are in the export. A ``python:``
+    student's module is imported only with ``trust_code=True``."""
+    from .factory import student_from_config
 
     p = Path(path)
     conf = read_export_config(p)
     scfg = dict(conf["student"])
     if scfg.get("text"):
         scfg["text"] = export_text_config(scfg["text"], p)
-    student = student_from_config(scfg)
+    student = student_from_config(scfg, trust_code=trust_code)
     load_student_weights(student, p)
     return student.to(device).eval()

@@ -180,7 +180,7 @@ class Student(DenseEncoder):
             self.config.pop("text_dim", None)
             return
         if self.text_proj is None or self.text_proj.out_features != text_dim:
-            weight = next(self.vit.parameters())
+            weight = next(self.parameters())
             self.text_proj = nn.Linear(self.embed_dim, text_dim, bias=False).to(weight.device, weight.dtype)
         self.config["text_dim"] = int(text_dim)
 

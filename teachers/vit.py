@@ -16,7 +16,7 @@ from .base import VALUE_READOUTS, DenseFeatures
 def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
     """Resample a ``(1, gh*gw, D)`` square patch position table to ``grid``; returns ``(1, h*w, D)``."""
     n, d = pos_embed.shape[1], pos_embed.shape[2]
-    side = int(round(n**0.5))
+    side = int(round(int(n) ** 0.5))  # int(): a plain int under ONNX tracing too
     if side * side != n:
         raise ValueError(f"position table with {n} entries is not a square grid")
     if (side, side) == tuple(grid):

@@ -400,6 +400,7 @@ def evaluate_model(
         "identity": _identity(model),
         "text_source": text_source,
         "text": dict(text.source),
+        "readout": res["settings"]["readout"],  # the model's own (patch for a student without attention)
         "num_images": res["num_images"],
         "skipped": res["skipped"],
         "metrics": res["metrics"],

@@ -294,6 +294,18 @@ def text_width(model: Any) -> int | None:
     return int(d) if d is not None else getattr(model, "embed_dim", None)
 
 
+def resolve_readout(model: Any, readout: str) -> str:
+    """The readout ``model`` can give for ``readout``: itself when the model has it (``model.readouts``,
+    default all of :data:`READOUTS`); ``patch`` for a value-trick readout (``tips``, ``maskclip``) of a model
+    without attention (a feature-map student: ``readouts = ("patch",)``, its projected dense tokens)."""
+    own = tuple(getattr(model, "readouts", READOUTS))
+    if readout in own:
+        return readout
+    if readout in READOUTS and "patch" in own:
+        return "patch"
+    raise ValueError(f"{type(model).__name__} has no {readout!r} readout; it has {list(own)}")
+
+
 def dense_patch_features(
     model: Any,
     pixels: torch.Tensor,
@@ -315,6 +327,7 @@ def dense_patch_features(
         raise ValueError(f"unknown readout {readout!r}; choose one of {READOUTS}")
     if amp not in AMPS:
         raise ValueError(f"unknown amp {amp!r}; choose one of {AMPS}")
+    readout = resolve_readout(model, readout)
     pixels = round_up_to_patch(pixels, int(model.patch_size))
     with (
         torch.no_grad(),
@@ -657,11 +670,20 @@ def evaluate_segmentation(
     rank ``r`` of ``N`` evaluates images ``r, r + N, ...`` and the confusion matrices are summed over
     the ranks (the kept examples gathered), so every rank returns the metrics of all images.
 
-    Returns a dict with ``metrics`` (see :func:`metrics.segmentation_metrics`), ``settings``,
-    ``num_images``, ``confusion_matrix`` ``(C, C)`` and ``examples`` (the first ``keep_examples``
+    Returns a dict with ``metrics`` (see :func:`metrics.segmentation_metrics`), ``settings`` (with the
+    readout used: :func:`resolve_readout`), ``readout_requested`` (the settings' own), ``num_images``, ``confusion_matrix`` ``(C, C)`` and ``examples`` (the first ``keep_examples``
     :class:`Example` objects).
     """
     settings = settings or SegmentationSettings()
+    asked = settings.readout
+    settings = settings.replace(readout=resolve_readout(model, asked))
+    if settings.readout != asked:
+        logger.warning(
+            "%s has no %r readout (no attention value trick): evaluated with the %r readout (recorded in the settings)",
+            type(model).__name__,
+            asked,
+            settings.readout,
+        )
     names = dataset_class_names(dataset)
     if text.num_classes != len(names):
         raise ValueError(
@@ -723,6 +745,7 @@ def evaluate_segmentation(
     return {
         "metrics": metrics,
         "settings": settings.to_dict(),
+        "readout_requested": asked,
         "num_images": n - len(skipped),
         "skipped": skipped,
         "confusion_matrix": cm.mat,

@@ -35,6 +35,7 @@ from .segmentation import (
     dataset_class_names,
     dataset_subsets,
     evaluate_segmentation,
+    resolve_readout,
 )
 from .templates import normalise_class_list
 from .text import ClassEmbeddings, resolve_class_embeddings
@@ -133,7 +134,7 @@ class TrainingEval:
             mode=e.mode,
             window=window,
             stride=e.stride or max(1, window * 3 // 4),
-            readout=e.readout,
+            readout=resolve_readout(student, e.readout),  # patch for a student without attention
             templates=e.templates,
             resize_backend="torch",
         )
@@ -169,7 +170,7 @@ class TrainingEval:
             e.mode,
             self.num_images,
             e.dataset,
-            e.readout,
+            self.settings.readout,
             "of the student's own tower" if self.student_text else f"from {_label(self.text.source)}",
             self.metric,
         )

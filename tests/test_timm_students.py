@@ -1,0 +1,269 @@
+"""Students of any architecture (issue 30): each listed timm family in a tiny configuration builds,
+masks, exports, reloads with identical outputs and exports to ONNX (onnxruntime equal to PyTorch within
+1e-4); two families train under DeepSpeed (ZeRO 0 and 2) from the embedded teacher's cache, resume,
+export, reload and are evaluated by ``tipsdistill-eval`` with the teacher's text; the teacher grid is
+resampled to the student's grid as a reference computes it; a ``python:`` student works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.launch_helpers import ROOT, subprocess_env
+from tests.test_train_support import probe_pixels, run_subprocess
+
+#: tiny configurations of each family (timm constructor kwargs); all stride-8 stages at 32-64 px
+FAMILIES: dict[str, dict] = {
+    "convnext_atto": {"depths": [1, 1, 1, 1], "dims": [16, 24, 32, 48]},
+    "mobilenetv4_conv_small": {},  # the constructor takes no width kwargs; pruned after stride 8 it is small
+    "fastvit_t8": {"layers": [1, 1, 1, 1], "embed_dims": [48, 48, 96, 96]},
+    "efficientvit_b0": {"widths": [8, 16, 24, 32, 48], "depths": [1, 1, 1, 1, 1], "head_dim": 8},
+    "repvit_m0_9": {"embed_dim": [16, 24, 32, 48], "depth": [1, 1, 1, 1]},
+    "resnet18": {"layers": [1, 1, 1, 1], "channels": [16, 24, 32, 48]},
+}
+
+
+def tiny_convnet(width: int = 24) -> nn.Module:
+    """A plain module for the ``python:`` student: ``(B, 3, H, W) -> (B, width, H / 8, W / 8)``."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 4, stride=4),
+        nn.BatchNorm2d(width),
+        nn.GELU(),
+        nn.Conv2d(width, width, 3, stride=2, padding=1),
+    )
+
+
+def _tiny(name: str, **kw):
+    from tipsdistill.students import build_student
+
+    torch.manual_seed(0)
+    return build_student(name, feature_stride=8, dim=32, text_dim=48, overrides=FAMILIES[name], **kw)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_builds_masks_exports_and_matches_onnx(name, tmp_path) -> None:
+    import onnxruntime as ort
+
+    from tipsdistill.distill.export import ONNX_FILE, add_onnx, export_student
+    from tipsdistill.students import FeatureMapStudent, load_student
+
+    student = _tiny(name)
+    assert isinstance(student, FeatureMapStudent) and student.patch_size == 8
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    student.train()
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[:, 1:3, 1:3] = True
+    feats = student(x, mask)
+    assert feats.patch.shape == (2, 4, 4, 32) and feats.cls.shape == (2, 2, 32)
+    (feats.patch.sum() + feats.cls.sum()).backward()
+    assert (
+        student.mask_token.grad is not None and student.mask_token.grad.abs().sum() > 0
+    )  # masking reaches it
+    student.eval()
+    with pytest.raises(ValueError, match="no attention value trick"):
+        student.encode_image(x, value_trick=True)
+    with pytest.raises(ValueError, match="not multiples of the student's stride 8"):
+        student.encode_image(torch.rand(1, 3, 36, 36))
+    out = export_student(student, tmp_path / "export")
+    conf = json.loads((out / "config.json").read_text())
+    assert (
+        conf["architecture_info"]["kind"] == "featuremap" and conf["architecture_info"]["readout"] == "patch"
+    )
+    assert conf["text_interface"]["shape"] == [48, 32]
+    again = load_student(out)
+    with torch.no_grad():
+        a, b = student.encode_image(x), again.encode_image(x)
+    assert torch.equal(a.patch, b.patch) and torch.equal(a.cls, b.cls)
+    # ONNX: dense text-space features and global embeddings, dynamic batch (and size for one family)
+    dynamic = name == "convnext_atto"
+    add_onnx(out, again, image_size=32, dynamic_size=dynamic)
+    sess = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
+    sizes = [(3, 32, 32)] + ([(1, 48, 64)] if dynamic else [])
+    for batch, h, w in sizes:
+        y = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(h))
+        dense, glob = sess.run(None, {"pixels": y.numpy()})
+        with torch.no_grad():
+            ref = again.encode_image(y)
+            ref_dense, ref_glob = again.project_to_text(ref.patch), again.project_to_text(ref.cls)
+        assert dense.shape == (batch, h // 8, w // 8, 48) and glob.shape == (batch, 2, 48)
+        np.testing.assert_allclose(dense, ref_dense.numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(glob, ref_glob.numpy(), atol=1e-4, rtol=0)
+    card = (out / "README.md").read_text()
+    assert (
+        "## ONNX" in card
+        and f"feature-map student over `{name}`" in card
+        and "zero-shot readout: `patch`" in card
+    )
+
+
+def test_teacher_grid_resampled_to_the_student_grid_as_the_reference() -> None:
+    """Targets go teacher grid -> student grid (roi_align, ``distill.data``): downsampling by an integer
+    factor is the area mean (avg_pool), upsampling is bilinear interpolation (align_corners=False), and a
+    crop is the same on the crop's cells."""
+    from tipsdistill.distill.data import align_teacher_map, resample_grid
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(8, 8, 5, generator=g)  # (h_t, w_t, D): a patch-8 teacher at 64 px
+    chw = teacher.permute(2, 0, 1)[None]
+    # stride-16 student (4x4) and stride-32 student (2x2): area means of 2x2 and 4x4 teacher cells
+    for k in (2, 4):
+        ref = F.avg_pool2d(chw, k)[0].permute(1, 2, 0)
+        assert torch.allclose(resample_grid(teacher, (8 // k, 8 // k)), ref, atol=1e-6)
+    # stride-4 student (16x16): bilinear upsampling of the teacher grid
+    ref = F.interpolate(chw, size=(16, 16), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    assert torch.allclose(resample_grid(teacher, (16, 16)), ref, atol=1e-6)
+    # a crop (the left half, top half) to a 2x2 student grid: the mean of each 2x2 block of that quarter
+    crop = align_teacher_map(teacher, (0.0, 0.0, 0.5, 0.5), (2, 2))
+    ref = F.avg_pool2d(chw[..., :4, :4], 2)[0].permute(1, 2, 0)
+    assert torch.allclose(crop, ref, atol=1e-6)
+    # and a non-integer ratio (patch-14 teacher 16x16 at 224 px vs a stride-32 7x7 student) keeps the mean
+    big = torch.randn(16, 16, 3, generator=g)
+    assert torch.allclose(resample_grid(big, (7, 7)).mean((0, 1)), big.mean((0, 1)), atol=0.05)
+
+
+def test_mask_paints_cells_with_the_mask_token() -> None:
+    student = _tiny("convnext_atto")
+    with torch.no_grad():
+        student.mask_token.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    x = torch.rand(1, 3, 32, 32)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, 5] = True  # cell (1, 1): pixels 8..15 x 8..15
+    painted = student._paint_mask(x, mask)
+    assert torch.equal(
+        painted[0, :, 8:16, 8:16], torch.tensor([0.5, -1.0, 2.0]).view(3, 1, 1).expand(3, 8, 8)
+    )
+    keep = torch.ones(32, 32, dtype=torch.bool)
+    keep[8:16, 8:16] = False
+    assert torch.equal(painted[0][:, keep], x[0][:, keep])
+
+
+def test_python_student(tmp_path) -> None:
+    from tipsdistill.distill.evaluation.segmentation import dense_patch_features
+    from tipsdistill.distill.export import export_student
+    from tipsdistill.students import build_student, load_student
+
+    name = "python:tests.test_timm_students:tiny_convnet"
+    torch.manual_seed(0)
+    student = build_student(name, factory_kwargs={"width": 24}, text_dim=16, probe_size=64).eval()
+    assert (student.patch_size, student.width, student.embed_dim) == (8, 24, 24)
+    x = torch.rand(2, 3, 64, 48)
+    feats = student.encode_image(x)
+    assert feats.patch.shape == (2, 8, 6, 24) and feats.cls.shape == (2, 2, 24)
+    # the zero-shot readout of a student without attention: its projected dense tokens, whatever is asked
+    dense = dense_patch_features(student, x, "tips")
+    assert torch.allclose(dense, F.normalize(student.project_to_text(feats.patch), dim=-1), atol=1e-6)
+    out = export_student(student, tmp_path / "py")
+    with pytest.raises(ValueError, match="trust_code=True"):
+        load_student(out)  # a file someone hands you never imports code by itself
+    again = load_student(out, trust_code=True)
+    with torch.no_grad():
+        assert torch.equal(again.encode_image(x).patch, feats.patch)
+    with pytest.raises(ValueError, match="must return a"):
+        build_student("python:torch.nn:Flatten")
+    with pytest.raises(ValueError, match="has no stage of stride 5"):
+        build_student("resnet18", feature_stride=5)
+
+
+# ----------------------------------------------------------------------------------- the full loop
+SIZE = 24
+TINY = [
+    "steps=4",
+    "data.batch_size=8",
+    f"data.dataset_kwargs.size={SIZE}",
+    "head.out_dim=64",
+    "head.hidden_dim=64",
+    "head.bottleneck_dim=32",
+    "optim.warmup_steps=1",
+    "eval.every=2",
+    "eval.max_images=4",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=2",
+    "engine.cpu_threads=1",
+    "log.every=1",
+    "log.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory) -> Path:
+    """The embedded teacher's features (8x8 grid, 96 wide) and captions of SIZE synthetic 64 px images."""
+    from tipsdistill.distill.embedded import DemoConfig, stage_cache
+
+    out = tmp_path_factory.mktemp("cache")
+    stage_cache(DemoConfig(train_size=SIZE, cache_batch=SIZE), out, None, progress=False)
+    return out / "cache" / "index.h5"
+
+
+@pytest.mark.parametrize(("name", "stage", "stride"), [("convnext_atto", 0, 8), ("repvit_m0_9", 2, 16)])
+def test_trains_resumes_exports_and_evaluates(name, stage, stride, teacher_cache, tmp_path) -> None:
+    from tipsdistill.students import load_student
+
+    out = tmp_path / "run"
+    kwargs = {"feature_stride": stride, "dim": 32, **FAMILIES[name]}
+    res = run_subprocess(
+        {
+            "recipe": "embedded",
+            "overrides": [
+                f"cache.path={teacher_cache}",
+                f"output_dir={out}",
+                f"student.name={name}",
+                "student.kwargs=" + json.dumps(kwargs),
+                f"engine.zero_stage={stage}",
+                *TINY,
+            ],
+            "runs": [None, "auto"],  # two steps past the first checkpoint, then a resume to the end
+            "max_steps": [3, None],
+            "result": str(tmp_path / "result.json"),
+        },
+        timeout=600,
+    )
+    assert "error" not in res, res.get("error")
+    assert res["step"] == 4
+    log = res["log"]
+    assert sorted({r["step"] for r in log if "loss" in r}) == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    evals = [r for r in log if "eval/miou" in r]
+    assert evals and evals[-1]["step"] == 4
+    # the teacher's 8x8 grid was resampled to the student's grid (stride 8: 8x8, stride 16: 4x4)
+    cfg = json.loads((out / "export" / "config.json").read_text())
+    assert cfg["student"]["feature_stage"] is not None and cfg["patch_size"] == stride
+    assert cfg["text_dim"] == 96 and cfg["teacher"]["teacher"]["name"] == "embedded"
+    student = load_student(out / "export")
+    probe = torch.load(tmp_path / "result.probe.pt")
+    with torch.no_grad():
+        feats = student.encode_image(probe_pixels())
+    assert torch.allclose(feats.patch, probe["patch"], atol=1e-6) and torch.allclose(
+        feats.cls, probe["cls"], atol=1e-6
+    )
+    # tipsdistill-eval with the teacher's text: the readout is recorded, the number is the training eval's
+    res_dir = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tipsdistill.scripts.evaluate", "--model", f"student={out / 'export'}"]
+        + [
+            "--text-model",
+            "teacher:embedded",
+            "--dataset",
+            "synthetic",
+            "--dataset-kwargs",
+            '{"split": "validation"}',
+        ]
+        + ["--mode", "whole", "--image-size", "64", "--resize-backend", "torch", "--max-images", "4"]
+        + ["--out", str(res_dir), "--no-plots", "--quiet", "--text-cache", "none", "--device", "cpu"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((res_dir / "results.json").read_text())["models"]["student"]
+    assert result["readout"] == "patch"
+    assert result["metrics"]["miou"] == pytest.approx(evals[-1]["eval/miou"], abs=1e-9)

@@ -456,6 +456,8 @@ def _train(
     accepted: list[tuple[str, Any, Any]] = []
     states: dict[str, Any] | None = None
     cache_ident = cache_identity(open_cache(cfg.cache.path).meta) if cfg.cache.path else None
+    if cfg.multi_teacher:  # hook (distill.multi): several caches, each one's identity by teacher name
+        cache_ident = {name: t["cache_identity"] for name, t in built.info["teachers"].items()}
     if found is not None:
         path = Path(found[0]) / found[1]
         states = ckpt.read_model_states(path)

@@ -53,7 +53,7 @@ from tipsdistill.students.adaptors import standardisation
 
 from .config import TeacherEntry, TrainConfig
 from .data import DistillDataset, ResumableSampler, align_teacher_maps, crop_roi, ratio_order
-from .feeder import EXTRA, FeatureFeeder
+from .feeder import FeatureFeeder
 from .losses import FEATURE_LOSSES, PatchFeatureLoss, token_weights, weighted_token_mean
 from .targets import CachedText, Targets
 from .task import BuiltTask, TaskModule, _align_text_width, _build_text, build_student_from_config
@@ -71,7 +71,9 @@ class Teacher:
 
     entry: TeacherEntry
     cache: FeatureCache
-    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # joined index -> row, -1 = missing
+    rows: np.ndarray = field(
+        default_factory=lambda: np.zeros(0, np.int64)
+    )  # joined index -> row, -1 = missing
 
     @property
     def name(self) -> str:
@@ -152,7 +154,9 @@ def open_teachers(cfg: TrainConfig) -> list[Teacher]:
                 "set loss.clip_weight=0"
             )
         if not asked[0].cache.spec.has_text:
-            raise ValueError(f"teacher {asked[0].name} (text: true): cache {asked[0].entry.path} has no captions")
+            raise ValueError(
+                f"teacher {asked[0].name} (text: true): cache {asked[0].entry.path} has no captions"
+            )
         for t in teachers:
             t.entry.text = t is asked[0]
     else:
@@ -228,7 +232,9 @@ def teacher_statistics(
 
 def stats_path(cache: FeatureCache, max_samples: int = 0) -> Path:
     """Where the statistics of ``cache`` live: beside its index, keyed by its identity (and sample count)."""
-    ident = json.dumps({**cache_identity(cache.meta), "stats_samples": int(max_samples)}, sort_keys=True, default=str)
+    ident = json.dumps(
+        {**cache_identity(cache.meta), "stats_samples": int(max_samples)}, sort_keys=True, default=str
+    )
     digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
     return Path(cache.path).parent / f"teacher-stats-{digest}.safetensors"
 
@@ -357,7 +363,9 @@ class MultiFeeder:
     """One :class:`FeatureFeeder` per teacher over the joined index, read ahead in their threads; the
     same interface as a single feeder (``seek``, ``next``, ``attach``, ``close``, ``wait_s``)."""
 
-    def __init__(self, dataset: JoinedDataset, sampler: ResumableSampler, batch_size: int, *, depth: int) -> None:
+    def __init__(
+        self, dataset: JoinedDataset, sampler: ResumableSampler, batch_size: int, *, depth: int
+    ) -> None:
         self.dataset = dataset
         self.teachers = dataset.teachers
         self.grid = tuple(dataset.student_grid)
@@ -413,11 +421,13 @@ class MultiFeeder:
             valid_all[t.name] = valid
             lacking = n - sum(valid)
             self.missing[t.name] += lacking
-            if t.entry.text and f"text_valid/alt" in fb.tensors:
+            if t.entry.text and "text_valid/alt" in fb.tensors:
                 keep = torch.tensor(valid, dtype=torch.bool)
                 for g in t.cache.granularities:
                     fb.tensors[f"text_valid/{g}"][:n] &= keep
-                host["text_valid"] = {g: fb.tensors[f"text_valid/{g}"][:n].tolist() for g in t.cache.granularities}
+                host["text_valid"] = {
+                    g: fb.tensors[f"text_valid/{g}"][:n].tolist() for g in t.cache.granularities
+                }
             out[t.name] = fb
         self.rows += len(want)
         host["teacher_valid"] = valid_all
@@ -446,7 +456,8 @@ class MultiTargets(Targets):
         self.names = [t.name for t in teachers]
         self.grids = {t.name: t.cache.spec.grid for t in teachers}
         self.bases = {
-            t.name: (t.cache.reduction.tensors(device) if t.cache.reduction is not None else {}) for t in teachers
+            t.name: (t.cache.reduction.tensors(device) if t.cache.reduction is not None else {})
+            for t in teachers
         }
 
     def per_teacher(
@@ -572,9 +583,15 @@ def build_multi_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, w
             "several teachers: the per-teacher adaptor terms (teachers[*].patch_loss / cls_loss) replace "
             "loss.patch and the DINO term of the recipe"
         )
-    info: dict[str, Any] = {"student": getattr(student, "config", {}), "student_grid": list(grid), "teachers": {}}
+    info: dict[str, Any] = {
+        "student": getattr(student, "config", {}),
+        "student_grid": list(grid),
+        "teachers": {},
+    }
     for t in teachers:
-        stats = load_statistics(t.cache, t.entry.stats_samples, fallback_dir=Path(cfg.output_dir) / "teacher_stats")
+        stats = load_statistics(
+            t.cache, t.entry.stats_samples, fallback_dir=Path(cfg.output_dir) / "teacher_stats"
+        )
         adaptor = student.adaptors[t.name]
         for which in ("patch", "cls"):
             adaptor.set_statistics(
@@ -605,7 +622,9 @@ def build_multi_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, w
     if cfg.loss.clip_weight > 0:
         text = _build_text(cfg, student, targets, text_teacher.cache)
         if not isinstance(text[0], CachedText):
-            raise ValueError("several teachers: the CLIP term reads the text-aligned teacher's cached captions")
+            raise ValueError(
+                "several teachers: the CLIP term reads the text-aligned teacher's cached captions"
+            )
         _align_text_width(cfg, student, text[1])
     info["text_source"] = f"cache:{text_teacher.name}" if text is not None else "none"
     info["text_dim"] = student.text_dim
@@ -618,4 +637,3 @@ def build_multi_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, w
     info["skipped"] = len(dataset.skipped_keys)
     info["trainable_params"] = sum(p.numel() for p in task.parameters() if p.requires_grad)
     return BuiltTask(task=task, student=student, dataset=dataset, sampler=sampler, info=info)
-

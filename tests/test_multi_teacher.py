@@ -110,7 +110,10 @@ def test_caches_are_joined_by_key_and_disjoint_caches_refused(caches):
 
     bad = load_config(
         "distill",
-        [f"teachers=[{{name: a, path: {caches['tips']}}}, {{name: b, path: {caches['other']}}}]", "output_dir=/x"],
+        [
+            f"teachers=[{{name: a, path: {caches['tips']}}}, {{name: b, path: {caches['other']}}}]",
+            "output_dir=/x",
+        ],
     )
     with pytest.raises(ValueError, match=rf"{caches['tips']}.*{caches['other']}.*overlap 0"):
         join_keys(open_teachers(bad))
@@ -167,7 +170,10 @@ def test_phi_s_statistics_equal_a_direct_computation(caches, tmp_path):
 
 
 def _result(name: str, root: Path, caches: dict[str, Path], extra: list[str], nproc: int = 1, **kw) -> dict:
-    args = {"result": str(root / name / "result.json"), "overrides": _overrides(caches, root / name / "out") + extra}
+    args = {
+        "result": str(root / name / "result.json"),
+        "overrides": _overrides(caches, root / name / "out") + extra,
+    }
     res = run_subprocess({**args, **kw}, nproc=nproc)
     assert "error" not in res, res["error"] + "\n" + res.get("stderr", "")
     return res
@@ -207,19 +213,29 @@ def test_train_resume_export_and_zero_shot_through_the_text_adaptor(caches, runs
             a = exported.adaptor(name).encode_image(pixels, value_trick=True)
             b = ckpt_student.eval().adaptor(name).encode_image(pixels, value_trick=True)
         assert a.patch.shape == (2, grid, grid, dim) and a.cls.shape == (2, 2, dim)
-        assert torch.equal(a.patch, b.patch) and torch.equal(a.cls, b.cls) and torch.equal(a.value_patch, b.value_patch)
+        assert (
+            torch.equal(a.patch, b.patch)
+            and torch.equal(a.cls, b.cls)
+            and torch.equal(a.value_patch, b.value_patch)
+        )
     with pytest.raises(ValueError, match="no adaptor 'dino'.*eff.*tips"):
         exported.adaptor("dino")
 
     # zero-shot through the text teacher's adaptor, with that teacher's text; the other has no text space
     model = build_model(f"student:{out / 'export'}@tips")
     dataset = build_eval_dataset("synthetic", {"split": "validation", "size": 4, "image_size": 32})
-    text = resolve_class_embeddings(dataset.class_names, text_model=tiny_teacher(), templates="tcl", cache_dir=None)
-    settings = SegmentationSettings(image_size=32, window=32, stride=24, readout="tips", resize_backend="torch")
+    text = resolve_class_embeddings(
+        dataset.class_names, text_model=tiny_teacher(), templates="tcl", cache_dir=None
+    )
+    settings = SegmentationSettings(
+        image_size=32, window=32, stride=24, readout="tips", resize_backend="torch"
+    )
     metrics = evaluate_segmentation(model, dataset, text, settings, progress=False)["metrics"]
     assert 0.0 <= metrics["miou"] <= 100.0
     with pytest.raises(ValueError, match="adaptor 'eff'.*caption embeddings"):
-        evaluate_segmentation(build_model(f"student:{out / 'export'}@eff"), dataset, text, settings, progress=False)
+        evaluate_segmentation(
+            build_model(f"student:{out / 'export'}@eff"), dataset, text, settings, progress=False
+        )
 
 
 def test_two_processes_zero3(caches, runs):

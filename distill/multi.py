@@ -23,8 +23,8 @@ resolutions, storage dtypes and PCA reduction may differ. Pieces:
   image-text term on the text-aligned teacher's caption embeddings through the student's own text
   interface (``Student.project_to_text``); KoLeo as configured.
 
-Hook points: :func:`distill.task.build_task` hands a config with ``teachers`` / ``cache.paths`` to
-:func:`build_multi_task`; :func:`distill.feeder.feeder_for` asks the dataset for its feeder
+Hook points: :func:`distill.train.train` builds a config with ``teachers`` / ``cache.paths`` with
+:func:`build_multi_task` (not :func:`distill.task.build_task`); :func:`distill.feeder.feeder_for` asks the dataset for its feeder
 (:meth:`JoinedDataset.make_feeder`).
 """
 

@@ -71,6 +71,7 @@ from .resume import (
     rewrite_log,
 )
 from .schedules import Schedules
+from .multi import build_multi_task
 from .task import build_task
 from .tracking import Trackers, tracker_names
 
@@ -448,7 +449,8 @@ def _train(
             "another output_dir"
         )
     # ---- task (model, heads, losses, data)
-    built = build_task(cfg, device=device, rank=rank, world=world)
+    build = build_multi_task if cfg.multi_teacher else build_task  # hook: several teachers (distill.multi)
+    built = build(cfg, device=device, rank=rank, world=world)
     task, dataset, sampler = built.task, built.dataset, built.sampler
 
     # a resume compares the checkpoint's config (as the task resolved it) and cache identity with this

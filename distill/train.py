@@ -58,6 +58,7 @@ from .config import TrainConfig, config_to_dict, save_resolved
 from .data import collate, collate_packed, sample_seed, unpack_tensors
 from .export import export_model, export_student
 from .feeder import feeder_for
+from .multi import build_multi_task
 from .multinode import slurm_env
 from .reshard import load_resharded, remap_position
 from .resume import (
@@ -71,7 +72,6 @@ from .resume import (
     rewrite_log,
 )
 from .schedules import Schedules
-from .multi import build_multi_task
 from .task import build_task
 from .tracking import Trackers, tracker_names
 

@@ -62,6 +62,28 @@ class CacheSection:
     # built on the device); "item": float32 targets built per item in the DataLoader workers (reference)
     reader: str = "batch"
     prefetch: int = 2  # feature batches read ahead by the batch reader's thread
+    # several teachers (distill.multi): caches of different teachers over the same dataset, one default
+    # TeacherEntry each (named by the cache's teacher); `teachers: [...]` names and weighs them
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TeacherEntry:
+    """One teacher of a several-teacher run (``teachers: [...]``, :mod:`distill.multi`): its cache, its
+    adaptor head on the student, its losses and their weights."""
+
+    name: str = ""  # the adaptor's name (student.adaptor(name)); "" = the cache's teacher name
+    path: str = ""  # the stage-1 cache of this teacher
+    weight: float = 1.0  # multiplies every term of this teacher
+    patch_weight: float = 1.0  # patch-token feature loss
+    cls_weight: float = 1.0  # global-token (CLS) feature loss
+    patch_loss: str = "cosine"  # cosine | smooth_l1 | mse (on standardised tokens)
+    cls_loss: str = "cosine"
+    standardize: str = "phi-s"  # phi-s | channel | none; statistics computed once, stored beside the cache
+    text: bool | None = None  # the text-aligned teacher (its captions feed the CLIP term); None = auto
+    hidden_dim: int = 0  # adaptor MLP width; 0 = max(student, teacher width)
+    nlayers: int = 2
+    stats_samples: int = 0  # samples the statistics are computed on; 0 = all
 
 
 @dataclass
@@ -229,6 +251,12 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    teachers: list[TeacherEntry] = field(default_factory=list)  # several teachers (distill.multi)
+
+    @property
+    def multi_teacher(self) -> bool:
+        """Several caches (``teachers`` or ``cache.paths``), one student (:mod:`distill.multi`)."""
+        return bool(self.teachers or self.cache.paths)
 
     @property
     def pretraining(self) -> bool:
@@ -262,7 +290,7 @@ class TrainConfig:
         for key, val, ok in checks:
             if val not in ok:
                 raise ValueError(f"config {key}={val!r} is invalid; choose one of {list(ok)}")
-        if self.teacher.source == "cache" and not self.cache.path:
+        if self.teacher.source == "cache" and not self.cache.path and not self.multi_teacher:
             raise ValueError("teacher.source=cache needs cache.path=<path to the stage-1 cache>")
         if self.teacher.source == "online" and not self.teacher.name:
             raise ValueError("teacher.source=online needs teacher.name=<build_teacher name>")

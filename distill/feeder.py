@@ -187,6 +187,8 @@ class FeatureFeeder:
 def feeder_for(dataset: Any, sampler: ResumableSampler, batch_size: int, depth: int) -> FeatureFeeder | None:
     """The :class:`FeatureFeeder` of a :class:`distill.data.DistillDataset` whose features come from the
     batch reader (``dataset.batch_features``), else ``None``."""
+    if hasattr(dataset, "make_feeder"):  # hook: a dataset with its own reader (distill.multi, several caches)
+        return dataset.make_feeder(sampler, batch_size, depth)
     fields = tuple(getattr(dataset, "batch_features", ()) or ())
     if not fields:
         return None

@@ -333,6 +333,11 @@ def _align_text_width(cfg: TrainConfig, student: nn.Module, text_dim: int) -> bo
 
 def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: int = 1) -> BuiltTask:
     """Build the student, heads, losses, targets, data and the out-of-engine state for ``cfg``."""
+    if cfg.multi_teacher:  # several teachers: distill.multi builds that task (it imports this module)
+        raise ValueError(
+            "this config names several teachers (teachers / cache.paths): build it with "
+            "distill.multi.build_multi_task (tipsdistill-train does)"
+        )
     torch.manual_seed(cfg.seed)
     student = build_student_from_config(cfg)
     patch_size = student.patch_size

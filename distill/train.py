@@ -59,6 +59,7 @@ from .config import TrainConfig, config_to_dict, save_resolved
 from .data import collate, collate_packed, sample_seed, unpack_tensors
 from .export import export_model, export_student
 from .feeder import feeder_for
+from .multi import build_multi_task
 from .reshard import load_resharded, remap_position
 from .resume import (
     LOG_NAME,
@@ -439,7 +440,8 @@ def _train(
             "another output_dir"
         )
     # ---- task (model, heads, losses, data)
-    built = build_task(cfg, device=device, rank=rank, world=world)
+    build = build_multi_task if cfg.multi_teacher else build_task  # hook: several teachers (distill.multi)
+    built = build(cfg, device=device, rank=rank, world=world)
     task, dataset, sampler = built.task, built.dataset, built.sampler
 
     # a resume compares the checkpoint's config (as the task resolved it) and cache identity with this
@@ -447,6 +449,8 @@ def _train(
     accepted: list[tuple[str, Any, Any]] = []
     states: dict[str, Any] | None = None
     cache_ident = cache_identity(open_cache(cfg.cache.path).meta) if cfg.cache.path else None
+    if cfg.multi_teacher:  # hook (distill.multi): several caches, each one's identity by teacher name
+        cache_ident = {name: t["cache_identity"] for name, t in built.info["teachers"].items()}
     if found is not None:
         path = Path(found[0]) / found[1]
         states = ckpt.read_model_states(path)

@@ -34,6 +34,7 @@ CONFIG_KEYS = (
     "text",
     "text_dim",
     "check_inputs",
+    "adaptors",  # per-teacher adaptor heads (students.adaptors), several-teacher runs
 )
 
 
@@ -197,6 +198,13 @@ class Student(DenseEncoder):
             return super().encode_text(texts)
         return self.text(texts)
 
+    # ------------------------------------------------------------- adaptors (several teachers)
+    def adaptor(self, name: str) -> DenseEncoder:
+        """The student seen through teacher ``name``'s adaptor (:class:`students.adaptors.AdaptedEncoder`)."""
+        from .adaptors import AdaptedEncoder
+
+        return AdaptedEncoder(self, name)
+
     def identity(self) -> dict[str, Any]:
         ident = super().identity()
         ident.update(
@@ -222,6 +230,7 @@ def build_student(
     pos_interp: str = "bicubic",
     check_inputs: bool = True,
     overrides: dict[str, Any] | None = None,
+    adaptors: dict[str, dict[str, Any]] | None = None,
     **kw_overrides: Any,
 ) -> Student:
     """Build a student from any timm ViT name (random init by default).
@@ -245,6 +254,7 @@ def build_student(
             checkpoint's, the teacher's), else the ViT's width.
         overrides / **kw_overrides: timm ``create_model`` kwargs (``embed_dim``, ``depth``,
             ``num_heads``, ``img_size``, ``patch_size``, ``mlp_ratio``, ``reg_tokens``...).
+        adaptors: per-teacher adaptor heads, name -> spec (:func:`students.adaptors.attach_adaptors`).
     Returns:
         :class:`Student`; ``student.config`` holds all of the above so ``build_student(**config)``
         rebuilds it.
@@ -300,6 +310,10 @@ def build_student(
         check_inputs=check_inputs,
         config=config,
     )
+    if adaptors:
+        from .adaptors import attach_adaptors
+
+        attach_adaptors(student, adaptors)
     logger.info(
         "student %s: %d blocks x %d dims, patch %d, %d global tokens, %.1fM params",
         name,

@@ -4,6 +4,8 @@
 ``student:<export dir>``                      a student export (``students.load_student``), a training
                                               checkpoint (``.../checkpoints/step_XXXXXXXX``, any ZeRO stage)
                                               or a run directory (``output_dir``)
+``student:<dir>@<teacher>`` (or ``<dir>@<teacher>``)  the same student seen through one teacher's
+                                              adaptor (several-teacher runs, ``Student.adaptor(teacher)``)
 ``python:<module>:<factory>[:<json kwargs>]`` any callable returning a DenseEncoder
 A bare existing directory is a checkpoint or a run directory (as above), else it is read by its
 ``config.json`` ``format``: a student export or an embedded-teacher folder (``tipsdistill-export --format
@@ -107,6 +109,15 @@ def build_model(spec: str) -> Any:
     if kind == "teacher" and rest:
         name, _, kw = rest.partition(":")
         return teachers.build_teacher(name, **json_kwargs(kw, f"kwargs of teacher {name!r}"))
+    base, at, adaptor = spec.rpartition("@")
+    if at and base and adaptor and "/" not in adaptor and not Path(spec).exists():  # [student:]DIR@teacher
+        model = build_model(base)
+        if not hasattr(model, "adaptor"):
+            raise ValueError(
+                f"{spec}: @{adaptor} picks a teacher's adaptor of a student trained on several teachers; "
+                f"{base} is a {type(model).__name__} without adaptors"
+            )
+        return model.adaptor(adaptor)
     if kind == "student" and rest:
         return _student(rest)
     if kind == "python" and rest:

@@ -35,6 +35,7 @@ from tipsdistill import teachers  # noqa: F401  (importing the package registers
 from tipsdistill.teachers.base import Teacher, build_teacher, list_teachers
 
 from . import synthetic  # noqa: F401  (registers the "synthetic" dataset)
+from .config import from_dict
 from .dataset_spec import build_from_spec, is_shorthand, recorded_spec, registry_name, remember_spec
 from .datasets import (
     GRANULARITIES,
@@ -95,7 +96,8 @@ IMAGE_SOURCES = ("folder", "webdataset", "table", "hf")  # datasets that decode 
 
 @dataclass
 class CacheConfig:
-    """Everything stage 1 needs; written next to the cache (``cache_config.json``)."""
+    """Everything stage 1 needs; written next to the cache (``cache_config.json`` with the cache's record,
+    and ``cache_config.yaml`` by ``tipsdistill-cache``, which ``--config`` reruns)."""
 
     out: str = "cache"
     teacher: str = "timm"  # registry name (teachers.list_teachers()) or "package.module:factory"
@@ -145,11 +147,8 @@ class CacheConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CacheConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown cache config key(s) {unknown}; known keys: {sorted(names)}")
-        return cls(**d)
+        """Strict and typed (:func:`cache.config.from_dict`): an unknown key names the nearest valid ones."""
+        return from_dict(cls, d)
 
     def validate(self) -> None:
         if self.resize not in RESIZE_MODES:

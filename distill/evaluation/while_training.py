@@ -30,11 +30,11 @@ from torch import nn
 from .datasets import build_eval_dataset
 from .metrics import ConfusionMatrix
 from .segmentation import (
-    SegmentationSettings,
     check_text_dim,
     dataset_class_names,
     dataset_subsets,
     evaluate_segmentation,
+    training_settings,
 )
 from .templates import normalise_class_list
 from .text import ClassEmbeddings, resolve_class_embeddings
@@ -126,17 +126,7 @@ class TrainingEval:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.device = device
-        size = e.image_size or cfg.data.image_size
-        window = e.window or size
-        self.settings = SegmentationSettings(
-            image_size=size,
-            mode=e.mode,
-            window=window,
-            stride=e.stride or max(1, window * 3 // 4),
-            readout=e.readout,
-            templates=e.templates,
-            resize_backend="torch",
-        )
+        self.settings = training_settings(e.settings, cfg.data.image_size)
         self.dataset = build_eval_dataset(e.dataset, dict(e.dataset_kwargs))
         self.names = dataset_class_names(self.dataset)
         self.subsets = dataset_subsets(self.dataset)
@@ -166,10 +156,10 @@ class TrainingEval:
         logger.info(
             "eval every %d steps: %s on %d image(s) of %s, %s readout, text %s; best by %s",
             e.every,
-            e.mode,
+            self.settings.mode,
             self.num_images,
             e.dataset,
-            e.readout,
+            self.settings.readout,
             "of the student's own tower" if self.student_text else f"from {_label(self.text.source)}",
             self.metric,
         )

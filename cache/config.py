@@ -282,12 +282,13 @@ def load_typed(
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, Any]:
     """The flags ``argv`` sets explicitly (``dest -> value``), argparse's defaults left out: a flag is an
-    alias of a config key and must not overwrite the ``--config`` file's value unless it is typed."""
+    alias of a config key and must not overwrite the ``--config`` file's value unless it is typed.
+    ``key=value`` overrides may sit between the flags (``parse_intermixed_args``)."""
     quiet = copy.deepcopy(parser)
     for action in quiet._actions:
         action.default = argparse.SUPPRESS
         action.required = False
-    return vars(quiet.parse_args(argv))
+    return vars(quiet.parse_intermixed_args(argv))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -40,7 +40,7 @@ class TeacherConfig:
     (live frozen teacher): distillation; ema (self-distillation, no external teacher): pretraining."""
 
     source: str = "cache"
-    name: str = ""  # build_teacher name (online)
+    name: str = ""  # online: a teacher spec, as tipsdistill-cache --teacher (embedded, timm:MODEL, hf:REPO)
     kwargs: dict[str, Any] = field(default_factory=dict)
     image_size: int = 0  # online: teacher input size for the global crop (0 = same as data.image_size)
     layer: int | None = None  # online: block read out (None = last)
@@ -268,6 +268,12 @@ class TrainConfig:
                 raise ValueError(f"config {key}={val!r} is invalid; choose one of {list(ok)}")
         if self.teacher.source == "cache" and not self.cache.path:
             raise ValueError("teacher.source=cache needs cache.path=<path to the stage-1 cache>")
+        if ":" in self.teacher.name:  # teacher.name=timm:MODEL, the one teacher spec (cache.config)
+            from tipsdistill.cache.config import parse_teacher_spec
+
+            self.teacher.name, self.teacher.kwargs = parse_teacher_spec(
+                self.teacher.name, self.teacher.kwargs
+            )
         if self.teacher.source == "online" and not self.teacher.name:
             raise ValueError("teacher.source=online needs teacher.name=<build_teacher name>")
         if self.checkpoint.export == "ema" and self.ema.kind != "full":

@@ -364,7 +364,7 @@ def resolve_device(name: str) -> tuple[str, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)  # --help, and argparse's own errors
+    build_parser().parse_intermixed_args(argv)  # --help, and argparse's own errors
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from tipsdistill.cache.config import save_config
     from tipsdistill.distill.evaluation import compare_models

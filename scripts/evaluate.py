@@ -1,12 +1,15 @@
 """``tipsdistill-eval``: zero-shot segmentation, image-text retrieval and zero-shot classification of one or
 several models.
 
-Model specs (``--model NAME=SPEC``, repeatable; ``distill.evaluation.models``):
-  ``teacher:<registry name>[:<json kwargs>]``   e.g. ``teacher:timm:{"model_name": "vit_base_patch14_reg4_dinov2"}``
+Model specs (``--model NAME=SPEC``, repeatable, config key ``models.NAME``; ``distill.evaluation.models``):
+  ``teacher:<teacher spec>``                    e.g. ``teacher:timm:vit_base_patch14_reg4_dinov2``, ``teacher:embedded``
   ``student:<dir>``                             a student export, a checkpoint (.../checkpoints/step_N) or a run dir
-  ``python:<module>:<factory>[:<json kwargs>]`` any callable returning a DenseEncoder
-A bare existing directory is a student export or an embedded-teacher folder (by its config.json);
-a bare name is a teacher.
+  ``python:<module>:<factory>``                 any callable returning a DenseEncoder
+Keyword arguments of a model: ``model_kwargs.NAME.KEY=VALUE``. A bare existing directory is a student export or
+an embedded-teacher folder (by its config.json); a bare teacher spec (``embedded``, ``timm:MODEL``) is a teacher.
+Every flag is an alias of a config key (``EvalRunConfig``): ``--config FILE`` (YAML), then the flags, then dotted
+``key=value`` overrides (YAML values: ``settings.mode=whole 'dataset_kwargs={split: validation}'``); the resolved
+config is written to ``--out``/eval_config.yaml (see docs/config.md).
 Retrieval (``--retrieval coco_karpathy --retrieval-root DIR``: Karpathy's 5k COCO / 1k Flickr30k test split)
 and ImageNet zero-shot (``--classification imagenet --classification-root VAL_DIR``) report every global
 token of every model; they run alone or next to a segmentation ``--dataset``.

@@ -77,7 +77,7 @@ def demo_config(base: DemoConfig, file: str | None, overrides: list[str]) -> Dem
 
 def main(argv: list[str] | None = None) -> int:
     set_offline_cpu_defaults()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value overrides may sit between the flags
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
 

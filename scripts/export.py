@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    token = parser.parse_args(argv).token  # never part of the saved config
+    token = parser.parse_intermixed_args(argv).token  # never part of the saved config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation runs on the CPU
     from tipsdistill.cache.config import given_flags, load_typed, save_config

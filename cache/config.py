@@ -7,10 +7,10 @@ workers, autocast) into a new copy held by the frozen :class:`cache.plan.ShardPl
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config_layer import from_dict
 from .datasets import RESIZE_MODES
 
 STORAGE_DTYPES = ("float16", "int8")
@@ -23,7 +23,8 @@ IMAGE_SOURCES = ("folder", "webdataset", "table", "hf")  # datasets that decode 
 
 @dataclass
 class CacheConfig:
-    """Everything stage 1 needs; written next to the cache (``cache_config.json``)."""
+    """Everything stage 1 needs; written next to the cache (``cache_config.json`` with the cache's record,
+    and ``cache_config.yaml`` by ``tipsdistill-cache``, which ``--config`` reruns)."""
 
     out: str = "cache"
     teacher: str = "timm"  # registry name (teachers.list_teachers()) or "package.module:factory"
@@ -73,11 +74,8 @@ class CacheConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CacheConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown cache config key(s) {unknown}; known keys: {sorted(names)}")
-        return cls(**d)
+        """Strict and typed (:func:`cache.config_layer.from_dict`): an unknown key names the nearest valid ones."""
+        return from_dict(cls, d)
 
     def validate(self) -> None:
         if self.resize not in RESIZE_MODES:

@@ -7,20 +7,22 @@ package versions.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import os
-import types
-import typing
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
+from tipsdistill.cache.config_layer import (
+    from_dict,
+    load_file,
+    merge_dicts,
+    package_versions,
+    parse_overrides,
+)
 from tipsdistill.cache.format import git_revision
 from tipsdistill.students.heads import HEAD_WEIGHT_INITS
 
@@ -44,7 +46,7 @@ class TeacherConfig:
     (live frozen teacher): distillation; ema (self-distillation, no external teacher): pretraining."""
 
     source: str = "cache"
-    name: str = ""  # build_teacher name (online)
+    name: str = ""  # online: a teacher spec, as tipsdistill-cache --teacher (embedded, timm:MODEL, hf:REPO)
     kwargs: dict[str, Any] = field(default_factory=dict)
     image_size: int = 0  # online: teacher input size for the global crop (0 = same as data.image_size)
     layer: int | None = None  # online: block read out (None = last)
@@ -205,21 +207,31 @@ class LogConfig:
     progress: bool = True
 
 
+# the training evaluation's defaults over SegmentationSettings' own: whole images at the training size
+# (image_size / window / stride 0 or absent: data.image_size, image_size, window * 3 / 4), torch resizing
+EVAL_SETTINGS_DEFAULTS: dict[str, Any] = {
+    "mode": "whole",
+    "readout": "tips",
+    "templates": "tcl",
+    "resize_backend": "torch",
+}
+# former flat keys of the eval section, now keys of eval.settings (read with a deprecation warning)
+LEGACY_EVAL_KEYS = ("mode", "readout", "image_size", "window", "stride", "templates")
+
+
 @dataclass
 class EvalConfig:
     """Zero-shot segmentation while training (``distill.evaluation.while_training``): every ``every``
-    optimizer steps (0 = off), the same code as ``tipsdistill-eval`` on ``max_images`` held-out images."""
+    optimizer steps (0 = off), the same code as ``tipsdistill-eval`` on ``max_images`` held-out images.
+
+    ``settings`` are :class:`distill.evaluation.SegmentationSettings` keys (the one home of the
+    protocol's knobs, as ``tipsdistill-eval``'s ``settings.*``): ``eval.settings.mode=slide``."""
 
     every: int = 0
     dataset: str = "synthetic"  # a registered evaluation dataset or a spec, as tipsdistill-eval --dataset
     dataset_kwargs: dict[str, Any] = field(default_factory=lambda: {"split": "validation"})
     max_images: int = 64
-    mode: str = "whole"  # whole | slide
-    readout: str = "tips"  # tips | maskclip | patch
-    image_size: int = 0  # short side; 0 = data.image_size
-    window: int = 0  # slide mode: window side (0 = image_size) and stride (0 = window * 3 / 4)
-    stride: int = 0
-    templates: str = "tcl"
+    settings: dict[str, Any] = field(default_factory=lambda: dict(EVAL_SETTINGS_DEFAULTS))
     # class-name text embeddings, computed once at the start: a file (one row per class), else a model
     # spec with a text tower (as tipsdistill-eval --text-model), else "auto": the online teacher, the
     # student's own tower (loss.text_source=student; recomputed at every evaluation), or the teacher
@@ -282,9 +294,7 @@ class TrainConfig:
             ("loss.text_source", self.loss.text_source, ("cache", "student", "teacher", "none")),
             ("engine.precision", self.engine.precision, ("fp32", "bf16")),
             ("engine.zero_stage", self.engine.zero_stage, (0, 1, 2, 3)),
-            ("eval.mode", self.eval.mode, ("whole", "slide")),
             ("checkpoint.export", self.checkpoint.export, ("auto", "student", "ema")),
-            ("eval.readout", self.eval.readout, ("tips", "maskclip", "patch")),
             ("head.weight_init", self.head.weight_init, HEAD_WEIGHT_INITS),
         ]
         for key, val, ok in checks:
@@ -292,6 +302,12 @@ class TrainConfig:
                 raise ValueError(f"config {key}={val!r} is invalid; choose one of {list(ok)}")
         if self.teacher.source == "cache" and not self.cache.path and not self.multi_teacher:
             raise ValueError("teacher.source=cache needs cache.path=<path to the stage-1 cache>")
+        if ":" in self.teacher.name:  # teacher.name=timm:MODEL, the one teacher spec (cache.config_layer)
+            from tipsdistill.cache.config_layer import parse_teacher_spec
+
+            self.teacher.name, self.teacher.kwargs = parse_teacher_spec(
+                self.teacher.name, self.teacher.kwargs
+            )
         if self.teacher.source == "online" and not self.teacher.name:
             raise ValueError("teacher.source=online needs teacher.name=<build_teacher name>")
         if self.checkpoint.export == "ema" and self.ema.kind != "full":
@@ -340,6 +356,10 @@ class TrainConfig:
             raise ValueError(
                 f"eval.every={self.eval.every} must be >= 0 (0 = off) and eval.max_images={self.eval.max_images} >= 1"
             )
+        if self.eval.settings != EVAL_SETTINGS_DEFAULTS:
+            from tipsdistill.distill.evaluation.segmentation import training_settings
+
+            training_settings(self.eval.settings, self.data.image_size)  # unknown keys, bad values: named
         metric = self.eval.metric
         if metric not in ("miou", "pixel_accuracy", "mean_accuracy") and not metric.startswith("miou_"):
             raise ValueError(
@@ -350,107 +370,7 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# generic typed loading
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check/convert ``value`` to the annotated type ``tp``; raise naming ``key``."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except (TypeError, ValueError) as e:
-                errors.append(str(e))
-        raise TypeError(f"config key {key!r}: {value!r} matches none of {_type_name(tp)}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise TypeError(f"config key {key!r} must be a mapping, got {value!r}")
-        return _from_dict(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise TypeError(f"config key {key!r} must be a list, got {value!r}")
-        (a,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, a, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"config key {key!r} must be a mapping, got {value!r}")
-        _, vt = typing.get_args(tp) or (str, Any)
-        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError(f"config key {key!r} must be true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                number = math.nan
-            if number.is_integer():
-                return int(number)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise TypeError(f"config key {key!r} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise TypeError(f"config key {key!r} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError(f"config key {key!r} must be a string, got {value!r}")
-    return value
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in data:
-        if k not in names:
-            where = f" under {prefix!r}" if prefix else ""
-            raise ValueError(
-                f"unknown config key {(prefix + '.' if prefix else '') + k!r}; valid keys{where}: {', '.join(names)}"
-            )
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def merge_dicts(
-    base: dict[str, Any], upd: dict[str, Any], *, shallow: tuple[str, ...] = ("kwargs", "dataset_kwargs")
-) -> dict[str, Any]:
-    """``upd`` merged into ``base`` recursively (a config file, then flags, then dotted overrides);
-    the keys in ``shallow`` hold free-form kwargs and are merged one level deep only."""
-    out = dict(base)
-    for k, v in upd.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = {**out[k], **v} if k in shallow else merge_dicts(out[k], v, shallow=shallow)
-        else:
-            out[k] = v
-    return out
+# loading: the generic typed machinery is tipsdistill.cache.config_layer (one home for every command)
 
 
 def list_recipes() -> list[str]:
@@ -474,41 +394,41 @@ def recipe_path(recipe: str) -> Path:
     return q
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["optim.lr=1e-3", "data.flip=false"]`` -> nested dict; values parsed as YAML scalars/lists."""
-    out: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value (dotted keys, e.g. optim.lr=1e-3)")
-        key, raw = item.split("=", 1)
-        val = yaml.safe_load(raw) if raw != "" else ""
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r} conflicts with another override of {p!r}")
-        node[parts[-1]] = val
-    return out
-
-
 def load_config(
     recipe: str | None = None, overrides: list[str] | None = None, data: dict | None = None
 ) -> TrainConfig:
     """Build a :class:`TrainConfig` from a recipe (name or YAML path), a dict and dotted overrides."""
     merged: dict[str, Any] = {}
     if recipe:
-        with open(recipe_path(recipe)) as f:
-            merged = yaml.safe_load(f) or {}
-        if not isinstance(merged, dict):
-            raise ValueError(f"recipe {recipe} must be a YAML mapping")
+        merged = load_file(recipe_path(recipe), "recipe")
         merged.setdefault("recipe", Path(recipe).stem)
     if data:
         merged = merge_dicts(merged, data)
     if overrides:
         upd = parse_overrides(overrides)
         merged = merge_dicts(_other_architecture(merged, upd), upd)
-    return _from_dict(TrainConfig, _drop_mode(merged)).validate()
+    return from_dict(TrainConfig, _eval_settings(_drop_mode(merged))).validate()
+
+
+def _eval_settings(merged: dict[str, Any]) -> dict[str, Any]:
+    """``eval.settings`` over the training defaults (:data:`EVAL_SETTINGS_DEFAULTS`), so the resolved config
+    shows every knob set. Configs written before the knobs moved under ``eval.settings``: ``eval.mode`` &
+    co. are read as ``eval.settings.mode`` & co., with a deprecation warning (``eval.settings`` wins)."""
+    ev = dict(merged.get("eval") or {})
+    if not isinstance(merged.get("eval", {}), dict):
+        return merged  # from_dict names the bad value
+    moved = {k: ev.pop(k) for k in LEGACY_EVAL_KEYS if k in ev}
+    if moved:
+        logger.warning(
+            "config keys %s are deprecated; write %s",
+            ", ".join(f"eval.{k}" for k in moved),
+            ", ".join(f"eval.settings.{k}={v}" for k, v in moved.items()),
+        )
+    given = ev.get("settings") or {}
+    if not isinstance(given, dict):
+        return merged
+    ev["settings"] = {**EVAL_SETTINGS_DEFAULTS, **moved, **given}
+    return {**merged, "eval": ev}
 
 
 def _other_architecture(merged: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
@@ -550,25 +470,6 @@ def _drop_mode(merged: dict[str, Any]) -> dict[str, Any]:
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return asdict(cfg)
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in (
-        "tipsdistill",
-        "torch",
-        "torchvision",
-        "timm",
-        "transformers",
-        "deepspeed",
-        "h5py",
-        "safetensors",
-    ):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def save_resolved(cfg: TrainConfig, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:

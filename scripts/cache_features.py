@@ -3,7 +3,7 @@
 Examples::
 
     tipsdistill-cache --images photos/ --captions captions.jsonl --out cache/ \\
-        --teacher timm --teacher-kw model_name=vit_base_patch14_reg1_tipsv2 --image-size 448
+        --teacher timm:vit_base_patch14_reg1_tipsv2 --image-size 448
     tipsdistill-cache --data 'wds:/data/cc3m/{00000..00331}.tar' --caption short=json.short_caption ...
     tipsdistill-cache --data parquet:captions.parquet --image-column path --caption alt=caption ...
     tipsdistill-cache --data hf:my_saved_dataset --caption alt=text ...
@@ -24,40 +24,37 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tipsdistill.cache.config_layer import (
+    load_file,
+    merge_dicts,
+    parse_kwargs,
+    parse_overrides,
+    parse_teacher_spec,
+    save_config,
+    to_dict,
+)
 from tipsdistill.cache.dataset_spec import caption_fields_for, parse_dataset_spec
 from tipsdistill.cache.extract import CacheConfig, extract_features
 from tipsdistill.cache.lock import CacheBusyError
-from tipsdistill.distill.config import merge_dicts, parse_overrides
+
+CONFIG_NAME = "cache_config.yaml"
 
 
-def parse_kv(items: list[str] | None) -> dict[str, Any]:
-    """``["a=1", "b=x", '{"c": [1, 2]}']`` -> ``{"a": 1, "b": "x", "c": [1, 2]}`` (values parsed as JSON when possible)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        item = item.strip()
-        if item.startswith("{"):
-            try:
-                d = json.loads(item)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: cannot parse {item!r} as a JSON object: {e}") from e
-            out.update(d)
-            continue
-        if "=" not in item:
-            raise SystemExit(f"error: expected key=value or a JSON object, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
+def parse_kv(items: list[str] | None, what: str = "key=value arguments") -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``: the one value syntax (YAML values,
+    :func:`cache.config_layer.parse_kwargs`); a JSON object item is still read, with a deprecation warning."""
+    try:
+        return parse_kwargs(items, what)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,18 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tipsdistill-cache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--config", help="YAML or JSON file of CacheConfig fields (command-line flags override it)"
+        "--config",
+        help="YAML file of CacheConfig keys (a cache's cache_config.yaml reruns it); flags and overrides win",
     )
     p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted CacheConfig overrides, applied last"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted CacheConfig overrides (YAML values), applied last: batch_size=16 teacher_kwargs.img_size=448",
     )
-    p.add_argument("--out", help="output directory (shards + index.h5)")
-    p.add_argument("--teacher", help="teacher registry name (e.g. timm) or package.module:factory")
+    p.add_argument("--out", help="output directory (shards + index.h5); config key out")
+    p.add_argument(
+        "--teacher",
+        help="teacher spec: a registry name (embedded, timm, hf, tips), KIND:VALUE (timm:MODEL_NAME, "
+        "hf:REPO_OR_DIR, embedded:DIR) or package.module:factory; config key teacher",
+    )
     p.add_argument(
         "--teacher-kw",
         nargs="*",
         metavar="K=V",
-        help="teacher keyword arguments: key=value ... or a JSON object",
+        help="teacher keyword arguments, key=value (YAML values); config key teacher_kwargs",
     )
     d = p.add_argument_group("data (one of --data, --images, --dataset)")
     d.add_argument(
@@ -103,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-kw",
         nargs="*",
         metavar="K=V",
-        help="dataset keyword arguments: key=value ... or a JSON object",
+        help="dataset keyword arguments, key=value (YAML values); config key dataset_kwargs",
     )
     d.add_argument(
         "--data-allow-root",
@@ -209,20 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_file(path: str) -> dict[str, Any]:
-    text = Path(path).read_text(encoding="utf-8")
-    data = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
-    if not isinstance(data, dict):
-        raise SystemExit(f"error: {path} must hold a mapping of CacheConfig fields")
-    return data
-
-
 def _data_from_args(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
     """``dataset`` / ``dataset_kwargs`` from --data / --images / --dataset and the column options."""
     extra: dict[str, Any] = {}
     if args.image_field:
         extra["image_field"] = args.image_field
-    given_caps = None if args.no_captions else {str(g): str(f) for g, f in parse_kv(args.caption).items()}
+    given_caps = (
+        None if args.no_captions else {str(g): str(f) for g, f in parse_kv(args.caption, "--caption").items()}
+    )
     if args.no_captions:
         extra["caption_fields"] = {}
     if args.split:
@@ -254,21 +253,29 @@ def _data_from_args(args: argparse.Namespace, base: dict[str, Any]) -> dict[str,
         kw["captions"] = args.captions
     if args.data_allow_root:
         kw["allow_root"] = [str(Path(d).resolve()) for d in args.data_allow_root]
-    kw.update(parse_kv(args.data_kw))
+    kw.update(parse_kv(args.data_kw, "--data-kw"))
     upd["dataset_kwargs"] = kw
     return upd
 
 
 def config_from_args(args: argparse.Namespace) -> CacheConfig:
-    """Build the stage-1 config once: file, then flags (by field name), then dotted overrides."""
-    base = _load_file(args.config) if args.config else {}
+    """Build the stage-1 config once: defaults, then ``--config FILE``, then the flags (aliases of config
+    keys), then dotted overrides; strict and typed (:mod:`cache.config_layer`). The teacher spec is resolved the
+    one way (``timm:MODEL`` -> ``teacher=timm``, ``teacher_kwargs.model_name=MODEL``)."""
+    try:
+        base = load_file(args.config, "cache config") if args.config else {}
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
     names = {f.name for f in dataclasses.fields(CacheConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
     flags.pop("dataset", None)  # handled with the other data options
     if args.image_size:
         flags["image_size"] = args.image_size[0] if len(args.image_size) == 1 else list(args.image_size[:2])
     if args.teacher_kw is not None:
-        flags["teacher_kwargs"] = {**base.get("teacher_kwargs", {}), **parse_kv(args.teacher_kw)}
+        flags["teacher_kwargs"] = {
+            **base.get("teacher_kwargs", {}),
+            **parse_kv(args.teacher_kw, "--teacher-kw"),
+        }
     if args.no_text:
         flags["granularities"] = []
     elif args.granularities:
@@ -283,8 +290,10 @@ def config_from_args(args: argparse.Namespace) -> CacheConfig:
     try:
         merged = merge_dicts(merged, parse_overrides(args.overrides or []), shallow=())
         cfg = CacheConfig.from_dict(merged)
+        teacher, teacher_kwargs = parse_teacher_spec(cfg.teacher, cfg.teacher_kwargs)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from e
+    cfg = dataclasses.replace(cfg, teacher=teacher, teacher_kwargs=teacher_kwargs)
     if cfg.dataset == "folder" and "root" not in cfg.dataset_kwargs:
         raise SystemExit("error: the folder dataset needs --images DIR (or --data DIR)")
     return cfg
@@ -341,7 +350,7 @@ def estimate_main(args: argparse.Namespace) -> int:
                 "custom", args.teacher_dim, args.patch_size, args.global_tokens, args.text_dim
             )
         elif args.teacher:
-            shape = est.teacher_shape(args.teacher, parse_kv(args.teacher_kw))
+            shape = est.teacher_shape(args.teacher, parse_kv(args.teacher_kw, "--teacher-kw"))
         else:
             raise ValueError(
                 "--estimate needs --teacher (e.g. vit-l/14, tips:g, timm:MODEL) or --teacher-dim/--patch-size"
@@ -378,7 +387,7 @@ def estimate_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value overrides may sit between the flags
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -388,13 +397,15 @@ def main(argv: list[str] | None = None) -> int:
         return estimate_main(args)
     cfg = config_from_args(args)
     if args.print_config:
-        print(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     try:
         summary = extract_features(cfg)
     except (ValueError, OSError, CacheBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) == 0:  # the resolved config beside the cache: --config reruns it
+        save_config(cfg, Path(cfg.out) / CONFIG_NAME, command="tipsdistill-cache")
     if summary.get("skipped"):
         print(
             f"{len(summary['skipped'])} image(s) skipped; listed in the cache's 'skipped' dataset",

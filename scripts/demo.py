@@ -27,9 +27,16 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tipsdistill.scripts import set_offline_cpu_defaults
+
+if TYPE_CHECKING:  # importing distill.embedded imports timm: after set_offline_cpu_defaults
+    from tipsdistill.distill.embedded import DemoConfig
+
+CONFIG_NAME = "demo_config.yaml"  # the resolved demo config in --out (--config reruns it)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,29 +48,54 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None, help="training seed (initialisation, batches, crops)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument(
+        "--config", default=None, help="YAML file of DemoConfig keys (a demo_config.yaml in --out reruns it)"
+    )
+    ap.add_argument(
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="dotted stage-2 overrides of the embedded recipe, as tipsdistill-train takes them: loss.patch=cosine",
+        help="YAML values; a DemoConfig key (val_size=20) sets the demo, any other key is a dotted stage-2 "
+        "override of the embedded recipe, as tipsdistill-train takes them: loss.patch=cosine",
     )
     return ap
 
 
+def demo_config(base: DemoConfig, file: str | None, overrides: list[str]) -> DemoConfig:
+    """``base`` (FULL or QUICK), then ``file`` (YAML of DemoConfig keys), then the ``KEY=VALUE`` items that
+    name a DemoConfig key; the other items are appended to its stage-2 ``overrides``. Strict and typed
+    (:mod:`cache.config_layer`)."""
+    from tipsdistill.cache.config_layer import from_dict, load_file, merge_dicts, parse_overrides, to_dict
+    from tipsdistill.distill.embedded import DemoConfig
+
+    own = {f.name for f in fields(DemoConfig)} - {"overrides"}
+    mine = [o for o in overrides if o.partition("=")[0].strip() in own]
+    stage2 = [o for o in overrides if o not in mine]
+    merged = merge_dicts(to_dict(base), load_file(file, "demo config") if file else {})
+    merged = merge_dicts(merged, parse_overrides(mine))
+    return from_dict(DemoConfig, merged).with_overrides(*stage2)
+
+
 def main(argv: list[str] | None = None) -> int:
     set_offline_cpu_defaults()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value overrides may sit between the flags
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
 
+    from tipsdistill.cache.config_layer import save_config
     from tipsdistill.distill.embedded import FULL, QUICK, all_finite, run_demo
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = (QUICK if args.quick else FULL).with_overrides(*args.overrides)
+    try:
+        cfg = demo_config(QUICK if args.quick else FULL, args.config, args.overrides)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.steps is not None:
         cfg = cfg.with_overrides(f"steps={args.steps}")
     if args.seed is not None:
         cfg = cfg.with_overrides(f"seed={args.seed}")
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
+    save_config(cfg, out / CONFIG_NAME, command="tipsdistill-demo")
     results = run_demo(cfg, out, args.teacher_path, progress=not args.no_progress)
     if not all_finite(results):
         print("error: some measured numbers are not finite; see results.json", file=sys.stderr)

@@ -1,12 +1,15 @@
 """``tipsdistill-eval``: zero-shot segmentation, image-text retrieval and zero-shot classification of one or
 several models.
 
-Model specs (``--model NAME=SPEC``, repeatable; ``distill.evaluation.models``):
-  ``teacher:<registry name>[:<json kwargs>]``   e.g. ``teacher:timm:{"model_name": "vit_base_patch14_reg4_dinov2"}``
+Model specs (``--model NAME=SPEC``, repeatable, config key ``models.NAME``; ``distill.evaluation.models``):
+  ``teacher:<teacher spec>``                    e.g. ``teacher:timm:vit_base_patch14_reg4_dinov2``, ``teacher:embedded``
   ``student:<dir>``                             a student export, a checkpoint (.../checkpoints/step_N) or a run dir
-  ``python:<module>:<factory>[:<json kwargs>]`` any callable returning a DenseEncoder
-A bare existing directory is a student export or an embedded-teacher folder (by its config.json);
-a bare name is a teacher.
+  ``python:<module>:<factory>``                 any callable returning a DenseEncoder
+Keyword arguments of a model: ``model_kwargs.NAME.KEY=VALUE``. A bare existing directory is a student export or
+an embedded-teacher folder (by its config.json); a bare teacher spec (``embedded``, ``timm:MODEL``) is a teacher.
+Every flag is an alias of a config key (``EvalRunConfig``): ``--config FILE`` (YAML), then the flags, then dotted
+``key=value`` overrides (YAML values: ``settings.mode=whole 'dataset_kwargs={split: validation}'``); the resolved
+config is written to ``--out``/eval_config.yaml (see docs/config.md).
 Retrieval (``--retrieval coco_karpathy --retrieval-root DIR``: Karpathy's 5k COCO / 1k Flickr30k test split)
 and ImageNet zero-shot (``--classification imagenet --classification-root VAL_DIR``) report every global
 token of every model; they run alone or next to a segmentation ``--dataset``.
@@ -24,19 +27,36 @@ Under ``torchrun --nproc_per_node N`` the images are split over the processes (r
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("tipsdistill.eval")
+CONFIG_NAME = "eval_config.yaml"  # the resolved config, beside results.json (--config reruns it)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tipsdistill-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", action="append", required=True, help="NAME=SPEC (repeatable); see above")
+    p.add_argument(
+        "--config", default=None, help="YAML file of EvalRunConfig keys (an eval_config.yaml reruns it)"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted config overrides (YAML values), applied last: settings.mode=whole dataset_kwargs.size=8",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="NAME=SPEC (repeatable; config key models.NAME); see above",
+    )
     p.add_argument(
         "--dataset",
         default=None,
@@ -55,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         "else retrieval); --dataset then overrides the recorded dataset",
     )
     p.add_argument(
-        "--dataset-kwargs", default=None, help='JSON kwargs, e.g. {"split": "validation", "size": 8}'
+        "--dataset-kwargs",
+        default=None,
+        help="dataset kwargs as a YAML mapping, e.g. '{split: validation, size: 8}' (config key dataset_kwargs; "
+        "or dataset_kwargs.split=validation); JSON is read with a deprecation warning",
     )
     p.add_argument(
         "--data-root",
@@ -151,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--retrieval-root", default=None, help="shortcut for retrieval dataset kwarg root=")
     r.add_argument(
-        "--retrieval-kwargs", default=None, help='JSON kwargs of the retrieval dataset, e.g. {"json": ...}'
+        "--retrieval-kwargs",
+        default=None,
+        help="kwargs of the retrieval dataset, a YAML mapping: '{json: ...}'",
     )
     r.add_argument("--retrieval-image-size", type=int, default=224)
     r.add_argument(
@@ -161,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--classification-root", default=None, help="shortcut for classification dataset kwarg root="
     )
     r.add_argument(
-        "--classification-kwargs", default=None, help='JSON kwargs, e.g. {"classes": ["n01440764"]}'
+        "--classification-kwargs", default=None, help="kwargs, a YAML mapping: '{classes: [n01440764]}'"
     )
     r.add_argument("--classification-image-size", type=int, default=224)
     r.add_argument(
@@ -184,41 +209,139 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# command-line flag -> SegmentationSettings key (explicit flags override the protocol)
-SETTING_FLAGS = {
-    "mode": "mode",
-    "window": "window",
-    "stride": "stride",
-    "readout": "readout",
-    "layer": "layer",
-    "templates": "templates",
-    "background_threshold": "background_threshold",
-    "background_class": "background_class",
-    "background_text": "background_text",
-    "background_names": "background_names",
-    "resize_backend": "resize_backend",
-    "resize_rule": "resize_rule",
-    "max_long_side": "max_long_side",
-    "resize_interpolation": "resize_interpolation",
-    "window_softmax": "window_softmax",
-    "logit_scale": "logit_scale",
-    "synonym_reduce": "synonym_reduce",
-    "area_threshold": "area_threshold",
-    "window_batch": "window_batch",
-    "image_batch": "image_batch",
-    "amp": "amp",
-    "max_images": "max_images",
-}
+@dataclass
+class EvalRunConfig:
+    """Everything ``tipsdistill-eval`` takes: ``--config FILE``, then the flags (aliases of these keys), then
+    dotted ``key=value`` overrides. ``settings`` are :class:`SegmentationSettings` keys over ``protocol``
+    (the one home of the segmentation knobs, as a training run's ``eval.settings``); written to
+    ``<out>/eval_config.yaml``."""
+
+    models: dict[str, str] = field(default_factory=dict)  # name -> model spec (module docstring)
+    model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> builder kwargs
+    dataset: str = ""
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+    suite: str = ""
+    cache: str = ""
+    data_root: list[str] = field(default_factory=list)
+    split: str = "val"
+    strict: bool = False
+    data_allow_root: list[str] = field(default_factory=list)
+    max_images: int | None = None
+    protocol: str = "tips"
+    settings: dict[str, Any] = field(default_factory=dict)
+    layers: str = ""  # "all" or comma-separated block ids: the mIoU-by-depth curve
+    synonyms: str = ""
+    text_model: str = ""
+    text_embeddings: str = ""
+    text_cache: str = "default"
+    retrieval: str = ""
+    retrieval_root: str = ""
+    retrieval_kwargs: dict[str, Any] = field(default_factory=dict)
+    retrieval_image_size: int = 224
+    classification: str = ""
+    classification_root: str = ""
+    classification_kwargs: dict[str, Any] = field(default_factory=dict)
+    classification_image_size: int = 224
+    classification_templates: str = "openai"
+    global_batch_size: int = 32
+    global_workers: int = 0
+    workers: int | None = None  # segmentation image readers (None: 4 on a GPU, else 0)
+    out: str = "eval_out"
+    num_examples: int = 4
+    plots: bool = True
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> EvalRunConfig:
+        from tipsdistill.distill.evaluation.segmentation import check_setting_keys
+
+        check_setting_keys(self.settings, "settings")
+        if not self.models:
+            raise ValueError("no model to evaluate: give --model NAME=SPEC (or models.NAME=SPEC)")
+        stray = sorted(set(self.model_kwargs) - set(self.models))
+        if stray:
+            raise ValueError(
+                f"model_kwargs name models that are not evaluated: {stray}; models: {sorted(self.models)}"
+            )
+        return self
+
+
+# flags whose value is a SegmentationSettings knob: config key settings.<dest>
+SETTING_FLAGS = (
+    "mode", "window", "stride", "readout", "layer", "templates", "background_threshold", "background_class",
+    "background_text", "background_names", "resize_backend", "resize_rule", "max_long_side", "resize_interpolation",
+    "window_softmax", "logit_scale", "synonym_reduce", "area_threshold", "window_batch", "image_batch", "amp",
+)  # fmt: skip
+# flags whose config key has another name
+RENAMED_FLAGS = {"retrieval_dataset": "retrieval", "data_root": "data_root"}
+KWARGS_FLAGS = ("dataset_kwargs", "retrieval_kwargs", "classification_kwargs")
+
+
+def kwargs_text(text: str, what: str) -> dict[str, Any]:
+    """A ``--*-kwargs`` value: a YAML mapping (``{split: validation}``, the one syntax); JSON (the former
+    syntax) is read with a deprecation warning."""
+    from tipsdistill.cache.config_layer import json_object, parse_value
+
+    try:
+        json.loads(text)
+        return json_object(text, what)
+    except json.JSONDecodeError:
+        pass
+    value = parse_value(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a mapping, e.g. '{{split: validation, size: 8}}', got {text!r}")
+    return value
 
 
 def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The protocol settings given explicitly on the command line (they override ``--protocol``)."""
-    out = {key: getattr(args, flag) for flag, key in SETTING_FLAGS.items() if getattr(args, flag) is not None}
-    if args.image_size is not None:
-        out["image_size"] = args.image_size or None
-    if "background_names" in out:
-        out["background_names"] = [n.strip() for n in out["background_names"].split(",") if n.strip()]
-    return out
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return flags_to_config(given).get("settings", {})
+
+
+def flags_to_config(given: dict[str, Any]) -> dict[str, Any]:
+    """Explicitly given flags (``dest -> value``) as config keys (:class:`EvalRunConfig`)."""
+    from tipsdistill.distill.evaluation.models import parse_models
+
+    data: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
+    for dest, value in given.items():
+        if dest in ("config", "overrides"):
+            continue
+        if dest in SETTING_FLAGS:
+            if dest == "background_names":
+                value = [n.strip() for n in value.split(",") if n.strip()]
+            settings[dest] = value
+        elif dest == "image_size":
+            settings["image_size"] = value or None
+        elif dest == "max_images":
+            data["max_images"] = settings["max_images"] = value
+        elif dest == "model":
+            data["models"] = parse_models(value)
+        elif dest in KWARGS_FLAGS:
+            data[dest] = kwargs_text(value, "--" + dest.replace("_", "-"))
+        elif dest == "no_plots":
+            data["plots"] = not value
+        elif dest == "quiet":
+            data["progress"] = not value
+        else:
+            data[RENAMED_FLAGS.get(dest, dest)] = value
+    if settings:
+        data["settings"] = settings
+    return data
+
+
+def load_run_config(argv: list[str] | None) -> EvalRunConfig:
+    """Defaults, then ``--config FILE``, then the flags typed on the command line, then dotted overrides."""
+    from tipsdistill.cache.config_layer import given_flags, load_typed
+
+    given = given_flags(build_parser(), argv)
+    cfg = load_typed(EvalRunConfig, given.get("config"), flags_to_config(given), given.get("overrides"))
+    if "max_images" in cfg.settings and cfg.max_images is None:
+        cfg.max_images = cfg.settings["max_images"]
+    elif cfg.max_images is not None:
+        cfg.settings["max_images"] = cfg.max_images
+    return cfg
 
 
 def resolve_device(name: str) -> tuple[str, bool]:
@@ -245,11 +368,12 @@ def resolve_device(name: str) -> tuple[str, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    build_parser().parse_intermixed_args(argv)  # --help, and argparse's own errors
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from tipsdistill.cache.config_layer import save_config
     from tipsdistill.distill.evaluation import compare_models
     from tipsdistill.distill.evaluation.datasets import build_eval_dataset
-    from tipsdistill.distill.evaluation.models import build_model, json_kwargs, parse_models
+    from tipsdistill.distill.evaluation.models import build_model
     from tipsdistill.distill.evaluation.protocols import (
         get_protocol,
         parse_data_roots,
@@ -259,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     distributed, rank, shown = False, 0, ""
+    try:
+        args = load_run_config(argv)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         device, distributed = resolve_device(args.device)
         if distributed:
@@ -270,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         get_protocol(args.protocol)  # bad names stop before any model is built
         if args.suite:
             suite_datasets(args.suite)
-        overrides = setting_overrides(args)
+        overrides = dict(args.settings)
         data_root, roots = parse_data_roots(args.data_root)
         workers = args.workers if args.workers is not None else (4 if device.startswith("cuda") else 0)
         if args.suite and (args.dataset or args.cache or args.dataset_kwargs):
@@ -288,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         dataset = None
         if not args.suite:
-            ds_kw = json_kwargs(args.dataset_kwargs, "--dataset-kwargs")
+            ds_kw = dict(args.dataset_kwargs)
             if data_root:
                 ds_kw["root"] = data_root
             if args.data_allow_root:
@@ -296,26 +425,25 @@ def main(argv: list[str] | None = None) -> int:
             if args.cache:
                 from tipsdistill.cache.dataset_spec import source_for_cache
 
-                dataset = source_for_cache(args.cache, args.dataset, ds_kw, only_cached=True)
+                dataset = source_for_cache(args.cache, args.dataset or None, ds_kw, only_cached=True)
             elif args.dataset:
                 dataset = build_eval_dataset(args.dataset, ds_kw)
-            elif not (args.retrieval_dataset or args.classification):
+            elif not (args.retrieval or args.classification):
                 raise ValueError(
                     "name the images: --dataset NAME (or spec), --suite tipsv2|ovseg with --data-root DIR, "
                     "--cache CACHE for a cache's own images, --retrieval coco_karpathy / flickr30k_karpathy, "
                     "or --classification imagenet"
                 )
         models = {
-            name: build_model(spec).to(device).eval() for name, spec in parse_models(args.model).items()
+            name: build_model(spec, args.model_kwargs.get(name)).to(device).eval()
+            for name, spec in args.models.items()
         }
         text_model = None
         if args.text_model in models:  # reuse an evaluated model's text tower (no second copy in memory)
             text_model = models[args.text_model]
         elif args.text_model:
             text_model = build_model(args.text_model).to(device).eval()
-        retrieval_ds = _side_dataset(
-            args.retrieval_dataset, args.retrieval_kwargs, args.retrieval_root, "retrieval"
-        )
+        retrieval_ds = _side_dataset(args.retrieval, args.retrieval_kwargs, args.retrieval_root, "retrieval")
         cls_ds = _side_dataset(
             args.classification, args.classification_kwargs, args.classification_root, "classification"
         )
@@ -337,10 +465,12 @@ def main(argv: list[str] | None = None) -> int:
             jobs[task] = ds
         shown = _global_jobs(args, models, text_model, jobs) if rank == 0 else ""
         if "segmentation" not in jobs:
+            if rank == 0:
+                save_config(args, Path(args.out) / CONFIG_NAME, command="tipsdistill-eval")
             if shown:
                 print(shown)
             return 0
-        layers: Any = args.layers
+        layers: Any = args.layers or None
         if layers and layers != "all":
             layers = [int(x) for x in layers.split(",")]
         common: dict[str, Any] = {
@@ -350,8 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             "retrieval_dataset": retrieval_ds,
             "retrieval_image_size": args.retrieval_image_size,
             "cache_dir": None if args.text_cache == "none" else args.text_cache,
-            "progress": not args.quiet,
-            "plots": not args.no_plots,
+            "progress": args.progress,
+            "plots": args.plots,
             "distributed": distributed,
             "num_workers": workers,
         }
@@ -369,14 +499,14 @@ def main(argv: list[str] | None = None) -> int:
                 **common,
             )
         else:
-            settings = resolve_settings(args.protocol, args.dataset, dataset, overrides)
+            settings = resolve_settings(args.protocol, args.dataset or None, dataset, overrides)
             results = compare_models(
                 models,
                 dataset,
                 settings,
                 args.out,
-                text_embeddings=args.text_embeddings,
-                synonyms=args.synonyms,
+                text_embeddings=args.text_embeddings or None,
+                synonyms=args.synonyms or None,
                 **common,
             )
     except (ValueError, FileNotFoundError) as exc:
@@ -390,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                 dist.destroy_process_group()
     if rank != 0:
         return 0
+    save_config(args, Path(args.out) / CONFIG_NAME, command="tipsdistill-eval")
     print(Path(results["files"]["markdown"]).read_text())
     print("wrote: " + ", ".join(sorted(Path(f).name for f in results["files"].values())) + f" in {args.out}")
     if shown:
@@ -397,24 +528,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _side_dataset(name: str | None, kwargs: str | None, root: str | None, task: str) -> Any:
+def _side_dataset(name: str, kwargs: dict[str, Any], root: str, task: str) -> Any:
     """The ``--retrieval`` / ``--classification`` dataset (``None`` when not asked)."""
     if not name:
         if kwargs or root:
             raise ValueError(f"--{task}-kwargs / --{task}-root given without --{task} NAME")
         return None
     from tipsdistill.distill.evaluation.datasets import build_eval_dataset
-    from tipsdistill.distill.evaluation.models import json_kwargs
 
-    kw = json_kwargs(kwargs, f"--{task}-kwargs")
+    kw = dict(kwargs)
     if root:
         kw["root"] = root
     return build_eval_dataset(name, kw)
 
 
-def _global_jobs(
-    args: argparse.Namespace, models: dict[str, Any], text_model: Any, jobs: dict[str, Any]
-) -> str:
+def _global_jobs(args: EvalRunConfig, models: dict[str, Any], text_model: Any, jobs: dict[str, Any]) -> str:
     """Run the retrieval / classification jobs (a lone task writes to ``--out``; next to other tasks, to
     ``--out/<task>``); return their Markdown and where it went."""
     from tipsdistill.distill.evaluation.classification import classification_report
@@ -422,7 +550,7 @@ def _global_jobs(
 
     shown = []
     common = {"max_images": args.max_images, "batch_size": args.global_batch_size, "num_workers": args.global_workers,
-              "progress": not args.quiet}  # fmt: skip
+              "progress": args.progress}  # fmt: skip
     for task, ds in jobs.items():
         if task == "segmentation":
             continue
@@ -435,7 +563,7 @@ def _global_jobs(
             res = classification_report(
                 models, ds, out, text_model=text_model, image_size=args.classification_image_size,
                 templates=args.classification_templates,
-                text_embeddings=None if "segmentation" in jobs else args.text_embeddings,
+                text_embeddings=None if "segmentation" in jobs else (args.text_embeddings or None),
                 cache_dir=None if args.text_cache == "none" else args.text_cache, **common,
             )  # fmt: skip
         shown.append(

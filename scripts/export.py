@@ -28,6 +28,40 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class ExportConfig:
+    """Everything ``tipsdistill-export`` takes (the Hub token excepted: it is never written down); the
+    resolved config is saved as ``<export>/export_config.yaml``."""
+
+    checkpoint: str = ""  # a checkpoint directory (.../checkpoints/step_XXXXXXXX) or a run directory
+    out: str = ""  # "" = <run>/export_step_XXXXXXXX (<run>/export for the final step)
+    push_to_hub: str = ""  # a Hub repo id to upload the export to
+    private: bool = False
+    weights: str = ""  # "" = the run's checkpoint.export; auto | student | ema
+    format: str = "student"  # student | embedded-teacher
+    tokenizer: str = ""
+    alignment_images: int = 0
+
+    def validate(self) -> ExportConfig:
+        if not self.checkpoint:
+            raise ValueError("name the checkpoint: tipsdistill-export CHECKPOINT (or checkpoint=DIR)")
+        for key, value, ok in (
+            ("weights", self.weights, ("", "auto", "student", "ema")),
+            ("format", self.format, ("student", "embedded-teacher")),
+        ):
+            if value not in ok:
+                raise ValueError(
+                    f"export config {key}={value!r} is invalid; choose one of {[v for v in ok if v]}"
+                )
+        if self.alignment_images < 0:
+            raise ValueError(f"alignment_images={self.alignment_images} must be >= 0 (0 = skip)")
+        return self
+
+
+CONFIG_NAME = "export_config.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tipsdistill-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "checkpoint", help="a checkpoint directory (.../checkpoints/step_XXXXXXXX) or a run directory"
+        "positional",
+        nargs="*",
+        metavar="CHECKPOINT | KEY=VALUE",
+        help="a checkpoint directory (.../checkpoints/step_XXXXXXXX) or a run directory (config key checkpoint), "
+        "and dotted config overrides (YAML values), applied last: weights=ema",
     )
+    p.add_argument("--config", default=None, help="YAML file of ExportConfig keys (an export_config.yaml)")
     p.add_argument("--out", default=None, help="export directory (default: <run>/export_step_XXXXXXXX)")
     p.add_argument(
         "--push-to-hub", default=None, metavar="REPO_ID", help="upload the export to this Hub repo"
@@ -88,28 +127,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    token = parser.parse_intermixed_args(argv).token  # never part of the saved config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation runs on the CPU
+    from tipsdistill.cache.config_layer import given_flags, load_typed, save_config
     from tipsdistill.distill.export import export_checkpoint
 
     try:
+        given = given_flags(parser, argv)
+        positional = given.pop("positional", [])
+        overrides = [a for a in positional if "=" in a]
+        paths = [a for a in positional if "=" not in a]
+        if len(paths) > 1:
+            raise ValueError(f"one checkpoint at a time, got {paths}")
+        flags = {k: v for k, v in given.items() if k not in ("config", "token")}
+        if paths:
+            flags["checkpoint"] = paths[0]
+        args = load_typed(ExportConfig, given.get("config"), flags, overrides)
         out = export_checkpoint(
             args.checkpoint,
-            args.out,
-            push_to_hub_repo=args.push_to_hub,
+            args.out or None,
+            push_to_hub_repo=args.push_to_hub or None,
             private=args.private or None,
-            token=args.token,
-            weights=args.weights,
+            token=token,
+            weights=args.weights or None,
             format=args.format,
-            tokenizer=args.tokenizer,
+            tokenizer=args.tokenizer or None,
             onnx_size=args.image_size,
             onnx_dynamic_size=args.dynamic_size,
             trust_code=args.trust_code,
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         print(f"tipsdistill-export: {e}", file=sys.stderr)
         return 2
+    save_config(args, out / CONFIG_NAME, command="tipsdistill-export")
     conf = json.loads((out / "config.json").read_text())
     if args.format == "embedded-teacher":
         summary: dict = {"export": str(out), "metrics": conf["metrics"], "text": conf["text"]}

@@ -16,8 +16,9 @@ SIGTERM / SIGUSR1 (preemption) end the current step, write a checkpoint and exit
 (143 / 138) so the scheduler requeues the job; exit codes: 0 done, 2 bad input (a changed config, an
 output_dir in use, ...), 3 diverged.
 
-Overrides are dotted ``key=value`` pairs (values parsed as YAML); ``--print-config`` shows the resolved
-config and exits; ``--list-recipes`` lists the shipped recipes.
+Overrides are dotted ``key=value`` pairs (values parsed as YAML, the one syntax of every command);
+``--config FILE`` is ``--recipe FILE``; ``--print-config`` shows the resolved config and exits;
+``--list-recipes`` lists the shipped recipes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tipsdistill-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--recipe", default="distill", help="shipped recipe name or a YAML path (default: distill)"
+        "--recipe",
+        "--config",
+        dest="recipe",
+        default="distill",
+        help="shipped recipe name or a YAML file (a run's config.yaml reruns it; default: distill)",
     )
     p.add_argument(
         "--resume", default="", help="'auto' (newest complete checkpoint of output_dir) or a checkpoint dir"
@@ -65,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value overrides may sit between the flags
     logging.basicConfig(
         level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -12,6 +12,7 @@ from .base import (
     build_teacher,
     check_pixels,
     list_teachers,
+    location_kwarg,
     register_teacher,
 )
 from .tips_text import TipsTextTower, TipsTokenizer
@@ -25,5 +26,6 @@ __all__ = [
     "build_teacher",
     "check_pixels",
     "list_teachers",
+    "location_kwarg",
     "register_teacher",
 ]

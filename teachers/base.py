@@ -6,6 +6,7 @@ normalisation. Outputs are :class:`DenseFeatures`.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -157,6 +158,17 @@ def register_teacher(name: str) -> Callable[[Callable[..., Teacher]], Callable[.
 
 def list_teachers() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def location_kwarg(name: str) -> str:
+    """The keyword a teacher spec's value fills (``timm:MODEL`` -> ``model_name``): the first parameter of
+    the registered builder (timm ``model_name``, hf ``model``, tips ``vision_ckpt``, embedded ``path``)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown teacher {name!r}; known teachers: {', '.join(list_teachers())}")
+    params = list(inspect.signature(_REGISTRY[name]).parameters.values())
+    if not params or params[0].kind not in (params[0].POSITIONAL_OR_KEYWORD, params[0].KEYWORD_ONLY):
+        raise ValueError(f"teacher {name!r} takes no location argument; give its kwargs as key=value")
+    return params[0].name
 
 
 def build_teacher(name: str, **kwargs: Any) -> Teacher:

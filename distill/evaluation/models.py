@@ -1,16 +1,21 @@
 """Model specs of the evaluation tools (``tipsdistill-eval``, ``scripts/probe.py``) -> DenseEncoders.
 
-``teacher:<registry name>[:<json kwargs>]``   e.g. ``teacher:timm:{"model_name": "vit_base_patch14_reg4_dinov2"}``
+Named the one way, as teachers (``cache.config_layer.parse_teacher_spec``) and datasets are: ``kind:value``,
+keyword arguments as ``key=value`` config keys (``tipsdistill-eval ... model_kwargs.NAME.key=value``).
+
+``teacher:<teacher spec>``                    e.g. ``teacher:timm:vit_base_patch14_reg4_dinov2``,
+                                              ``teacher:hf:google/siglip2-base-patch16-224``, ``teacher:embedded``
 ``student:<export dir>``                      a student export (``students.load_student``), a training
                                               checkpoint (``.../checkpoints/step_XXXXXXXX``, any ZeRO stage)
                                               or a run directory (``output_dir``)
 ``student:<dir>@<teacher>`` (or ``<dir>@<teacher>``)  the same student seen through one teacher's
                                               adaptor (several-teacher runs, ``Student.adaptor(teacher)``)
-``python:<module>:<factory>[:<json kwargs>]`` any callable returning a DenseEncoder
+``python:<module>:<factory>``                 any callable returning a DenseEncoder
 A bare existing directory is a checkpoint or a run directory (as above), else it is read by its
-``config.json`` ``format``: a student export or an embedded-teacher folder (``tipsdistill-export --format
-embedded-teacher``); a bare name is a teacher. A run directory gives its newest student: the newest complete
-checkpoint, or ``export/`` when that holds a later step.
+``config.json`` ``format``: a student export or an embedded-teacher folder; a bare teacher spec
+(``embedded``, ``timm:MODEL``) is a teacher. A run directory gives its newest student: the newest complete
+checkpoint, or ``export/`` when that holds a later step. The former JSON kwargs in a spec
+(``teacher:timm:{"model_name": ...}``, ``python:m:f:{...}``) are read with a deprecation warning.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tipsdistill import teachers
+from tipsdistill.cache.config_layer import json_object, parse_teacher_spec
 from tipsdistill.students import load_student
 from tipsdistill.teachers.embedded import EmbeddedTeacher
 
@@ -32,19 +38,6 @@ logger = logging.getLogger(__name__)
 
 STUDENT_FORMAT = "tipsdistill-student/"
 TEACHER_FORMAT = "tipsdistill-embedded-teacher/"
-
-
-def json_kwargs(text: str | None, what: str) -> dict[str, Any]:
-    """``text`` parsed as a JSON object (``{}`` when empty); ``what`` names it in the error."""
-    if not text:
-        return {}
-    try:
-        kw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} is not valid JSON ({exc}): {text!r}") from exc
-    if not isinstance(kw, dict):
-        raise ValueError(f"{what} must be a JSON object, got {text!r}")
-    return kw
 
 
 def folder_kind(folder: Path) -> str:
@@ -103,12 +96,14 @@ def _student(path: str) -> Any:
     )
 
 
-def build_model(spec: str) -> Any:
-    """Build a DenseEncoder from a spec string (see the module docstring)."""
+def build_model(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
+    """Build a DenseEncoder from a spec string (see the module docstring); ``kwargs`` go to the teacher
+    builder or the ``python:`` factory."""
     kind, _, rest = spec.partition(":")
+    kw = dict(kwargs or {})
     if kind == "teacher" and rest:
-        name, _, kw = rest.partition(":")
-        return teachers.build_teacher(name, **json_kwargs(kw, f"kwargs of teacher {name!r}"))
+        name, teacher_kw = parse_teacher_spec(rest, kw)
+        return teachers.build_teacher(name, **teacher_kw)
     base, at, adaptor = spec.rpartition("@")
     if at and base and adaptor and "/" not in adaptor and not Path(spec).exists():  # [student:]DIR@teacher
         model = build_model(base)
@@ -119,23 +114,29 @@ def build_model(spec: str) -> Any:
             )
         return model.adaptor(adaptor)
     if kind == "student" and rest:
+        if kw:
+            raise ValueError(f"a student ({spec}) takes no kwargs; got {sorted(kw)}")
         return _student(rest)
     if kind == "python" and rest:
         parts = rest.split(":", 2)
         if len(parts) < 2:
-            raise ValueError(f"python spec needs python:<module>:<factory>[:<json>], got {spec!r}")
+            raise ValueError(f"python spec needs python:<module>:<factory>, got {spec!r}")
+        if len(parts) > 2 and parts[2]:
+            kw = {**json_object(parts[2], f"kwargs of {parts[0]}.{parts[1]}"), **kw}
         fn = getattr(importlib.import_module(parts[0]), parts[1])
-        return fn(**json_kwargs(parts[2] if len(parts) > 2 else None, f"kwargs of {parts[0]}.{parts[1]}"))
+        return fn(**kw)
     folder = Path(spec)
     if folder.is_dir():
+        if kw:
+            raise ValueError(f"a model folder ({spec}) takes no kwargs; got {sorted(kw)}")
         if is_run_or_checkpoint(folder):
             return student_from_run(folder)
         return load_student(folder) if folder_kind(folder) == "student" else EmbeddedTeacher(folder)
-    if "/" in spec:
+    if "/" in spec and kind not in teachers.list_teachers():
         raise FileNotFoundError(
             f"model folder {spec} does not exist; pass an existing folder or a model spec"
         )
-    return build_model(f"teacher:{spec}")
+    return build_model(f"teacher:{spec}", kw)
 
 
 def parse_models(items: list[str]) -> dict[str, str]:

@@ -23,7 +23,7 @@ import datetime as _dt
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from tipsdistill.cache.format import git_revision
 
 from .datasets import build_eval_dataset
 from .report import compare_models, plot_suite, suite_markdown
-from .segmentation import SegmentationSettings, dist_rank_world
+from .segmentation import SegmentationSettings, check_setting_keys, dist_rank_world
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +173,6 @@ PROTOCOLS: dict[str, Protocol] = {
     ),
 }
 
-SETTING_KEYS = tuple(f.name for f in fields(SegmentationSettings) if f.name != "extra")
-
 
 def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
@@ -216,9 +214,7 @@ def resolve_settings(
     ``settings.extra`` records ``protocol``, ``dataset`` and the ``overridden`` keys."""
     proto = get_protocol(protocol)
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(SETTING_KEYS))
-    if unknown:
-        raise ValueError(f"unknown setting(s) {unknown}; SegmentationSettings has {list(SETTING_KEYS)}")
+    check_setting_keys(overrides, "settings")
     values: dict[str, Any] = dict(proto.settings)
     bg = dataset_background(dataset) if dataset is not None else None
     if bg is not None:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from tipsdistill.cache.config_layer import nearest
 from tipsdistill.cache.datasets import BadImageError
 
 from .metrics import IGNORE_INDEX, ConfusionMatrix
@@ -190,6 +191,37 @@ class SegmentationSettings:
         d = self.to_dict()
         d.update(kw)
         return SegmentationSettings(**d)
+
+
+# every knob of the protocol, by name: the keys of tipsdistill-eval's ``settings.*``, of a training run's
+# ``eval.settings.*`` and of a protocol's values (``extra`` is the record of where they came from)
+SETTING_KEYS = tuple(f.name for f in fields(SegmentationSettings) if f.name != "extra")
+
+
+def check_setting_keys(values: Mapping[str, Any], where: str) -> None:
+    """Raise ``ValueError`` naming an unknown knob of ``values`` and the nearest valid ones (``where``:
+    the config section, e.g. ``eval.settings``)."""
+    unknown = sorted(str(k) for k in values if k not in SETTING_KEYS)
+    if unknown:
+        close = [c for k in unknown for c in nearest(k, list(SETTING_KEYS))]
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"unknown setting(s) {unknown} in {where}{hint} SegmentationSettings has {list(SETTING_KEYS)}"
+        )
+
+
+def training_settings(values: Mapping[str, Any], image_size: int) -> SegmentationSettings:
+    """A training run's ``eval.settings`` as :class:`SegmentationSettings`: ``image_size`` 0 (or absent) is
+    the training ``image_size``, ``window`` 0 the image size, ``stride`` 0 three quarters of the window."""
+    check_setting_keys(values, "eval.settings")
+    v = dict(values)
+    size = v.get("image_size") or image_size
+    window = v.get("window") or size
+    v.update(image_size=size, window=window, stride=v.get("stride") or max(1, window * 3 // 4))
+    try:
+        return SegmentationSettings(**v)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"eval.settings: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------- resizing

@@ -18,6 +18,7 @@ left untouched (``torch.random.fork_rng``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -30,12 +31,12 @@ from torch import nn
 from .datasets import build_eval_dataset
 from .metrics import ConfusionMatrix
 from .segmentation import (
-    SegmentationSettings,
     check_text_dim,
     dataset_class_names,
     dataset_subsets,
     evaluate_segmentation,
     resolve_readout,
+    training_settings,
 )
 from .templates import normalise_class_list
 from .text import ClassEmbeddings, resolve_class_embeddings
@@ -127,17 +128,9 @@ class TrainingEval:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.device = device
-        size = e.image_size or cfg.data.image_size
-        window = e.window or size
-        self.settings = SegmentationSettings(
-            image_size=size,
-            mode=e.mode,
-            window=window,
-            stride=e.stride or max(1, window * 3 // 4),
-            readout=resolve_readout(student, e.readout),  # patch for a student without attention
-            templates=e.templates,
-            resize_backend="torch",
-        )
+        settings = training_settings(e.settings, cfg.data.image_size)
+        # a student without attention (feature-map students) reads its projected dense tokens
+        self.settings = dataclasses.replace(settings, readout=resolve_readout(student, settings.readout))
         self.dataset = build_eval_dataset(e.dataset, dict(e.dataset_kwargs))
         self.names = dataset_class_names(self.dataset)
         self.subsets = dataset_subsets(self.dataset)
@@ -167,7 +160,7 @@ class TrainingEval:
         logger.info(
             "eval every %d steps: %s on %d image(s) of %s, %s readout, text %s; best by %s",
             e.every,
-            e.mode,
+            self.settings.mode,
             self.num_images,
             e.dataset,
             self.settings.readout,

@@ -624,6 +624,8 @@ def _build_dataset(config: CacheConfig, size: tuple[int, int], min_side: int) ->
         kw.setdefault("resize", config.resize)
         if config.max_pixels is not None:
             kw.setdefault("max_pixels", int(config.max_pixels))
+    if registry_name(config.dataset) == "webdataset":  # the shard index: built once, read by every later run
+        kw.setdefault("index", str(Path(config.out).resolve() / "data_index"))
     return remember_spec(make_dataset(config.dataset, kw), config.dataset, config.dataset_kwargs)
 
 

@@ -68,6 +68,7 @@ from .format import (
     toolkit_version,
     weights_digest,
 )
+from .locations import redact
 from .lock import CacheBusyError, ShardLock, busy_message, is_hdf5_lock_error, live_writer
 from .reduce import BASIS_FILE, PCAFitter, Reduction, explained
 from .repair import ShardReport, check_hdf5, data_end, repair_shard, verify_shard
@@ -710,7 +711,7 @@ def _shard_attrs(
         "shard_world": world,
         "shard_start": start,
         "shard_count": layout.count,
-        "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+        "config": redact(json.loads(json.dumps(dataclasses.asdict(config), default=str))),  # no URL secrets
         "caption_problems": list(getattr(dataset, "caption_problems", []) or [])[:100],
     }
 

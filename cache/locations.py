@@ -64,8 +64,10 @@ def _parts(pattern: str | list[str]) -> list[str]:
     items = [pattern] if isinstance(pattern, str) else [str(p) for p in pattern]
     out: list[str] = []
     for item in items:
-        if is_pipe(item):  # a command is one part: its own text may hold '::' or braces
-            out.append(item)
+        if is_pipe(
+            item
+        ):  # a command is one part (its text may hold '::'); braces expanded as webdataset does
+            out += list(braceexpand.braceexpand(item))
             continue
         for part in str(item).split("::"):
             out += list(braceexpand.braceexpand(part)) if part else []
@@ -163,6 +165,23 @@ def public_url(url: str) -> str:
         ]
     )
     return urllib.parse.urlunsplit((s.scheme, netloc, s.path, query, s.fragment))
+
+
+def redact(obj: Any) -> Any:
+    """A JSON-like structure with every string that holds a URL or ``pipe:`` command passed through
+    :func:`public_url` (in a ``wds:``/``parquet:`` spec too): what a cache may record."""
+    if isinstance(obj, dict):
+        return {k: redact(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(redact(v) for v in obj)
+    if isinstance(obj, str):
+        scheme, sep, rest = obj.partition(":")
+        if (
+            sep and scheme.isalpha() and is_remote(rest) and not is_remote(obj)
+        ):  # wds:https://..., tsv:pipe:...
+            return f"{scheme}:{public_pattern(rest)}"
+        return public_pattern(obj) if is_remote(obj) else obj
+    return obj
 
 
 def public_pattern(pattern: str | list[str]) -> str | list[str]:

@@ -26,7 +26,6 @@ captions, ...). An index that does not match the dataset asked for is refused, n
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -176,19 +175,37 @@ def walk_shard(
     return list(samples.values()), problems
 
 
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def fnv1a(off: np.ndarray, data: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
+    """64-bit FNV-1a of packed strings (:func:`pack_strings`), all at once: one vectorised pass per byte
+    position. ``start`` continues from given states (the hash of a prefix): ``(N,)`` uint64."""
+    n = len(off) - 1
+    lens = np.diff(off)
+    h = np.full(n, _FNV_OFFSET, np.uint64) if start is None else np.array(start, np.uint64)
+    first = np.asarray(off[:-1])
+    with np.errstate(over="ignore"):
+        for p in range(int(lens.max(initial=0))):
+            m = np.nonzero(lens > p)[0]
+            h[m] = (h[m] ^ data[first[m] + p].astype(np.uint64)) * _FNV_PRIME
+    return h
+
+
 def key_hash(keys: Sequence[str] | str) -> np.ndarray:
-    """64-bit hashes of full keys (blake2b, stable across processes and runs): ``(len(keys),)`` uint64."""
+    """64-bit hashes of full keys (FNV-1a of the UTF-8 bytes, stable across processes and runs): ``(N,)`` uint64."""
     items = [keys] if isinstance(keys, str) else keys
-    return np.fromiter(
-        (
-            int.from_bytes(
-                hashlib.blake2b(k.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little"
-            )
-            for k in items
-        ),
-        np.uint64,
-        len(items),
-    )
+    return fnv1a(*pack_strings([k.encode("utf-8", "surrogateescape") for k in items]))
+
+
+def index_hashes(
+    shard_start: np.ndarray, shard_names: list[str], key_off: np.ndarray, key_bytes: np.ndarray
+) -> np.ndarray:
+    """:func:`key_hash` of every full key ``<shard>/<key>`` of an index, from its arrays (no string built)."""
+    prefix = key_hash([f"{n}/" for n in shard_names])
+    counts = np.diff(shard_start)
+    return fnv1a(key_off, key_bytes, np.repeat(prefix, counts))
 
 
 def pack_strings(values: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -205,6 +222,8 @@ class ShardIndex:
     def __init__(
         self, arrays: dict[str, np.ndarray], meta: dict[str, Any], problems: list[dict[str, Any]]
     ) -> None:
+        # plain ndarray views of the maps (indexing an np.memmap builds a memmap object each time: slow)
+        arrays = {k: v.view(np.ndarray) if isinstance(v, np.memmap) else v for k, v in arrays.items()}
         self.arrays, self.meta, self.problems = arrays, meta, problems
         a = arrays
         self.shard_start, self.img, self.ext, self.bad = a["shard_start"], a["img"], a["ext"], a["bad"]
@@ -236,16 +255,16 @@ class ShardIndex:
         return int(np.searchsorted(self.shard_start, i, side="right")) - 1
 
     def inner_key(self, i: int) -> str:
-        return bytes(self.key_bytes[self.key_off[i] : self.key_off[i + 1]]).decode("utf-8")
+        a, b = self.key_off[i : i + 2].tolist()
+        return self.key_bytes[a:b].tobytes().decode("utf-8")
 
     def key(self, i: int) -> str:
         """The full key ``<shard>/<key>`` of sample ``i``."""
         return f"{self.shard_names[self.shard_of(i)]}/{self.inner_key(i)}"
 
     def caption(self, j: int, i: int) -> str | None:
-        off = self.arrays[f"cap{j}_off"]
-        a, b = int(off[i]), int(off[i + 1])
-        return bytes(self.arrays[f"cap{j}"][a:b]).decode("utf-8") if b > a else None
+        a, b = self.arrays[f"cap{j}_off"][i : i + 2].tolist()
+        return self.arrays[f"cap{j}"][a:b].tobytes().decode("utf-8") if b > a else None
 
     def captions(self, i: int) -> dict[str, str]:
         out = {}
@@ -353,7 +372,7 @@ class ShardIndex:
             "dup": np.asarray(dups, np.int64).reshape(-1, 2),
         }
         arrays["key_off"], arrays["key_bytes"] = pack_strings(inner)
-        h = key_hash(full_keys)
+        h = index_hashes(arrays["shard_start"], list(shard_names), arrays["key_off"], arrays["key_bytes"])
         order = np.argsort(h, kind="stable")
         arrays["key_hash"], arrays["key_order"] = h[order], order.astype(np.int64)
         for j in range(len(caption_fields)):

@@ -75,6 +75,7 @@ def shard_names(paths: list[str]) -> list[str]:
     ``.tar`` (local files and URLs alike; a ``pipe:`` command by the last ``*.tar`` word it holds)."""
     parts = []
     for i, p in enumerate(paths):
+        p = public_url(p)  # never a user name, password or token in a key
         if is_pipe(p):
             words = _TAR_WORD.findall(p)
             p = words[-1] if words else f"pipe{i:05d}.tar"

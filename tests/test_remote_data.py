@@ -183,7 +183,7 @@ def test_s3_through_moto_and_no_credential_recorded(shards, s3_server, tmp_path)
     _no_secret_in(out, SECRET, "testing-key-id")
     ds = source_for_cache(out, only_cached=True)
     it = ds[0]
-    assert it["key"] == expect["good"][0] and it["image"].shape == (3, 32, 32)
+    assert it["key"] == expect["good"][0] and it["image"].shape == (3, 40, 48)  # read from the bucket
     # a folder URL is listed on the bucket
     assert len(WebDatasetShards(f"{s3_server}/", index=str(tmp_path / "ix"))) == len(ds) + len(
         expect["skipped"]
@@ -197,7 +197,8 @@ def test_pipe_commands_stream_and_a_cache_never_runs_them(shards, tmp_path):
     assert check_cache(out, expect) == []
     with pytest.raises(ValueError, match="a cache never runs commands"):
         source_for_cache(out)
-    given = source_for_cache(out, f"wds:pipe:cat {root}/shards/{PATTERN}", {"index": str(out / "data_index")})
+    kw = {"index": str(out / "data_index"), "caption_fields": {"alt": "txt", "short": "json.short"}}
+    given = source_for_cache(out, f"wds:pipe:cat {root}/shards/{PATTERN}", kw)
     assert given[0]["key"] == expect["good"][0]
 
 

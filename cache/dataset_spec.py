@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from .datasets import build_dataset
@@ -184,11 +185,19 @@ class CachedSubset(Dataset):
     skipped are left out; their number is ``num_left_out``). Attributes such as ``class_names`` pass through."""
 
     def __init__(self, source: Dataset, keys: list[str]) -> None:
-        src_keys = list(source.keys()) if hasattr(source, "keys") else [str(i) for i in range(len(source))]
-        lookup = {k: i for i, k in enumerate(src_keys)}
         self.source, self._keys = source, list(keys)
-        self._index = [lookup[k] for k in self._keys]
-        self.num_left_out = len(src_keys) - len(self._keys)
+        if callable(getattr(source, "index_of", None)):  # the index's key lookup (no dict of every key)
+            found = source.index_of(self._keys)
+            if (found < 0).any():
+                raise KeyError(f"key {self._keys[int(np.argmax(found < 0))]!r} is not in the dataset")
+            self._index = found.tolist()
+        else:
+            src_keys = (
+                list(source.keys()) if hasattr(source, "keys") else [str(i) for i in range(len(source))]
+            )
+            lookup = {k: i for i, k in enumerate(src_keys)}
+            self._index = [lookup[k] for k in self._keys]
+        self.num_left_out = len(source) - len(self._keys)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name == "source":
@@ -203,6 +212,13 @@ class CachedSubset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.source[self._index[index]]
+
+
+def _has_pipe(spec: DatasetSpec) -> bool:
+    from .locations import has_pipe
+
+    where = spec.kwargs.get(LOCATION_KWARG.get(spec.name, ""), "")
+    return isinstance(where, str | list) and has_pipe(where)
 
 
 def source_for_cache(
@@ -234,11 +250,22 @@ def source_for_cache(
             "name the images with data.dataset=SPEC (stage 2) or --dataset SPEC (evaluation), e.g. "
             f"data.dataset=folder 'data.dataset_kwargs={{root: ...}}'; the cache's dataset: {fc.meta.get('dataset')}"
         )
+    if not dataset and _has_pipe(spec):
+        raise ValueError(
+            f"cache {fc.path} was made from pipe: commands ({spec}); a cache never runs commands: name the shards "
+            "yourself with data.dataset=SPEC (stage 2) or --dataset SPEC (evaluation), e.g. the same pipe: pattern "
+            "or its s3:// / https:// URLs"
+        )
     logger.info("source images of cache %s: %s", fc.path, spec)
     _registered()
     source = build_dataset(spec.name, **spec.kwargs)
-    src_keys = set(source.keys()) if hasattr(source, "keys") else {str(i) for i in range(len(source))}
-    missing = [k for k in fc.keys() if k not in src_keys]
+    cache_keys = fc.keys()
+    if callable(getattr(source, "index_of", None)):  # a key lookup in the index: no set of every key
+        found = source.index_of(cache_keys)
+        missing = [k for k, i in zip(cache_keys, found) if i < 0]
+    else:
+        src_keys = set(source.keys()) if hasattr(source, "keys") else {str(i) for i in range(len(source))}
+        missing = [k for k in cache_keys if k not in src_keys]
     if missing and dataset:
         raise ValueError(
             f"{len(missing)} of {len(fc)} keys of cache {fc.path} are not in the dataset given ({spec}); "

@@ -38,6 +38,7 @@ from .format import (
     weights_digest,
 )
 from .launch import MIXED_PRECISION_AUTOCAST, LaunchState, launch_state
+from .locations import redact
 from .reduce import Reduction
 from .resources import apply_threads, fit_threads
 from .views import ViewSpec
@@ -240,6 +241,8 @@ def _build_dataset(config: CacheConfig, size: tuple[int, int], min_side: int) ->
         kw.setdefault("resize", config.resize)
         if config.max_pixels is not None:
             kw.setdefault("max_pixels", int(config.max_pixels))
+    if registry_name(config.dataset) == "webdataset":  # the shard index: built once, read by every later run
+        kw.setdefault("index", str(Path(config.out).resolve() / "data_index"))
     return remember_spec(make_dataset(config.dataset, kw), config.dataset, config.dataset_kwargs)
 
 
@@ -310,7 +313,7 @@ def shard_attrs(plan: ShardPlan, teacher_spec: dict[str, Any] | None) -> dict[st
         "shard_world": plan.world,
         "shard_start": plan.start,
         "shard_count": layout.count,
-        "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+        "config": redact(json.loads(json.dumps(dataclasses.asdict(config), default=str))),  # no URL secrets
         "caption_problems": list(getattr(dataset, "caption_problems", []) or [])[:100],
     }
 

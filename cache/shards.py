@@ -1,14 +1,19 @@
 """Webdataset tar shards (what img2dataset writes) as a map-style dataset with random access by key.
 
-Each shard is indexed once when the dataset is built: the tar headers are walked with
-:mod:`tarfile` (member offsets and sizes, no image is read), members are grouped into samples with
-webdataset's own rule (``webdataset.tariterators.base_plus_ext``: ``dir/key.ext``), and the small
-caption members are read. Items are then read by offset (``os.pread``), so the dataset is map-style:
-stage 1 splits it across ranks and DataLoader workers by index exactly like a folder (no sample read
-twice or skipped), and stage 2 reads the images of a cache again by key.
+Shards are local files, remote objects (``s3://``, ``gs://``, ``https://``, ``hf://``, through fsspec) or
+``pipe:`` commands (:mod:`cache.locations`). Each shard is indexed once: the tar headers are walked with
+:mod:`tarfile` (member offsets and sizes), members are grouped into samples with webdataset's own rule
+(``webdataset.tariterators.base_plus_ext``: ``dir/key.ext``), and the small caption members are read
+(:mod:`cache.shard_index`). With ``index=FOLDER`` (stage 1 passes ``OUT/data_index``) that index is
+written once and memory-mapped by every later process, which then walks no tar header. Items are read
+by offset: ``os.pread`` locally, one HTTP ``Range`` request remotely (sequential reads, as stage 1 makes
+them, fetch a window of following samples in one request), so the dataset is map-style: stage 1 splits
+it across ranks and DataLoader workers by index exactly like a folder (no sample read twice or
+skipped), and stage 2 reads the images of a cache again by key.
 
 Keys are ``<shard>/<key>`` where ``<shard>`` is the shard's path relative to the shards' common
-folder without ``.tar`` (``00000/000000012``), so a cache is matched back to its shards.
+folder without ``.tar`` (``00000/000000012``; for a URL its path, for a ``pipe:`` command the last
+``*.tar`` word of the command), so a cache is matched back to its shards wherever they are read from.
 
 Captions: ``caption_fields`` maps a granularity to a member extension (its text) or to
 ``json.<key>`` (a key, dotted for nesting, of the sample's ``.json`` member). Default
@@ -29,160 +34,61 @@ Bad input is never fatal and never silent:
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import re
-import tarfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import braceexpand
 import numpy as np
 from torch.utils.data import Dataset
-from webdataset.tariterators import base_plus_ext
 
-from .datasets import BadImageError, _as_size, escape_name, load_image_bytes, log_problems, register_dataset
+from .datasets import BadImageError, _as_size, load_image_bytes, log_problems, register_dataset
+from .locations import ByteReader, expand_pattern, is_pipe, is_remote, public_pattern, public_url
+from .shard_index import BAD_KINDS, IndexLock, Sample, ShardIndex, problem
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_CAPTION_FIELDS = {"alt": "txt"}
 MAX_OPEN_SHARDS = 64
-_META = re.compile(r"__[^/]*__($|/)")
+READAHEAD_BYTES = 8 << 20  # a sequential remote read fetches the following samples of its shard up to this
+READAHEAD_SAMPLES = 256
+_TAR_WORD = re.compile(r"[^\s'\"]+\.tar\b")
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
-    """Shard paths from a pattern: braces expanded (``{00000..00009}``, like webdataset), ``::``-separated
-    lists and globs; every shard must exist (remote URLs are refused: random access needs local files)."""
-    items = [urls] if isinstance(urls, str) else list(urls)
-    out: list[str] = []
-    for item in items:
-        for part in str(item).split("::"):
-            for p in braceexpand.braceexpand(part):
-                if re.match(r"^[a-z][a-z0-9+]*://|^pipe:", p):
-                    raise ValueError(
-                        f"shard {p!r} is not a local file: random access by key needs the shards on disk; "
-                        "download them first (e.g. with img2dataset or `aws s3 sync`) and give the local pattern"
-                    )
-                if any(c in p for c in "*?["):
-                    found = sorted(glob.glob(p))
-                    if not found:
-                        raise ValueError(f"no shard matches {p!r}")
-                    out += found
-                else:
-                    out.append(p)
-    missing = [p for p in out if not Path(p).is_file()]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} of {len(out)} shard(s) of {urls!r} do not exist (first: {missing[:3]}); check the "
-            "pattern (braces like {00000..00009} are expanded)"
-        )
-    if not out:
-        raise ValueError(f"the shard pattern {urls!r} names no file")
-    return out
+    """Shard locations from a pattern: braces expanded (``{00000..00009}``, like webdataset), ``::``-separated
+    lists, globs and folders (every ``.tar`` under it); local files must exist; remote URLs and ``pipe:``
+    commands are kept (:func:`cache.locations.expand_pattern`)."""
+    return expand_pattern(urls, (".tar",), what="shard")
 
 
 def absolute_pattern(urls: str | list[str]) -> str | list[str]:
-    """``urls`` with each ``::``-separated pattern made absolute (braces and globs kept)."""
-    if isinstance(urls, str):
-        return "::".join(os.path.abspath(u) for u in urls.split("::"))
-    return [os.path.abspath(u) for u in urls]
+    """``urls`` with each ``::``-separated local pattern made absolute and each URL without secrets."""
+    return public_pattern(urls)
 
 
-@dataclass
-class _Sample:
-    shard: int
-    key: str  # key inside the shard
-    members: dict[str, tuple[int, int]] = field(default_factory=dict)  # ext -> (offset, size)
-    truncated: list[str] = field(default_factory=list)  # extensions cut off by a truncated tar
-
-
-def index_shard(path: str | Path, shard: int) -> tuple[list[_Sample], list[dict[str, Any]]]:
-    """Walk one tar's headers: ``(samples in tar order, problems)``; nothing but headers is read."""
-    path = Path(path)
-    size = path.stat().st_size
-    samples: dict[str, _Sample] = {}
-    problems: list[dict[str, Any]] = []
-    end = 0  # end of the last whole member's data
-    try:
-        # member names as bytes the OS would give (undecodable bytes as surrogates), escaped into keys below
-        with tarfile.open(path, "r:", encoding="utf-8", errors="surrogateescape") as tf:
-            while True:
-                try:
-                    ti = tf.next()
-                except (tarfile.ReadError, EOFError, OSError) as e:
-                    problems.append(
-                        _problem(
-                            path,
-                            "truncated",
-                            f"{path}: truncated tar (unreadable header after byte {end} of {size}: {e}); what lies "
-                            f"before the cut is read ({len(samples)} sample(s) indexed), any sample after it is "
-                            "lost (re-download this shard to recover them)",
-                        )
-                    )
-                    break
-                if ti is None:
-                    break
-                if not ti.isreg() or _META.match(ti.name):
-                    continue
-                parts = base_plus_ext(ti.name)
-                if parts is None or parts[0] is None:
-                    problems.append(
-                        _problem(
-                            path, "no_key", f"member {escape_name(ti.name)!r} has no key.ext name; ignored"
-                        )
-                    )
-                    continue
-                key, ext = escape_name(parts[0]), escape_name(parts[1]).lower()
-                if key != parts[0]:
-                    problems.append(
-                        _problem(
-                            path,
-                            "escaped_name",
-                            f"member {key}.{ext}: the name is not valid UTF-8; kept under the escaped key {key!r}",
-                            key,
-                        )
-                    )
-                s = samples.setdefault(key, _Sample(shard, key))
-                if ti.offset_data + ti.size > size:
-                    s.truncated.append(ext)
-                    continue
-                if ext in s.members:
-                    problems.append(
-                        _problem(path, "duplicate_member", f"{ti.name!r} appears twice; the first kept", key)
-                    )
-                    continue
-                s.members[ext] = (ti.offset_data, ti.size)
-                end = ti.offset_data + ti.size
-    except tarfile.ReadError as e:
-        problems.append(
-            _problem(path, "unreadable", f"not a readable tar file ({e}); no sample read from it")
-        )
-        return [], problems
-    # a whole tar ends with two zero blocks after its last member; a cut at a header boundary leaves none
-    tail = (end + 511) // 512 * 512
-    with open(path, "rb") as fh:
-        fh.seek(tail)
-        marker = fh.read(1024)
-    cut = any(s.truncated for s in samples.values())
-    if cut or len(marker) < 1024 or marker.strip(b"\0"):
-        if not any(p["kind"] == "truncated" for p in problems):
-            problems.append(
-                _problem(
-                    path,
-                    "truncated",
-                    f"{path}: the tar is truncated after byte {end} of {size}: the samples before "
-                    "the cut are read, any after it are lost (re-download this shard to recover them)",
-                )
-            )
-    return list(samples.values()), problems
-
-
-def _problem(path: Path, kind: str, message: str, key: str | None = None) -> dict[str, Any]:
-    return {"shard": str(path), "key": key, "kind": kind, "message": message}
+def shard_names(paths: list[str]) -> list[str]:
+    """The ``<shard>`` part of keys: each shard's path relative to the shards' common folder, without
+    ``.tar`` (local files and URLs alike; a ``pipe:`` command by the last ``*.tar`` word it holds)."""
+    parts = []
+    for i, p in enumerate(paths):
+        p = public_url(p)  # never a user name, password or token in a key
+        if is_pipe(p):
+            words = _TAR_WORD.findall(p)
+            p = words[-1] if words else f"pipe{i:05d}.tar"
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", p):
+            p = "/" + p.split("://", 1)[1]  # host and path: names stay distinct across hosts
+        parts.append(p)
+    root = (
+        os.path.commonpath([os.path.dirname(p) for p in parts])
+        if len(parts) > 1
+        else os.path.dirname(parts[0])
+    )
+    names = [str(Path(os.path.relpath(p, root)).with_suffix("")) for p in parts]
+    return names
 
 
 def _json_get(obj: Any, dotted: str) -> Any:
@@ -198,11 +104,16 @@ class WebDatasetShards(Dataset):
     """Webdataset tar shards (see the module docstring).
 
     Args:
-        urls: shard pattern(s): ``/data/{00000..00009}.tar``, a list, ``a.tar::b.tar`` or a glob.
+        urls: shard pattern(s): ``/data/{00000..00009}.tar``, ``s3://bucket/cc12m/{00000..01242}.tar``,
+            ``https://host/shards/{0..9}.tar``, ``'pipe:aws s3 cp s3://b/{0..9}.tar -'``, a list,
+            ``a.tar::b.tar``, a glob or a folder.
         caption_fields: granularity -> member extension or ``json.<key>`` (default ``{"alt": "txt"}``).
         image_exts: member extensions tried for the image, in order (default jpg, jpeg, png, webp).
         image_size / resize / min_side / max_pixels: as :class:`cache.datasets.ImageFolderDataset`.
         captions_encoding: text encoding of the caption members.
+        index: a folder for the shard index (:mod:`cache.shard_index`): read when it exists (it must match
+            these shards and settings), else built once and written there (one process builds, the others
+            wait on a lock). ``None``: built in memory by this process.
     Member names that are not valid UTF-8 are kept, their keys escaped (:func:`cache.datasets.escape_name`)
     and listed in :attr:`problems`.
     """
@@ -217,134 +128,109 @@ class WebDatasetShards(Dataset):
         min_side: int = 1,
         captions_encoding: str = "utf-8",
         max_pixels: int | None = None,
+        index: str | None = None,
     ) -> None:
         self.urls = urls
         self.max_pixels = max_pixels
-        self.paths = [str(Path(p).resolve()) for p in expand_urls(urls)]
+        self.paths = [p if is_remote(p) else str(Path(p).resolve()) for p in expand_urls(urls)]
         self.caption_fields = dict(DEFAULT_CAPTION_FIELDS if caption_fields is None else caption_fields)
         self.image_exts = tuple(e.lower().lstrip(".") for e in image_exts)
         self.image_size, self.resize, self.min_side = _as_size(image_size), resize, int(min_side)
         self.encoding = captions_encoding
-        self._fds: dict[int, int] = {}
-        self._pid = os.getpid()
-        root = os.path.commonpath([os.path.dirname(p) for p in self.paths])
-        self.shard_names = [str(Path(os.path.relpath(p, root)).with_suffix("")) for p in self.paths]
-        self.problems: list[dict[str, Any]] = []
-        all_samples: list[_Sample] = []
-        for i, p in enumerate(self.paths):
-            s, probs = index_shard(p, i)
-            all_samples += s
-            self.problems += probs
-        self._check_fields(all_samples)
-        self._samples = all_samples
-        self._keys = [f"{self.shard_names[s.shard]}/{s.key}" for s in all_samples]
-        if len(set(self._keys)) != len(self._keys):
-            raise ValueError(f"shard names collide in {urls!r}: give shards distinct paths")
-        self._bad: dict[int, tuple[str, str]] = {}
-        self._captions: list[dict[str, str]] = []
-        first_of: dict[str, str] = {}
-        for i, s in enumerate(all_samples):
-            self._captions.append(self._read_captions(s, i))
-            img = self._image_ext(s)
-            where = self._keys[i]
-            if img is None and any(e in self.image_exts for e in s.truncated):
-                self._bad[i] = (
-                    "truncated",
-                    f"the image member is cut off by the truncated shard {self.paths[s.shard]}",
-                )
-            elif img is None:
-                have = ", ".join(sorted(s.members)) or "nothing whole"
-                self._bad[i] = (
-                    "no_image",
-                    f"no image member ({'/'.join(self.image_exts)}); the sample has {have}",
-                )
-            elif s.key in first_of:  # the first usable copy of a key is kept
-                self._bad[i] = (
-                    "duplicate",
-                    f"key {s.key!r} was already read from {first_of[s.key]}; this copy is not used",
-                )
-            else:
-                first_of[s.key] = where
-            if i not in self._bad and not self._captions[i] and self.caption_fields:
-                self.problems.append(
-                    _problem(
-                        Path(self.paths[s.shard]),
-                        "no_caption",
-                        f"{where}: image without caption ({', '.join(f'{g}={f}' for g, f in self.caption_fields.items())}); "
-                        "kept, its text embeddings are marked missing",
-                        s.key,
-                    )
-                )
-        if not self._samples:
+        self.shard_names = shard_names(self.paths)
+        self._reader = ByteReader(MAX_OPEN_SHARDS)
+        self._buf: tuple[int, int, bytes] | None = None  # (shard, offset, bytes) of the last readahead
+        self._last = -2
+        self.index_path = None if index is None else str(Path(index).resolve())
+        if self.index_path is None:
+            self._ix = self._build()
+        else:
+            self._ix = self._open_or_build(Path(self.index_path))
+        self.problems: list[dict[str, Any]] = list(self._ix.problems)
+        self._n = len(self._ix)
+        if not self._n:
             raise ValueError(
-                f"no sample found in the {len(self.paths)} shard(s) of {urls!r}; problems: {self.problems[:3]}"
+                f"no sample found in the {len(self.paths)} shard(s) of {public_pattern(urls)!r}; problems: "
+                f"{self.problems[:3]}"
             )
-        # compact per-sample index (a few dozen bytes a sample, not a Python object each): shard id,
-        # image member (offset, size, extension id; -1 when none) and the captions per granularity
-        n = len(all_samples)
-        self._shard = np.fromiter((s.shard for s in all_samples), np.int32, n)
-        self._img = np.full((n, 3), -1, np.int64)
-        for i, s in enumerate(all_samples):
-            ext = self._image_ext(s)
-            if ext is not None:
-                self._img[i] = (*s.members[ext], self.image_exts.index(ext))
-        self._caps = {g: [c.get(g) for c in self._captions] for g in self.caption_fields}
-        self._n = n
-        del self._samples, self._captions
-        self.close()
-        log_problems(str(urls), self.problems)
+        log_problems(str(public_pattern(urls)), self.problems)
 
-    # ------------------------------------------------------------------ construction helpers
-    def _image_ext(self, s: _Sample) -> str | None:
-        return next((e for e in self.image_exts if e in s.members), None)
+    # ------------------------------------------------------------------ the index
+    def _build(self) -> ShardIndex:
+        self._exts_seen: set[str] = set()
+        self._json_keys: set[str] = set()
+        self._json_seen = 0
+        read = set(self.caption_fields.values()) | {f.split(".", 1)[0] for f in self.caption_fields.values()}
+        ix = ShardIndex.build(
+            self.paths,
+            self.shard_names,
+            read,
+            self.image_exts,
+            self.caption_fields,
+            self._decode_captions,
+            self._reader,
+            self.urls,
+        )
+        self._check_fields()
+        self._reader.close()
+        return ix
 
-    def _check_fields(self, samples: list[_Sample]) -> None:
-        exts = sorted({e for s in samples for e in s.members})
-        need_json = {f.split(".", 1)[0] for f in self.caption_fields.values() if "." in f and f not in exts}
-        json_keys: set[str] = set()
-        for g, f in self.caption_fields.items():
-            if f in exts:
-                continue
-            ext, _, key = f.partition(".")
-            if key and ext in exts:
-                if not json_keys:  # the keys of the first few JSON members, to name them in the error
-                    for s in [s for s in samples if ext in s.members][:20]:
-                        try:
-                            obj = json.loads(self._read(s, ext))
-                        except (ValueError, OSError):
-                            continue
-                        json_keys |= set(obj) if isinstance(obj, dict) else set()
-                if key.split(".")[0] in json_keys:
-                    continue
+    def _open_or_build(self, path: Path) -> ShardIndex:
+        with IndexLock(path):
+            if (path / "meta.json").exists():
+                ix = ShardIndex.load(path)
+                self._check_index(ix, path)
+                logger.info(
+                    "shard index %s: %d samples in %d shards (no tar walked)", path, len(ix), len(self.paths)
+                )
+                return ix
+            ix = self._build()
+            ix.save(path)
+            logger.info("shard index written to %s: %d samples in %d shards", path, len(ix), len(self.paths))
+            return ShardIndex.load(path)
+
+    def _check_index(self, ix: ShardIndex, path: Path) -> None:
+        """Refuse an index made for other shards or settings, naming the difference."""
+        m = ix.meta
+        diffs = []
+        shards = [public_url(p) for p in self.paths]
+        if m["shards"] != shards:
+            diffs.append(
+                f"shards: the index has {len(m['shards'])} (first {m['shards'][:1]}), asked {len(shards)} (first {shards[:1]})"
+            )
+        if m["caption_fields"] != self.caption_fields:
+            diffs.append(f"caption_fields: index {m['caption_fields']}, asked {self.caption_fields}")
+        if tuple(m["image_exts"]) != self.image_exts:
+            diffs.append(f"image_exts: index {m['image_exts']}, asked {list(self.image_exts)}")
+        if not diffs:
+            for p, size in zip(self.paths, m["shard_sizes"]):
+                if size is not None and not is_remote(p) and os.stat(p).st_size != size:
+                    diffs.append(f"{p} is {os.stat(p).st_size} bytes, it was {size} when indexed")
+                    break
+        if diffs:
             raise ValueError(
-                f"caption field {f!r} (granularity {g!r}) is in no sample of {self.urls!r}: member extensions found: "
-                f"{exts}; JSON keys found{' in ' + '/'.join(sorted(need_json)) if need_json else ''}: "
-                f"{sorted(json_keys) or 'none'}. Map granularities to these, e.g. caption_fields={{'alt': 'txt', "
-                "'short': 'json.<key>'}"
+                f"the shard index {path} does not match this dataset: {'; '.join(diffs)}. Delete it to build it "
+                "again (tipsdistill-index), or give another index= folder"
             )
 
-    def _read_captions(self, s: _Sample, i: int) -> dict[str, str]:
+    def _decode_captions(self, s: Sample, where: str, problems: list[dict[str, Any]]) -> dict[str, str]:
+        """A walked sample's text members -> captions per granularity; bad text listed in ``problems``."""
+        self._exts_seen |= set(s.members)
         caps: dict[str, str] = {}
         parsed: dict[str, Any] = {}
+        shard = public_url(self.paths[s.shard])
         for g, f in self.caption_fields.items():
             ext, key = (f, "") if f in s.members or "." not in f else f.split(".", 1)
-            if ext not in s.members:
+            if ext not in s.texts:
                 continue
             try:
-                raw = self._read(s, ext)
-            except OSError as e:
-                self.problems.append(
-                    _problem(Path(self.paths[s.shard]), "unreadable", f"{self._key(s)}.{ext}: {e}", s.key)
-                )
-                continue
-            try:
-                text = raw.decode(self.encoding)
+                text = s.texts[ext].decode(self.encoding)
             except UnicodeDecodeError:
-                self.problems.append(
-                    _problem(
-                        Path(self.paths[s.shard]),
+                problems.append(
+                    problem(
+                        shard,
                         "bad_encoding",
-                        f"{self._key(s)}.{ext} is not valid {self.encoding}; caption {g!r} treated as missing (pass "
+                        f"{where}.{ext} is not valid {self.encoding}; caption {g!r} treated as missing (pass "
                         "captions_encoding, e.g. latin-1, if the shards use another encoding)",
                         s.key,
                     )
@@ -355,56 +241,94 @@ class WebDatasetShards(Dataset):
                     try:
                         parsed[ext] = json.loads(text)
                     except json.JSONDecodeError as e:
-                        self.problems.append(
-                            _problem(
-                                Path(self.paths[s.shard]),
+                        problems.append(
+                            problem(
+                                shard,
                                 "bad_json",
-                                f"{self._key(s)}.{ext} is not valid JSON ({e.msg}); its captions treated as missing",
+                                f"{where}.{ext} is not valid JSON ({e.msg}); its captions treated as missing",
                                 s.key,
                             )
                         )
                         parsed[ext] = None
+                    if self._json_seen < 20 and isinstance(parsed[ext], dict):  # named in a field error
+                        self._json_keys |= set(parsed[ext])
+                        self._json_seen += 1
                 val = _json_get(parsed[ext], key)
                 text = val if isinstance(val, str) else ""
             if text.strip():
                 caps[g] = text.strip()
         return caps
 
-    def _key(self, s: _Sample) -> str:
-        return f"{self.shard_names[s.shard]}/{s.key}"
+    def _check_fields(self) -> None:
+        exts = sorted(self._exts_seen)
+        need_json = {f.split(".", 1)[0] for f in self.caption_fields.values() if "." in f and f not in exts}
+        for g, f in self.caption_fields.items():
+            if f in exts:
+                continue
+            ext, _, key = f.partition(".")
+            if key and ext in exts and key.split(".")[0] in self._json_keys:
+                continue
+            raise ValueError(
+                f"caption field {f!r} (granularity {g!r}) is in no sample of {public_pattern(self.urls)!r}: member "
+                f"extensions found: {exts}; JSON keys found{' in ' + '/'.join(sorted(need_json)) if need_json else ''}: "
+                f"{sorted(self._json_keys) or 'none'}. Map granularities to these, e.g. caption_fields={{'alt': 'txt', "
+                "'short': 'json.<key>'}"
+            )
 
-    def _fd(self, shard: int) -> int:
-        if self._pid != os.getpid():  # forked into a DataLoader worker: do not share descriptors
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(shard)
-        if fd is None:
-            if len(self._fds) >= MAX_OPEN_SHARDS:  # stay far below the open-file limit
-                os.close(self._fds.pop(next(iter(self._fds))))
-            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
-        return fd
+    # ------------------------------------------------------------------ reading
+    def _read_image(self, index: int, shard: int, off: int, size: int) -> bytes:
+        """The image member's bytes; a remote read right after the previous sample of the same shard
+        fetches the following samples too (one request per window instead of one per image)."""
+        url = self.paths[shard]
+        if not is_remote(url) or is_pipe(url):
+            return self._reader.read(url, off, size)
+        buf = self._buf
+        if buf is not None and buf[0] == shard and buf[1] <= off and off + size <= buf[1] + len(buf[2]):
+            return buf[2][off - buf[1] : off - buf[1] + size]
+        end = off + size
+        if index == self._last + 1:  # sequential: read ahead within the shard
+            stop = min(int(self._ix.shard_start[shard + 1]), index + READAHEAD_SAMPLES)
+            rows = np.asarray(self._ix.img[index:stop])
+            ends = rows[:, 0] + rows[:, 1]
+            ok = (rows[:, 0] >= 0) & (ends - off <= READAHEAD_BYTES)
+            if ok.any():
+                end = max(end, int(ends[ok].max()))
+        data = self._reader.read(url, off, end - off)
+        self._buf = (shard, off, data)
+        return data[:size]
 
     def close(self) -> None:
         """Close the shard files this process opened (they reopen on the next read)."""
-        if self._pid == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds = {}
-
-    def _read(self, s: _Sample, ext: str) -> bytes:
-        off, n = s.members[ext]
-        return os.pread(self._fd(s.shard), n, off)
+        self._reader.close()
+        self._buf = None
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["_fds"] = {}
+        d["_buf"] = None
+        d["problems"] = []  # listed by the process that built the dataset; workers only read items
         return d
 
     # ------------------------------------------------------------------ Dataset API
     def __len__(self) -> int:
         return self._n
 
+    def key(self, index: int) -> str:
+        return self._ix.key(index)
+
     def keys(self) -> list[str]:
-        return list(self._keys)
+        ix = self._ix
+        raw = bytes(ix.key_bytes)
+        off = ix.key_off
+        out: list[str] = []
+        for s, name in enumerate(self.shard_names):
+            a, b = int(ix.shard_start[s]), int(ix.shard_start[s + 1])
+            o = off[a : b + 1].tolist()
+            out += [f"{name}/{raw[o[i] : o[i + 1]].decode('utf-8')}" for i in range(b - a)]
+        return out
+
+    def index_of(self, keys: list[str]) -> np.ndarray:
+        """The index of each key, -1 for keys not in these shards: ``(len(keys),)`` int64 (no key list built)."""
+        return self._ix.index_of(keys)
 
     @property
     def caption_problems(self) -> list[str]:
@@ -414,7 +338,7 @@ class WebDatasetShards(Dataset):
         return {
             "name": "webdataset",
             "shards": len(self.paths),
-            "first_shard": self.paths[0],
+            "first_shard": public_url(self.paths[0]),
             "num_samples": self._n,
             "caption_fields": self.caption_fields,
             "image_size": None if self.image_size is None else list(self.image_size),
@@ -422,35 +346,52 @@ class WebDatasetShards(Dataset):
         }
 
     def source_spec(self) -> dict[str, Any]:
-        """The pattern as given with its paths made absolute (not the expanded list: a cache attribute
-        holding thousands of shard paths would outgrow HDF5's compact attribute storage)."""
-        return {
-            "name": "webdataset",
-            "kwargs": {
-                "urls": absolute_pattern(self.urls),
-                "caption_fields": self.caption_fields,
-                "image_exts": list(self.image_exts),
-                "captions_encoding": self.encoding,
-            },
+        """The pattern as given with its local paths made absolute and its URLs without secrets (not the
+        expanded list: a cache attribute holding thousands of shard paths would outgrow HDF5's compact
+        attribute storage), and the index folder."""
+        kw: dict[str, Any] = {
+            "urls": absolute_pattern(self.urls),
+            "caption_fields": self.caption_fields,
+            "image_exts": list(self.image_exts),
+            "captions_encoding": self.encoding,
         }
+        if self.index_path is not None:
+            kw["index"] = self.index_path
+        return {"name": "webdataset", "kwargs": kw}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        key = self._keys[index]
-        bad = self._bad.get(index)
-        if bad is not None:
-            raise BadImageError(f"{key}: {bad[1]}", bad[0])
-        shard = int(self._shard[index])
-        off, size, e = (int(v) for v in self._img[index])
-        where = f"{self.paths[shard]}:{key.rsplit('/', 1)[-1]}.{self.image_exts[e]}"
+        if not 0 <= index < self._n:
+            raise IndexError(f"sample {index} out of range for {self._n} samples")
+        ix = self._ix
+        key = ix.key(index)
+        shard = ix.shard_of(index)
+        bad = int(ix.bad[index])
+        if bad:
+            kind = BAD_KINDS[bad]
+            if kind == "truncated":
+                why = f"the image member is cut off by the truncated shard {public_url(self.paths[shard])}"
+            elif kind == "no_image":
+                why = f"no image member ({'/'.join(self.image_exts)}) in this sample"
+            else:
+                first = ix.duplicate_of(index)
+                why = f"key {ix.inner_key(index)!r} was already read from {ix.key(first)}; this copy is not used"
+            raise BadImageError(f"{key}: {why}", kind)
+        off, size = (int(v) for v in ix.img[index])
+        where = f"{public_url(self.paths[shard])}:{ix.inner_key(index)}.{self.image_exts[int(ix.ext[index])]}"
         try:
-            data = os.pread(self._fd(shard), size, off)
-        except OSError as err:
+            data = self._read_image(index, shard, off, size)
+        except (OSError, ValueError) as err:
             raise BadImageError(f"{where}: cannot read: {err}", "unreadable") from err
+        finally:
+            self._last = index
+        if len(data) != size:
+            raise BadImageError(
+                f"{where}: read {len(data)} of {size} bytes (the shard changed?)", "unreadable"
+            )
         try:
             image = load_image_bytes(
                 data, self.min_side, size=self.image_size, resize=self.resize, max_pixels=self.max_pixels
             )
         except BadImageError as err:
             raise BadImageError(f"{where}: {err}", err.kind) from err
-        caps = {g: c[index] for g, c in self._caps.items() if c[index]}
-        return {"key": key, "image": image, "captions": caps}
+        return {"key": key, "image": image, "captions": ix.captions(index)}

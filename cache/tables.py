@@ -75,14 +75,21 @@ ALLOW_ROOT_FIX = (
 )
 
 
-def check_columns(where: str, columns: list[str], image_field: str, caption_fields: dict[str, str]) -> None:
+def check_columns(
+    where: str,
+    columns: list[str],
+    image_field: str,
+    caption_fields: dict[str, str],
+    key_field: str | None = None,
+) -> None:
     """Fail before any work when a named column does not exist, listing the ones that do."""
     wanted = [("image_field", image_field)] + [(f"caption {g}", c) for g, c in caption_fields.items()]
+    wanted += [("key_field", key_field)] if key_field is not None else []
     bad = [f"{what}={col!r}" for what, col in wanted if col not in columns]
     if bad:
         raise ValueError(
             f"{where}: unknown column(s) {', '.join(bad)}; the columns are: {columns}. Name them with "
-            "--image-column COL / --caption GRAN=COL (image_field= / caption_fields= in a config)"
+            "--image-column COL / --caption GRAN=COL (image_field= / caption_fields= / key_field= in a config)"
         )
 
 
@@ -113,10 +120,13 @@ class _Rows(Dataset):
         self.encoding = encoding
         self.problems: list[dict[str, Any]] = []
 
-    def _decode_captions(self, columns: dict[str, list[Any]], n: int) -> list[dict[str, str]]:
+    def _decode_captions(
+        self, columns: dict[str, list[Any]], n: int, offset: int = 0
+    ) -> list[dict[str, str]]:
+        """Captions of ``n`` rows (the rows ``offset ..`` of the dataset); problems listed with their rows."""
         caps: list[dict[str, str]] = [{} for _ in range(n)]
         for g, values in columns.items():
-            for row, v in enumerate(values):
+            for row, v in enumerate(values, start=offset):
                 if isinstance(v, bytes | bytearray | memoryview):
                     try:
                         v = bytes(v).decode(self.encoding)
@@ -132,9 +142,9 @@ class _Rows(Dataset):
                         )
                         continue
                 if isinstance(v, str) and v.strip():
-                    caps[row][g] = v.strip()
+                    caps[row - offset][g] = v.strip()
         if columns:
-            for row, c in enumerate(caps):
+            for row, c in enumerate(caps, start=offset):
                 if not c and self._image_present(row):
                     self.problems.append(
                         {
@@ -199,22 +209,38 @@ class _Rows(Dataset):
 
 @register_dataset("table")
 class TableDataset(_Rows):
-    """A parquet / CSV / TSV table of images and captions (see the module docstring).
+    """Parquet / CSV / TSV tables of images and captions, one file or many (see the module docstring).
 
     Args:
-        path: the table file. format: ``parquet``, ``csv`` or ``tsv`` (default: from the suffix).
-        image_field: column of image paths or bytes (default ``image``).
+        path: a table file, or a pattern of shards as for ``wds:`` (:func:`cache.locations.expand_pattern`):
+            braces (``out/{00000..00009}.parquet``), globs (``'out/*.parquet'``), ``::``-separated lists, or a
+            folder (every file with the format's suffix under it: img2dataset's ``--output_format parquet``
+            folder beside its ``*_stats.json``, an HF repo's ``data/train-000NN-of-000MM.parquet``); local or
+            remote (``s3://``, ``https://``, ... through fsspec).
+        format: ``parquet``, ``csv`` or ``tsv`` (default: from the first file's suffix).
+        image_field: column of image paths or bytes (default ``image``; img2dataset's is ``jpg``).
         caption_fields: granularity -> column (default ``{"alt": "caption"}``).
-        image_root: folder relative paths are resolved against (default: the table's folder); cells
+        key_field: a column of per-row keys (img2dataset's ``key``); default none: ``SHARD/ROW``, ``SHARD`` the
+            file's path relative to the shards' common folder (its name for one file) and ``ROW`` its 0-based
+            data row. A key met again is a skipped row (``duplicate``), an empty key cell falls back to
+            ``SHARD/ROW``; both listed.
+        image_root: folder relative paths are resolved against (default: each table's folder); cells
             pointing outside it are refused unless ``allow_root`` (a folder or a list) names their folder.
         max_pixels: the pixel cap of :func:`cache.datasets.decode_image`.
+
+    Shards are read shard by shard: building the dataset reads each file's schema, row count and its small
+    columns (captions, keys, image paths), never an image column of bytes; a process reading items keeps
+    the one row group (parquet) or file (CSV/TSV) it last read. Items are indexed in shard order, so the
+    rank and DataLoader-worker splits of stage 1 are exact (each row read once). Whether a bytes image
+    cell is empty is only known when it is read: a row without caption is listed (``no_caption``) unless
+    its image cell is known to be empty.
     """
 
     name = "table"
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | list[str],
         format: str | None = None,
         image_field: str = "image",
         caption_fields: dict[str, str] | None = None,
@@ -225,21 +251,37 @@ class TableDataset(_Rows):
         captions_encoding: str = "utf-8",
         max_pixels: int | None = None,
         allow_root: str | list[str] | None = None,
+        key_field: str | None = None,
     ) -> None:
-        import pyarrow as pa
+        import numpy as np
 
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ValueError(f"table {self.path} does not exist")
+        from .locations import expand_pattern, is_pipe, is_remote
+
+        self.pattern = [str(p) for p in path] if isinstance(path, list) else str(path)
+        if format is not None and format not in TABLE_FORMATS:
+            raise ValueError(f"table format must be one of {TABLE_FORMATS}, got {format!r}")
+        suffixes = {"parquet": (".parquet", ".pq"), "csv": (".csv",), "tsv": (".tsv",)}
+        want = suffixes[format] if format else (".parquet", ".pq", ".csv", ".tsv")
+        try:
+            self.paths = expand_pattern(self.pattern, want, what="table")
+        except ValueError as e:
+            raise ValueError(f"table {self.pattern}: {e}") from e
+        if any(is_pipe(p) for p in self.paths):
+            raise ValueError(
+                f"table {self.pattern}: pipe: is for tar shards (wds:); tables are read by column"
+            )
+        self.paths = [p if is_remote(p) else str(Path(p).resolve()) for p in self.paths]
         fmt = format or {".parquet": "parquet", ".pq": "parquet", ".tsv": "tsv"}.get(
-            self.path.suffix.lower(), "csv"
+            Path(self.paths[0]).suffix.lower(), "csv"
         )
-        if fmt not in TABLE_FORMATS:
-            raise ValueError(f"table format must be one of {TABLE_FORMATS}, got {fmt!r}")
         self.format = fmt
-        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.path = self.paths[0] if len(self.paths) == 1 else str(self.pattern)
+        self.key_field = key_field
+        one_root = os.path.dirname(self.paths[0]) if not is_remote(self.paths[0]) else None
+        self.image_root = Path(image_root) if image_root is not None else Path(one_root or ".")
+        self._own_root = image_root is None
         self._setup(
-            str(self.path),
+            str(self.pattern),
             image_field,
             caption_fields,
             image_size,
@@ -249,44 +291,130 @@ class TableDataset(_Rows):
             max_pixels,
             allow_root,
         )
-        cols = [image_field, *dict.fromkeys(self.caption_fields.values())]
-        if fmt == "parquet":
+        dirs = [os.path.dirname(p) for p in self.paths]
+        common = (
+            os.path.commonprefix(dirs) if any(is_remote(p) for p in self.paths) else os.path.commonpath(dirs)
+        )
+        self.shard_names = [
+            os.path.basename(p) if len(self.paths) == 1 else p[len(common) :].lstrip("/") for p in self.paths
+        ]
+        self._cols = [image_field, *dict.fromkeys(self.caption_fields.values())]
+        self._bad: dict[int, tuple[str, str]] = {}
+        self._keys: list[str] | None = [] if key_field is not None else None
+        self._first: dict[str, int] = {}
+        # per shard: first row and row-group bounds (parquet); per row: the image cell's state, the key
+        starts, self._groups, present = [0], [], []
+        for p in self.paths:
+            n, bounds, pres, table = self._scan(p)
+            base = starts[-1]
+            starts.append(base + n)
+            self._start = np.asarray(starts, np.int64)  # rows of the shards scanned so far: _row_key works
+            self._groups.append(bounds)
+            present.append(pres)
+            self._present_now, self._base_now = pres, base
+            if self._keys is not None:
+                self._keys += self._check_keys(table.column(key_field).to_pylist(), base)
+            if self.caption_fields:
+                self._decode_captions(
+                    {g: table.column(c).to_pylist() for g, c in self.caption_fields.items()}, n, base
+                )
+            del table
+        del self._present_now, self._first
+        self._present = np.concatenate(present)
+        self._unit: tuple[tuple[int, int], Any] | None = None  # the row group / file this process last read
+        if len(self) == 0:
+            raise ValueError(f"table {self.pattern} has no rows ({len(self.paths)} file(s))")
+        log_problems(str(self.pattern), self.problems)
+
+    # ------------------------------------------------------------------ reading
+    def _read_unit(self, s: int, g: int, columns: list[str]) -> Any:
+        """Row group ``g`` of parquet shard ``s`` (a CSV/TSV shard is one unit, ``g`` = 0) as an Arrow table."""
+        path = self.paths[s]
+        if self.format == "parquet":
             import pyarrow.parquet as pq
 
-            names = pq.read_schema(self.path).names
-            check_columns(str(self.path), names, image_field, self.caption_fields)
-            table = pq.read_table(self.path, columns=cols)
-        else:
-            import pyarrow.csv as pcsv
+            with _open(path) as fh:
+                return pq.ParquetFile(fh).read_row_group(g, columns=columns)
+        table, _ = self._read_csv(path, columns)
+        return table
 
-            bad_rows: list[Any] = []
+    def _read_csv(self, path: str, columns: list[str]) -> tuple[Any, list[Any]]:
+        import pyarrow as pa
+        import pyarrow.csv as pcsv
 
-            def skip_row(row: Any) -> str:  # a line with the wrong number of fields: left out, listed
-                bad_rows.append(row)
-                return "skip"
+        bad_rows: list[Any] = []
 
-            # quoted values may hold line breaks (multi-line captions)
-            delim = "\t" if fmt == "tsv" else ","
-            parse = pcsv.ParseOptions(delimiter=delim, newlines_in_values=True, invalid_row_handler=skip_row)
-            try:
-                with pcsv.open_csv(self.path, parse_options=parse) as r:
-                    names = r.schema.names
-            except pa.ArrowInvalid as e:
-                raise ValueError(f"{self.path}: cannot read the {fmt} header: {e}") from e
-            check_columns(str(self.path), names, image_field, self.caption_fields)
-            # read as bytes: a cell that is not valid UTF-8 is then one bad caption, not a failed file
-            conv = pcsv.ConvertOptions(include_columns=cols, column_types={c: pa.binary() for c in cols})
-            bad_rows.clear()  # the header read may have met the first ones already
-            try:
+        def skip_row(row: Any) -> str:  # a line with the wrong number of fields: left out, listed
+            bad_rows.append(row)
+            return "skip"
+
+        # quoted values may hold line breaks (multi-line captions)
+        delim = "\t" if self.format == "tsv" else ","
+        parse = pcsv.ParseOptions(delimiter=delim, newlines_in_values=True, invalid_row_handler=skip_row)
+        try:
+            with _open(path) as fh, pcsv.open_csv(fh, parse_options=parse) as r:
+                names = r.schema.names
+        except pa.ArrowInvalid as e:
+            raise ValueError(f"{path}: cannot read the {self.format} header: {e}") from e
+        check_columns(path, names, self.image_field, self.caption_fields, self.key_field)
+        # read as bytes: a cell that is not valid UTF-8 is then one bad caption, not a failed file
+        conv = pcsv.ConvertOptions(include_columns=columns, column_types={c: pa.binary() for c in columns})
+        bad_rows.clear()  # the header read may have met the first ones already
+        try:
+            with _open(path) as fh:
                 table = pcsv.read_csv(
-                    self.path,
+                    fh,
                     parse_options=parse,
                     convert_options=conv,
                     # one thread: the bad rows are reported in file order with their record number
                     read_options=pcsv.ReadOptions(use_threads=False),
                 )
-            except pa.ArrowInvalid as e:
-                raise ValueError(f"{self.path}: cannot parse the {fmt} table: {e}") from e
+        except pa.ArrowInvalid as e:
+            raise ValueError(f"{path}: cannot parse the {self.format} table: {e}") from e
+        return table, list(bad_rows)
+
+    def _scan(self, path: str) -> tuple[int, list[int], Any, Any]:
+        """Row count, row-group bounds, image-cell state per row (1 present, 0 empty, -1 not known) and the
+        small columns (captions, keys) of one shard as an Arrow table; no image bytes are read."""
+        import numpy as np
+        import pyarrow as pa
+
+        small = [
+            c
+            for c in dict.fromkeys(
+                [*self.caption_fields.values(), *([self.key_field] if self.key_field else [])]
+            )
+        ]
+        if self.format == "parquet":
+            import pyarrow.parquet as pq
+
+            with _open(path) as fh:
+                pf = pq.ParquetFile(fh)
+                names = pf.schema_arrow.names
+                check_columns(path, names, self.image_field, self.caption_fields, self.key_field)
+                meta = pf.metadata
+                bounds = [0]
+                for g in range(meta.num_row_groups):
+                    bounds.append(bounds[-1] + meta.row_group(g).num_rows)
+                img_type = pf.schema_arrow.field(self.image_field).type
+                is_bytes = (
+                    pa.types.is_binary(img_type)
+                    or pa.types.is_large_binary(img_type)
+                    or pa.types.is_struct(img_type)
+                )
+                cols = small if is_bytes else list(dict.fromkeys([self.image_field, *small]))
+                table = pf.read(columns=cols)
+            n = bounds[-1]
+            if is_bytes:
+                present = np.full(n, -1, np.int8)
+            else:
+                cells = table.column(self.image_field).to_pylist()
+                present = np.asarray([1 if c else 0 for c in cells], np.int8)
+        else:
+            table, bad_rows = self._read_csv(path, list(dict.fromkeys([self.image_field, *small])))
+            n = table.num_rows
+            bounds = [0, n]
+            present = np.asarray([1 if c else 0 for c in table.column(self.image_field).to_pylist()], np.int8)
             for bad in bad_rows:
                 # pyarrow counts records (a quoted multi-line value is one), the header being record 1
                 line = f"record {bad.number} (the header is 1)" if bad.number is not None else "a record"
@@ -296,40 +424,124 @@ class TableDataset(_Rows):
                         "row": None,
                         "key": None,
                         "kind": "bad_row",
-                        "message": f"{self.path} {line}: {bad.actual_columns} field(s) where the header has "
+                        "message": f"{path} {line}: {bad.actual_columns} field(s) where the header has "
                         f"{bad.expected_columns}; the row is left out (not a sample): {text!r}",
                     }
                 )
-        self._images = self._image_cells(table.column(image_field).to_pylist())
-        self._captions = self._decode_captions(
-            {g: table.column(c).to_pylist() for g, c in self.caption_fields.items()}, len(self._images)
-        )
-        if not self._images:
-            raise ValueError(f"table {self.path} has no rows")
-        log_problems(str(self.path), self.problems)
+        return n, bounds, present, table
 
-    def _image_cells(self, values: list[Any]) -> list[Any]:
-        out = []
-        for row, v in enumerate(values):
-            if isinstance(v, bytes) and self.format != "parquet":  # CSV cells: paths read as bytes
-                try:
-                    v = v.decode("utf-8")
-                except UnicodeDecodeError:
-                    v = None
-                    self.problems.append(
-                        {"row": row, "key": self._key(row), "kind": "bad_encoding",
-                         "message": f"{self.path} row {row}: the image path is not valid UTF-8"}
-                    )  # fmt: skip
-            out.append(v)
-        return out
+    def _check_keys(self, cells: list[Any], base: int) -> list[str]:
+        """The keys of the rows ``base ..`` from their key cells; an empty one falls back to ``SHARD/ROW`` and a
+        repeated one makes a skipped row (``duplicate``), both listed."""
+        keys: list[str] = []
+        first = self._first
+        for i, v in enumerate(cells, start=base):
+            if isinstance(v, bytes):
+                v = v.decode("utf-8", "backslashreplace")
+            k = "" if v is None else str(v).strip()
+            if not k:
+                k = self._row_key(i)
+                self.problems.append(
+                    {"row": i, "key": k, "kind": "no_key",
+                     "message": f"{self.where} row {i}: empty {self.key_field!r} cell; keyed {k!r}"}
+                )  # fmt: skip
+            if k in first:
+                self._bad[i] = (
+                    "duplicate",
+                    f"key {k!r} was already read at row {first[k]}; this copy is not used",
+                )
+                k = self._row_key(i)  # keys stay unique; the row is a skipped one
+            else:
+                first[k] = i
+            keys.append(k)
+        return keys
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        """``(shard, row in shard)`` of a global row."""
+        import numpy as np
+
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} rows")
+        s = int(np.searchsorted(self._start, index, side="right")) - 1
+        return s, index - int(self._start[s])
+
+    def _row_key(self, index: int) -> str:
+        s, r = self._locate(index)
+        return f"{self.shard_names[s]}/{r}"
 
     def _key(self, row: int) -> str:
-        return f"{self.path.name}/{row}"
+        if self._keys is not None and row < len(self._keys):
+            return self._keys[row]
+        return self._row_key(row)
+
+    def _image_present(self, row: int) -> bool:  # type: ignore[override]
+        pres = getattr(self, "_present_now", None)
+        if pres is not None:  # while scanning a shard: its own rows
+            return bool(pres[row - self._base_now] != 0)
+        return bool(self._present[row] != 0)
+
+    def __len__(self) -> int:
+        return int(self._start[-1])
+
+    def keys(self) -> list[str]:
+        return list(self._keys) if self._keys is not None else [self._row_key(i) for i in range(len(self))]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import numpy as np
+
+        key = self._key(index)
+        bad = self._bad.get(index)
+        if bad is not None:
+            raise BadImageError(f"{key}: {bad[1]}", bad[0])
+        s, r = self._locate(index)
+        bounds = self._groups[s]
+        g = int(np.searchsorted(bounds, r, side="right")) - 1
+        if self._unit is None or self._unit[0] != (s, g):
+            self._unit = ((s, g), self._read_unit(s, g, self._cols))
+        table = self._unit[1]
+        row = r - bounds[g]
+        value = table.column(self.image_field)[row].as_py()
+        if isinstance(value, bytes) and self.format != "parquet":  # CSV cells: paths read as bytes
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadImageError(f"{key}: the image path is not valid UTF-8", "unreadable") from e
+        if self._own_root and not self.is_remote:
+            self.image_root = Path(os.path.dirname(self.paths[s]))
+        try:
+            image = self._load(index, value)
+        except BadImageError as e:
+            raise BadImageError(f"{key}: {e}", e.kind) from e
+        caps: dict[str, str] = {}
+        for g_name, col in self.caption_fields.items():
+            v = table.column(col)[row].as_py()
+            if isinstance(v, bytes):
+                try:
+                    v = v.decode(self.encoding)
+                except UnicodeDecodeError:
+                    continue  # listed at construction (bad_encoding)
+            if isinstance(v, str) and v.strip():
+                caps[g_name] = v.strip()
+        return {"key": key, "image": image, "captions": caps}
+
+    @property
+    def is_remote(self) -> bool:
+        from .locations import is_remote
+
+        return is_remote(self.paths[0])
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_unit"] = None  # a worker reads its own row groups
+        return d
 
     def identity(self) -> dict[str, Any]:
+        from .locations import public_url
+
         return {
             "name": "table",
-            "path": str(self.path.resolve()),
+            "path": public_url(self.paths[0]) if len(self.paths) == 1 else public_url(str(self.pattern)),
+            "shards": len(self.paths),
             "format": self.format,
             "rows": len(self),
             "image_field": self.image_field,
@@ -337,15 +549,30 @@ class TableDataset(_Rows):
         }
 
     def source_spec(self) -> dict[str, Any]:
-        kw = {
-            "path": str(self.path.resolve()),
+        from .locations import public_pattern
+
+        kw: dict[str, Any] = {
+            "path": public_pattern(self.pattern) if len(self.paths) > 1 else public_pattern(self.paths[0]),
             "format": self.format,
             "image_field": self.image_field,
             "caption_fields": self.caption_fields,
-            "image_root": str(self.image_root.resolve()),
             "captions_encoding": self.encoding,
         }
+        if not self._own_root:
+            kw["image_root"] = str(Path(self.image_root).resolve())
+        if self.key_field is not None:
+            kw["key_field"] = self.key_field
         return {"name": "table", "kwargs": kw}
+
+
+def _open(path: str) -> Any:
+    """A binary file object of a local or remote table file (fsspec for URLs)."""
+    from .locations import filesystem, is_remote
+
+    if is_remote(path):
+        fs, p = filesystem(path)
+        return fs.open(p, "rb")
+    return open(path, "rb")
 
 
 @register_dataset("hf")

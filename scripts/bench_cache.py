@@ -7,7 +7,9 @@ batch reader (``FeatureCache.read_batch``) and stage 2's training configuration 
 thread, alone and in lockstep with an image DataLoader of 2 workers, as stage 2 takes its batches; the
 raw read also into a ring of as many buffers as the reader keeps in flight), (4) the cost of durability (fsync) and of the worker
 start methods, (5) bytes per image and token cosine for float16, int8 and reduced-dimension (PCA)
-storage. ``--sections 2,5`` runs only some. Every timed figure is
+storage, (6) the shard index at scale (issue 29): resident memory per process and start-up of a
+synthetic ``--index-samples`` (10M) index, and webdataset samples/s read from local shards vs the same
+shards over HTTP on loopback (Range requests), random and sequential order. ``--sections 2,5`` runs only some. Every timed figure is
 the median of ``--repeats`` runs (the runs are printed too); the page cache stays warm (stated).
 
     python -m tipsdistill.scripts.bench_cache --images 256 --dim 384 --depth 6 --image-size 224 --out /tmp/bench
@@ -17,11 +19,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import http.server
 import io
+import json
 import logging
 import os
+import re
 import shutil
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -352,8 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reduce-fit-images", type=int, default=1024, help="images the PCA basis of (5) is fitted on"
     )
     p.add_argument(
+        "--index-samples", type=int, default=10_000_000, help="samples of the synthetic index of (6)"
+    )
+    p.add_argument("--shard-images", type=int, default=512, help="images in the local / HTTP shards of (6)")
+    p.add_argument(
         "--sections",
-        default="1,2,3,4,5",
+        default="1,2,3,4,5,6",
         help="comma-separated sections to run (3 needs 1's cache; default all)",
     )
     return p
@@ -731,6 +744,204 @@ def measure_storage(
         print(f"    {st:<10} {k or '-':<11} {disk:>19,.0f}  {per:>21,}  {ratio:>9.3f}x  {cm:>17.4f}  {c1:.4f} {cc:>14.4f}  {100 * ev:>12.1f} %")  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------ (6) data where it lives
+class RangeRequestHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with ``Range: bytes=a-b`` answered by 206 Partial Content (what object stores and CDNs do);
+    requests counted in ``counts`` (``range`` / ``whole``)."""
+
+    counts: dict[str, int] = {}
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def send_head(self) -> Any:
+        path = self.translate_path(self.path.split("?", 1)[0])
+        if not os.path.isfile(path):
+            self.send_error(404)
+            return None
+        size = os.path.getsize(path)
+        m = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
+        self.counts["range" if m else "whole"] = self.counts.get("range" if m else "whole", 0) + 1
+        start, end = (int(m.group(1)), min(int(m.group(2) or size - 1), size - 1)) if m else (0, size - 1)
+        if start >= size and size:
+            self.send_error(416)
+            return None
+        fh = open(path, "rb")  # noqa: SIM115 - http.server closes it after copyfile
+        fh.seek(start)
+        self.send_response(206 if m else 200)
+        if m:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self._left = end - start + 1
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(self._left))
+        self.end_headers()
+        return fh
+
+    def copyfile(self, source: Any, outputfile: Any) -> None:
+        outputfile.write(source.read(self._left))
+
+
+def serve_folder(root: Path) -> tuple[str, dict[str, int], http.server.ThreadingHTTPServer]:
+    """An HTTP server on loopback serving ``root`` with Range support, in a daemon thread: ``(base URL, counts,
+    server)`` (``server.shutdown()`` stops it)."""
+    counts: dict[str, int] = {"range": 0, "whole": 0}
+    handler = type("Handler", (RangeRequestHandler,), {"counts": counts})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{srv.server_address[1]}", counts, srv
+
+
+def synthetic_index(path: Path, n: int, per_shard: int = 10_000, caption_bytes: int = 48) -> None:
+    """A shard index of ``n`` samples (``per_shard`` a shard, 9-byte keys, one caption of ``caption_bytes``),
+    written as stage 1 writes one (:meth:`ShardIndex.save`), built with numpy only."""
+    from tipsdistill.cache.shard_index import INDEX_VERSION, ShardIndex, index_hashes
+
+    shards = -(-n // per_shard)
+    start = np.minimum(np.arange(shards + 1, dtype=np.int64) * per_shard, n)
+    within = np.arange(n, dtype=np.int64) - np.repeat(start[:-1], np.diff(start))
+    digits = (within[:, None] // 10 ** np.arange(8, -1, -1)) % 10 + ord("0")
+    key_bytes = digits.astype(np.uint8).reshape(-1)
+    key_off = np.arange(n + 1, dtype=np.int64) * 9
+    sizes = 20_000 + (np.arange(n) * 7919) % 30_000
+    img = np.stack([512 + np.cumsum(sizes + 1536) - sizes - 1536, sizes], 1).astype(np.int64)
+    cap = np.frombuffer(
+        (b"a synthetic caption of a web image %012d" * 1)[:caption_bytes].ljust(caption_bytes, b"."), np.uint8
+    )
+    names = [f"{s:05d}" for s in range(shards)]
+    arrays = {
+        "shard_start": start, "img": img, "ext": np.zeros(n, np.int8), "bad": np.zeros(n, np.int8),
+        "dup": np.zeros((0, 2), np.int64), "key_off": key_off, "key_bytes": key_bytes,
+        "cap0_off": np.arange(n + 1, dtype=np.int64) * caption_bytes, "cap0": np.tile(cap, n),
+    }  # fmt: skip
+    h = index_hashes(start, names, key_off, key_bytes)
+    order = np.argsort(h, kind="stable")
+    arrays["key_hash"], arrays["key_order"] = h[order], order.astype(np.int64)
+    meta = {"version": INDEX_VERSION, "pattern": "synthetic", "shards": [f"/data/{s}.tar" for s in names],
+            "shard_names": names, "shard_sizes": [None] * shards, "caption_fields": {"alt": "txt"},
+            "image_exts": ["jpg"], "num_samples": n}  # fmt: skip
+    ShardIndex(arrays, meta, []).save(path)
+
+
+_PROBE = """
+import json, os, random, sys, time
+def mem():
+    f = {l.split(':')[0]: int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.split()[0].endswith(':') and len(l.split()) > 2}
+    return f['Rss'] * 1024, f['Anonymous'] * 1024
+import numpy as np
+from tipsdistill.cache.shard_index import ShardIndex
+ShardIndex.load(sys.argv[1]).key(0)  # imports and first-call costs outside the measure
+r0, a0 = mem()
+t = time.perf_counter()
+ix = ShardIndex.load(sys.argv[1])
+n = len(ix)
+first = (ix.key(0), ix.captions(0), ix.img[0].tolist())
+t_open = time.perf_counter() - t
+rng = random.Random(0)
+reads = int(sys.argv[2])
+t = time.perf_counter()
+for _ in range(reads):  # no list of indices: its own memory would count
+    i = rng.randrange(n)
+    ix.key(i); ix.captions(i); ix.img[i].tolist(); ix.shard_of(i)
+t_reads = time.perf_counter() - t
+r1, a1 = mem()
+rng = random.Random(0)
+idx = [rng.randrange(n) for _ in range(1000)]
+keys = [ix.key(i) for i in idx]
+t = time.perf_counter()
+found = ix.index_of(keys)
+t_lookup = time.perf_counter() - t
+assert found.tolist() == idx or all(ix.key(int(f)) == k for f, k in zip(found, keys))
+print(json.dumps({"n": n, "open_s": t_open, "reads": reads, "reads_s": t_reads, "rss": r1 - r0, "anon": a1 - a0,
+                  "lookup_1000_s": t_lookup}))
+"""
+
+
+def measure_shard_index(args: argparse.Namespace, out: Path) -> None:
+    """(6a) A synthetic index of ``--index-samples``: its size on disk, start-up and resident memory of a fresh
+    process that opens it and reads 100k random samples' keys, captions and offsets."""
+    n = args.index_samples
+    path = out / "synthetic_index"
+    t = time.perf_counter()
+    synthetic_index(path, n)
+    build = time.perf_counter() - t
+    disk = sum(f.stat().st_size for f in path.iterdir())
+    runs = []
+    for _ in range(max(1, min(args.repeats, 3))):
+        r = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(path), "100000"], capture_output=True, text=True, check=True
+        )
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    m = runs[len(runs) // 2]
+    print(f"\n## (6a) shard index of {n:,} synthetic samples ({n // 10_000:,} shards; built in {build:.1f} s with numpy, "
+          f"{disk / n:.1f} bytes/sample on disk, memory-mapped)")  # fmt: skip
+    print("| measure | value |\n|---|---|")
+    print(
+        f"| start-up: open + first sample, s (runs {_runs([x['open_s'] for x in runs])}) | {_med([x['open_s'] for x in runs]):.3f} |"
+    )
+    print(f"| 100k random samples (key, caption, offsets), s | {m['reads_s']:.2f} |")
+    print(f"| resident memory added, bytes/sample (RSS: mapped index pages touched, shared via the page cache) | "
+          f"{m['rss'] / n:.2f} |")  # fmt: skip
+    print(f"| of which private (anonymous) memory, bytes/sample | {m['anon'] / n:.3f} |")
+    print(f"| key -> index lookup of 1000 keys, s | {m['lookup_1000_s']:.3f} |")
+
+
+def _write_bench_shards(root: Path, n: int, per_shard: int = 128) -> None:
+    import webdataset as wds
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s in range(-(-n // per_shard)):
+        with wds.TarWriter(str(root / f"{s:05d}.tar")) as w:
+            for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(
+                    buf, "JPEG", quality=90
+                )
+                w.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": f"caption {i}"})
+
+
+def measure_remote_reads(args: argparse.Namespace, out: Path) -> None:
+    """(6b) samples/s of the webdataset dataset (read + decode 256x256 JPEGs) from local shards and from the same
+    shards over HTTP on loopback, random order (stage 2, evaluation) and sequential (stage 1's blocks)."""
+    from tipsdistill.cache.shards import WebDatasetShards
+
+    n = args.shard_images
+    root = out / "remote"
+    _write_bench_shards(root / "shards", n)
+    base, counts, srv = serve_folder(root)
+    pattern = f"{{00000..{-(-n // 128) - 1:05d}}}.tar"
+    try:
+        local = WebDatasetShards(str(root / "shards" / pattern), index=str(root / "ix_local"))
+        remote = WebDatasetShards(f"{base}/shards/{pattern}", index=str(root / "ix_http"))
+        order = {"random": list(np.random.default_rng(0).permutation(n)), "sequential": list(range(n))}
+        print(f"\n## (6b) webdataset samples/s, {n} JPEGs 256x256 (~{os.path.getsize(root / 'shards' / '00000.tar') // 128 // 1024} KiB), "
+              "one process, local files vs HTTP Range requests on loopback")  # fmt: skip
+        print(
+            "| order | local samples/s | HTTP samples/s | HTTP/local | HTTP requests per sample |\n|---|---|---|---|---|"
+        )
+        for name, idx in order.items():
+            rates = {}
+            for label, ds in (("local", local), ("http", remote)):
+                for i in idx[:16]:
+                    ds[i]  # untimed warm-up (connections, page cache)
+                ts, before = [], counts["range"]
+                for _ in range(max(1, min(args.repeats, 3))):
+                    ds._last = -2
+                    t = time.perf_counter()
+                    for i in idx:
+                        ds[int(i)]
+                    ts.append(time.perf_counter() - t)
+                rates[label] = n / _med(ts)
+                reqs = (counts["range"] - before) / (n * len(ts))
+            print(
+                f"| {name} | {rates['local']:.0f} | {rates['http']:.0f} | {rates['http'] / rates['local']:.2f} | {reqs:.2f} |"
+            )
+    finally:
+        srv.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -756,6 +967,9 @@ def main(argv: list[str] | None = None) -> int:
         _durability(teacher, data, out, _extract_kwargs(args), args.repeats)
     if "5" in sections:
         measure_storage(teacher, data, args, out, s16)
+    if "6" in sections:
+        measure_shard_index(args, out)
+        measure_remote_reads(args, out)
     return 0
 
 

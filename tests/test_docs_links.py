@@ -1,4 +1,4 @@
-"""Every relative link in README.md and docs/*.md resolves: the file (or folder) exists, and a
+"""Every relative link in README.md and docs/**/*.md resolves: the file (or folder) exists, and a
 ``#anchor`` names a heading of the target page, spelled the way GitHub derives heading anchors.
 Links inside code (fenced blocks, inline backticks) are not links and are not checked; web links
 (``http://``, ``https://``, ``mailto:``) are left to the reader: no network here."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]  # docs/records/ too
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")

@@ -1,11 +1,11 @@
-"""Run the README's "Your own data" commands, as written, on a generated example set (CI: ``.ci/run``).
+"""Run the "Your own data" commands of docs/own-data.md, as written, on a generated example set (CI: ``.ci/run``).
 
 ``python -m tests.own_data_check [--keep DIR]`` writes, in a temporary folder, the files those
 commands name (``shards/0000{0..4}.tar`` written with ``webdataset.TarWriter``, ``images/`` +
 ``captions.parquet`` / ``.csv`` / ``.tsv`` / ``.jsonl``, a ``save_to_disk`` folder ``hf_dataset/``), with
 the bad input the toolkit must survive (a truncated tar, a corrupt image, a caption without image, an
 image without caption, a key repeated in another shard, a caption that is not UTF-8, a row whose
-image path does not exist), then runs every ``bash`` block of that README section in order and checks
+image path does not exist), then runs every ``bash`` block of that page in order and checks
 what the caches hold. Exit status 0 when every command ran and every check held.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION = "## Your own data"
+SECTION = "# Your own data"
 
 
 def _jpeg(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
@@ -141,8 +141,8 @@ def make_example_data(root: Path) -> dict[str, Any]:
     return {"wds": make_shards(root), "table": make_tables(root), "hf": make_hf(root)}
 
 
-def readme_blocks(readme: Path = REPO / "README.md") -> list[str]:
-    """The ``bash`` code blocks of the README's "Your own data" section, in order."""
+def readme_blocks(readme: Path = REPO / "docs" / "own-data.md") -> list[str]:
+    """The ``bash`` code blocks of docs/own-data.md's "Your own data" section, in order."""
     text = readme.read_text(encoding="utf-8")
     if SECTION not in text:
         raise SystemExit(f"{readme} has no {SECTION!r} section")
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "HF_HOME": str(work / ".hf"),  # imagefolder / parquet builders cache here, not in the user's cache
     }
     blocks = readme_blocks()
-    print(f"example data in {work} ({time.perf_counter() - t0:.1f} s); running {len(blocks)} README block(s)")
+    print(f"example data in {work} ({time.perf_counter() - t0:.1f} s); running {len(blocks)} block(s) of docs/own-data.md")
     for i, block in enumerate(blocks, 1):
         t = time.perf_counter()
         r = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=work, env=env, capture_output=True,

@@ -370,11 +370,10 @@ def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: 
     for module in task.targets.modules().values():
         module.to(device)
     task.to(device)
-    reads_cache = cfg.teacher.source == "cache" or isinstance(task.text, CachedText)
-    fields: tuple[str, ...] = ()
-    if reads_cache and cfg.cache.reader == "batch":  # read in the training process (distill.feeder)
-        fields = ("patch", "cls") if cfg.teacher.source == "cache" else ()
-        fields += ("text",) if isinstance(task.text, CachedText) else ()
+    # the cache fields read in the training process for each batch (distill.feeder)
+    fields = ("patch", "cls") if cfg.teacher.source == "cache" else ()
+    fields += ("text",) if isinstance(task.text, CachedText) else ()
+    reads_cache = bool(fields)
     dataset = DistillDataset(
         source,
         cfg.data,

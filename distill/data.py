@@ -300,17 +300,12 @@ class DistillDataset(Dataset):
             self.target = "none"
             return
         cache_keys = cache.keys()
-        lookup = {k: i for i, k in enumerate(src_keys)}
-        missing = [k for k in cache_keys if k not in lookup]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} of {len(cache_keys)} cache keys are not in the source dataset "
-                f"{getattr(source, 'identity', lambda: {})()} (first: {missing[:5]}); build the cache from this "
-                "dataset (same name, split and kwargs) or point data.dataset at the one the cache was built from"
-            )
-        self.src_index = [lookup[k] for k in cache_keys]
-        cached = set(cache_keys)
-        self.skipped_keys = [k for k in src_keys if k not in cached]
+        if src_keys == cache_keys and isinstance(getattr(source, "left_out", None), list):
+            # the cache's samples in its order, matched by cache.dataset_spec.source_for_cache (stage 2)
+            self.src_index = list(range(len(cache_keys)))
+            self.skipped_keys = list(source.left_out)
+        else:
+            self.src_index, self.skipped_keys = _match_keys(source, src_keys, cache_keys)
         if self.skipped_keys:
             logger.warning(
                 "%d source images are not in the cache and are skipped (first: %s)",
@@ -407,7 +402,9 @@ class DistillDataset(Dataset):
             pbox = sample_box(gen, H, W, c.global_scale, c.ratio, region)
             flip = bool(c.flip) and bool(torch.rand(1, generator=gen) < 0.5)
             nbox = list(pixel_box_to_norm(pbox, H, W))
-            if titem is not None:  # align_teacher_map of the first stored view (the full image), on the device
+            if (
+                titem is not None
+            ):  # align_teacher_map of the first stored view (the full image), on the device
                 roi, ratio = crop_roi(nbox, self.teacher_grid, self.student_grid, source_box=src_box)
                 item["t_roi"] = torch.tensor(roi, dtype=torch.float32)
                 item["t_ratio"], item["t_flip"], item["t_view"] = ratio, flip, 0
@@ -437,6 +434,21 @@ class DistillDataset(Dataset):
             if self.mask_prob < 1.0 and float(torch.rand(1, generator=gen)) >= self.mask_prob:
                 item["mask"] = torch.zeros_like(item["mask"])
         return item
+
+
+def _match_keys(source: Dataset, src_keys: list[str], cache_keys: list[str]) -> tuple[list[int], list[str]]:
+    """The source index of every cache key, and the source keys absent from the cache (skipped); a cache
+    key missing from the source is an error naming the dataset and the fix."""
+    lookup = {k: i for i, k in enumerate(src_keys)}
+    missing = [k for k in cache_keys if k not in lookup]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of {len(cache_keys)} cache keys are not in the source dataset "
+            f"{getattr(source, 'identity', lambda: {})()} (first: {missing[:5]}); build the cache from this "
+            "dataset (same name, split and kwargs) or point data.dataset at the one the cache was built from"
+        )
+    cached = set(cache_keys)
+    return [lookup[k] for k in cache_keys], [k for k in src_keys if k not in cached]
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):

@@ -1,6 +1,10 @@
 """Stage 2: the DeepSpeed training loop (distillation from a cache or a live teacher, or pretraining).
 
-``train(cfg, resume=None)`` runs one process of a (possibly multi-process) job:
+``train(cfg, resume=None)`` runs one process of a (possibly multi-process) job. It reads top to bottom
+in ``_train``: :func:`setup` (task, data, the cache opened once, the resume check) -> :func:`build_engine`
+-> :func:`resume_from_checkpoint` -> :func:`open_outputs`, then per step :func:`train_step`,
+:func:`save_due`, :func:`log_step` (with :func:`maybe_eval`) and the checkpoint, then :func:`finish`; the
+loop's state is one :class:`RunState`.
 
 - distributed set-up: under ``srun`` (one task per process) the SLURM task variables are translated
   (``distill.multinode``); without a launcher the single-process env vars (``RANK``, ``LOCAL_RANK``,
@@ -501,12 +505,10 @@ def _train(
     watch = PreemptionWatch(world)  # SIGTERM / SIGUSR1: a checkpoint at the next step boundary, then exit
     try:
         while run.step < run.stop:
-            rec = train_step(run)
-            save_now = cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0
-            save_now = save_now or (run.step == cfg.steps and cfg.checkpoint.at_end)
+            vals = train_step(run)
             run.preempted = watch.poll()  # every rank agrees (distill.resume.PreemptionWatch)
-            save_now = bool(save_now or run.preempted)
-            rec = log_step(run, rec, save_now=save_now)
+            save_now = save_due(run)
+            log_step(run, vals, save_now=save_now)  # reads the loss terms back before any save
             if save_now:
                 ckpt.save(
                     run.engine, run.out, run.step, run.client_state(), keep_last=cfg.checkpoint.keep_last
@@ -753,6 +755,14 @@ def train_step(run: RunState) -> dict[str, Any]:
     run.step += 1
     run.samples_seen += run.global_batch
     return {"lr": vals["lr"], "wd": vals["wd"], "data_s": t_data}
+
+
+def save_due(run: RunState) -> bool:
+    """A checkpoint after this step: every ``checkpoint.every`` steps, at the last step
+    (``checkpoint.at_end``), or on a preemption signal."""
+    ck = run.cfg.checkpoint
+    every = bool(ck.every) and run.step % ck.every == 0
+    return every or (run.step == run.cfg.steps and ck.at_end) or run.preempted is not None
 
 
 def log_step(run: RunState, vals: dict[str, Any], *, save_now: bool) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 A cache stores token features as float16, as int8 with a per-token scale, and optionally as ``K``
 coefficients of a PCA basis fitted on the teacher's tokens (``--reduce-dim K``, :mod:`cache.reduce`)
 in either dtype. ``decode(values, scale=None, *, basis=None, mean=None)`` runs on whatever device its
-tensors are on: the item reader (:meth:`cache.FeatureCache.__getitems__`, CPU) and stage 2's
+tensors are on: the items of :meth:`cache.FeatureCache.__getitems__` (CPU) and stage 2's
 device-side targets (:mod:`distill.targets`, the training device) both call it, so a value decodes
 the same everywhere.
 """

@@ -182,7 +182,8 @@ def spec_from_meta(meta: dict[str, Any]) -> DatasetSpec | None:
 
 class CachedSubset(Dataset):
     """The items of ``source`` whose keys are in a cache, in the cache's order (the samples stage 1
-    skipped are left out; their number is ``num_left_out``). Attributes such as ``class_names`` pass through."""
+    skipped are left out: their keys, in the source's order, are ``left_out``, their number
+    ``num_left_out``). Attributes such as ``class_names`` pass through."""
 
     def __init__(self, source: Dataset, keys: list[str]) -> None:
         self.source, self._keys = source, list(keys)
@@ -191,13 +192,18 @@ class CachedSubset(Dataset):
             if (found < 0).any():
                 raise KeyError(f"key {self._keys[int(np.argmax(found < 0))]!r} is not in the dataset")
             self._index = found.tolist()
+            absent = np.ones(len(source), dtype=bool)
+            absent[found] = False
+            self.left_out = [source.key(int(i)) for i in np.flatnonzero(absent)]
         else:
             src_keys = (
                 list(source.keys()) if hasattr(source, "keys") else [str(i) for i in range(len(source))]
             )
             lookup = {k: i for i, k in enumerate(src_keys)}
             self._index = [lookup[k] for k in self._keys]
-        self.num_left_out = len(source) - len(self._keys)
+            cached = set(self._keys)
+            self.left_out = [k for k in src_keys if k not in cached]
+        self.num_left_out = len(self.left_out)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name == "source":

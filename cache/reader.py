@@ -3,21 +3,20 @@
 The h5py file is opened lazily in each process that reads (h5py handles cannot be pickled), so a
 ``FeatureCache`` works in DataLoader workers under both fork and spawn.
 
-Two readers over the same files:
-- the item reader (``cache[i]``, ``cache.__getitems__``): float32 item dicts, the reference;
-- the batch reader (:meth:`FeatureCache.read_batch`): a batch of rows in the storage dtype (float16, or
+One reading path, :meth:`FeatureCache.read_batch`: a batch of rows in the storage dtype (float16, or
   int8 + ``*_scale``) straight into one preallocated (pinned with CUDA) buffer, :class:`FeatureBatch`.
   Each row's byte offset is looked up once per shard and dataset (contiguous datasets:
   ``get_offset``; chunked ones: ``chunk_iter``), checked once against an h5py read, and the rows are
   read with ``os.preadv`` from a small thread pool, outside the HDF5 library and its global lock.
   A filtered (compressed) or otherwise unmappable dataset falls back to h5py reads (logged once).
+Stage 2 reads these rows (``distill.feeder``); ``cache[i]`` / ``cache.__getitems__`` return them decoded to
+float32 item dicts (inspection, evaluation).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,10 +316,9 @@ class FeatureCache(Dataset):
     ``cls`` ``(C, D)`` (or ``(V, C, D)``), optional ``value_patch``, and when captions were embedded
     ``text`` dict granularity -> ``(Dt,)`` with ``text_valid`` dict granularity -> bool.
 
-    Reading: the index's virtual datasets are resolved to the shard files once (per process); each
-    read goes to the shard datasets directly, into preallocated arrays. ``__getitems__`` (used by the
-    torch DataLoader for a whole batch) reads every dataset with one HDF5 call per shard, so a batch
-    of consecutive samples costs a handful of calls instead of several per sample.
+    Reading: the index's virtual datasets are resolved to the shard files once (per process); every
+    read is a :meth:`read_batch` of the shard files' rows. ``__getitems__`` (used by the torch
+    DataLoader for a whole batch) is one :meth:`read_batch` of every field, decoded.
     """
 
     def __init__(
@@ -339,10 +337,6 @@ class FeatureCache(Dataset):
             self._spec = {n: (f[n].shape[1:], f[n].dtype) for n in self._datasets(f)}
             # reduced-dimension cache: patch tokens stored as PCA coefficients, decoded on reading
             self.reduction: Reduction | None = Reduction.read_h5(f, self.meta)
-        # converted to new float32 tensors after reading: their raw arrays can be reused staging buffers
-        self._staged = {
-            n for n in self._spec if n in FEATURES or n.endswith("_scale") or n.startswith("text/")
-        }
         if not self.meta.get("complete", False) and not allow_incomplete:
             raise ValueError(
                 f"cache {self.path} is incomplete ({int(done.sum())} of {done.size} samples written); rerun the "
@@ -397,80 +391,40 @@ class FeatureCache(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_shards"], state["_pid"] = None, -1
-        for k in ("_bufs", "_pool", "_pool_pid"):
+        for k in ("_pool", "_pool_pid"):
             state.pop(k, None)
         return state
 
-    def _buffer(self, name: str, n: int) -> np.ndarray:
-        """A per-thread staging array ``(n, ...)`` for ``name``, reused across calls (no fresh pages, no
-        page faults per batch); only for datasets whose values are copied out (converted) afterwards."""
-        bufs = self.__dict__.get("_bufs")
-        if bufs is None:
-            bufs = self._bufs = threading.local()
-        d = bufs.__dict__
-        shape, dt = self._spec[name]
-        b = d.get(name)
-        if b is None or len(b) < n:
-            b = d[name] = np.empty((max(n, 1), *shape), dt)
-        return b[:n]
-
-    def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Every per-sample dataset at cache rows ``rows`` (sorted, unique) as ``(len(rows), ...)`` arrays
-        (features, scales and text embeddings in reused staging arrays: convert them before the next call)."""
-        n = len(rows)
-        out = {
-            name: self._buffer(name, n) if name in self._staged else np.empty((n, *shape), dt)
-            for name, (shape, dt) in self._spec.items()
-        }
-        for sh in self._open():
-            lo, hi = np.searchsorted(rows, [sh.start, sh.stop])
-            if lo == hi:
-                continue
-            local = rows[lo:hi] - sh.offset
-            for n, arr in out.items():
-                if lo == 0 and hi == len(rows):
-                    sh.read(n, local, arr)
-                else:
-                    part = np.empty((hi - lo, *arr.shape[1:]), arr.dtype)
-                    sh.read(n, local, part)
-                    arr[lo:hi] = part
-        return out
+    def _item_fields(self) -> tuple[str, ...]:
+        """Every field of an item: the features, the stored views' boxes and flips, the caption embeddings."""
+        fields = tuple(self._names)
+        if self.spec.has_views:
+            fields += ("boxes", "flips")
+        return fields + (("text",) if self.granularities else ())
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
-        """Items ``indices`` (any order, repeats allowed), read together: one HDF5 call per dataset
-        per shard touched. The items' tensors are views of per-batch tensors."""
-        n = len(self)
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        bad = (idx < -n) | (idx >= n)
-        if bad.any():
-            raise IndexError(f"index {int(idx[bad][0])} out of range for a cache of {n} samples")
-        js = self.valid[np.where(idx < 0, idx + n, idx)]
-        rows, inv = np.unique(js, return_inverse=True)
-        raw = self._read(rows)
-        same = len(rows) == len(js) and bool((rows == js).all())
-        take = (lambda a: a) if same else (lambda a: a[inv])  # back to the order asked for
-        feats: dict[str, torch.Tensor] = {}
+        """Items ``indices`` (any order, repeats allowed): one :meth:`read_batch` of every field, decoded to
+        float32 (:func:`cache.codec.decode`, the PCA basis of a reduced cache). The items' tensors are views
+        of per-batch tensors. For inspection and evaluation; stage 2 reads :meth:`read_batch` rows."""
+        fb = self.read_batch(indices, self._item_fields(), out=None, pin=False)
+        raw = fb.host()
         red = self.reduction.bases if self.reduction is not None else {}
+        feats: dict[str, torch.Tensor] = {}
         for name in self._names:
             mean, basis = red.get(name, (None, None))
-            scale = torch.from_numpy(raw[name + "_scale"]) if self.int8 else None
-            x = decode(torch.from_numpy(raw[name]), scale, basis=basis, mean=mean)
+            x = decode(raw[name], raw.get(name + "_scale"), basis=basis, mean=mean)
             if name != "cls":  # (B, ..., h*w, D) -> (B, ..., h, w, D)
                 x = x.reshape(x.shape[:-2] + self.grid + x.shape[-1:])
-            feats[name] = take(x)
-        if self.num_views > 1:
-            boxes = take(torch.from_numpy(raw["boxes"]))
-            flips = take(torch.from_numpy(raw["flips"].astype(bool)))
-        if self.granularities:
-            text = {g: take(decode(torch.from_numpy(raw[f"text/{g}"]))) for g in self.granularities}
-            valid = {g: take(raw[f"text_valid/{g}"].astype(bool)).tolist() for g in self.granularities}
+            feats[name] = x
+        text = {g: decode(raw[f"text/{g}"]) for g in self.granularities}
+        valid = {g: raw[f"text_valid/{g}"].bool().tolist() for g in self.granularities}
         items = []
-        for k, j in enumerate(js.tolist()):
+        for k, j in enumerate(self.valid[fb.indices].tolist()):
             item: dict[str, Any] = {"index": j, "key": self._keys[j]}
             for name in self._names:
                 item[name] = feats[name][k]
-            if self.num_views > 1:
-                item["boxes"], item["flips"] = boxes[k], flips[k]
+            if self.spec.has_views:
+                item["boxes"], item["flips"] = raw["boxes"][k], raw["flips"][k].bool()
             if self.granularities:
                 item["text"] = {g: text[g][k] for g in self.granularities}
                 item["text_valid"] = {g: valid[g][k] for g in self.granularities}
@@ -556,6 +510,7 @@ class FeatureCache(Dataset):
         *,
         views: Any = None,
         out: FeatureBatch | None = None,
+        pin: bool | None = None,
     ) -> FeatureBatch:
         """Rows ``indices`` (cache item indices, any order, repeats allowed) of ``fields`` in the storage
         dtype, into ``out`` (reused; a new :func:`alloc_batch` buffer when ``None``).
@@ -565,7 +520,8 @@ class FeatureCache(Dataset):
         reads one view of each row's features and drops the view axis. Rows are grouped by shard and
         read in file order with ``os.preadv`` (consecutive rows in one call) from a thread pool of
         ``self.read_threads``; datasets that cannot be read as raw bytes go through h5py (logged once).
-        Decode with :func:`cache.codec.decode`: the values equal the item reader's.
+        Decode with :func:`cache.codec.decode` (the items of ``cache[i]`` are these rows decoded).
+        ``pin``: of a new buffer (:meth:`alloc_batch`).
         """
         n = len(self)
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -584,7 +540,7 @@ class FeatureCache(Dataset):
                     f"views must be {len(idx)} view indices in [0, {self.num_views}), got {views.tolist()}"
                 )
         if out is None:
-            out = self.alloc_batch(len(idx), fields, views=select)
+            out = self.alloc_batch(len(idx), fields, views=select, pin=pin)
         names = self._batch_names(fields)
         if not set(names) <= set(out.layout) or out.capacity < len(idx):
             raise ValueError(

@@ -60,10 +60,7 @@ class CacheSection:
     target: str = "auto"  # "auto", "replay" (stored views) or "crop" (roi_align of the full-image map)
     expect_dim: int = 0  # 0 = no check; otherwise the teacher dim this recipe needs
     expect_grid: list[int] = field(default_factory=list)  # [] = no check; [h, w] otherwise
-    # "batch": feature batches read in the training process (distill.feeder, storage dtype, targets
-    # built on the device); "item": float32 targets built per item in the DataLoader workers (reference)
-    reader: str = "batch"
-    prefetch: int = 2  # feature batches read ahead by the batch reader's thread
+    prefetch: int = 2  # feature batches read ahead by the feeder thread (distill.feeder)
     # several teachers (distill.multi): caches of different teachers over the same dataset, one default
     # TeacherEntry each (named by the cache's teacher); `teachers: [...]` names and weighs them
     paths: list[str] = field(default_factory=list)
@@ -287,7 +284,6 @@ class TrainConfig:
         checks = [
             ("teacher.source", self.teacher.source, ("cache", "online", "ema")),
             ("cache.target", self.cache.target, ("auto", "replay", "crop")),
-            ("cache.reader", self.cache.reader, ("batch", "item")),
             ("loss.patch", self.loss.patch, ("proto", "cosine", "smooth_l1", "mse")),
             ("ema.kind", self.ema.kind, ("head", "full", "none")),
             ("loss.centering", self.loss.centering, ("center", "sinkhorn_knopp")),
@@ -407,7 +403,7 @@ def load_config(
     if overrides:
         upd = parse_overrides(overrides)
         merged = merge_dicts(_other_architecture(merged, upd), upd)
-    return from_dict(TrainConfig, _eval_settings(_drop_mode(merged))).validate()
+    return from_dict(TrainConfig, _eval_settings(_drop_reader(_drop_mode(merged)))).validate()
 
 
 def _eval_settings(merged: dict[str, Any]) -> dict[str, Any]:
@@ -466,6 +462,29 @@ def _drop_mode(merged: dict[str, Any]) -> dict[str, Any]:
         )
     logger.warning("config key 'mode' is no longer read (teacher.source=%s says %s); drop it", source, mode)
     return merged
+
+
+def _drop_reader(merged: dict[str, Any]) -> dict[str, Any]:
+    """Configs written before stage 2 had one data path hold ``cache.reader`` (``batch``, or ``item``: the
+    float32 targets built per item in the workers). Both are read as the one path, the feeder's batches
+    (``distill.feeder``), whose targets equal the item reader's (tested to 1e-6, equal on the CPU), so an
+    old config or checkpoint runs and resumes unchanged; the key is dropped with a warning. Any other
+    value is an error."""
+    cache = merged.get("cache")
+    if not isinstance(cache, dict) or "reader" not in cache:
+        return merged
+    reader = cache["reader"]
+    if reader not in ("batch", "item"):
+        raise ValueError(
+            f"config cache.reader={reader!r} is invalid, and the key is no longer read: stage 2 has one data "
+            "path (feature batches read by the feeder thread); drop cache.reader"
+        )
+    logger.warning(
+        "config key cache.reader (%r) is no longer read: stage 2 reads cached features one way, in batches "
+        "in the training process (distill.feeder), with the same targets the item reader built; drop it",
+        reader,
+    )
+    return {**merged, "cache": {k: v for k, v in cache.items() if k != "reader"}}
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

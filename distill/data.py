@@ -10,6 +10,10 @@ Teacher targets (cached mode) come in two ways:
   the teacher token grid with :func:`torchvision.ops.roi_align` (token centres at ``j + 0.5``),
   flipped when the crop is, and resampled to the student's grid. Teacher and student grids may differ.
 
+The items carry the crop geometry only (``t_roi``, ``t_ratio``, ``t_flip``, ``t_view``); the cached
+features of a batch are read in the training process (:mod:`distill.feeder`) and the targets built
+from them on the device (:class:`distill.targets.CachedTargets`, :func:`align_teacher_maps`).
+
 Source images are matched to the cache by key; cache keys missing from the source are an error,
 source images absent from the cache are counted and listed (``skipped_keys``).
 """
@@ -249,8 +253,10 @@ class DistillDataset(Dataset):
         crop of the global view, ``flip`` bool, ``captions`` gran -> str (``""`` when missing),
         ``caption_valid`` gran -> bool, ``caption_u`` float in [0, 1) (the per-sample draw of CLS2's
         caption granularity); ``mask`` ``(h_s * w_s,)`` bool when ``mask_ratio > 0`` (True = masked);
-        cached mode: ``t_patch`` ``(h_s, w_s, D_t)``, ``t_cls`` ``(C, D_t)``, and when the cache has
-        text embeddings ``text`` gran -> ``(D_t,)`` with ``text_valid`` gran -> bool;
+        cached mode: the crop geometry of the targets, ``t_roi`` ``(4,)`` (the student's crop in teacher
+        tokens, :func:`crop_roi`), ``t_ratio`` int (its sampling ratio, 0 = identity), ``t_flip`` bool,
+        ``t_view`` int (the stored view replayed, 0 for crops); the features themselves are read by
+        :class:`distill.feeder.FeatureFeeder` (the fields ``batch_features``);
         online mode with a teacher input size != S: ``t_image`` ``(3, S_t, S_t)`` (same box and flip).
     """
 
@@ -266,12 +272,16 @@ class DistillDataset(Dataset):
         seed: int = 0,
         mask_ratio: float = 0.0,
         mask_prob: float = 1.0,
-        batch_features: Sequence[str] = (),
+        batch_features: Sequence[str] = ("patch", "cls"),
     ) -> None:
         self.source = source
-        # the cache fields the training process's batch reader (distill.feeder) reads; when set, items
-        # carry the crop geometry (t_roi, t_ratio, t_flip, t_view) instead of t_patch / t_cls / text
+        # the cache fields the training process's feeder (distill.feeder) reads for each batch
         self.batch_features = tuple(batch_features) if cache is not None else ()
+        if cache is not None and not self.batch_features:
+            raise ValueError(
+                "a DistillDataset over a cache needs the fields its feeder reads: batch_features=('patch', "
+                "'cls') for teacher targets, ('text',) for caption embeddings, or both"
+            )
         self.mask_ratio = float(mask_ratio)
         self.mask_prob = float(mask_prob)
         self.cfg = data_cfg
@@ -290,17 +300,12 @@ class DistillDataset(Dataset):
             self.target = "none"
             return
         cache_keys = cache.keys()
-        lookup = {k: i for i, k in enumerate(src_keys)}
-        missing = [k for k in cache_keys if k not in lookup]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} of {len(cache_keys)} cache keys are not in the source dataset "
-                f"{getattr(source, 'identity', lambda: {})()} (first: {missing[:5]}); build the cache from this "
-                "dataset (same name, split and kwargs) or point data.dataset at the one the cache was built from"
-            )
-        self.src_index = [lookup[k] for k in cache_keys]
-        cached = set(cache_keys)
-        self.skipped_keys = [k for k in src_keys if k not in cached]
+        if src_keys == cache_keys and isinstance(getattr(source, "left_out", None), list):
+            # the cache's samples in its order, matched by cache.dataset_spec.source_for_cache (stage 2)
+            self.src_index = list(range(len(cache_keys)))
+            self.skipped_keys = list(source.left_out)
+        else:
+            self.src_index, self.skipped_keys = _match_keys(source, src_keys, cache_keys)
         if self.skipped_keys:
             logger.warning(
                 "%d source images are not in the cache and are skipped (first: %s)",
@@ -340,14 +345,11 @@ class DistillDataset(Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = self._epoch_index(index)
-        if self.batch_features:
-            return self._item(epoch, index, self._geometry([index])[0])
-        titem = self.cache[index] if self.cache is not None else None
-        return self._item(epoch, index, titem)
+        return self._item(epoch, index, self._geometry([index])[0] if self.cache is not None else None)
 
     def _geometry(self, indices: list[int]) -> list[dict[str, Any]]:
-        """What a worker needs of the cache when the features come from the batch reader: the key, and
-        the stored view boxes and flips when the cache has several views (read in the storage dtype)."""
+        """What a worker needs of the cache (the features come from the feeder): the key, and the stored
+        view boxes and flips when the cache has several views (read in the storage dtype)."""
         out: list[dict[str, Any]] = [{"key": self.cache_keys[i]} for i in indices]
         if self.views:
             fields = ("boxes", "flips")  # not pinned: no CUDA in a worker process
@@ -358,16 +360,13 @@ class DistillDataset(Dataset):
         return out
 
     def __getitems__(self, indices: list[int | tuple[int, int]]) -> list[dict[str, Any]]:
-        """A batch of items (what ``DataLoader`` asks for): the cached targets are read together (one HDF5
-        read per dataset and shard, see :meth:`cache.FeatureCache.__getitems__`); the same items as
-        ``[self[i] for i in indices]``."""
+        """A batch of items (what ``DataLoader`` asks for): the stored views' geometry is read together
+        (one :meth:`cache.FeatureCache.read_batch`); the same items as ``[self[i] for i in indices]``."""
         pairs = [self._epoch_index(i) for i in indices]
         if self.cache is None:
             titems: list[Any] = [None] * len(pairs)
-        elif self.batch_features:
-            titems = self._geometry([i for _, i in pairs])
         else:
-            titems = self.cache.__getitems__([i for _, i in pairs])
+            titems = self._geometry([i for _, i in pairs])
         return [self._item(e, i, t) for (e, i), t in zip(pairs, titems, strict=True)]
 
     def _item(self, epoch: int, index: int, titem: dict[str, Any] | None) -> dict[str, Any]:
@@ -388,14 +387,11 @@ class DistillDataset(Dataset):
             flip = bool(titem["flips"][v]) if "flips" in titem else False
             pbox = None
             item["global"] = apply_view(image, titem["boxes"][v], flip, (c.image_size, c.image_size))
-            if self.batch_features:  # resample_grid of the stored view, on the device
-                same = tuple(self.teacher_grid) == self.student_grid
-                roi, ratio = crop_roi((0.0, 0.0, 1.0, 1.0), self.teacher_grid, self.student_grid)
-                item["t_roi"] = torch.tensor(roi, dtype=torch.float32)
-                item["t_ratio"], item["t_flip"], item["t_view"] = 0 if same else ratio, False, v
-            else:
-                t_patch = resample_grid(titem["patch"][v], self.student_grid)
-                t_cls = titem["cls"][v]
+            # resample_grid of the stored view, on the device
+            same = tuple(self.teacher_grid) == self.student_grid
+            roi, ratio = crop_roi((0.0, 0.0, 1.0, 1.0), self.teacher_grid, self.student_grid)
+            item["t_roi"] = torch.tensor(roi, dtype=torch.float32)
+            item["t_ratio"], item["t_flip"], item["t_view"] = 0 if same else ratio, False, v
         else:
             src_box = (0.0, 0.0, 1.0, 1.0)
             region = None
@@ -406,14 +402,12 @@ class DistillDataset(Dataset):
             pbox = sample_box(gen, H, W, c.global_scale, c.ratio, region)
             flip = bool(c.flip) and bool(torch.rand(1, generator=gen) < 0.5)
             nbox = list(pixel_box_to_norm(pbox, H, W))
-            if self.batch_features:  # align_teacher_map, on the device
+            if (
+                titem is not None
+            ):  # align_teacher_map of the first stored view (the full image), on the device
                 roi, ratio = crop_roi(nbox, self.teacher_grid, self.student_grid, source_box=src_box)
                 item["t_roi"] = torch.tensor(roi, dtype=torch.float32)
                 item["t_ratio"], item["t_flip"], item["t_view"] = ratio, flip, 0
-            elif titem is not None:  # the first stored view is the full image
-                feat = titem["patch"][0] if self.views else titem["patch"]
-                t_patch = align_teacher_map(feat, nbox, self.student_grid, flip=flip, source_box=src_box)
-                t_cls = titem["cls"][0] if self.views else titem["cls"]
         if pbox is None:
             pbox = norm_box_to_pixel(nbox, H, W)
         else:
@@ -422,14 +416,6 @@ class DistillDataset(Dataset):
         item["flip"] = flip
         if self.teacher_image_size and self.teacher_image_size != c.image_size:
             item["t_image"] = crop_resize(image, pbox, self.teacher_image_size, flip)
-        if titem is not None and not self.batch_features:
-            item["t_patch"] = t_patch.float()
-            item["t_cls"] = t_cls.float()
-            if "text" in titem:
-                item["text"] = {g: t.float() for g, t in titem["text"].items()}
-                item["text_valid"] = {g: bool(v) for g, v in titem.get("text_valid", {}).items()}
-                for g in item["text"]:
-                    item["text_valid"].setdefault(g, True)
         # ---- local crops
         locs = []
         for _ in range(c.local_crops):
@@ -448,6 +434,21 @@ class DistillDataset(Dataset):
             if self.mask_prob < 1.0 and float(torch.rand(1, generator=gen)) >= self.mask_prob:
                 item["mask"] = torch.zeros_like(item["mask"])
         return item
+
+
+def _match_keys(source: Dataset, src_keys: list[str], cache_keys: list[str]) -> tuple[list[int], list[str]]:
+    """The source index of every cache key, and the source keys absent from the cache (skipped); a cache
+    key missing from the source is an error naming the dataset and the fix."""
+    lookup = {k: i for i, k in enumerate(src_keys)}
+    missing = [k for k in cache_keys if k not in lookup]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of {len(cache_keys)} cache keys are not in the source dataset "
+            f"{getattr(source, 'identity', lambda: {})()} (first: {missing[:5]}); build the cache from this "
+            "dataset (same name, split and kwargs) or point data.dataset at the one the cache was built from"
+        )
+    cached = set(cache_keys)
+    return [lookup[k] for k in cache_keys], [k for k in src_keys if k not in cached]
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):

@@ -185,8 +185,8 @@ class FeatureFeeder:
 
 
 def feeder_for(dataset: Any, sampler: ResumableSampler, batch_size: int, depth: int) -> FeatureFeeder | None:
-    """The :class:`FeatureFeeder` of a :class:`distill.data.DistillDataset` whose features come from the
-    batch reader (``dataset.batch_features``), else ``None``."""
+    """The :class:`FeatureFeeder` of a :class:`distill.data.DistillDataset` over a cache (the fields
+    ``dataset.batch_features``), else ``None`` (no cache: online teacher or pretraining)."""
     if hasattr(dataset, "make_feeder"):  # hook: a dataset with its own reader (distill.multi, several caches)
         return dataset.make_feeder(sampler, batch_size, depth)
     fields = tuple(getattr(dataset, "batch_features", ()) or ())

@@ -46,7 +46,7 @@ OPERATIONAL = (
     "log",
     "cache.path",  # the cache itself is compared by its identity
     "cache.prefetch",
-    "cache.reader",
+    "cache.reader",  # no longer read (one data path); older checkpoints hold it
     "data.num_workers",
     "data.prefetch_factor",
     "engine.zero_stage",

@@ -2,8 +2,9 @@
 (:class:`TextSource`), one injected object each, so every mode of the task reads the same way.
 
 Teacher tokens, by ``teacher.source``:
-- ``cache``: :class:`CachedTargets`, the stage-1 teacher tokens aligned to the student's crop by
-  ``distill.data`` (``batch["t_patch"]``, ``batch["t_cls"]``);
+- ``cache``: :class:`CachedTargets`, the stage-1 teacher tokens of the batch (``batch["features"]``,
+  read by :mod:`distill.feeder`) aligned on the device to the student's crop (the geometry from
+  ``distill.data``);
 - ``online``: :class:`OnlineTargets`, a live frozen teacher on the student's global crop (same box
   and flip);
 - ``ema`` (pretraining): :class:`SelfTargets`, the student's own encoder on the unmasked crop
@@ -68,11 +69,10 @@ class Targets:
 class CachedTargets(Targets):
     """The stage-1 teacher tokens aligned to the student's crop.
 
-    Two paths with the same values: the item path (``cache.reader=item``), where the dataset aligned
-    them per item on the CPU (``batch["t_patch"]``, ``batch["t_cls"]``); and the batch path
-    (``cache.reader=batch``), where ``batch["features"]`` holds the storage-dtype rows on the training
-    device (:mod:`distill.feeder`) and they are decoded (:func:`cache.codec.decode`), cut out and
-    flipped here, batched, with no host sync (:func:`distill.data.align_teacher_maps`).
+    ``batch["features"]`` holds the batch's storage-dtype rows on the training device
+    (:mod:`distill.feeder`); they are decoded (:func:`cache.codec.decode`), cut out and flipped here,
+    batched, with no host sync (:func:`distill.data.align_teacher_maps`), at the crop geometry the
+    dataset drew (``t_roi``, ``t_flip``, ``t_order`` in the features, ``t_ratio`` on the host).
     ``teacher_grid`` is the cache's ``(h_t, w_t)``; ``basis`` the PCA basis of a reduced-dimension
     cache (``{"patch": {"basis": (D, K), "mean": (D,)}}``, :meth:`cache.reduce.Reduction.tensors`, on
     the training device), with which the stored coefficients are decoded to ``D`` dims."""
@@ -80,22 +80,18 @@ class CachedTargets(Targets):
     def __init__(
         self,
         dim: int,
-        teacher_grid: tuple[int, int] | None = None,
+        teacher_grid: tuple[int, int],
         basis: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.dim = int(dim)
-        self.teacher_grid = tuple(teacher_grid) if teacher_grid is not None else None
+        self.teacher_grid = tuple(teacher_grid)
         self.basis = basis or {}
 
     def __call__(self, batch: Mapping[str, Any], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if "features" not in batch:
-            return batch["t_patch"].float(), batch["t_cls"].float()
         feats, host = batch["features"], batch["host"]
         patch = decode(
             feats["patch"], feats.get("patch_scale"), **self.basis.get("patch", {})
         )  # (B, h_t * w_t, D)
-        if self.teacher_grid is None:
-            raise ValueError("CachedTargets needs the cache's teacher_grid to read feature batches")
         patch = patch.view(patch.shape[0], *self.teacher_grid, patch.shape[-1])
         ratios = host["t_ratio"]
         order = feats["t_order"] if len(set(ratios)) > 1 else None
@@ -207,29 +203,19 @@ class TextSource:
 
 
 class CachedText(TextSource):
-    """The cached teacher caption embeddings (``batch["text"]``, ``batch["text_valid"]``)."""
+    """The cached teacher caption embeddings: the batch's ``text/<g>`` rows on the device
+    (``batch["features"]``, :mod:`distill.feeder`), their validity ``text_valid/<g>`` there and on the
+    host (``batch["host"]["text_valid"]``, no device sync)."""
 
     def __call__(self, batch: Mapping[str, Any]) -> TextBatch:
-        host_valid = None
-        if "features" in batch:  # the batch reader's rows on the device, validity also on the host
-            feats = batch["features"]
-            grans = [k.split("/", 1)[1] for k in feats if k.startswith("text/")]
-            text = {gran: decode(feats[f"text/{gran}"]) for gran in grans}
-            valid = {gran: feats[f"text_valid/{gran}"] for gran in grans}
-            host_valid = batch["host"]["text_valid"]
-        else:
-            text, valid = batch["text"], batch.get("text_valid", {})
+        feats = batch["features"]
+        grans = [k.split("/", 1)[1] for k in feats if k.startswith("text/")]
+        text = {gran: decode(feats[f"text/{gran}"]) for gran in grans}
+        valid = {gran: feats[f"text_valid/{gran}"] for gran in grans}
+        host_valid = batch["host"]["text_valid"]
         alt = text["alt"]
         batch_size = alt.shape[0]
-        if host_valid is not None:
-            ok = {gran: torch.tensor(host_valid[gran], dtype=torch.bool) for gran in text}
-        else:
-            ok = {
-                gran: (
-                    valid[gran].bool().cpu() if gran in valid else torch.ones(batch_size, dtype=torch.bool)
-                )
-                for gran in text
-            }
+        ok = {gran: torch.tensor(host_valid[gran], dtype=torch.bool) for gran in text}
         available = [
             {gran for gran in self.names if gran in text and bool(ok[gran][row])} for row in range(batch_size)
         ]

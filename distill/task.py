@@ -253,11 +253,18 @@ def build_student_from_config(cfg: TrainConfig) -> nn.Module:
     return student
 
 
-def build_source_dataset(cfg: TrainConfig) -> Any:
-    """The student's images: by default the dataset recorded in the cache (``cache.path``); an explicit
-    ``data.dataset`` (registry name or spec such as ``wds:...``) overrides it (see ``cache.dataset_spec``)."""
+def build_source_dataset(cfg: TrainConfig, cache: FeatureCache | None = None) -> Any:
+    """The student's images: by default the dataset recorded in the cache (``cache``, else opened from
+    ``cache.path``); an explicit ``data.dataset`` (registry name or spec such as ``wds:...``) overrides it
+    (see ``cache.dataset_spec``). With a cache: its samples only, in its order, the keys checked there
+    (:class:`cache.dataset_spec.CachedSubset`, whose ``left_out`` keys the dataset reports as skipped)."""
     if cfg.cache.path:
-        return source_for_cache(cfg.cache.path, cfg.data.dataset or None, cfg.data.dataset_kwargs)
+        return source_for_cache(
+            cache if cache is not None else cfg.cache.path,
+            cfg.data.dataset or None,
+            cfg.data.dataset_kwargs,
+            only_cached=True,
+        )
     if not cfg.data.dataset:
         logger.info("data.dataset is not set and there is no cache: using the built-in synthetic scenes")
     return build_from_spec(cfg.data.dataset or "synthetic", **cfg.data.dataset_kwargs)
@@ -331,8 +338,16 @@ def _align_text_width(cfg: TrainConfig, student: nn.Module, text_dim: int) -> bo
     return changed
 
 
-def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: int = 1) -> BuiltTask:
-    """Build the student, heads, losses, targets, data and the out-of-engine state for ``cfg``."""
+def build_task(
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    cache: FeatureCache | None = None,
+) -> BuiltTask:
+    """Build the student, heads, losses, targets, data and the out-of-engine state for ``cfg``.
+    ``cache``: the opened ``cache.path`` (opened here when ``None``); set-up opens it once and passes it."""
     if cfg.multi_teacher:  # several teachers: distill.multi builds that task (it imports this module)
         raise ValueError(
             "this config names several teachers (teachers / cache.paths): build it with "
@@ -347,9 +362,10 @@ def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: 
             f"of the student's patch size {patch_size}"
         )
     grid = (cfg.data.image_size // patch_size, cfg.data.image_size // patch_size)
-    source = build_source_dataset(cfg)
+    if cache is None and cfg.cache.path:
+        cache = open_cache(cfg.cache.path)
+    source = build_source_dataset(cfg, cache)
     info: dict[str, Any] = {"student": getattr(student, "config", {}), "student_grid": list(grid)}
-    cache = open_cache(cfg.cache.path) if cfg.cache.path else None
     if cache is not None:
         info["cache"] = check_cache(cache, cfg)
     targets = _build_targets(cfg, student, cache, device)
@@ -375,11 +391,10 @@ def build_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, world: 
     for module in task.targets.modules().values():
         module.to(device)
     task.to(device)
-    reads_cache = cfg.teacher.source == "cache" or isinstance(task.text, CachedText)
-    fields: tuple[str, ...] = ()
-    if reads_cache and cfg.cache.reader == "batch":  # read in the training process (distill.feeder)
-        fields = ("patch", "cls") if cfg.teacher.source == "cache" else ()
-        fields += ("text",) if isinstance(task.text, CachedText) else ()
+    # the cache fields read in the training process for each batch (distill.feeder)
+    fields = ("patch", "cls") if cfg.teacher.source == "cache" else ()
+    fields += ("text",) if isinstance(task.text, CachedText) else ()
+    reads_cache = bool(fields)
     dataset = DistillDataset(
         source,
         cfg.data,

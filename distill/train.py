@@ -1,6 +1,10 @@
 """Stage 2: the DeepSpeed training loop (distillation from a cache or a live teacher, or pretraining).
 
-``train(cfg, resume=None)`` runs one process of a (possibly multi-process) job:
+``train(cfg, resume=None)`` runs one process of a (possibly multi-process) job. It reads top to bottom
+in ``_train``: :func:`setup` (task, data, the cache opened once, the resume check) -> :func:`build_engine`
+-> :func:`resume_from_checkpoint` -> :func:`open_outputs`, then per step :func:`train_step`,
+:func:`save_due`, :func:`log_step` (with :func:`maybe_eval`) and the checkpoint, then :func:`finish`; the
+loop's state is one :class:`RunState`.
 
 - distributed set-up (``cache.launch.process_place``, stage 1's answer too): under ``srun`` (one task
   per process) the SLURM task variables are translated; without a launcher the single-process env
@@ -41,6 +45,8 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +78,7 @@ from .resume import (
     rewrite_log,
 )
 from .schedules import Schedules
-from .task import build_task
+from .task import BuiltTask, build_task
 from .tracking import Trackers, tracker_names
 
 # deepspeed is imported inside the functions that use it: it reads DS_ACCELERATOR when imported,
@@ -416,6 +422,62 @@ def train(
             lock.release()
 
 
+@dataclass
+class RunState:
+    """Everything the loop carries: what :func:`setup` builds (task, data, engine), the counters a
+    checkpoint saves (``step``, ``samples_seen``, ``best``), the loss terms not yet read back
+    (``pending``) and per optimizer step (``history``), and the outputs (log file, trackers, bar)."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    built: BuiltTask
+    loader: _Loader
+    cache_ident: dict[str, Any] | None
+    found: tuple[str, str] | None = None  # the checkpoint resumed from: (checkpoint dir, tag)
+    states: dict[str, Any] | None = None  # its model states, read once for the resume check
+    evaluator: Any = None  # distill.evaluation.while_training.TrainingEval when eval.every > 0
+    engine: Any = None
+    groups: list[dict[str, Any]] = field(default_factory=list)  # AdamW parameter groups (param_groups)
+    zero_stage: int = 0
+    schedules: Schedules | None = None
+    gather: Callable[[Any], Any] = contextlib.nullcontext
+    step: int = 0
+    stop: int = 0  # the step this start ends at (cfg.steps, or earlier with max_steps)
+    samples_seen: int = 0
+    best: dict[str, Any] | None = None  # {"step", "metric", "value"} of checkpoints/best
+    history: list[dict[str, float]] = field(default_factory=list)
+    pending: list[tuple[int, int, list[str], torch.Tensor, list[str]]] = field(default_factory=list)
+    t_last: float = 0.0
+    log_f: Any = None
+    trackers: Trackers | None = None
+    bar: Any = None
+    preempted: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.optim.accum_steps * self.world
+
+    def client_state(self) -> dict[str, Any]:
+        """The state at the current step, saved with its checkpoints (:func:`_client_state`)."""
+        return _client_state(
+            self.cfg,
+            self.step,
+            self.built,
+            self.loader,
+            self.best,
+            samples_seen=self.samples_seen,
+            world=self.world,
+            cache_ident=self.cache_ident,
+        )
+
+
 def _train(
     cfg: TrainConfig,
     resume: str | None,
@@ -426,31 +488,66 @@ def _train(
     rank: int,
     world: int,
 ) -> dict[str, Any]:
-    """:func:`train` after the distributed set-up, holding the run directory's lock."""
-    import deepspeed
+    """:func:`train` after the distributed set-up, holding the run directory's lock: the loop."""
+    run = setup(cfg, resume, allow_changes, device, rank, world)
+    build_engine(run)
+    if run.found is not None:
+        resume_from_checkpoint(run)
+    open_outputs(run, names, max_steps)
+    watch = PreemptionWatch(world)  # SIGTERM / SIGUSR1: a checkpoint at the next step boundary, then exit
+    try:
+        while run.step < run.stop:
+            vals = train_step(run)
+            run.preempted = watch.poll()  # every rank agrees (distill.resume.PreemptionWatch)
+            save_now = save_due(run)
+            log_step(run, vals, save_now=save_now)  # reads the loss terms back before any save
+            if save_now:
+                ckpt.save(
+                    run.engine, run.out, run.step, run.client_state(), keep_last=cfg.checkpoint.keep_last
+                )
+            if run.preempted is not None:
+                logger.warning(
+                    "%s: stopped after step %d with a checkpoint; exit code %d asks the scheduler to requeue; "
+                    "--resume auto continues",
+                    run.preempted,
+                    run.step,
+                    preempt_exit_code(run.preempted),
+                )
+                break
+    finally:
+        watch.close()
+        close_outputs(run)
+    return finish(run)
 
-    is_main = rank == 0
+
+def setup(
+    cfg: TrainConfig,
+    resume: str | None,
+    allow_changes: tuple[str, ...],
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> RunState:
+    """The task (model, heads, losses, data) and the data loader, the cache opened once; a resume's
+    checkpoint found and compared with this start (config, cache identity) before anything is written;
+    rank 0 writes the resolved config, this start's record and the skipped keys."""
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
-
     found = ckpt.resolve_resume(resume, out)
     if found is None and ckpt.list_complete(ckpt.checkpoint_dir(out)):
         raise ValueError(
             f"{out} already holds checkpoints of another run; pass --resume auto to continue it or choose "
             "another output_dir"
         )
-    # ---- task (model, heads, losses, data)
-    build = build_multi_task if cfg.multi_teacher else build_task  # hook: several teachers (distill.multi)
-    built = build(cfg, device=device, rank=rank, world=world)
-    task, dataset, sampler = built.task, built.dataset, built.sampler
-
-    # a resume compares the checkpoint's config (as the task resolved it) and cache identity with this
-    # start's, before anything is written
+    cache = open_cache(cfg.cache.path) if cfg.cache.path else None
+    if cfg.multi_teacher:  # hook (distill.multi): several caches, each one's identity by teacher name
+        built = build_multi_task(cfg, device=device, rank=rank, world=world)
+        cache_ident = {name: t["cache_identity"] for name, t in built.info["teachers"].items()}
+    else:
+        built = build_task(cfg, device=device, rank=rank, world=world, cache=cache)
+        cache_ident = cache_identity(cache.meta) if cache is not None else None
     accepted: list[tuple[str, Any, Any]] = []
     states: dict[str, Any] | None = None
-    cache_ident = cache_identity(open_cache(cfg.cache.path).meta) if cfg.cache.path else None
-    if cfg.multi_teacher:  # hook (distill.multi): several caches, each one's identity by teacher name
-        cache_ident = {name: t["cache_identity"] for name, t in built.info["teachers"].items()}
     if found is not None:
         path = Path(found[0]) / found[1]
         states = ckpt.read_model_states(path)
@@ -460,291 +557,308 @@ def _train(
         )
         # a rollback (an older checkpoint of this run): the newer ones of the abandoned timeline go aside
         ckpt.set_aside_newer(out, int(saved.get("step", ckpt.layout(path, states)["step"])))
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        resumed_from = str(Path(found[0]) / found[1]) if found is not None else None
-        save_resolved(
-            cfg,
-            out,
-            extra={
-                "world_size": world,
-                "task": built.info,
-                "resumed_from": resumed_from,
-                "cache_identity": cache_ident,
-            },
-        )
-        start_step = int(ckpt.client_state(states).get("step", 0)) if states is not None else 0
-        record_start(out, config_to_dict(cfg), step=start_step, resumed_from=resumed_from, accepted=accepted)
-        if getattr(dataset, "skipped_keys", None):
-            (out / "skipped_keys.txt").write_text("\n".join(dataset.skipped_keys) + "\n")
-    loader = _Loader(dataset, sampler, cfg)
-    evaluator = None
+    if rank == 0:
+        _record_start(cfg, out, built, found, states, accepted, cache_ident, world)
+    run = RunState(
+        cfg,
+        out,
+        device,
+        rank,
+        world,
+        built,
+        _Loader(built.dataset, built.sampler, cfg),
+        cache_ident,
+        found,
+        states,
+    )
     if cfg.eval.every > 0:  # before the engine: the evaluator keeps a plain copy of the student
         from .evaluation.while_training import TrainingEval
 
-        evaluator = TrainingEval(
+        online = cfg.teacher.source == "online"
+        run.evaluator = TrainingEval(
             cfg,
             built.student,
             device=device,
-            online_teacher=task.targets.modules().get("teacher") if cfg.teacher.source == "online" else None,
-            cache_meta=open_cache(cfg.cache.path).meta if cfg.cache.path else None,
+            online_teacher=built.task.targets.modules().get("teacher") if online else None,
+            cache_meta=cache.meta if cache is not None else None,
         )
+    return run
 
-    ds_cfg = build_ds_config(cfg, world)
-    zero_stage = int(ds_cfg["zero_optimization"].get("stage", 0))
-    groups = param_groups(task, cfg.optim.weight_decay, decay_tokens=cfg.optim.decay_tokens)
+
+def _record_start(
+    cfg: TrainConfig,
+    out: Path,
+    built: BuiltTask,
+    found: tuple[str, str] | None,
+    states: dict[str, Any] | None,
+    accepted: list[tuple[str, Any, Any]],
+    cache_ident: dict[str, Any] | None,
+    world: int,
+) -> None:
+    """Rank 0: ``config.yaml`` + ``run_info.json``, ``starts/NNN-step_*.yaml`` and ``skipped_keys.txt``."""
+    out.mkdir(parents=True, exist_ok=True)
+    resumed_from = str(Path(found[0]) / found[1]) if found is not None else None
+    extra = {
+        "world_size": world,
+        "task": built.info,
+        "resumed_from": resumed_from,
+        "cache_identity": cache_ident,
+    }
+    save_resolved(cfg, out, extra=extra)
+    start_step = int(ckpt.client_state(states).get("step", 0)) if states is not None else 0
+    record_start(out, config_to_dict(cfg), step=start_step, resumed_from=resumed_from, accepted=accepted)
+    if getattr(built.dataset, "skipped_keys", None):
+        (out / "skipped_keys.txt").write_text("\n".join(built.dataset.skipped_keys) + "\n")
+
+
+def build_engine(run: RunState) -> None:
+    """AdamW with parameter groups, the schedules, the ZeRO-3 external parameters (one probe batch) and
+    ``deepspeed.initialize``."""
+    import deepspeed
+
+    cfg, task = run.cfg, run.built.task
+    ds_cfg = build_ds_config(cfg, run.world)
+    run.zero_stage = int(ds_cfg["zero_optimization"].get("stage", 0))
+    run.groups = param_groups(task, cfg.optim.weight_decay, decay_tokens=cfg.optim.decay_tokens)
     optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "apply_wd"} for g in groups],
+        [{k: v for k, v in g.items() if k != "apply_wd"} for g in run.groups],
         lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
     )
-    apply_wd = [g["apply_wd"] for g in groups]
-    schedules = Schedules(cfg)  # every schedule of the run: lr, weight decay, EMA momentum, teacher temp
-    if zero_stage == 3:
+    run.schedules = Schedules(cfg)  # every schedule of the run: lr, weight decay, EMA momentum, teacher temp
+    if run.zero_stage == 3:
         # probe on a tiny batch to find parameters read outside their module's forward
-        probe = _to_device(loader.next(), device)
-        loader.seek(0, 0)
+        probe = _to_device(run.loader.next(), run.device)
+        run.loader.seek(0, 0)
         torch.manual_seed(sample_seed(cfg.seed, 99991))
-        n_ext = register_zero3_external(task, probe, teacher_temp=schedules.teacher_temp(0))
+        n_ext = register_zero3_external(task, probe, teacher_temp=run.schedules.teacher_temp(0))
         logger.info("ZeRO-3: %d parameters registered as external to the root module", n_ext)
-    engine, _, _, _ = deepspeed.initialize(
+    run.engine, _, _, _ = deepspeed.initialize(
         model=task, optimizer=optimizer, config=ds_cfg, dist_init_required=False
     )
-    gather = _gather_ctx(zero_stage)
+    run.gather = _gather_ctx(run.zero_stage)
 
-    # ---- resume (the same layout: DeepSpeed's own load; other processes / ZeRO stage: distill.reshard)
-    step, samples_seen = 0, 0
-    best: dict[str, Any] | None = None  # {"step", "metric", "value"} of checkpoints/best
-    if found is not None:
-        path = Path(found[0]) / found[1]
-        src = ckpt.layout(path, states)
-        states = None  # the engine loads its own copy
-        if (src["world_size"], src["zero_stage"]) == (world, zero_stage):
-            client = ckpt.load(engine, *found)
-            data = client["data"]
-            ckpt.set_rng_state(client["rng"])
-        else:
-            by_id = {id(p): n for n, p in engine.module.named_parameters()}
-            order = [by_id[id(p)] for g in groups for p in g["params"]]
-            client = load_resharded(
-                engine, path, zero_stage=zero_stage, param_order=order, work_dir=out / ".reshard" / found[1]
-            )
-            data = remap_position(
-                client["data"],
-                old_world=src["world_size"],
-                new_world=world,
-                new_batch=cfg.data.batch_size,
-                where=str(path),
-            )
-            logger.warning(
-                "RNG states not restored (saved by %d process(es) at ZeRO stage %d, %d run now at stage %d); "
-                "crops, masks and captions are seeded per sample and step, so they do not depend on them",
-                src["world_size"],
-                src["zero_stage"],
-                world,
-                zero_stage,
-            )
-        step = int(client["step"])
-        old = client.get("config") or {}
-        old_batch = (old.get("data") or {}).get("batch_size", cfg.data.batch_size)
-        old_accum = (old.get("optim") or {}).get("accum_steps", cfg.optim.accum_steps)
-        samples_seen = int(client.get("samples_seen", step * old_batch * old_accum * src["world_size"]))
-        built.load_aux_state(client["aux"])
-        loader.seek(**data)
-        # the best as of the checkpoint's step (a best saved after it is redone by the replayed steps)
-        best = client["best"] if "best" in client else ckpt.read_best(out)
-        logger.info("resumed from %s at step %d (%d samples seen)", path, step, samples_seen)
-        if best is not None:
-            logger.info("best so far: step %d, %s = %.4g", best["step"], best["metric"], best["value"])
 
-    # ---- logging: a resumed run drops log lines past its checkpoint (written after it, then lost)
-    # (a torn last line, left by a power loss, is reported and dropped; the rewrite is atomic)
-    log_path = out / LOG_NAME
-    if is_main:
-        if found is not None and log_path.exists():
-            kept, dropped, torn = rewrite_log(log_path, step)
+def resume_from_checkpoint(run: RunState) -> None:
+    """Load the checkpoint ``run.found``: DeepSpeed's own load for the same layout, ``distill.reshard``
+    for other processes or another ZeRO stage; then the counters, the EMA state, the data position and
+    the best as of that step (a best saved after it is redone by the replayed steps)."""
+    cfg, found = run.cfg, run.found
+    path = Path(found[0]) / found[1]
+    src = ckpt.layout(path, run.states)
+    run.states = None  # the engine loads its own copy
+    if (src["world_size"], src["zero_stage"]) == (run.world, run.zero_stage):
+        client = ckpt.load(run.engine, *found)
+        data = client["data"]
+        ckpt.set_rng_state(client["rng"])
+    else:
+        by_id = {id(p): n for n, p in run.engine.module.named_parameters()}
+        order = [by_id[id(p)] for g in run.groups for p in g["params"]]
+        work_dir = run.out / ".reshard" / found[1]
+        client = load_resharded(
+            run.engine, path, zero_stage=run.zero_stage, param_order=order, work_dir=work_dir
+        )
+        data = remap_position(
+            client["data"],
+            old_world=src["world_size"],
+            new_world=run.world,
+            new_batch=cfg.data.batch_size,
+            where=str(path),
+        )
+        logger.warning(
+            "RNG states not restored (saved by %d process(es) at ZeRO stage %d, %d run now at stage %d); "
+            "crops, masks and captions are seeded per sample and step, so they do not depend on them",
+            src["world_size"],
+            src["zero_stage"],
+            run.world,
+            run.zero_stage,
+        )
+    run.step = int(client["step"])
+    old = client.get("config") or {}
+    old_batch = (old.get("data") or {}).get("batch_size", cfg.data.batch_size)
+    old_accum = (old.get("optim") or {}).get("accum_steps", cfg.optim.accum_steps)
+    run.samples_seen = int(client.get("samples_seen", run.step * old_batch * old_accum * src["world_size"]))
+    run.built.load_aux_state(client["aux"])
+    run.loader.seek(**data)
+    run.best = client["best"] if "best" in client else ckpt.read_best(run.out)
+    logger.info("resumed from %s at step %d (%d samples seen)", path, run.step, run.samples_seen)
+    if run.best is not None:
+        logger.info(
+            "best so far: step %d, %s = %.4g", run.best["step"], run.best["metric"], run.best["value"]
+        )
+
+
+def open_outputs(run: RunState, names: list[str], max_steps: int | None) -> None:
+    """``log.jsonl`` (a resumed run drops the lines past its checkpoint: written after it, then lost; a
+    torn last line, left by a power loss, is reported and dropped; the rewrite is atomic), the trackers
+    and the progress bar on rank 0; the step this start stops at."""
+    cfg = run.cfg
+    run.stop = cfg.steps if max_steps is None else min(cfg.steps, run.step + max_steps)
+    if run.is_main:
+        log_path = run.out / LOG_NAME
+        if run.found is not None and log_path.exists():
+            kept, dropped, torn = rewrite_log(log_path, run.step)
             logger.info(
                 "%s: kept %d line(s) up to step %d, dropped %d written after it, %d torn",
                 log_path,
                 kept,
-                step,
+                run.step,
                 dropped,
                 len(torn),
             )
         else:
             log_path.write_text("")
-    log_f = open(log_path, "a") if is_main else None
-    trackers = None
-    if is_main:
-        trackers = Trackers(
+        run.log_f = open(log_path, "a")
+        run.trackers = Trackers(
             names,
-            out,
-            run_name=cfg.log.run_name or out.name,
+            run.out,
+            run_name=cfg.log.run_name or run.out.name,
             project=cfg.log.project,
             config=config_to_dict(cfg),
             tracker_kwargs=cfg.log.tracker_kwargs,
         )
-    bar = None
-    stop = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
-    if is_main and cfg.log.progress:
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.recipe}", dynamic_ncols=True)
-    global_batch = cfg.data.batch_size * cfg.optim.accum_steps * world
-    history: list[dict[str, float]] = []
-    pending: list[tuple[int, int, list[str], torch.Tensor, list[str]]] = []  # loss terms not yet read back
-    engine.train()
-    # the full EMA copy, when the export holds it (checkpoint.export): evaluated while training too
-    exported_ema = task.targets.modules().get("ema_student")
-    if cfg.checkpoint.export == "student":
-        exported_ema = None
-    t_last = time.time()
+        if cfg.log.progress:
+            run.bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {cfg.recipe}", dynamic_ncols=True)
+    run.engine.train()
+    run.t_last = time.time()
 
-    def client_state() -> dict[str, Any]:  # the state at the current step, saved with its checkpoints
-        return _client_state(
-            cfg, step, built, loader, best, samples_seen=samples_seen, world=world, cache_ident=cache_ident
-        )
 
-    watch = PreemptionWatch(world)  # SIGTERM / SIGUSR1: a checkpoint at the next step boundary, then exit
-    preempted: str | None = None
-    try:
-        while step < stop:
-            vals = schedules.at(step)
-            for g, wd_on in zip(engine.optimizer.param_groups, apply_wd):
-                g["lr"] = vals["lr"]
-                g["weight_decay"] = vals["wd"] if wd_on else 0.0
-            t_data = 0.0
-            for micro in range(cfg.optim.accum_steps):
-                t0 = time.time()
-                batch = _to_device(loader.next(), device)
-                t_data += time.time() - t0
-                torch.manual_seed(sample_seed(cfg.seed, step, micro, rank))
-                terms = engine(batch, teacher_temp=vals["teacher_temp"])
-                total = sum(terms.values())
-                terms = {**terms, "loss": total}
-                pending.append((step + 1, micro, *_all_reduce_terms(terms, world, rank), _batch_keys(batch)))
-                engine.backward(total)
-                engine.step()
-            built.after_step(momentum=vals["momentum"], gather=gather)
-            step += 1
-            samples_seen += global_batch
-            every = cfg.checkpoint.every
-            save_now = (every and step % every == 0) or (step == cfg.steps and cfg.checkpoint.at_end)
-            preempted = watch.poll()  # every rank agrees (distill.resume.PreemptionWatch)
-            save_now = bool(save_now or preempted)
-            # an evaluation step logs its metrics with that step's losses (read back like a log step,
-            # so a diverged run stops before it evaluates or saves a best checkpoint)
-            eval_now = evaluator is not None and step % cfg.eval.every == 0
-            log_now = step % cfg.log.every == 0 or step == stop or eval_now or preempted is not None
-            if log_now or save_now:  # the one host sync of the step, at the logging interval
-                history += _drain_terms(pending, cfg.optim.accum_steps, cfg.log.every, rank)
-            acc = history[-1] if not pending else {}
-            now = time.time()
-            rec = {
-                "step": step,
-                **loader.position(),
-                "samples_seen": samples_seen,
-                "lr": vals["lr"],
-                "wd": vals["wd"],
-                **acc,
-                "samples_per_s": global_batch / max(now - t_last, 1e-9),
-                "data_s": t_data,
-            }
-            t_last = now
-            if eval_now:  # every rank (its share of the images; ZeRO-3 gathers the student)
-                rec.update(evaluator(built.student, gather=gather, ema=exported_ema))
-                if is_main:
-                    logger.info(
-                        "step %d: %s",
-                        step,
-                        ", ".join(
-                            f"{k} {v:.2f}" if v is not None else f"{k} n/a"
-                            for k, v in rec.items()
-                            if k.startswith("eval/")
-                        ),
-                    )
-                value = rec[evaluator.key]
-                if value is not None and (best is None or value > best["value"]):
-                    best = {"step": step, "metric": evaluator.key, "value": value}
-                    if cfg.eval.keep_best:
-                        ckpt.save_best(engine, out, step, client_state(), best)
-                t_last = time.time()  # samples/s measure training; the evaluation has its own eval/s
-            if is_main:
-                if log_now:
-                    log_f.write(json.dumps(rec) + "\n")
-                    log_f.flush()
-                    trackers.log(rec, step)
-                if bar is not None:
-                    bar.update(1)
-                    if acc:
-                        bar.set_postfix(
-                            loss=f"{acc['loss']:.4f}",
-                            lr=f"{vals['lr']:.2e}",
-                            sps=f"{rec['samples_per_s']:.1f}",
-                        )
-            if save_now:
-                ckpt.save(engine, out, step, client_state(), keep_last=cfg.checkpoint.keep_last)
-            if preempted is not None:
-                logger.warning(
-                    "%s: stopped after step %d with a checkpoint; exit code %d asks the scheduler to requeue; "
-                    "--resume auto continues",
-                    preempted,
-                    step,
-                    preempt_exit_code(preempted),
+def train_step(run: RunState) -> dict[str, Any]:
+    """One optimizer step: the scheduled lr and weight decay set, ``accum_steps`` micro steps (each
+    seeded from ``(seed, step, micro, rank)``; its loss terms all-reduced, read back later), the EMA
+    updates. Returns the step's record so far (the schedules' values, ``data_s``)."""
+    cfg, engine = run.cfg, run.engine
+    vals = run.schedules.at(run.step)
+    for g, group in zip(engine.optimizer.param_groups, run.groups):
+        g["lr"] = vals["lr"]
+        g["weight_decay"] = vals["wd"] if group["apply_wd"] else 0.0
+    t_data = 0.0
+    for micro in range(cfg.optim.accum_steps):
+        t0 = time.time()
+        batch = _to_device(run.loader.next(), run.device)
+        t_data += time.time() - t0
+        torch.manual_seed(sample_seed(cfg.seed, run.step, micro, run.rank))
+        terms = engine(batch, teacher_temp=vals["teacher_temp"])
+        total = sum(terms.values())
+        terms = {**terms, "loss": total}
+        names, values = _all_reduce_terms(terms, run.world, run.rank)
+        run.pending.append((run.step + 1, micro, names, values, _batch_keys(batch)))
+        engine.backward(total)
+        engine.step()
+    run.built.after_step(momentum=vals["momentum"], gather=run.gather)
+    run.step += 1
+    run.samples_seen += run.global_batch
+    return {"lr": vals["lr"], "wd": vals["wd"], "data_s": t_data}
+
+
+def save_due(run: RunState) -> bool:
+    """A checkpoint after this step: every ``checkpoint.every`` steps, at the last step
+    (``checkpoint.at_end``), or on a preemption signal."""
+    ck = run.cfg.checkpoint
+    every = bool(ck.every) and run.step % ck.every == 0
+    return every or (run.step == run.cfg.steps and ck.at_end) or run.preempted is not None
+
+
+def log_step(run: RunState, vals: dict[str, Any], *, save_now: bool) -> dict[str, Any]:
+    """The step's record: its loss terms (read back with one host sync at the logging interval, before
+    a checkpoint and before an evaluation, so a diverged run stops before it evaluates or saves),
+    samples/s and the evaluation's metrics on an evaluation step; written to ``log.jsonl`` and the
+    trackers on a logging step, shown on the progress bar."""
+    cfg, step = run.cfg, run.step
+    eval_now = run.evaluator is not None and step % cfg.eval.every == 0
+    log_now = step % cfg.log.every == 0 or step == run.stop or eval_now or run.preempted is not None
+    if log_now or save_now:  # the one host sync of the step, at the logging interval
+        run.history += _drain_terms(run.pending, cfg.optim.accum_steps, cfg.log.every, run.rank)
+    acc = run.history[-1] if not run.pending else {}
+    now = time.time()
+    rec = {
+        "step": step,
+        **run.loader.position(),
+        "samples_seen": run.samples_seen,
+        "lr": vals["lr"],
+        "wd": vals["wd"],
+        **acc,
+        "samples_per_s": run.global_batch / max(now - run.t_last, 1e-9),
+        "data_s": vals["data_s"],
+    }
+    run.t_last = now
+    if eval_now:  # every rank (its share of the images; ZeRO-3 gathers the student)
+        maybe_eval(run, rec)
+        run.t_last = time.time()  # samples/s measure training; the evaluation has its own eval/s
+    if run.is_main:
+        if log_now:
+            run.log_f.write(json.dumps(rec) + "\n")
+            run.log_f.flush()
+            run.trackers.log(rec, step)
+        if run.bar is not None:
+            run.bar.update(1)
+            if acc:
+                run.bar.set_postfix(
+                    loss=f"{acc['loss']:.4f}", lr=f"{vals['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}"
                 )
-                break
-    finally:
-        watch.close()
-        if loader.feeder is not None:
-            loader.feeder.close()
-        if bar is not None:
-            bar.close()
-        if log_f is not None:
-            log_f.close()
-        if trackers is not None:
-            trackers.finish()
+    return rec
 
+
+def maybe_eval(run: RunState, rec: dict[str, Any]) -> None:
+    """Zero-shot segmentation of the student (and of the full EMA copy when the export holds it) into
+    ``rec``; a new best by ``eval.metric`` is kept as ``checkpoints/best`` (``eval.keep_best``)."""
+    cfg = run.cfg
+    # the full EMA copy, when the export holds it (checkpoint.export): evaluated while training too
+    ema = run.built.task.targets.modules().get("ema_student") if cfg.checkpoint.export != "student" else None
+    rec.update(run.evaluator(run.built.student, gather=run.gather, ema=ema))
+    if run.is_main:
+        shown = [
+            f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in rec.items() if k.startswith("eval/")
+        ]
+        logger.info("step %d: %s", run.step, ", ".join(shown))
+    value = rec[run.evaluator.key]
+    if value is not None and (run.best is None or value > run.best["value"]):
+        run.best = {"step": run.step, "metric": run.evaluator.key, "value": value}
+        if cfg.eval.keep_best:
+            ckpt.save_best(run.engine, run.out, run.step, run.client_state(), run.best)
+
+
+def close_outputs(run: RunState) -> None:
+    """Stop the feeder thread, close the bar, the log file and the trackers (also after an error)."""
+    if run.loader.feeder is not None:
+        run.loader.feeder.close()
+    if run.bar is not None:
+        run.bar.close()
+    if run.log_f is not None:
+        run.log_f.close()
+    if run.trackers is not None:
+        run.trackers.finish()
+
+
+def finish(run: RunState) -> dict[str, Any]:
+    """The run's result: the mean of the last 10 steps' terms, and (unless preempted: the grace period
+    is short, the checkpoint is written) the exported student, ``export/`` or, for a run stopped before
+    ``cfg.steps`` (``--max-steps``), ``export_step_XXXXXXXX/``."""
+    cfg, step, built = run.cfg, run.step, run.built
     final = {}
-    if history:
-        tail = history[-min(len(history), 10) :]
+    if run.history:
+        tail = run.history[-min(len(run.history), 10) :]
         final = {k: sum(h[k] for h in tail) / len(tail) for k in tail[-1]}
-    if preempted is not None:  # the grace period is short: the checkpoint is written, no export
-        return {
-            "step": step,
-            "final": final,
-            "export": None,
-            "best": best,
-            "engine": engine,
-            "preempted": preempted,
-        }
-    # a run stopped before cfg.steps (--max-steps) exports its current state too, named by its step
-    export_path = out / ("export" if step == cfg.steps else f"export_{ckpt.tag_for(step)}")
-    with gather(list(built.student.parameters())):
-        if is_main:
-            model = export_model(
-                built.student, task.targets.modules().get("ema_student"), cfg.checkpoint.export
-            )
-            export_student(
-                model,
-                export_path,
-                train_config=config_to_dict(cfg),
-                metrics={
-                    "step": step,
-                    "samples_seen": samples_seen,
-                    "weights": "ema" if model is not built.student else "student",
-                    **final,
-                },
-            )
+    result = {"step": step, "final": final, "export": None, "best": run.best, "engine": run.engine}
+    if run.preempted is not None:
+        return {**result, "preempted": run.preempted}
+    export_path = run.out / ("export" if step == cfg.steps else f"export_{ckpt.tag_for(step)}")
+    with run.gather(list(built.student.parameters())):
+        if run.is_main:
+            ema = built.task.targets.modules().get("ema_student")
+            model = export_model(built.student, ema, cfg.checkpoint.export)
+            metrics = {
+                "step": step,
+                "samples_seen": run.samples_seen,
+                "weights": "ema" if model is not built.student else "student",
+                **final,
+            }
+            export_student(model, export_path, train_config=config_to_dict(cfg), metrics=metrics)
     if dist.is_initialized():
         dist.barrier()
-    return {
-        "step": step,
-        "final": final,
-        "export": str(export_path),
-        "best": best,
-        "engine": engine,
-        "preempted": None,
-    }
+    return {**result, "export": str(export_path), "preempted": None}
 
 
 def _client_state(

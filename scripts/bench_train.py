@@ -4,8 +4,7 @@ One run measures, on the same machine and settings:
 1. FLOPs per image of the student and of the teacher (``torch.utils.flop_counter``), the teacher must
    be >= 8x the student (``--teacher-depth/--teacher-dim`` pick its size);
 2. seconds per optimizer step of ``tipsdistill-train`` reading targets from a stage-1 cache built with
-   that teacher (the batch reader, ``cache.reader=batch``, and the item reader, ``cache.reader=item``),
-   and of the same run with the teacher online (each run in its own process; the first ``--warmup``
+   that teacher (feature batches read in the training process, ``distill.feeder``), and of the same run with the teacher online (each run in its own process; the first ``--warmup``
    steps are excluded), and the fraction of the cached step spent waiting for data;
 3. samples/s of the training data loader alone (crops + cached-target alignment, ``--workers``) against
    the samples/s the training steps consume;
@@ -288,18 +287,15 @@ def format_table(res: dict[str, Any], workers: int) -> str:
     return (
         "\n| measure | value |\n|---|---|\n"
         f"| teacher / student FLOPs per image | {res['flops_ratio']:.1f}x |\n"
-        f"| s/step, cached targets (batch reader) | {res['s_per_step_cached']:.3f} |\n"
-        f"| s/step, cached targets (item reader, before) | {res['s_per_step_cached_item_reader']:.3f} |\n"
+        f"| s/step, cached targets | {res['s_per_step_cached']:.3f} |\n"
         f"| s/step, online teacher | {res['s_per_step_online']:.3f} |\n"
-        f"| speed-up of cached (batch / item reader) | {res['speedup_cached']:.2f}x / "
-        f"{res['speedup_cached_item_reader']:.2f}x |\n"
+        f"| speed-up of cached | {res['speedup_cached']:.2f}x |\n"
         f"| compute-bound bound: 1 + teacher fwd / cached step FLOPs | {res['speedup_bound_compute']:.2f}x |\n"
         f"| speed-up / bound (goal >= 0.8) | {res['fraction_of_bound']:.2f} |\n"
         f"| teacher forward alone, s per batch (measured) | {res['s_teacher_forward']:.3f} |\n"
         f"| measured bound: 1 + teacher forward s / cached step compute s | {res['speedup_bound_measured']:.2f}x |\n"
         f"| speed-up / measured bound | {res['fraction_of_measured_bound']:.2f} |\n"
-        f"| data wait / step time, batch / item reader (goal <= 5 %) | {100 * res['data_wait_fraction']:.1f} % / "
-        f"{100 * res['data_wait_fraction_item_reader']:.1f} % |\n"
+        f"| data wait / step time (goal <= 5 %) | {100 * res['data_wait_fraction']:.1f} % |\n"
         f"| data loader alone, samples/s ({workers} workers) | {res['loader_samples_per_s']:.1f} |\n"
         f"| training consumes, samples/s | {res['train_consumes_samples_per_s']:.1f} |\n"
         f"| loader headroom | {res['loader_headroom']:.2f}x |"
@@ -316,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = out / "cache"
     ds, cache_s = build_cache(args, teacher, cache_dir)
     cached_log = _train(args, out / "cached", [f"cache.path={cache_dir}"])
-    item_log = _train(args, out / "cached_item", [f"cache.path={cache_dir}", "cache.reader=item"])
     online = [
         "teacher.source=online",
         "teacher.name=timm",
@@ -324,7 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     online_log = _train(args, out / "online", online)
     s_cached = step_time(cached_log, args.batch, args.warmup)
-    s_item = step_time(item_log, args.batch, args.warmup)
     s_online = step_time(online_log, args.batch, args.warmup)
     step_flops = train_step_flops(args, cache_dir)
     teacher_step_flops = flops["flops_teacher"] * args.batch
@@ -367,9 +361,6 @@ def main(argv: list[str] | None = None) -> int:
         "s_teacher_forward": t_teacher,
         "speedup_bound_measured": ideal_measured,
         "fraction_of_measured_bound": (s_online / s_cached) / ideal_measured,
-        "s_per_step_cached_item_reader": s_item,
-        "speedup_cached_item_reader": s_online / s_item,
-        "data_wait_fraction_item_reader": data_wait_fraction(item_log, args.batch, args.warmup),
         "loader_samples_per_s": loader_sps,
         "train_consumes_samples_per_s": consume_sps,
         "loader_headroom": loader_sps / consume_sps,

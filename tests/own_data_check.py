@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         "HF_HOME": str(work / ".hf"),  # imagefolder / parquet builders cache here, not in the user's cache
     }
     blocks = readme_blocks()
-    print(f"example data in {work} ({time.perf_counter() - t0:.1f} s); running {len(blocks)} block(s) of docs/own-data.md")
+    print(
+        f"example data in {work} ({time.perf_counter() - t0:.1f} s); running {len(blocks)} block(s) of docs/own-data.md"
+    )
     for i, block in enumerate(blocks, 1):
         t = time.perf_counter()
         r = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=work, env=env, capture_output=True,

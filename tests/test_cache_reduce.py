@@ -223,7 +223,9 @@ def test_two_ranks_share_one_basis(data, tmp_path):
 
 def test_batch_reader_rows_decode_with_the_basis(data, tmp_path):
     """The batch reader (stage 2's path) returns the stored coefficients; decoding them with the cache's
-    basis gives exactly the item reader's tokens, and so does the batch path of CachedTargets."""
+    basis gives exactly the reference's tokens (tests/item_reference.py: h5py rows, item by item), and so
+    does CachedTargets."""
+    from tests.item_reference import ReferenceRows
     from tipsdistill.distill.targets import CachedTargets
 
     root, caps, _ = data
@@ -234,7 +236,7 @@ def test_batch_reader_rows_decode_with_the_basis(data, tmp_path):
     assert host["patch"].shape == (4, 16, 8) and host["patch"].dtype == torch.int8
     basis = cache.reduction.tensors("cpu")
     got = decode(host["patch"], host["patch_scale"], **basis["patch"])
-    want = torch.stack([it["patch"] for it in cache.__getitems__(rows)]).reshape(4, 16, 32)
+    want = torch.stack([it["patch"] for it in ReferenceRows(cache).rows(rows)]).reshape(4, 16, 32)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     targets = CachedTargets(cache.spec.dim, cache.spec.grid, basis=basis)
     assert targets.basis["patch"]["basis"].shape == (32, 8)

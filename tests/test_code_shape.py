@@ -36,13 +36,7 @@ def test_the_measure_sees_a_long_function(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "rel",
-    [
-        # shortened in parallel (issue 28 point 5); strict=False: passes as soon as that lands
-        pytest.param(
-            "distill/train.py", marks=pytest.mark.xfail(strict=False, reason="train() split pending")
-        ),
-        "cache/extract.py",
-    ],
+    ["distill/train.py", "cache/extract.py"],
 )
 def test_no_function_longer_than_80_lines(rel: str) -> None:
     found = long_functions(ROOT / rel)

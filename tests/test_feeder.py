@@ -1,6 +1,7 @@
-"""The batch reader (``FeatureCache.read_batch``), the training process's feature feeder and the
-device-side targets: each equals its reference (the item reader, ``align_teacher_map`` per sample),
-across shard boundaries, under fork and spawn workers, and after a resume. CPU, tiny caches."""
+"""Stage 2's one data path for cached features: the batch reader (``FeatureCache.read_batch``), the
+training process's feature feeder and the device-side targets, each equal to its reference
+(``tests/item_reference.py``: rows read item by item with plain h5py, ``align_teacher_map`` per sample on
+the CPU), across shard boundaries, under fork and spawn workers, and after a resume. CPU, tiny caches."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tests.cache_helpers import write_captions, write_images
+from tests.item_reference import ReferenceRows, item_targets
 from tests.test_train_support import base_overrides, make_cache
 from tipsdistill.cache import extract_features, open_cache
 from tipsdistill.cache.codec import decode
@@ -53,16 +55,8 @@ def caches(tmp_path_factory) -> dict[str, Path]:
 
 
 def _reference(cache, indices: list[int]) -> dict[str, torch.Tensor]:
-    """The item reader's float32 values of ``indices``, stacked (patch flattened to (.., h*w, D))."""
-    items = [cache[i] for i in indices]
-    out = {
-        "patch": torch.stack([it["patch"].flatten(-3, -2) for it in items]),
-        "cls": torch.stack([it["cls"] for it in items]),
-    }
-    for g in cache.granularities:
-        out[f"text/{g}"] = torch.stack([it["text"][g] for it in items])
-        out[f"text_valid/{g}"] = torch.tensor([it["text_valid"][g] for it in items])
-    return out
+    """The reference float32 values of ``indices`` (h5py, item by item), stacked (patch (.., h*w, D))."""
+    return ReferenceRows(cache).stacked(indices)
 
 
 def _decoded(host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,7 +93,7 @@ def _random_batches(n: int, seed: int) -> list[list[int]]:
     return out + [[0, 5, 6, 10], [4, 5], [6, 6, 4, 4, 10]]  # across the shard boundary (5 | 6), repeats
 
 
-def test_batch_reader_equals_item_reader_in_process(caches, monkeypatch, caplog):
+def test_batch_reader_equals_the_reference_in_process(caches, monkeypatch, caplog):
     cache = open_cache(caches["two"])
     assert len(cache._open()) == 2 and cache.int8
     for idx in _random_batches(len(cache), 0):
@@ -110,6 +104,11 @@ def test_batch_reader_equals_item_reader_in_process(caches, monkeypatch, caplog)
         want, got = _reference(cache, idx), _decoded(host)
         for k in want:
             assert torch.equal(got[k], want[k]), k
+        # the items (cache[i]) are the same rows decoded
+        items = cache.__getitems__(idx)
+        assert [it["key"] for it in items] == [cache.keys()[i] for i in idx]
+        assert torch.equal(torch.stack([it["patch"].flatten(0, 1) for it in items]), want["patch"])
+        assert all(it["text_valid"]["alt"] == bool(want["text_valid/alt"][k]) for k, it in enumerate(items))
     # only the fields asked for; a reused buffer; a wrong one is refused naming the fix
     out = cache.alloc_batch(5, ("cls",))
     assert set(out.tensors) == {"cls", "cls_scale"}
@@ -134,7 +133,7 @@ def test_batch_reader_equals_item_reader_in_process(caches, monkeypatch, caplog)
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
-def test_batch_reader_equals_item_reader_in_workers(caches, context):
+def test_batch_reader_equals_the_reference_in_workers(caches, context):
     ds = _Batches(caches["two"])
     ds.cache.read_batch([0, 9])  # opened in the parent first: workers must reopen, not inherit
     batches = _random_batches(len(ds), 2)
@@ -158,8 +157,10 @@ def test_batch_reader_one_view_of_several(caches):
     idx, views = [4, 0, 10, 4], [2, 0, 1, 0]
     host = cache.read_batch(idx, ("patch", "cls", "boxes", "flips"), views=views).host()
     assert host["patch"].shape == (4, 16, 32) and host["boxes"].shape == (4, 3, 4)
+    ref = ReferenceRows(cache)
     for k, (i, v) in enumerate(zip(idx, views, strict=True)):
-        it = cache[i]
+        it = ref.item(i)
+        assert torch.equal(cache[i]["patch"], it["patch"]) and torch.equal(cache[i]["boxes"], it["boxes"])
         assert torch.equal(decode(host["patch"][k]), it["patch"][v].flatten(0, 1))
         assert torch.equal(decode(host["cls"][k]), it["cls"][v])
         assert torch.equal(host["boxes"][k], it["boxes"]) and torch.equal(host["flips"][k], it["flips"])
@@ -168,19 +169,14 @@ def test_batch_reader_one_view_of_several(caches):
 
 
 # --------------------------------------------------------------------------- stage 2: the feeder
-def _loaders(cache: Path, extra: list[str]):
+def _loader(cache: Path, extra: list[str]):
     from tipsdistill.distill.config import load_config
     from tipsdistill.distill.task import build_task
     from tipsdistill.distill.train import _Loader
 
-    out = []
-    for reader in ("batch", "item"):
-        cfg = load_config(
-            "distill", base_overrides(cache, "/tmp/unused") + extra + [f"cache.reader={reader}"]
-        )
-        built = build_task(cfg, device=torch.device("cpu"))
-        out.append((built, _Loader(built.dataset, built.sampler, cfg), cfg))
-    return out
+    cfg = load_config("distill", base_overrides(cache, "/tmp/unused") + extra)
+    built = build_task(cfg, device=torch.device("cpu"))
+    return built, _Loader(built.dataset, built.sampler, cfg), cfg
 
 
 @pytest.fixture(scope="module")
@@ -204,36 +200,45 @@ def tiny_views(tmp_path_factory) -> Path:
     ],
 )
 def test_device_targets_equal_the_cpu_reference(which, extra, request):
+    from tests.item_reference import ItemText
     from tipsdistill.distill.train import _to_device
 
-    (bb, lb, cfg), (bi, li, _) = _loaders(request.getfixturevalue(which), extra)
-    assert lb.feeder is not None and li.feeder is None
+    path = request.getfixturevalue(which)
+    bb, lb, cfg = _loader(path, extra)
+    assert lb.feeder is not None
+    ref = ReferenceRows(path)
+    ref_text = ItemText(ref, cfg.loss.caption_probs)
     grid = (cfg.data.image_size // 8,) * 2
-    ratios = set()
+    ratios, seen = set(), []
     try:
         for _ in range(7):  # 6 batches per epoch: crosses into epoch 1
-            b, i = _to_device(lb.next(), torch.device("cpu")), li.next()
-            assert b["index"].tolist() == i["index"].tolist() and torch.equal(b["global"], i["global"])
+            b = _to_device(lb.next(), torch.device("cpu"))
             assert "t_patch" not in b and "features" in b
+            seen.append(b["index"].tolist())
             pb, cb = bb.task.targets(b, grid)
-            pi, ci = bi.task.targets(i, grid)
+            pi, ci = item_targets(
+                ref.rows(b["index"].tolist()), b, grid, replay=bb.dataset.target == "replay"
+            )
             assert pb.shape == pi.shape == (8, *grid, 48)
             torch.testing.assert_close(pb, pi, rtol=1e-6, atol=1e-6)
             assert torch.equal(cb, ci)
             ratios |= set(b["host"]["t_ratio"])
             tb, vb = bb.task.text(b)
-            ti, vi = bi.task.text(i)
+            ti, vi = ref_text(b)
             assert all(torch.equal(tb[k], ti[k]) for k in ti)
             assert all(torch.equal(vb[k].bool(), vi[k].bool()) for k in ti if vi[k] is not None)
     finally:
         lb.feeder.close()
     if extra == ["data.image_size=24"]:
         assert ratios == {1, 2}
-    assert lb.position() == li.position() == {"epoch": 1, "consumed": 8}
+    # the sampler's order, epoch 0 then epoch 1
+    order = [bb.sampler.order(e) for e in (0, 1)]
+    assert seen == [order[0][k : k + 8] for k in range(0, 48, 8)] + [order[1][:8]]
+    assert lb.position() == {"epoch": 1, "consumed": 8}
 
 
 def test_resumed_feature_order_unchanged(tiny):
-    (bb, lb, cfg), _ = _loaders(tiny, [])
+    bb, lb, cfg = _loader(tiny, [])
     seq = []
     for _ in range(9):
         pos = lb.position()
@@ -245,7 +250,7 @@ def test_resumed_feature_order_unchanged(tiny):
     assert 9 * 8 <= lb.feeder.rows_read <= (9 + lb.feeder.depth + 1) * 8
     assert lb.feeder.read_s > 0 and lb.feeder.wait_s >= 0
     for k in (0, 4, 6):  # a fresh loader resumed at each recorded position continues identically
-        (_, again, _), _ = _loaders(tiny, [])
+        _, again, _ = _loader(tiny, [])
         again.seek(**seq[k][0])
         try:
             for pos, idx, cls in seq[k:]:
@@ -380,3 +385,18 @@ def test_loader_with_workers_equals_no_workers(tiny, context):
         for lo in loaders:
             if lo.feeder is not None:
                 lo.feeder.close()
+
+
+def test_cache_reader_key_of_older_configs(caplog):
+    """``cache.reader`` (batch, or item: the removed per-item path) in an older config or checkpoint is
+    read as the one path, with a warning naming the key; another value is refused naming the fix."""
+    from tipsdistill.distill.config import config_to_dict, load_config
+
+    for reader in ("batch", "item"):
+        with caplog.at_level("WARNING", logger="tipsdistill.distill.config"):
+            cfg = load_config("distill", ["cache.path=/x", f"cache.reader={reader}"])
+        assert "config key cache.reader" in caplog.text and repr(reader) in caplog.text
+        assert "reader" not in config_to_dict(cfg)["cache"]
+        caplog.clear()
+    with pytest.raises(ValueError, match=r"cache.reader='rows' is invalid.*drop cache.reader"):
+        load_config("distill", ["cache.path=/x", "cache.reader=rows"])

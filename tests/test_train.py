@@ -144,17 +144,24 @@ def test_task_takes_its_targets_and_captions_from_the_config(tiny_cache):
     tower = "student.kwargs=" + json.dumps(
         {**json.loads(base[3].split("=", 1)[1]), "text": {"kind": "tips", "tokenizer": str(_tokenizer())}}
     )
-    # cache.reader=item: the dataset's items carry their targets, so a collated batch feeds the task
-    # directly (the default batch reader's path is tests/test_feeder.py and the engine runs below)
-    own = build_task(
-        load_config("distill", [*base, tower, "loss.text_source=student", "cache.reader=item"]), device=cpu
-    )
-    assert isinstance(own.task.text, TowerText) and own.task.text.trainable
-    assert built.dataset.batch_features == ("patch", "cls", "text") and not own.dataset.batch_features
-    batch = own.dataset.__getitems__([(0, 0), (0, 1)])
-    from tipsdistill.distill.data import collate
+    # a batch of the loader (images from the dataset, cached features from the feeder) feeds the task
+    from tipsdistill.distill.train import _Loader, _to_device
 
-    terms = own.task(collate(batch), teacher_temp=0.07)
+    own_cfg = load_config("distill", [*base, tower, "loss.text_source=student"])
+    own = build_task(own_cfg, device=cpu)
+    assert isinstance(own.task.text, TowerText) and own.task.text.trainable
+    assert built.dataset.batch_features == ("patch", "cls", "text")
+    assert own.dataset.batch_features == ("patch", "cls")  # captions from the tower, not the cache
+    loader = _Loader(own.dataset, own.sampler, own_cfg)
+    try:
+        batch = loader.next()
+    finally:
+        loader.feeder.close()
+    assert (
+        set(batch["features"].tensors) >= {"patch", "cls", "t_roi"}
+        and "text/alt" not in batch["features"].tensors
+    )
+    terms = own.task(_to_device(batch, cpu), teacher_temp=0.07)
     assert set(terms) == {"patch", "dino", "clip"} and all(torch.isfinite(v) for v in terms.values())
     with pytest.raises(ValueError, match="no cache.path"):
         build_task(
@@ -219,20 +226,28 @@ def test_dataset_matches_cache_and_is_seeded(tiny_cache, caplog):
         ds = DistillDataset(src, cfg.data, (4, 4), cache=open_cache(tiny_cache), seed=0)
     assert len(ds) == 48 and len(ds.skipped_keys) == 12 and ds.target == "crop"
     assert min(cfg.data.global_scale) < 1 and "resampled from the cached full-image grid" in caplog.text
+    assert ds.batch_features == ("patch", "cls")  # what the feeder reads for each batch
     a, b = ds[(0, 5)], ds[(0, 5)]
-    assert torch.equal(a["global"], b["global"]) and torch.equal(a["t_patch"], b["t_patch"])
-    assert a["t_patch"].shape == (4, 4, 48) and a["locals"].shape == (2, 3, 16, 16)
+    assert torch.equal(a["global"], b["global"]) and torch.equal(a["t_roi"], b["t_roi"])
+    assert a["t_roi"].shape == (4,) and a["locals"].shape == (2, 3, 16, 16)
+    assert "t_patch" not in a and a["t_view"] == 0 and a["t_flip"] == a["flip"]
     assert not torch.equal(ds[(1, 5)]["global"], a["global"])  # another epoch, other crops
-    # a batch read (what DataLoader calls: cached targets read together) = the items one by one
+    # a batch read (what DataLoader calls) = the items one by one
     idx = [(0, 7), (1, 5), (0, 2), (0, 7)]
     batch = ds.__getitems__(idx)
     for (e, i), got in zip(idx, batch, strict=True):
         want = ds[(e, i)]
         assert got["key"] == want["key"] and got["index"] == want["index"]
-        for k in ("global", "locals", "t_patch", "t_cls", "box"):
+        for k in ("global", "locals", "t_roi", "box"):
             assert torch.equal(got[k], want[k]), k
-        assert all(torch.equal(got["text"][g], want["text"][g]) for g in want["text"])
+        assert (got["t_ratio"], got["t_flip"], got["t_view"]) == (
+            want["t_ratio"],
+            want["t_flip"],
+            want["t_view"],
+        )
         assert got["captions"] == want["captions"] and got["caption_u"] == want["caption_u"]
+    with pytest.raises(ValueError, match="batch_features"):
+        DistillDataset(src, cfg.data, (4, 4), cache=open_cache(tiny_cache), batch_features=())
     with pytest.raises(ValueError, match="not in the source dataset"):
         DistillDataset(
             build_dataset("synthetic", split="train", size=10, image_size=32),
@@ -294,12 +309,13 @@ def test_resume_is_bit_identical(tiny_cache, runs):
     assert ckpts == ["step_00000006"]  # keep_last=1
 
 
-def test_batch_reader_run_matches_the_item_reader(tiny_cache, runs):
-    """The same run with targets built per item in the workers (cache.reader=item, the reference) and
-    with feature batches read in the training process and targets built on the device (the default):
-    the same losses at every step (float tolerance 1e-6; on the CPU they are equal)."""
+def test_batch_reader_run_matches_the_item_reference(tiny_cache, runs):
+    """The same run with targets and captions from the reference (tests/item_reference.py: rows read
+    item by item with h5py, targets aligned per sample on the CPU, as the removed item reader built them)
+    and from the one data path (feature batches read in the training process, targets built on the
+    device): the same losses at every step (float tolerance 1e-6; on the CPU they are equal)."""
     batch = _run("z0", runs, tiny_cache, Z0)
-    item = _run("z0_item", runs, tiny_cache, [*Z0, "cache.reader=item"])
+    item = _run("z0_item", runs, tiny_cache, Z0, item_reference=True)
     assert len(_losses(batch)) == 6
     for a, b in zip(batch["log"], item["log"], strict=True):
         for k in ("loss", "patch", "dino", "clip"):

@@ -130,6 +130,10 @@ def _main(spec_path: str) -> None:
     from tipsdistill.distill.train import train
 
     cfg = load_config(args.get("recipe", "distill"), args["overrides"])
+    if args.get("item_reference"):  # targets and captions from tests/item_reference.py
+        from tests.item_reference import use_item_reference
+
+        use_item_reference()
     result: dict[str, Any] = {}
     try:
         for i, resume in enumerate(args.get("runs", [None])):

@@ -39,7 +39,8 @@ TEACHER_CFG = {"overrides": {"embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_r
 # variants added after the fixture was captured (tested in test_experiment_variants_reach_the_train_config)
 TEXT_TOWERS = ("distill_text_frozen", "distill_text_pretrained", "distill_text_pretrained_frozen")
 WIDTHS = tuple(f"w{w}_seed{s}" for w in (64, 192) for s in range(3))
-NEWER = (*TEXT_TOWERS, *WIDTHS)
+ARCHS = tuple(f"{a}_seed{s}" for a in ("convnext_s8", "mnv4_s16") for s in range(3))  # issue 30's students
+NEWER = (*TEXT_TOWERS, *WIDTHS, *ARCHS)
 
 
 def new_configs() -> dict[str, object]:

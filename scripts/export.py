@@ -41,7 +41,10 @@ class ExportConfig:
     push_to_hub: str = ""  # a Hub repo id to upload the export to
     private: bool = False
     weights: str = ""  # "" = the run's checkpoint.export; auto | student | ema
-    format: str = "student"  # student | embedded-teacher
+    format: str = "student"  # student | embedded-teacher | onnx
+    image_size: int = 0  # onnx: the input side the graph is traced at; 0 = the run's data.image_size
+    dynamic_size: bool = False  # onnx: any input height and width
+    trust_code: bool = False  # rebuild a python:<module>:<factory> student (runs that module)
     tokenizer: str = ""
     alignment_images: int = 0
 
@@ -50,12 +53,14 @@ class ExportConfig:
             raise ValueError("name the checkpoint: tipsdistill-export CHECKPOINT (or checkpoint=DIR)")
         for key, value, ok in (
             ("weights", self.weights, ("", "auto", "student", "ema")),
-            ("format", self.format, ("student", "embedded-teacher")),
+            ("format", self.format, ("student", "embedded-teacher", "onnx")),
         ):
             if value not in ok:
                 raise ValueError(
                     f"export config {key}={value!r} is invalid; choose one of {[v for v in ok if v]}"
                 )
+        if self.image_size < 0:
+            raise ValueError(f"image_size={self.image_size} must be >= 0 (0 = the run's data.image_size)")
         if self.alignment_images < 0:
             raise ValueError(f"alignment_images={self.alignment_images} must be >= 0 (0 = skip)")
         return self
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             weights=args.weights or None,
             format=args.format,
             tokenizer=args.tokenizer or None,
-            onnx_size=args.image_size,
+            onnx_size=args.image_size or None,
             onnx_dynamic_size=args.dynamic_size,
             trust_code=args.trust_code,
         )

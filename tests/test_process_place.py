@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tipsdistill.cache.launch import ProcessPlace, process_place
@@ -17,6 +19,17 @@ SLURM = {
     "SLURM_JOB_NODELIST": "gpu-[007-008]",
     "SLURM_JOB_ID": "42",
 }
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """``setup_env`` / ``process_place`` export RANK, WORLD_SIZE, MASTER_* into ``os.environ``: put the
+    environment back exactly, or every later test of the session runs as rank 3 of 4 (monkeypatch's
+    ``delenv`` of an absent key records nothing to undo)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_no_launcher_is_one_process() -> None:
@@ -81,7 +94,6 @@ def test_stage2_exports_what_deepspeed_reads(monkeypatch: pytest.MonkeyPatch) ->
     for k, v in SLURM.items():
         monkeypatch.setenv(k, v)
     setup_env()
-    import os
 
     got = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     assert got == {

@@ -5,6 +5,7 @@ the same result; the same-width student has no projection (unchanged from before
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -87,24 +88,21 @@ def _eval_like_training(student: torch.nn.Module, cfg: dict) -> dict:
     """The evaluation ``eval.every`` runs, on a loaded student, with the teacher's class-name text."""
     from tipsdistill.distill.evaluation import evaluate_segmentation, resolve_class_embeddings
     from tipsdistill.distill.evaluation.datasets import build_eval_dataset
-    from tipsdistill.distill.evaluation.segmentation import SegmentationSettings
+    from tipsdistill.distill.evaluation.segmentation import training_settings
     from tipsdistill.teachers import build_teacher
 
     e = cfg["eval"]
     dataset = build_eval_dataset(e["dataset"], dict(e["dataset_kwargs"]))
-    text = resolve_class_embeddings(
-        dataset.class_names, text_model=build_teacher("embedded"), templates=e["templates"], cache_dir=None
-    )
-    size = e["image_size"] or cfg["data"]["image_size"]
-    settings = SegmentationSettings(
-        image_size=size,
-        mode=e["mode"],
-        window=size,
-        stride=max(1, size * 3 // 4),
-        readout=e["readout"],
-        templates=e["templates"],
-        resize_backend="torch",
+    # the settings eval.every resolves (eval.settings over the training image size), on e.max_images images
+    settings = dataclasses.replace(
+        training_settings(e["settings"], cfg["data"]["image_size"]),
         max_images=e["max_images"],
+    )
+    text = resolve_class_embeddings(
+        dataset.class_names,
+        text_model=build_teacher("embedded"),
+        templates=settings.templates,
+        cache_dir=None,
     )
     return evaluate_segmentation(student, dataset, text, settings, progress=False)["metrics"]
 

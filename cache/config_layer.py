@@ -319,8 +319,11 @@ def package_versions() -> dict[str, str]:
 def save_config(cfg: Any, path: str | os.PathLike[str], *, command: str = "") -> Path:
     """Write the resolved ``cfg`` as YAML to ``path`` (``cache_config.yaml``, ``eval_config.yaml``, ...),
     headed by a comment with the command, the git revision and the package versions; the file loads back
-    with ``--config path``."""
+    with ``--config path``. URLs lose their secrets first (user names, passwords, token / signature query
+    parameters: :func:`cache.locations.redact`), as everything a cache records: credentials come from the
+    environment when the file is rerun."""
     from .format import git_revision
+    from .locations import redact
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -329,7 +332,7 @@ def save_config(cfg: Any, path: str | os.PathLike[str], *, command: str = "") ->
         f"# git revision: {git_revision()}",
         "# versions: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()),
     ]
-    body = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    body = yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False)
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text("\n".join(head) + "\n" + body, encoding="utf-8")
     os.replace(tmp, p)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.launch_helpers import ROOT, subprocess_env
+from tests.test_text_interface import SIZE, teacher_cache  # noqa: F401  (fixture: the embedded teacher's cache)
 from tests.test_train_support import probe_pixels, run_subprocess
 
 #: tiny configurations of each family (timm constructor kwargs); all stride-8 stages at 32-64 px
@@ -173,7 +173,7 @@ def test_python_student(tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------------- the full loop
-SIZE = 24
+
 TINY = [
     "steps=4",
     "data.batch_size=8",
@@ -192,18 +192,8 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def teacher_cache(tmp_path_factory) -> Path:
-    """The embedded teacher's features (8x8 grid, 96 wide) and captions of SIZE synthetic 64 px images."""
-    from tipsdistill.distill.embedded import DemoConfig, stage_cache
-
-    out = tmp_path_factory.mktemp("cache")
-    stage_cache(DemoConfig(train_size=SIZE, cache_batch=SIZE), out, None, progress=False)
-    return out / "cache" / "index.h5"
-
-
 @pytest.mark.parametrize(("name", "stage", "stride"), [("convnext_atto", 0, 8), ("repvit_m0_9", 2, 16)])
-def test_trains_resumes_exports_and_evaluates(name, stage, stride, teacher_cache, tmp_path) -> None:
+def test_trains_resumes_exports_and_evaluates(name, stage, stride, teacher_cache, tmp_path) -> None:  # noqa: F811
     from tipsdistill.students import load_student
 
     out = tmp_path / "run"

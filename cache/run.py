@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from .datasets import BadImageError, resize_image
@@ -127,15 +127,61 @@ def follow_main_process(main_pid: int, worker_id: int) -> None:
     threading.Thread(target=wait, name="follow-main-process", daemon=True).start()
 
 
+class _Fetched(Dataset):
+    """The rows a stream has read, by dataset index: the item, or the error that makes it a skipped row."""
+
+    def __init__(self, rows: dict[int, Any], n: int) -> None:
+        self.rows, self.n = rows, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        got = self.rows[index]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+
+class StreamedBlocks(IterableDataset):
+    """The loader of a streaming source (a dataset with ``iter_rows(indices)``, e.g.
+    :class:`cache.hf_stream.HFStreamingDataset`): each DataLoader worker takes a contiguous run of the write
+    blocks to do, reads their rows in order (only the row groups that hold them) and yields one batch per
+    block, as :func:`collate_views` makes it, with its ``block`` number."""
+
+    def __init__(self, items: ViewItems, todo: list[tuple[int, list[int]]]) -> None:
+        self.items, self.todo = items, todo
+
+    def __iter__(self) -> Any:
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.todo[len(self.todo) * w // n : len(self.todo) * (w + 1) // n]
+        stream = self.items.ds.iter_rows([i for _, idx in mine for i in idx])
+        for block, idx in mine:
+            rows = dict(next(stream) for _ in idx)
+            view = ViewItems(_Fetched(rows, len(self.items)), self.items.size, self.items.resize, self.items.spec,
+                             self.items.min_side)  # fmt: skip
+            batch = collate_views([view[i] for i in idx])
+            batch["block"] = block
+            yield batch
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
 def make_loader(plan: ShardPlan, todo: list[tuple[int, list[int]]]) -> DataLoader:
-    """Decode, resize and cut views in worker processes, one batch per write block."""
+    """Decode, resize and cut views in worker processes, one batch per write block (for a streaming source,
+    :class:`StreamedBlocks`: batches come with their ``block`` number, in no fixed order)."""
     cfg = plan.config
     items = ViewItems(plan.dataset, plan.size, cfg.resize, plan.spec, plan.min_side)
+    streamed = callable(getattr(plan.dataset, "iter_rows", None))
     return DataLoader(
-        items,
-        batch_sampler=[idx for _, idx in todo],
+        StreamedBlocks(items, todo) if streamed else items,
+        batch_size=None if streamed else 1,
+        batch_sampler=None if streamed else [idx for _, idx in todo],
         num_workers=cfg.num_workers,
-        collate_fn=collate_views,
+        collate_fn=_as_is if streamed else collate_views,
         pin_memory=plan.device.type == "cuda",
         prefetch_factor=4 if cfg.num_workers > 0 else None,
         multiprocessing_context=cfg.worker_start if cfg.num_workers > 0 else None,
@@ -233,7 +279,8 @@ def extract_blocks(
     start = plan.start
     t_loop = time.perf_counter()
     try:
-        for (block, _), batch in zip(todo, make_loader(plan, todo)):
+        for i, batch in enumerate(make_loader(plan, todo)):
+            block = batch.pop("block", todo[i][0])
             rows = np.asarray(batch["index"], np.int64) - start
             skipped = [(i - start, f"{kind}: {err}") for i, err, kind in batch["bad"]]
             arrays: dict[str, np.ndarray] = {}

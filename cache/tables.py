@@ -93,6 +93,16 @@ def check_columns(
         )
 
 
+def shard_names(paths: list[str]) -> list[str]:
+    """The names of table shards in their keys (``SHARD/ROW``): each file's path relative to the files' common
+    folder (its file name when there is one file)."""
+    from .locations import is_remote
+
+    dirs = [os.path.dirname(p) for p in paths]
+    common = os.path.commonprefix(dirs) if any(is_remote(p) for p in paths) else os.path.commonpath(dirs)
+    return [os.path.basename(p) if len(paths) == 1 else p[len(common) :].lstrip("/") for p in paths]
+
+
 class _Rows(Dataset):
     """Shared row logic: ``self._images`` (path str | bytes | dict | None per row), ``self._captions``."""
 
@@ -291,13 +301,7 @@ class TableDataset(_Rows):
             max_pixels,
             allow_root,
         )
-        dirs = [os.path.dirname(p) for p in self.paths]
-        common = (
-            os.path.commonprefix(dirs) if any(is_remote(p) for p in self.paths) else os.path.commonpath(dirs)
-        )
-        self.shard_names = [
-            os.path.basename(p) if len(self.paths) == 1 else p[len(common) :].lstrip("/") for p in self.paths
-        ]
+        self.shard_names = shard_names(self.paths)
         self._cols = [image_field, *dict.fromkeys(self.caption_fields.values())]
         self._bad: dict[int, tuple[str, str]] = {}
         self._keys: list[str] | None = [] if key_field is not None else None
@@ -576,6 +580,23 @@ def _open(path: str) -> Any:
 
 
 @register_dataset("hf")
+def hf_dataset(path: str, streaming: bool = False, **kwargs: Any) -> Dataset:
+    """An HF ``datasets`` dataset: loaded and converted (:class:`HFImageDataset`), or with ``streaming=True``
+    read as a stream of its parquet data files (:class:`cache.hf_stream.HFStreamingDataset`)."""
+    import inspect
+
+    if streaming:
+        from .hf_stream import HFStreamingDataset as cls
+    else:
+        cls = HFImageDataset  # type: ignore[assignment]
+    try:
+        inspect.signature(cls).bind(path, **kwargs)
+    except TypeError as e:
+        how = "streaming" if streaming else "without streaming"
+        raise ValueError(f"dataset 'hf' ({how}): {e}; it takes {inspect.signature(cls)}") from e
+    return cls(path, **kwargs)
+
+
 class HFImageDataset(_Rows):
     """A Hugging Face ``datasets`` dataset of images and captions.
 

@@ -7,6 +7,7 @@ Examples::
     tipsdistill-cache --data 'wds:/data/cc3m/{00000..00331}.tar' --caption short=json.short_caption ...
     tipsdistill-cache --data parquet:captions.parquet --image-column path --caption alt=caption ...
     tipsdistill-cache --data hf:my_saved_dataset --caption alt=text ...
+    tipsdistill-cache --data hf:org/name --streaming --caption alt=text ...   # parquet files read as a stream
     torchrun --nproc_per_node 8 -m tipsdistill.scripts.cache_features --config cache.yaml   # one shard per rank
     tipsdistill-cache --config cache.yaml batch_size=16 dataset_kwargs.caption_fields.alt=txt   # dotted overrides
 
@@ -101,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--no-captions", action="store_true", help="the dataset has no caption fields")
     d.add_argument("--split", help="split of an HF dataset")
+    d.add_argument(
+        "--streaming",
+        action="store_true",
+        help="hf: datasets: read the parquet data files as a stream (nothing downloaded or converted up front); "
+        "config key dataset_kwargs.streaming",
+    )
     d.add_argument(
         "--dataset", help="dataset registry name (folder, synthetic, ...) or package.module:factory"
     )
@@ -226,6 +233,8 @@ def _data_from_args(args: argparse.Namespace, base: dict[str, Any]) -> dict[str,
         extra["caption_fields"] = {}
     if args.split:
         extra["split"] = args.split
+    if args.streaming:
+        extra["streaming"] = True
     upd: dict[str, Any] = {}
     given = [n for n in ("data", "images", "dataset") if getattr(args, n)]
     if len(given) > 1:
@@ -238,6 +247,10 @@ def _data_from_args(args: argparse.Namespace, base: dict[str, Any]) -> dict[str,
         except ValueError as e:
             raise SystemExit(f"error: --data: {e}") from e
         upd = {"dataset": spec.name, "dataset_kwargs": spec.kwargs}
+        if args.streaming and spec.name != "hf":
+            raise SystemExit(
+                f"error: --streaming is for hf: datasets; {args.data} ({spec.name}) is already read shard by shard"
+            )
         if given_caps and spec.name in ("webdataset", "table", "hf"):  # --caption adds to the defaults
             upd["dataset_kwargs"]["caption_fields"] = caption_fields_for(spec.name, given_caps)
     elif args.images:

@@ -164,7 +164,9 @@ class HFStreamingDataset(_Rows):
         allow_root: str | list[str] | None = None,
     ) -> None:
         if not streaming:
-            raise ValueError("HFStreamingDataset reads streaming=True datasets; build hf:... without it instead")
+            raise ValueError(
+                "HFStreamingDataset reads streaming=True datasets; build hf:... without it instead"
+            )
         self.path, self.data_files = str(path), data_files
         self._setup(
             f"hf:{path}",
@@ -190,7 +192,9 @@ class HFStreamingDataset(_Rows):
                     pf = pq.ParquetFile(fh)
                     meta, names = pf.metadata, pf.schema_arrow.names
             except Exception as e:  # noqa: BLE001 - a file that is not parquet: name it
-                raise ValueError(f"hf:{path}: {f} is not a readable parquet file ({type(e).__name__}: {e})") from e
+                raise ValueError(
+                    f"hf:{path}: {f} is not a readable parquet file ({type(e).__name__}: {e})"
+                ) from e
             check_columns(f, names, image_field, self.caption_fields)
             bounds = [0]
             for g in range(meta.num_row_groups):
@@ -233,7 +237,9 @@ class HFStreamingDataset(_Rows):
         return f"{self.shard_names[s]}/{r}"
 
     def keys(self) -> list[str]:
-        return [f"{name}/{r}" for name, n in zip(self.shard_names, np.diff(self._start)) for r in range(int(n))]
+        return [
+            f"{name}/{r}" for name, n in zip(self.shard_names, np.diff(self._start)) for r in range(int(n))
+        ]
 
     def _image_present(self, row: int) -> bool:
         return True  # not known before the row is read; a missing image is a skipped row then
@@ -244,13 +250,17 @@ class HFStreamingDataset(_Rows):
         if self._base is None:
             import datasets as hfd
 
-            ds = hfd.load_dataset("parquet", data_files={self.split: self.files}, split=self.split, streaming=True)
+            ds = hfd.load_dataset(
+                "parquet", data_files={self.split: self.files}, split=self.split, streaming=True
+            )
             ds = ds.select_columns(list(dict.fromkeys([self.image_field, *self.caption_fields.values()])))
             feat = (ds.features or {}).get(self.image_field)
             if isinstance(feat, hfd.Image) and feat.decode:  # our decoder: a bad image is a skipped row
                 ds = ds.cast_column(self.image_field, hfd.Image(decode=False))
             if ds.num_shards != len(self.files):
-                raise RuntimeError(f"hf:{self.path}: datasets made {ds.num_shards} shards of {len(self.files)} files")
+                raise RuntimeError(
+                    f"hf:{self.path}: datasets made {ds.num_shards} shards of {len(self.files)} files"
+                )
             self._base = ds
         return self._base
 
@@ -282,7 +292,8 @@ class HFStreamingDataset(_Rows):
             stop = int(np.searchsorted(want, end))
             wanted = set(want[pos:stop].tolist())
             j = -1
-            for j, ex in enumerate(self._unit(s, g)):
+            for ex in self._examples(self._unit(s, g)):
+                j += 1
                 self.rows_read += 1
                 if first + j in wanted:
                     yield first + j, self._item(first + j, ex)
@@ -292,6 +303,15 @@ class HFStreamingDataset(_Rows):
                     f"{end - first}: the file changed while it was read"
                 )
             pos = stop
+
+    @staticmethod
+    def _examples(unit: Any, batch: int = 64) -> Iterator[dict[str, Any]]:
+        """The rows of a unit. ``IterableDataset.iter`` rather than ``iter()``: inside a DataLoader worker the
+        latter hands each worker a share of the unit's shards, and here the worker split is already made."""
+        for cols in unit.iter(batch_size=batch):
+            names = list(cols)
+            for values in zip(*(cols[c] for c in names)):
+                yield dict(zip(names, values))
 
     def _item(self, index: int, ex: dict[str, Any]) -> dict[str, Any] | BadImageError:
         key = self._key(index)

@@ -120,6 +120,28 @@ def test_keys_from_footers_exact_rank_split_random_access_and_hub_cache(repo, tm
         build_from_spec(f"hf:{repo}", streaming=True, image_field="jpg")
 
 
+def test_dataloader_workers_each_read_a_contiguous_run_of_blocks(repo, monkeypatch):
+    """:class:`cache.run.StreamedBlocks` under 3 workers (the worker info given as torch gives it): every
+    block of the todo list comes once, with its rows in order and the corrupt image as a skipped row."""
+    from types import SimpleNamespace
+
+    from tipsdistill.cache import run
+    from tipsdistill.cache.views import ViewSpec
+
+    ds = build_from_spec(f"hf:{repo}", streaming=True, caption_fields={"alt": "text"}, image_size=16)
+    todo = [(b, list(range(2 * b, min(2 * b + 2, len(ds))))) for b in range(6) if b != 1]  # block 1 done
+    items = run.ViewItems(ds, (16, 16), "short_crop", ViewSpec(), 1)
+    got: dict[int, list[int]] = {}
+    for w in range(3):
+        monkeypatch.setattr(run, "get_worker_info", lambda w=w: SimpleNamespace(id=w, num_workers=3))
+        for batch in run.StreamedBlocks(items, todo):
+            assert batch["block"] not in got
+            got[batch["block"]] = batch["index"] + [i for i, _, _ in batch["bad"]]
+            assert all(kind == "corrupt" and ds.keys()[i] == BAD for i, _, kind in batch["bad"])
+            assert batch["views"].shape[1:] == (1, 3, 16, 16)
+    assert {b: sorted(v) for b, v in got.items()} == dict(todo)
+
+
 def _stage1(out: Path, data: list[str], *more: str) -> int:
     from tipsdistill.scripts.cache_features import main
 
@@ -185,12 +207,12 @@ def test_streamed_cache_equals_the_loaded_one_and_resume_reads_only_uncommitted(
     np.testing.assert_array_equal(rfeats, feats)
 
 
-def test_two_ranks_with_workers_and_stage2_reads_the_images_back(repo, streamed, tmp_path):
+def test_two_ranks_and_stage2_reads_the_images_back(repo, streamed, tmp_path):
     out = tmp_path / "two"
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     cmd = torchrun(2) + ["-m", "tipsdistill.scripts.cache_features", "--teacher", TEACHER, "--data", f"hf:{repo}",
                          "--streaming", "--caption", "alt=text", "--out", str(out), "--image-size", "32",
-                         "--batch-size", "2", "--num-workers", "1", "--granularities", "alt", "--quiet"]  # fmt: skip
+                         "--batch-size", "2", "--num-workers", "0", "--granularities", "alt", "--quiet"]  # fmt: skip
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     keys, feats, skipped = _features(out)

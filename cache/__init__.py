@@ -4,6 +4,7 @@ from . import datasets as datasets
 from .dataset_spec import DatasetSpec, build_from_spec, parse_dataset_spec, source_for_cache
 from .datasets import BadImageError, ImageFolderDataset, build_dataset, list_datasets, register_dataset
 from .extract import CacheConfig, extract_features
+from .hf_stream import HFStreamingDataset
 from .reader import FeatureBatch, FeatureCache, open_cache
 from .shards import WebDatasetShards
 from .spec import CacheSpec
@@ -20,6 +21,7 @@ __all__ = [
     "CacheConfig",
     "DatasetSpec",
     "HFImageDataset",
+    "HFStreamingDataset",
     "TableDataset",
     "WebDatasetShards",
     "build_from_spec",

@@ -6,7 +6,9 @@ shorthand (:func:`parse_dataset_spec`):
     ``wds:/data/cc3m/{00000..00331}.tar``   webdataset tar shards (braces expanded, globs allowed)
     ``parquet:captions.parquet``            a table (also ``csv:`` and ``tsv:``) of image paths or bytes
     ``hf:path/or/name``                     Hugging Face ``datasets``: a ``save_to_disk`` folder, an
-                                            image folder, parquet files, or a hub dataset name
+                                            image folder, parquet files, or a hub dataset name; with the
+                                            kwarg ``streaming: true`` (``--streaming``) its parquet data
+                                            files are read as a stream (:mod:`cache.hf_stream`)
     ``folder:photos/`` or ``photos/``       a folder of images (``captions=`` a JSON-lines file)
     ``synthetic`` / ``NAME`` / ``NAME:{"k": v}``   any registered dataset with JSON kwargs
 
@@ -84,6 +86,7 @@ def caption_fields_for(name: str, given: dict[str, str]) -> dict[str, str]:
 
 def _registered() -> None:
     """Import the modules that register the built-in datasets."""
+    from . import hf_stream as _hf_stream  # noqa: F401  (the "hf" name: loaded, or streamed)
     from . import shards as _shards  # noqa: F401
     from . import tables as _tables  # noqa: F401
 

@@ -28,6 +28,7 @@ a time); a dataset whose files are only on the hub is refused, naming the downlo
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -35,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Dataset
 
-from .datasets import BadImageError
-from .tables import _open, _Rows, check_columns, shard_names
+from .datasets import BadImageError, register_dataset
+from .tables import HFImageDataset, _open, _Rows, check_columns, shard_names
 
 logger = logging.getLogger(__name__)
 
@@ -398,3 +400,16 @@ class HFStreamingDataset(_Rows):
         if self.revision:
             kw["revision"] = self.revision
         return {"name": "hf", "kwargs": kw}
+
+
+@register_dataset("hf")
+def hf_dataset(path: str, streaming: bool = False, **kwargs: Any) -> Dataset:
+    """An HF ``datasets`` dataset: loaded and converted (:class:`HFImageDataset`), or with ``streaming=True``
+    read as a stream of its parquet data files (:class:`cache.hf_stream.HFStreamingDataset`)."""
+    cls: type[Dataset] = HFStreamingDataset if streaming else HFImageDataset
+    try:
+        inspect.signature(cls).bind(path, **kwargs)
+    except TypeError as e:
+        how = "streaming" if streaming else "without streaming"
+        raise ValueError(f"dataset 'hf' ({how}): {e}; it takes {inspect.signature(cls)}") from e
+    return cls(path, **kwargs)

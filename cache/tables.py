@@ -579,24 +579,6 @@ def _open(path: str) -> Any:
     return open(path, "rb")
 
 
-@register_dataset("hf")
-def hf_dataset(path: str, streaming: bool = False, **kwargs: Any) -> Dataset:
-    """An HF ``datasets`` dataset: loaded and converted (:class:`HFImageDataset`), or with ``streaming=True``
-    read as a stream of its parquet data files (:class:`cache.hf_stream.HFStreamingDataset`)."""
-    import inspect
-
-    if streaming:
-        from .hf_stream import HFStreamingDataset as cls
-    else:
-        cls = HFImageDataset  # type: ignore[assignment]
-    try:
-        inspect.signature(cls).bind(path, **kwargs)
-    except TypeError as e:
-        how = "streaming" if streaming else "without streaming"
-        raise ValueError(f"dataset 'hf' ({how}): {e}; it takes {inspect.signature(cls)}") from e
-    return cls(path, **kwargs)
-
-
 class HFImageDataset(_Rows):
     """A Hugging Face ``datasets`` dataset of images and captions.
 

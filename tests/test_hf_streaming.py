@@ -120,6 +120,17 @@ def test_keys_from_footers_exact_rank_split_random_access_and_hub_cache(repo, tm
         build_from_spec(f"hf:{repo}", streaming=True, image_field="jpg")
 
 
+def test_streaming_flag_is_a_dataset_kwarg_in_the_config(repo):
+    from tipsdistill.scripts.cache_features import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--data", f"hf:{repo}", "--streaming", "--out", "x"]))
+    assert (
+        cfg.dataset == "hf" and cfg.dataset_kwargs["streaming"] is True
+    )  # config key dataset_kwargs.streaming
+    with pytest.raises(SystemExit, match="--streaming is for hf: datasets"):
+        config_from_args(build_parser().parse_args(["--data", f"parquet:{repo}/data", "--streaming"]))
+
+
 def test_dataloader_workers_each_read_a_contiguous_run_of_blocks(repo, monkeypatch):
     """:class:`cache.run.StreamedBlocks` under 3 workers (the worker info given as torch gives it): every
     block of the todo list comes once, with its rows in order and the corrupt image as a skipped row."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,13 @@ from .format import (
     toolkit_version,
     weights_digest,
 )
-from .launch import MIXED_PRECISION_AUTOCAST, LaunchState, launch_state
+from .launch import MIXED_PRECISION_AUTOCAST, LaunchState, check_shared_out, launch_state
 from .locations import redact
 from .reduce import Reduction
 from .resources import apply_threads, fit_threads
 from .views import ViewSpec
+
+logger = logging.getLogger(__name__)
 
 
 def _dataset_identity(ds: Dataset, spec: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -131,6 +134,8 @@ def plan_shard(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | 
     config, device = _resolve_runtime(config, state)
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # every rank must see the others' files in --out (rank 0's index and PCA basis): fail now, not later
+    check_shared_out(out_dir, config.out, state.rank, state.world, config.shared_out_wait_s)
     size = _as_size(config.image_size)
     assert size is not None
     teacher, teacher_spec = _resolve_teacher(config, teacher, device, size)
@@ -164,15 +169,62 @@ def plan_shard(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | 
     return dataclasses.replace(plan, attrs=shard_attrs(plan, teacher_spec))
 
 
+def resolve_autocast(requested: str, device_type: str, mixed_precision: str, bf16_supported: bool) -> str:
+    """The teacher's autocast: ``none`` | ``bf16`` | ``fp16``. An explicit ``requested`` value wins;
+    ``auto`` is accelerate's mixed precision when it says ``bf16``/``fp16`` (``accelerate launch
+    --mixed_precision``, or its config file), else ``bf16`` on a CUDA device that supports it (Ampere
+    and later), else ``none`` (float32: the CPU, or an older GPU where fp16 could overflow)."""
+    if requested != "auto":
+        return requested
+    from_accelerate = MIXED_PRECISION_AUTOCAST[mixed_precision]
+    if from_accelerate != "none":
+        return from_accelerate
+    return "bf16" if device_type == "cuda" and bf16_supported else "none"
+
+
+def resolve_tf32(requested: bool | None, device_type: str, autocast: str) -> bool:
+    """Whether the teacher's float32 matmuls and convolutions may use TF32 (CUDA only: always ``False``
+    elsewhere). An explicit ``requested`` value wins; by default on, unless ``autocast`` is ``none``
+    (the float32 path then stays IEEE float32 end to end)."""
+    if device_type != "cuda":
+        return False
+    return requested if requested is not None else autocast != "none"
+
+
+def apply_tf32(enabled: bool) -> None:
+    """Set CUDA's float32 matmul and cuDNN convolution precision for this process: ``tf32`` or ``ieee``
+    (cuDNN convolutions default to TF32 in torch; ``ieee`` makes the float32 path exact)."""
+    backends = torch.backends
+    if hasattr(backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
+        backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
+    else:  # pragma: no cover - older torch
+        backends.cuda.matmul.allow_tf32 = enabled
+        backends.cudnn.allow_tf32 = enabled
+
+
 def _resolve_runtime(config: CacheConfig, state: LaunchState) -> tuple[CacheConfig, torch.device]:
-    """The config with its automatic values resolved (autocast from accelerate, workers fitted to the
-    cores; threads set) and the device."""
-    if config.autocast == "auto":  # accelerate launch --mixed_precision (or its config file) decides
-        config = dataclasses.replace(config, autocast=MIXED_PRECISION_AUTOCAST[state.mixed_precision])
+    """The config with its automatic values resolved (autocast and TF32 for the device, workers fitted
+    to the cores; threads and TF32 set) and the device."""
     device = torch.device(config.device) if config.device else state.device
-    threads = fit_threads(workers=config.num_workers, threads=config.num_threads, cuda=device.type == "cuda")
+    cuda = device.type == "cuda"
+    autocast = resolve_autocast(
+        config.autocast, device.type, state.mixed_precision, cuda and torch.cuda.is_bf16_supported()
+    )
+    tf32 = resolve_tf32(config.tf32, device.type, autocast)
+    if cuda:
+        apply_tf32(tf32)
+    logger.info(
+        "teacher precision on %s: autocast %s (asked: %s; accelerate's mixed precision: %s), TF32 %s",
+        device,
+        autocast,
+        config.autocast,
+        state.mixed_precision,
+        "on" if tf32 else "off",
+    )
+    threads = fit_threads(workers=config.num_workers, threads=config.num_threads, cuda=cuda)
     apply_threads(threads)
-    return dataclasses.replace(config, num_workers=threads.workers), device
+    return dataclasses.replace(config, autocast=autocast, tf32=tf32, num_workers=threads.workers), device
 
 
 def _resolve_teacher(
@@ -290,6 +342,7 @@ def shard_attrs(plan: ShardPlan, teacher_spec: dict[str, Any] | None) -> dict[st
         "resize": config.resize,
         "min_side": int(plan.min_side),
         "autocast": "off" if config.autocast == "none" else config.autocast,  # ("none" reads back as None)
+        "tf32": bool(config.tf32),  # recorded, not compared: below float16 storage's own rounding
         "patch_size": int(teacher.patch_size),
         "grid": list(layout.grid),
         "dim": layout.dim,

@@ -404,7 +404,7 @@ def train(
     import deepspeed
 
     device = device_for_rank()
-    # intra-op threads (and data.num_workers=-1) fitted to the cores this process may use (cache/resources.py)
+    # intra-op threads (and data.num_workers=auto) fitted to the cores this process may use (cache/resources.py)
     threads = fit_threads(
         workers=cfg.data.num_workers, threads=cfg.engine.cpu_threads, cuda=device.type == "cuda"
     )

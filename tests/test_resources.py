@@ -62,7 +62,7 @@ def test_fit_threads(machine, monkeypatch):
     p = rs.fit_threads(workers=2)
     assert p.intra_op == 5 and "OMP_NUM_THREADS" in p.line()
     assert rs.fit_threads(workers=2, threads=3).intra_op == 3
-    with pytest.raises(ValueError, match="workers must be >= -1"):
+    with pytest.raises(ValueError, match="workers=-2: DataLoader workers must be a number >= 0"):
         rs.fit_threads(workers=-2)
 
 

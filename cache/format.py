@@ -492,11 +492,8 @@ def check_resume(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> 
                 diff = sorted(x for x in set(a) | set(b) if a.get(x) != b.get(x))
                 a = {x: a.get(x) for x in diff}
                 b = {x: b.get(x) for x in diff}
-            hint = ""
-            if (
-                k == "autocast"
-            ):  # --autocast auto is bf16 on CUDA: a float32 cache resumes with --autocast none
-                hint = f" (--autocast {'none' if a == 'off' else a})"
+            # --autocast auto is bf16 on CUDA: a float32 cache ("off") resumes with --autocast none
+            hint = f" (--autocast {'none' if a == 'off' else a})" if k == "autocast" else ""
             raise ValueError(
                 f"refusing to resume {path}: {k} differs: the cache has {a!r}, this run has {b!r}. "
                 f"Write to another output directory (--out), or rerun with the cache's settings{hint}."

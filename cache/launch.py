@@ -276,8 +276,8 @@ def check_shared_out(out_dir: Path, given: str, rank: int, world: int, wait_s: f
     raise SharedOutError(
         f"--out must be one shared filesystem path seen by every node: rank 0 on {writer['node']} wrote "
         f"{writer['path']}, and {len(blind)} of {world} ranks did not see it within {wait_s:g} s ({who}).{hint} "
-        "Rank 0 builds the index and the PCA basis from the files the other ranks write there, and they "
-        "wait for its files: give every node the same absolute path on a filesystem they all mount "
+        "Rank 0 writes index.h5 from the shards every rank writes there, and the other ranks read the PCA "
+        "basis rank 0 writes there: give every node the same absolute path on a filesystem they all mount "
         "(NFS, Lustre, GPFS, ...), or run one job per shard without a process group (docs/cache.md, "
         '"Multi-node stage 1"). A slow shared filesystem: raise shared_out_wait_s'
     )

@@ -4,7 +4,9 @@ their own ``--out`` (a relative path from two working directories) fail at start
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -32,15 +34,15 @@ def images(tmp_path_factory) -> tuple[Path, list[str]]:
 def two_nodes(
     root: Path, out: str, cwds: tuple[Path, Path], *extra: str
 ) -> list[subprocess.CompletedProcess]:
-    """``torchrun --nnodes 2 --nproc_per_node 1 --node_rank R`` twice, started together (node R in
-    ``cwds[R]``), each writing ``--out out``; their results once both have ended."""
+    """``torchrun --nnodes 2 --nproc_per_node 1`` twice over one c10d rendezvous, started together (one in
+    each of ``cwds``; c10d decides which becomes node 0), each writing ``--out out``; their results."""
     port, run_id = free_port(), f"t{os.getpid()}{time.monotonic_ns() % 10**6}"
     env = subprocess_env()
     procs = []
-    for node, cwd in enumerate(cwds):
+    for cwd in cwds:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
         cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", run_id]
-        cmd += ["--node_rank", str(node), "-m", "tipsdistill.scripts.cache_features", "--teacher", TEACHER]
+        cmd += ["-m", "tipsdistill.scripts.cache_features", "--teacher", TEACHER]
         cmd += ["--images", str(root / "img"), "--captions", str(root / "caps.jsonl"), "--out", out]
         cmd += ["--image-size", "32", "--batch-size", "4", "--num-workers", "0", "--quiet", *extra]
         procs.append(
@@ -83,6 +85,8 @@ def test_two_nodes_shared_out_equal_one_process(images, tmp_path):
         progress=False,
     )
     single = open_cache(one)
+    assert single.meta["autocast"] == "off" and single.meta["tf32"] is False  # the CPU: float32, no TF32
+    assert json.loads((out / "cache_config.json").read_text())["tf32"] is False
     assert len(single) == len(two) == 9
     for i in range(9):
         a, b = two[i], single[i]
@@ -99,16 +103,17 @@ def test_two_nodes_each_with_its_own_out_fail_fast_naming_the_rule(images, tmp_p
     t0 = time.monotonic()
     results = two_nodes(root, "cache", cwds, "shared_out_wait_s=1")
     took = time.monotonic() - t0
+    checks = [d / "cache" / ".shared_out_check" for d in cwds]
+    host = socket.gethostname()
     for r in results:
         assert r.returncode != 0, r.stdout[-2000:]
         text = r.stdout + r.stderr
         assert "--out must be one shared filesystem path seen by every node" in text, text[-4000:]
-        assert (
-            f"rank 1 on {os.uname().nodename} (node 1) looked for {cwds[1] / 'cache' / '.shared_out_check'}"
-            in text
-        )
-        assert f"wrote {cwds[0] / 'cache' / '.shared_out_check'}" in text
         assert "--out 'cache' is a relative path" in text
+        # each names the other's path: rank 0 on one "node" wrote its file, rank 1 looked in its own folder
+        wrote = next(i for i in (0, 1) if f"rank 0 on {host} (node 0) wrote {checks[i]}" in text)
+        assert f"rank 1 on {host} (node 1) looked for {checks[1 - wrote]}" in text
+    assert not any(p.exists() for p in checks)  # rank 0 removes its check file
     # nothing was written: the check runs before the teacher is built or a shard is created
     for d in cwds:
         assert not list((d / "cache").glob("shard-*"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tipsdistill.cache import resources as rs
 
@@ -69,3 +70,88 @@ def test_fit_threads(machine, monkeypatch):
 def test_idle_probe_reads_proc_stat():
     idle = rs.idle_cpus(0.05)
     assert idle is None or 0.0 <= idle <= len(rs._affinity()) + 1e-6
+
+
+# --------------------------------------------------------------------------- GPU-ready defaults (#29)
+@pytest.mark.parametrize(
+    "requested, device, accelerate, bf16, want",
+    [
+        ("auto", "cuda", "no", True, "bf16"),  # plain torchrun on a GPU: bf16, not float32
+        ("auto", "cuda", "no", False, "none"),  # a GPU without bf16 (V100, T4): float32, never fp16
+        ("auto", "cuda", "fp16", True, "fp16"),  # accelerate launch --mixed_precision fp16 wins
+        ("auto", "cuda", "bf16", False, "bf16"),
+        ("auto", "cpu", "no", False, "none"),  # the CPU: float32
+        ("none", "cuda", "bf16", True, "none"),  # --autocast none: the float32 path, whatever accelerate says
+        ("fp16", "cuda", "no", True, "fp16"),
+    ],
+)
+def test_stage1_autocast_resolution(requested, device, accelerate, bf16, want):
+    from tipsdistill.cache.plan import resolve_autocast
+
+    assert resolve_autocast(requested, device, accelerate, bf16) == want
+
+
+def test_stage1_tf32_resolution():
+    from tipsdistill.cache.plan import resolve_tf32
+
+    assert resolve_tf32(None, "cuda", "bf16") is True  # default on CUDA
+    assert resolve_tf32(None, "cuda", "none") is False  # --autocast none: IEEE float32 throughout
+    assert resolve_tf32(True, "cuda", "none") is True  # --autocast none --tf32
+    assert resolve_tf32(False, "cuda", "bf16") is False  # --no-tf32
+    assert resolve_tf32(None, "cpu", "none") is False and resolve_tf32(True, "cpu", "bf16") is False
+
+
+@pytest.mark.parametrize(
+    "requested, affinity, quota, local_world, cuda, want",
+    [
+        ("auto", 96, None, 8, True, 8),  # 8-GPU node: 12 cores per process, capped at 8
+        ("auto", 32, None, 8, True, 3),  # 4 cores per process: one left to the main process
+        ("auto", 64, 16.0, 4, True, 3),  # a cgroup quota of 16 CPUs over 4 ranks
+        ("auto", 8, None, 1, False, 4),  # the CPU: half the cores decode, the forward needs the rest
+        ("auto", 2, None, 2, False, 0),  # one core per process on the CPU: load in the main process
+        (-1, 16, None, 1, True, 8),  # -1 is auto
+        ("3", 96, None, 8, True, 3),  # explicit wins (a dotted override arrives as text)
+        (0, 96, None, 8, True, 0),
+    ],
+)
+def test_workers_auto_fitted_to_cores_per_process(requested, affinity, quota, local_world, cuda, want):
+    cores, _ = rs.cores_per_process(affinity, quota, local_world)
+    workers = rs.workers_setting(requested)
+    assert (rs.auto_workers(cores, cuda) if workers == -1 else workers) == want
+
+
+def test_workers_setting_refuses_what_is_not_a_count():
+    for bad in ("many", -2, 1.5, True, "-3"):
+        with pytest.raises(ValueError, match="DataLoader workers must be a number >= 0 .* or auto"):
+            rs.workers_setting(bad, "data.num_workers")
+
+
+def test_stage2_num_workers_defaults_to_auto_and_is_checked(machine, monkeypatch):
+    from tipsdistill.distill.config import TrainConfig
+
+    cfg = TrainConfig()
+    assert cfg.data.num_workers == "auto"
+    machine(cpus=16, idle=16.0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    p = rs.fit_threads(workers=cfg.data.num_workers, cuda=True)  # what distill.train does at start
+    assert (p.workers, p.cpus) == (3, 4) and "workers auto" in p.line() and "4 local ranks" in p.line()
+    cfg.data.num_workers = "lots"
+    with pytest.raises(ValueError, match="data.num_workers='lots'"):
+        cfg.validate()
+
+
+def test_evaluation_picks_the_gpu_when_there_is_one(monkeypatch):
+    """tipsdistill-eval's --device auto, and stage 2's rank device (which eval.every evaluates on)."""
+    from tipsdistill.distill import train
+    from tipsdistill.scripts.evaluate import resolve_device
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    assert resolve_device("auto") == ("cuda", False)
+    assert train.device_for_rank() == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == ("cpu", False)
+    assert train.device_for_rank() == torch.device("cpu")

@@ -39,6 +39,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,8 @@ def git_revision() -> str:
         return "unknown"
 
 
-def keys_digest(keys: list[str]) -> str:
+def keys_digest(keys: Iterable[str]) -> str:
+    """SHA-1 of the keys in order (each UTF-8, NUL-terminated); read once, in order, never held."""
     h = hashlib.sha1()
     for k in keys:
         h.update(k.encode("utf-8", "surrogateescape"))

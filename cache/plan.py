@@ -14,9 +14,10 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch.utils.data import Dataset
@@ -53,7 +54,45 @@ def _dataset_identity(ds: Dataset, spec: str, kwargs: dict[str, Any]) -> dict[st
     return {"spec": spec, "kwargs": json.loads(json.dumps(kwargs, default=str)), "len": len(ds)}
 
 
-def _dataset_keys(ds: Dataset) -> list[str]:
+class DatasetKeys(Sequence[str]):
+    """The keys of a dataset that reads them from flat arrays (``dataset.keys_range(start, stop)``: a
+    webdataset's shard index, :class:`cache.shards.WebDatasetShards`), made on demand: a rank holds the
+    keys of its own shard while it creates and finalises it, never the whole dataset's as Python strings
+    (about 100 bytes a key). Iteration (the keys' digest) reads :data:`CHUNK` keys at a time."""
+
+    CHUNK = 65536
+
+    def __init__(self, dataset: Any) -> None:
+        self._ds, self._n = dataset, len(dataset)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self._n)
+            if step == 1:
+                return self._ds.keys_range(start, max(start, stop))
+            return [self[j] for j in range(start, stop, step)]
+        j = i + self._n if i < 0 else i
+        if not 0 <= j < self._n:
+            raise IndexError(f"key {i} of a dataset of {self._n}")
+        return self._ds.keys_range(j, j + 1)[0]
+
+    def __iter__(self) -> Iterator[str]:
+        for a in range(0, self._n, self.CHUNK):
+            yield from self._ds.keys_range(a, min(self._n, a + self.CHUNK))
+
+
+def _dataset_keys(ds: Dataset) -> Sequence[str]:
+    """The dataset's keys: read on demand for a dataset with flat key arrays (:class:`DatasetKeys`),
+    else ``keys()`` (or ``"0"``, ``"1"``, ...) as a list."""
+    if hasattr(ds, "keys_range"):
+        return DatasetKeys(ds)
     if hasattr(ds, "keys"):
         keys = [str(k) for k in ds.keys()]
         if len(keys) != len(ds):
@@ -76,7 +115,7 @@ class ShardPlan:
     out_dir: Path
     rank: int
     world: int
-    keys: list[str]
+    keys: Sequence[str]  # a list, or read on demand from the dataset's index (:class:`DatasetKeys`)
     start: int
     count: int
     size: tuple[int, int]
@@ -104,8 +143,8 @@ class ShardPlan:
 
     @property
     def shard_keys(self) -> list[str]:
-        """The keys of this shard's rows."""
-        return self.keys[self.start : self.start + self.count]
+        """The keys of this shard's rows (a new list)."""
+        return list(self.keys[self.start : self.start + self.count])
 
     def reduction_names(self) -> list[str]:
         """The token features stored as PCA coefficients (``patch``, and ``value_patch`` when stored)."""

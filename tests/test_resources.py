@@ -155,3 +155,23 @@ def test_evaluation_picks_the_gpu_when_there_is_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == ("cpu", False)
     assert train.device_for_rank() == torch.device("cpu")
+
+
+def test_stage2_loader_built_directly_fits_auto_workers(machine, monkeypatch):
+    """A ``_Loader`` built outside ``train()`` (benchmarks, tests) resolves ``data.num_workers=auto`` itself."""
+    from types import SimpleNamespace
+
+    from tipsdistill.distill.train import _Loader
+
+    class Order:
+        def order(self) -> list[int]:
+            return list(range(8))
+
+        def endless(self, batch: int):
+            return iter(range(8))
+
+    machine(cpus=4, idle=4.0)
+    data = SimpleNamespace(batch_size=4, num_workers="auto", prefetch_factor=2)
+    cfg = SimpleNamespace(data=data, cache=SimpleNamespace(prefetch=0))
+    loader = _Loader(list(range(8)), Order(), cfg)
+    assert loader._dl.num_workers == 2  # the CPU: half of the 4 cores

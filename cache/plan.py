@@ -231,15 +231,12 @@ def resolve_tf32(requested: bool | None, device_type: str, autocast: str) -> boo
 
 
 def apply_tf32(enabled: bool) -> None:
-    """Set CUDA's float32 matmul and cuDNN convolution precision for this process: ``tf32`` or ``ieee``
-    (cuDNN convolutions default to TF32 in torch; ``ieee`` makes the float32 path exact)."""
-    backends = torch.backends
-    if hasattr(backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
-        backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
-    else:  # pragma: no cover - older torch
-        backends.cuda.matmul.allow_tf32 = enabled
-        backends.cudnn.allow_tf32 = enabled
+    """Set CUDA's float32 matmul and cuDNN convolution precision for this process: TF32 or IEEE float32
+    (cuDNN convolutions default to TF32 in torch; off makes the float32 path exact). Through the API every
+    torch version reads back (``set_float32_matmul_precision``, ``cudnn.allow_tf32``): setting torch 2.9's
+    ``fp32_precision`` would make any later read of ``allow_tf32`` (other libraries) raise."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def _resolve_runtime(config: CacheConfig, state: LaunchState) -> tuple[CacheConfig, torch.device]:

@@ -175,3 +175,17 @@ def test_stage2_loader_built_directly_fits_auto_workers(machine, monkeypatch):
     cfg = SimpleNamespace(data=data, cache=SimpleNamespace(prefetch=0))
     loader = _Loader(list(range(8)), Order(), cfg)
     assert loader._dl.num_workers == 2  # the CPU: half of the 4 cores
+
+
+def test_apply_tf32_sets_what_every_library_reads_back():
+    from tipsdistill.cache.plan import apply_tf32
+
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    try:
+        apply_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        apply_tf32(False)  # --autocast none: IEEE float32, cuDNN's TF32 default turned off too
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]

@@ -2,7 +2,7 @@
 
 Written next to the cache (``cache_config.json``) and recorded in every shard's ``config`` attribute.
 Stage 1 never changes a config in place: ``cache.plan`` resolves its automatic values (threads,
-workers, autocast) into a new copy held by the frozen :class:`cache.plan.ShardPlan`.
+workers, autocast, TF32) into a new copy held by the frozen :class:`cache.plan.ShardPlan`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,11 @@ class CacheConfig:
     queue_size: int = 4
     flush_interval_s: float = 2.0
     device: str | None = None  # default accelerate's device for this process (cuda:LOCAL_RANK, else cpu)
-    autocast: str = "auto"  # auto (accelerate's mixed precision) | none | bf16 | fp16 (CUDA only)
+    # the teacher's precision on CUDA (cache.plan.resolve_autocast): auto is accelerate's mixed precision
+    # when it says bf16/fp16, else bf16 on a GPU that has it, float32 on the CPU; none: float32
+    autocast: str = "auto"  # auto | none | bf16 | fp16 (CUDA only)
+    # TF32 matmuls and convolutions on CUDA (cache.plan.resolve_tf32); None: on unless autocast is none
+    tf32: bool | None = None
     min_side: int | None = None  # images with a shorter side are skipped; default one patch
     # images with more pixels are skipped before they are decoded (too_large); None: Pillow's
     # Image.MAX_IMAGE_PIXELS (cache.datasets.pixel_cap), 0: no cap
@@ -68,6 +72,9 @@ class CacheConfig:
     worker_start: str = "forkserver"  # DataLoader workers: forkserver | spawn never inherit the shard / lock
     fsync: bool = True  # fsync features before their done flags (survives a machine crash, not only a kill)
     lock_wait_s: float = 30.0  # a dead run's leftover processes holding the shard lock: wait this long
+    # several ranks: how long a rank looks for rank 0's check file in --out before it says --out is not
+    # shared by every node (cache.launch.check_shared_out); an NFS client may take up to a minute
+    shared_out_wait_s: float = 60.0
     repair: bool = (
         False  # check every done sample's checksum first; repair a damaged shard, keeping intact samples
     )
@@ -99,5 +106,7 @@ class CacheConfig:
             )
         if self.autocast not in AUTOCASTS:
             raise ValueError(f"autocast must be one of {AUTOCASTS}, got {self.autocast!r}")
+        if self.shared_out_wait_s < 0:
+            raise ValueError(f"shared_out_wait_s must be >= 0 seconds, got {self.shared_out_wait_s}")
         if self.worker_start not in WORKER_STARTS:
             raise ValueError(f"worker_start must be one of {WORKER_STARTS}, got {self.worker_start!r}")

@@ -39,6 +39,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,8 @@ def git_revision() -> str:
         return "unknown"
 
 
-def keys_digest(keys: list[str]) -> str:
+def keys_digest(keys: Iterable[str]) -> str:
+    """SHA-1 of the keys in order (each UTF-8, NUL-terminated); read once, in order, never held."""
     h = hashlib.sha1()
     for k in keys:
         h.update(k.encode("utf-8", "surrogateescape"))
@@ -492,9 +494,11 @@ def check_resume(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> 
                 diff = sorted(x for x in set(a) | set(b) if a.get(x) != b.get(x))
                 a = {x: a.get(x) for x in diff}
                 b = {x: b.get(x) for x in diff}
+            # --autocast auto is bf16 on CUDA: a float32 cache ("off") resumes with --autocast none
+            hint = f" (--autocast {'none' if a == 'off' else a})" if k == "autocast" else ""
             raise ValueError(
                 f"refusing to resume {path}: {k} differs: the cache has {a!r}, this run has {b!r}. "
-                f"Write to another output directory (--out), or rerun with the cache's settings."
+                f"Write to another output directory (--out), or rerun with the cache's settings{hint}."
             )
 
 

@@ -9,6 +9,9 @@
 - :func:`launch_state` is stage 1's use of it: the place plus the device and mixed precision from
   accelerate's state, or, with ``RANK``/``WORLD_SIZE`` and no ``MASTER_ADDR``, independent jobs (one
   shard each, no process group).
+- :func:`check_shared_out`: stage 1's ranks meet through files in ``--out`` (rank 0 waits for every
+  shard before the index, the others for rank 0's PCA basis), so ``--out`` must be one folder every
+  node sees; checked at start, before any rank waits on another's file.
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
+import socket
+import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -195,4 +202,82 @@ def launch_state() -> LaunchState:
         )
     return LaunchState(
         rank=place.rank, world=place.world, local_rank=place.local_rank, device=acc.device, mixed_precision=mp
+    )
+
+
+SHARED_OUT_CHECK = ".shared_out_check"  # rank 0's token in --out, read by every other rank at start
+
+
+class SharedOutError(RuntimeError):
+    """A rank cannot see the files rank 0 writes into ``--out`` (no shared filesystem path)."""
+
+
+def node_label(environ: Mapping[str, str] | None = None) -> str:
+    """This process's node for messages: the host name and, under a launcher, the node rank
+    (torchrun's ``GROUP_RANK``, SLURM's ``NODE_RANK``): ``gpu-003 (node 1)``."""
+    env = os.environ if environ is None else environ
+    node = env.get("GROUP_RANK") or env.get("NODE_RANK")
+    return socket.gethostname() + (f" (node {node})" if node else "")
+
+
+def _sees_token(path: Path, token: str, wait_s: float) -> bool:
+    """Whether ``path`` holds ``token`` within ``wait_s`` seconds (polled; listing the folder first
+    makes an NFS client revalidate its cached view of it, so a new file shows without waiting for
+    the attribute cache to expire)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if path.name in os.listdir(path.parent) and path.read_text().strip() == token:
+                return True
+        except OSError:  # the folder or the file not there (yet), or being replaced
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+def check_shared_out(out_dir: Path, given: str, rank: int, world: int, wait_s: float) -> None:
+    """Every rank of a process group must see the same ``--out`` folder (module docstring): rank 0
+    writes a fresh token into ``out_dir/.shared_out_check`` and sends it to every rank (a collective of
+    ``torch.distributed``, the one stage 1 makes); each rank looks for the file holding it for up to
+    ``wait_s`` seconds, then all share what they saw. When any rank did not see it, every rank raises
+    :class:`SharedOutError` naming the ranks, their nodes and the paths they looked at, so no rank
+    waits for files that never come. ``given``: ``--out`` as the user wrote it (a relative path is
+    named as the likely cause). Nothing to check for one process or without a process group."""
+    import torch.distributed as dist
+
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    path = out_dir.resolve() / SHARED_OUT_CHECK
+    token: list[str | None] = [None]
+    if rank == 0:
+        token[0] = f"{secrets.token_hex(16)} {node_label()}"
+        tmp = path.with_name(f"{SHARED_OUT_CHECK}.{os.getpid()}.tmp")
+        tmp.write_text(token[0] + "\n")
+        os.replace(tmp, path)
+    dist.broadcast_object_list(token, src=0)
+    seen = rank == 0 or _sees_token(path, str(token[0]), wait_s)
+    mine = {"rank": rank, "node": node_label(), "path": str(path), "seen": seen}
+    everyone: list[dict[str, object] | None] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        path.unlink(missing_ok=True)
+    blind = [p for p in everyone if p is not None and not p["seen"]]
+    if not blind:
+        logger.info("--out %s: every one of the %d ranks sees rank 0's files", out_dir, world)
+        return
+    writer = next(p for p in everyone if p is not None and p["rank"] == 0)
+    who = "; ".join(f"rank {p['rank']} on {p['node']} looked for {p['path']}" for p in blind)
+    hint = (
+        f" --out {given!r} is a relative path: each node resolved it against its own working directory."
+        if not Path(given).expanduser().is_absolute()
+        else ""
+    )
+    raise SharedOutError(
+        f"--out must be one shared filesystem path seen by every node: rank 0 on {writer['node']} wrote "
+        f"{writer['path']}, and {len(blind)} of {world} ranks did not see it within {wait_s:g} s ({who}).{hint} "
+        "Rank 0 writes index.h5 from the shards every rank writes there, and the other ranks read the PCA "
+        "basis rank 0 writes there: give every node the same absolute path on a filesystem they all mount "
+        "(NFS, Lustre, GPFS, ...), or run one job per shard without a process group (docs/cache.md, "
+        '"Multi-node stage 1"). A slow shared filesystem: raise shared_out_wait_s'
     )

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch.utils.data import Dataset
@@ -37,11 +39,13 @@ from .format import (
     toolkit_version,
     weights_digest,
 )
-from .launch import MIXED_PRECISION_AUTOCAST, LaunchState, launch_state
+from .launch import MIXED_PRECISION_AUTOCAST, LaunchState, check_shared_out, launch_state
 from .locations import redact
 from .reduce import Reduction
 from .resources import apply_threads, fit_threads
 from .views import ViewSpec
+
+logger = logging.getLogger(__name__)
 
 
 def _dataset_identity(ds: Dataset, spec: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +54,45 @@ def _dataset_identity(ds: Dataset, spec: str, kwargs: dict[str, Any]) -> dict[st
     return {"spec": spec, "kwargs": json.loads(json.dumps(kwargs, default=str)), "len": len(ds)}
 
 
-def _dataset_keys(ds: Dataset) -> list[str]:
+class DatasetKeys(Sequence[str]):
+    """The keys of a dataset that reads them from flat arrays (``dataset.keys_range(start, stop)``: a
+    webdataset's shard index, :class:`cache.shards.WebDatasetShards`), made on demand: a rank holds the
+    keys of its own shard while it creates and finalises it, never the whole dataset's as Python strings
+    (about 100 bytes a key). Iteration (the keys' digest) reads :data:`CHUNK` keys at a time."""
+
+    CHUNK = 65536
+
+    def __init__(self, dataset: Any) -> None:
+        self._ds, self._n = dataset, len(dataset)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self._n)
+            if step == 1:
+                return self._ds.keys_range(start, max(start, stop))
+            return [self[j] for j in range(start, stop, step)]
+        j = i + self._n if i < 0 else i
+        if not 0 <= j < self._n:
+            raise IndexError(f"key {i} of a dataset of {self._n}")
+        return self._ds.keys_range(j, j + 1)[0]
+
+    def __iter__(self) -> Iterator[str]:
+        for a in range(0, self._n, self.CHUNK):
+            yield from self._ds.keys_range(a, min(self._n, a + self.CHUNK))
+
+
+def _dataset_keys(ds: Dataset) -> Sequence[str]:
+    """The dataset's keys: read on demand for a dataset with flat key arrays (:class:`DatasetKeys`),
+    else ``keys()`` (or ``"0"``, ``"1"``, ...) as a list."""
+    if hasattr(ds, "keys_range"):
+        return DatasetKeys(ds)
     if hasattr(ds, "keys"):
         keys = [str(k) for k in ds.keys()]
         if len(keys) != len(ds):
@@ -73,7 +115,7 @@ class ShardPlan:
     out_dir: Path
     rank: int
     world: int
-    keys: list[str]
+    keys: Sequence[str]  # a list, or read on demand from the dataset's index (:class:`DatasetKeys`)
     start: int
     count: int
     size: tuple[int, int]
@@ -101,8 +143,8 @@ class ShardPlan:
 
     @property
     def shard_keys(self) -> list[str]:
-        """The keys of this shard's rows."""
-        return self.keys[self.start : self.start + self.count]
+        """The keys of this shard's rows (a new list)."""
+        return list(self.keys[self.start : self.start + self.count])
 
     def reduction_names(self) -> list[str]:
         """The token features stored as PCA coefficients (``patch``, and ``value_patch`` when stored)."""
@@ -131,6 +173,8 @@ def plan_shard(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | 
     config, device = _resolve_runtime(config, state)
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # every rank must see the others' files in --out (rank 0's index and PCA basis): fail now, not later
+    check_shared_out(out_dir, config.out, state.rank, state.world, config.shared_out_wait_s)
     size = _as_size(config.image_size)
     assert size is not None
     teacher, teacher_spec = _resolve_teacher(config, teacher, device, size)
@@ -164,15 +208,59 @@ def plan_shard(config: CacheConfig, teacher: Teacher | None, dataset: Dataset | 
     return dataclasses.replace(plan, attrs=shard_attrs(plan, teacher_spec))
 
 
+def resolve_autocast(requested: str, device_type: str, mixed_precision: str, bf16_supported: bool) -> str:
+    """The teacher's autocast: ``none`` | ``bf16`` | ``fp16``. An explicit ``requested`` value wins;
+    ``auto`` is accelerate's mixed precision when it says ``bf16``/``fp16`` (``accelerate launch
+    --mixed_precision``, or its config file), else ``bf16`` on a CUDA device that supports it (Ampere
+    and later), else ``none`` (float32: the CPU, or an older GPU where fp16 could overflow)."""
+    if requested != "auto":
+        return requested
+    from_accelerate = MIXED_PRECISION_AUTOCAST[mixed_precision]
+    if from_accelerate != "none":
+        return from_accelerate
+    return "bf16" if device_type == "cuda" and bf16_supported else "none"
+
+
+def resolve_tf32(requested: bool | None, device_type: str, autocast: str) -> bool:
+    """Whether the teacher's float32 matmuls and convolutions may use TF32 (CUDA only: always ``False``
+    elsewhere). An explicit ``requested`` value wins; by default on, unless ``autocast`` is ``none``
+    (the float32 path then stays IEEE float32 end to end)."""
+    if device_type != "cuda":
+        return False
+    return requested if requested is not None else autocast != "none"
+
+
+def apply_tf32(enabled: bool) -> None:
+    """Set CUDA's float32 matmul and cuDNN convolution precision for this process: TF32 or IEEE float32
+    (cuDNN convolutions default to TF32 in torch; off makes the float32 path exact). Through the API every
+    torch version reads back (``set_float32_matmul_precision``, ``cudnn.allow_tf32``): setting torch 2.9's
+    ``fp32_precision`` would make any later read of ``allow_tf32`` (other libraries) raise."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def _resolve_runtime(config: CacheConfig, state: LaunchState) -> tuple[CacheConfig, torch.device]:
-    """The config with its automatic values resolved (autocast from accelerate, workers fitted to the
-    cores; threads set) and the device."""
-    if config.autocast == "auto":  # accelerate launch --mixed_precision (or its config file) decides
-        config = dataclasses.replace(config, autocast=MIXED_PRECISION_AUTOCAST[state.mixed_precision])
+    """The config with its automatic values resolved (autocast and TF32 for the device, workers fitted
+    to the cores; threads and TF32 set) and the device."""
     device = torch.device(config.device) if config.device else state.device
-    threads = fit_threads(workers=config.num_workers, threads=config.num_threads, cuda=device.type == "cuda")
+    cuda = device.type == "cuda"
+    autocast = resolve_autocast(
+        config.autocast, device.type, state.mixed_precision, cuda and torch.cuda.is_bf16_supported()
+    )
+    tf32 = resolve_tf32(config.tf32, device.type, autocast)
+    if cuda:
+        apply_tf32(tf32)
+    logger.info(
+        "teacher precision on %s: autocast %s (asked: %s; accelerate's mixed precision: %s), TF32 %s",
+        device,
+        autocast,
+        config.autocast,
+        state.mixed_precision,
+        "on" if tf32 else "off",
+    )
+    threads = fit_threads(workers=config.num_workers, threads=config.num_threads, cuda=cuda)
     apply_threads(threads)
-    return dataclasses.replace(config, num_workers=threads.workers), device
+    return dataclasses.replace(config, autocast=autocast, tf32=tf32, num_workers=threads.workers), device
 
 
 def _resolve_teacher(
@@ -290,6 +378,7 @@ def shard_attrs(plan: ShardPlan, teacher_spec: dict[str, Any] | None) -> dict[st
         "resize": config.resize,
         "min_side": int(plan.min_side),
         "autocast": "off" if config.autocast == "none" else config.autocast,  # ("none" reads back as None)
+        "tf32": bool(config.tf32),  # recorded, not compared: below float16 storage's own rounding
         "patch_size": int(teacher.patch_size),
         "grid": list(layout.grid),
         "dim": layout.dim,

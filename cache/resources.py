@@ -14,8 +14,9 @@ samples/s with one of two cores busy). :func:`fit_threads` decides, :func:`apply
   load) - the probe is skipped when ``probe_s=0``;
 - intra-op threads: the explicit setting (config / CLI) if given, else ``OMP_NUM_THREADS`` if set,
   else ``max(1, min(cpus, idle) - busy workers)``;
-- DataLoader workers: the explicit count if ``>= 0``; ``-1`` (auto): ``min(8, cpus - 1)`` with a GPU
-  (the main process only feeds the device), ``cpus // 2`` on the CPU (the forward needs the rest).
+- DataLoader workers: the explicit count if ``>= 0``; ``"auto"`` (or ``-1``): :func:`auto_workers`,
+  ``min(8, cpus - 1)`` with a GPU (the main process only feeds the device), ``cpus // 2`` on the CPU
+  (the forward needs the rest).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CGROUP = Path("/sys/fs/cgroup")
+AUTO_WORKERS_CAP = 8  # with a GPU: enough to decode for one device; more only adds memory per process
 
 
 def _cgroup_quota(root: Path = CGROUP) -> float | None:
@@ -56,20 +58,48 @@ def _affinity() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
-def available_cpus(local_world: int | None = None) -> tuple[int, str]:
-    """Cores this process may use and how that was found: affinity, cgroup quota, local ranks."""
-    aff = _affinity()
-    n = float(len(aff))
-    why = [f"affinity {len(aff)}"]
-    quota = _cgroup_quota()
+def cores_per_process(affinity: int, quota: float | None, local_world: int) -> tuple[int, str]:
+    """The cores of one process: ``affinity`` cores, capped by a cgroup ``quota`` (CPUs, ``None``: none),
+    shared by the node's ``local_world`` ranks (at least 1); and how that was found."""
+    n = float(affinity)
+    why = [f"affinity {affinity}"]
     if quota is not None and quota < n:
         n = quota
         why.append(f"cgroup quota {quota:g}")
-    lw = local_world if local_world is not None else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    if lw > 1:
-        n /= lw
-        why.append(f"{lw} local ranks")
+    if local_world > 1:
+        n /= local_world
+        why.append(f"{local_world} local ranks")
     return max(1, math.floor(n + 1e-9)), ", ".join(why)
+
+
+def available_cpus(local_world: int | None = None) -> tuple[int, str]:
+    """Cores this process may use and how that was found: affinity, cgroup quota, local ranks
+    (``LOCAL_WORLD_SIZE`` unless given)."""
+    lw = local_world if local_world is not None else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return cores_per_process(len(_affinity()), _cgroup_quota(), lw)
+
+
+def auto_workers(cpus: int, cuda: bool) -> int:
+    """DataLoader workers for a process with ``cpus`` cores: ``min(8, cpus - 1)`` with a GPU (the main
+    process only feeds the device), ``cpus // 2`` on the CPU (the forward needs the rest)."""
+    return max(0, min(AUTO_WORKERS_CAP, cpus - 1)) if cuda else cpus // 2
+
+
+def workers_setting(value: int | str, key: str = "num_workers") -> int:
+    """A workers setting as :func:`fit_threads` takes it: ``"auto"`` -> ``-1``, an integer ``>= -1`` as
+    is; anything else is refused naming ``key``."""
+    number: int | None = None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        number = -1 if text == "auto" else (int(text) if text.lstrip("-").isdigit() else None)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    if number is None or number < -1:
+        raise ValueError(
+            f"{key}={value!r}: DataLoader workers must be a number >= 0 (0: load in the main process) "
+            "or auto (-1: fitted to the cores of this process)"
+        )
+    return number
 
 
 def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]]:
@@ -126,21 +156,20 @@ class ThreadPlan:
 
 def fit_threads(
     *,
-    workers: int,
+    workers: int | str,
     threads: int = 0,
     cuda: bool = False,
     local_world: int | None = None,
     probe_s: float = 0.2,
 ) -> ThreadPlan:
-    """The thread plan for this process (module docstring). ``workers``: ``>= 0`` explicit, ``-1`` auto;
-    ``threads``: ``> 0`` explicit intra-op threads, ``0`` auto."""
-    if workers < -1 or threads < 0:
-        raise ValueError(
-            f"workers must be >= -1 (-1: auto) and threads >= 0 (0: auto); got {workers}, {threads}"
-        )
+    """The thread plan for this process (module docstring). ``workers``: ``>= 0`` explicit, ``"auto"``
+    or ``-1`` fitted (:func:`auto_workers`); ``threads``: ``> 0`` explicit intra-op threads, ``0`` auto."""
+    workers = workers_setting(workers, "workers")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0: auto); got {threads}")
     cpus, why = available_cpus(local_world)
     if workers == -1:
-        workers = min(8, cpus - 1) if cuda else cpus // 2
+        workers = auto_workers(cpus, cuda)
         why += "; workers auto"
     idle = idle_cpus(probe_s) if probe_s > 0 else None
     env = os.environ.get("OMP_NUM_THREADS", "").strip()

@@ -262,6 +262,21 @@ class ShardIndex:
         """The full key ``<shard>/<key>`` of sample ``i``."""
         return f"{self.shard_names[self.shard_of(i)]}/{self.inner_key(i)}"
 
+    def keys_range(self, start: int, stop: int) -> list[str]:
+        """The full keys ``<shard>/<key>`` of samples ``[start, stop)``, one decode per shard touched (the
+        only Python strings made are the ones returned)."""
+        out: list[str] = []
+        if stop <= start:
+            return out
+        first, last = self.shard_of(start), self.shard_of(stop - 1)
+        for s in range(first, last + 1):
+            a, b = max(start, int(self.shard_start[s])), min(stop, int(self.shard_start[s + 1]))
+            o = self.key_off[a : b + 1].tolist()
+            raw = self.key_bytes[o[0] : o[-1]].tobytes()
+            base, prefix = o[0], self.shard_names[s] + "/"
+            out += [prefix + raw[o[i] - base : o[i + 1] - base].decode("utf-8") for i in range(b - a)]
+        return out
+
     def caption(self, j: int, i: int) -> str | None:
         a, b = self.arrays[f"cap{j}_off"][i : i + 2].tolist()
         return self.arrays[f"cap{j}"][a:b].tobytes().decode("utf-8") if b > a else None

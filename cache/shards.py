@@ -316,15 +316,12 @@ class WebDatasetShards(Dataset):
         return self._ix.key(index)
 
     def keys(self) -> list[str]:
-        ix = self._ix
-        raw = bytes(ix.key_bytes)
-        off = ix.key_off
-        out: list[str] = []
-        for s, name in enumerate(self.shard_names):
-            a, b = int(ix.shard_start[s]), int(ix.shard_start[s + 1])
-            o = off[a : b + 1].tolist()
-            out += [f"{name}/{raw[o[i] : o[i + 1]].decode('utf-8')}" for i in range(b - a)]
-        return out
+        return self._ix.keys_range(0, self._n)
+
+    def keys_range(self, start: int, stop: int) -> list[str]:
+        """The keys of samples ``[start, stop)``, read from the index's flat arrays (stage 1 keeps no key
+        list: :class:`cache.plan.DatasetKeys`)."""
+        return self._ix.keys_range(start, stop)
 
     def index_of(self, keys: list[str]) -> np.ndarray:
         """The index of each key, -1 for keys not in these shards: ``(len(keys),)`` int64 (no key list built)."""

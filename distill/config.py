@@ -24,6 +24,7 @@ from tipsdistill.cache.config_layer import (
     parse_overrides,
 )
 from tipsdistill.cache.format import git_revision
+from tipsdistill.cache.resources import workers_setting
 from tipsdistill.students.heads import HEAD_WEIGHT_INITS
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ class DataConfig:
     ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
     flip: bool = True
     batch_size: int = 32  # per process, per micro step
-    num_workers: int = 2
+    # DataLoader workers per process; auto: fitted to the cores this process may use (affinity, cgroup
+    # quota, divided among the node's ranks: cache.resources.auto_workers), logged at start
+    num_workers: int | str = "auto"
     prefetch_factor: int = 2
     granularities: list[str] = field(default_factory=lambda: ["alt", "short", "detailed"])
 
@@ -296,6 +299,7 @@ class TrainConfig:
         for key, val, ok in checks:
             if val not in ok:
                 raise ValueError(f"config {key}={val!r} is invalid; choose one of {list(ok)}")
+        workers_setting(self.data.num_workers, "config data.num_workers")  # a number >= 0, or auto
         if self.teacher.source == "cache" and not self.cache.path and not self.multi_teacher:
             raise ValueError("teacher.source=cache needs cache.path=<path to the stage-1 cache>")
         if ":" in self.teacher.name:  # teacher.name=timm:MODEL, the one teacher spec (cache.config_layer)

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from tipsdistill.cache import open_cache
 from tipsdistill.cache.format import cache_identity
 from tipsdistill.cache.launch import process_place
-from tipsdistill.cache.resources import apply_threads, fit_threads
+from tipsdistill.cache.resources import apply_threads, fit_threads, workers_setting
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict, save_resolved
@@ -281,7 +281,9 @@ class _Loader:
                 f"dataset has {len(dataset)} samples ({len(sampler.order())} per rank), fewer than one batch "
                 f"(data.batch_size={self.batch}); lower the batch size or add data"
             )
-        nw = cfg.data.num_workers
+        nw = workers_setting(cfg.data.num_workers, "data.num_workers")
+        if nw < 0:  # auto, not resolved by train() (a loader built directly): fitted now
+            nw = fit_threads(workers=nw, cuda=torch.cuda.is_available(), probe_s=0).workers
         # one loader for the whole run: with workers they persist across epochs; the sampler (main
         # process) carries the epoch and the resume position, the items carry (epoch, index)
         self.per_epoch = len(sampler.order())
@@ -404,7 +406,7 @@ def train(
     import deepspeed
 
     device = device_for_rank()
-    # intra-op threads (and data.num_workers=-1) fitted to the cores this process may use (cache/resources.py)
+    # intra-op threads (and data.num_workers=auto) fitted to the cores this process may use (cache/resources.py)
     threads = fit_threads(
         workers=cfg.data.num_workers, threads=cfg.engine.cpu_threads, cuda=device.type == "cuda"
     )

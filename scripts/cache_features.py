@@ -166,7 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--autocast",
         choices=["auto", "none", "bf16", "fp16"],
-        help="teacher autocast on CUDA; default auto: accelerate's mixed precision (accelerate launch --mixed_precision)",
+        help="teacher autocast on CUDA; default auto: accelerate's mixed precision when it is bf16/fp16 "
+        "(accelerate launch --mixed_precision), else bf16 on a GPU (float32 on the CPU); none: float32",
+    )
+    p.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TF32 matmuls and convolutions on CUDA (default: on unless --autocast none)",
     )
     p.add_argument("--min-side", type=int, help="skip images with a shorter side (default: one patch)")
     p.add_argument(

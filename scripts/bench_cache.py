@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--index-samples", type=int, default=10_000_000, help="samples of the synthetic index of (6)"
     )
     p.add_argument("--shard-images", type=int, default=512, help="images in the local / HTTP shards of (6)")
-    p.add_argument("--order-shards", type=int, default=96, help="shards of (7)")
-    p.add_argument("--order-per-shard", type=int, default=32, help="images per shard of (7)")
+    p.add_argument("--order-shards", type=int, default=160, help="shards of (7) (more than the 64 kept open)")
+    p.add_argument("--order-per-shard", type=int, default=16, help="images per shard of (7)")
     p.add_argument("--order-window", type=int, default=4, help="data.shard_window of (7)")
     p.add_argument(
         "--sections",
@@ -1025,8 +1025,8 @@ def measure_shard_order(args: argparse.Namespace, out: Path) -> None:
               f"{per} JPEGs 256x256 (~{kib} KiB), one epoch through a DataLoader (batch {batch}, items read and "
               f"decoded), local files vs HTTP Range requests on loopback; samples/s after the first batch, median of "
               f"{reps} epochs; tar opens and shard switches per 1,000 samples summed over the reading processes "
-              f"(a worker keeps at most {MAX_OPEN_SHARDS} tar files open, the oldest closed first; over HTTP an "
-              "'open' is a process's first request to a shard, every read is one Range request)")  # fmt: skip
+              f"(a process keeps at most {MAX_OPEN_SHARDS} tar files open, the oldest closed first; over HTTP no file is "
+              "opened: every read is one Range request)")  # fmt: skip
         print("| where | workers | order | samples/s | tar opens /1000 | shard switches /1000 | files held (max) | "
               "HTTP requests/sample | shards/global samples/s |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
         for place, ds in places.items():
@@ -1041,8 +1041,9 @@ def measure_shard_order(args: argparse.Namespace, out: Path) -> None:
                 for name, m in got.items():
                     ratio = f"{got['shards']['sps'] / got['global']['sps']:.2f}" if name == "shards" else ""
                     held = f"{m['held']:.0f}" if place == "local" else "-"
+                    opens = f"{m['opens']:.1f}" if place == "local" else "-"
                     req = f"{m['req']:.2f}" if place == "HTTP" else "-"
-                    print(f"| {place} | {workers} | {name} | {m['sps']:.0f} | {m['opens']:.1f} | {m['switches']:.0f} | "
+                    print(f"| {place} | {workers} | {name} | {m['sps']:.0f} | {opens} | {m['switches']:.0f} | "
                           f"{held} | {req} | {ratio} |")  # fmt: skip
         big, big_per = 1243, 10_000  # CC12M as img2dataset writes it
         print(f"# at scale (computed, not measured): {big:,} shards of {big_per:,} samples, per reading process, "

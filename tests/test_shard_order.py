@@ -181,6 +181,24 @@ def test_a_source_without_shards_is_one_shard(caplog):
     assert sorted(s.order(0)) == list(range(10)) and "has no shards" in caplog.text
 
 
+def test_table_files_are_shards_through_the_cached_subset(tmp_path):
+    """``parquet:`` over a folder of files (img2dataset's parquet output): each file is a shard; the cache's
+    samples (a :class:`CachedSubset`, in the cache's order) keep their file's shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tipsdistill.cache.dataset_spec import CachedSubset
+    from tipsdistill.cache.tables import TableDataset
+
+    for s, n in enumerate([3, 5, 2]):
+        rows = {"jpg": [_tiny_jpeg()] * n, "caption": [f"caption {s} {i}" for i in range(n)]}
+        pq.write_table(pa.table(rows), tmp_path / f"{s:05d}.parquet")
+    table = TableDataset(str(tmp_path), image_field="jpg")
+    assert table.shard_of(np.arange(10)).tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 2, 2]
+    cached = CachedSubset(table, ["00002.parquet/1", "00000.parquet/0", "00001.parquet/1"])
+    assert cached.shard_of(np.arange(3)).tolist() == [2, 0, 1]
+
+
 # --------------------------------------------------------------------------- stage 2 from a webdataset cache
 @pytest.fixture(scope="module")
 def wds_cache(tmp_path_factory) -> tuple[Path, dict]:

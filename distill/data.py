@@ -547,25 +547,27 @@ class ShardSampler(ResumableSampler):
         super().__init__(len(labels), rank=rank, world=world, seed=seed, shuffle=shuffle)
         self.window = int(window)
         _, dense = np.unique(labels, return_inverse=True)  # labels -> 0..S-1
-        dense = torch.from_numpy(dense.astype(np.int64).reshape(-1))
+        dense = dense.reshape(-1)
         self.num_shards = int(dense.max()) + 1 if len(dense) else 0
-        by_shard = torch.sort(dense, stable=True)
-        self._members = by_shard.indices  # samples grouped by shard, dataset order within a shard
-        self._sizes = torch.bincount(dense, minlength=self.num_shards)  # (S,)
+        self._members = np.argsort(dense, kind="stable")  # samples grouped by shard, dataset order within
+        self._sizes = np.bincount(dense, minlength=self.num_shards)  # (S,)
+        self._starts = np.concatenate(
+            [[0], np.cumsum(self._sizes)]
+        )  # shard s: _members[_starts[s]:_starts[s+1]]
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
-            return self._members.clone()
-        g = torch.Generator().manual_seed(sample_seed(self.seed, 7778, epoch))
-        shard_perm = torch.randperm(self.num_shards, generator=g)
-        window_of_shard = torch.empty(self.num_shards, dtype=torch.int64)
-        window_of_shard[shard_perm] = torch.arange(self.num_shards) // self.window
-        # every sample's window, in the grouped order; a random order of the samples, then a stable sort
-        # by window: the windows in turn, each one's samples uniformly shuffled
-        window = torch.repeat_interleave(window_of_shard, self._sizes)
-        shuffled = torch.randperm(self.n, generator=g)
-        by_window = torch.sort(window[shuffled], stable=True).indices
-        return self._members[shuffled[by_window]]
+            return torch.from_numpy(self._members.copy())
+        rng = np.random.default_rng(sample_seed(self.seed, 7778, epoch))
+        shard_perm = rng.permutation(self.num_shards)
+        order = np.concatenate([self._members[self._starts[s] : self._starts[s + 1]] for s in shard_perm])
+        ends = np.cumsum(self._sizes[shard_perm])  # where each shard of the permutation ends in ``order``
+        lo = 0
+        for w in range(self.window - 1, self.num_shards + self.window - 1, self.window):
+            hi = int(ends[min(w, self.num_shards - 1)])
+            rng.shuffle(order[lo:hi])  # a window: its shards' samples shuffled together, in place
+            lo = hi
+        return torch.from_numpy(order)
 
 
 def build_sampler(

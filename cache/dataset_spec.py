@@ -219,6 +219,13 @@ class CachedSubset(Dataset):
     def keys(self) -> list[str]:
         return list(self._keys)
 
+    def shard_of(self, indices: np.ndarray) -> np.ndarray | None:
+        """The source's shard of each item of ``indices`` (its ``shard_of``), ``None`` when it has no shards."""
+        shard_of = getattr(self.source, "shard_of", None)
+        if not callable(shard_of):
+            return None
+        return shard_of(np.asarray(self._index, np.int64)[np.asarray(indices, np.int64)])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.source[self._index[index]]
 

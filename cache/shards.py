@@ -327,6 +327,11 @@ class WebDatasetShards(Dataset):
         """The index of each key, -1 for keys not in these shards: ``(len(keys),)`` int64 (no key list built)."""
         return self._ix.index_of(keys)
 
+    def shard_of(self, indices: np.ndarray) -> np.ndarray:
+        """The shard (index into :attr:`paths`) of each sample of ``indices``: ``(len(indices),)`` int64,
+        from the index's shard bounds (stage 2's shard-aware order, ``data.order=shards``)."""
+        return np.searchsorted(self._ix.shard_start, np.asarray(indices, np.int64), side="right") - 1
+
     @property
     def caption_problems(self) -> list[str]:
         return [p["message"] for p in self.problems]

@@ -469,6 +469,12 @@ class TableDataset(_Rows):
         s = int(np.searchsorted(self._start, index, side="right")) - 1
         return s, index - int(self._start[s])
 
+    def shard_of(self, indices: Any) -> Any:
+        """The table file (shard) of each row of ``indices``, ``(len(indices),)`` int64 (``data.order=shards``)."""
+        import numpy as np
+
+        return np.searchsorted(self._start, np.asarray(indices, np.int64), side="right") - 1
+
     def _row_key(self, index: int) -> str:
         s, r = self._locate(index)
         return f"{self.shard_names[s]}/{r}"

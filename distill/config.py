@@ -29,6 +29,8 @@ from tipsdistill.students.heads import HEAD_WEIGHT_INITS
 
 logger = logging.getLogger(__name__)
 
+DATA_ORDERS = ("global", "shards")  # data.order (distill.data.build_sampler)
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
@@ -90,6 +92,10 @@ class TeacherEntry:
 class DataConfig:
     dataset: str = ""  # "" = the one the cache recorded; else a name or spec (cache.dataset_spec)
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+    # sample order of each epoch: "global" (one permutation of all samples) or "shards" (a permutation of the
+    # shards, then the samples of shard_window shards at a time shuffled together: few tar files open)
+    order: str = "global"
+    shard_window: int = 4
     image_size: int = 224  # global crop, student side
     local_crops: int = 6
     local_size: int = 98
@@ -295,6 +301,7 @@ class TrainConfig:
             ("engine.zero_stage", self.engine.zero_stage, (0, 1, 2, 3)),
             ("checkpoint.export", self.checkpoint.export, ("auto", "student", "ema")),
             ("head.weight_init", self.head.weight_init, HEAD_WEIGHT_INITS),
+            ("data.order", self.data.order, DATA_ORDERS),
         ]
         for key, val, ok in checks:
             if val not in ok:
@@ -349,6 +356,11 @@ class TrainConfig:
         if not 0.0 < self.loss.mask_prob <= 1.0:
             raise ValueError(
                 f"loss.mask_prob={self.loss.mask_prob} must be in (0, 1]; for no masking set loss.mask_ratio=0"
+            )
+        if self.data.shard_window < 1:
+            raise ValueError(
+                f"config data.shard_window={self.data.shard_window} must be >= 1 (the shards whose samples "
+                "data.order=shards shuffles together; 1 = one shard at a time)"
             )
         if self.steps < 1 or self.data.batch_size < 1 or self.optim.accum_steps < 1:
             raise ValueError("steps, data.batch_size and optim.accum_steps must be >= 1")

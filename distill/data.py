@@ -35,7 +35,7 @@ from tipsdistill.cache import FeatureCache
 from tipsdistill.cache.datasets import resize_image
 from tipsdistill.cache.views import apply_view
 
-from .config import DataConfig
+from .config import DATA_ORDERS, DataConfig
 from .masking import random_mask
 
 logger = logging.getLogger(__name__)
@@ -476,16 +476,18 @@ class ResumableSampler(Sampler[tuple[int, int]]):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = int(epoch), int(start)
 
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The epoch's order of all ``n`` samples, ``(n,)`` int64, the same for every rank and world size."""
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(sample_seed(self.seed, 7777, epoch))
+        return torch.randperm(self.n, generator=g)
+
     def order(self, epoch: int | None = None) -> list[int]:
         """This rank's sample order in ``epoch`` (default: the current one); thread-safe (no state)."""
         epoch = self.epoch if epoch is None else int(epoch)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, 7777, epoch))
-            perm = torch.randperm(self.n, generator=g).tolist()
-        else:
-            perm = list(range(self.n))
         per_rank = self.n // self.world
-        return perm[: per_rank * self.world][self.rank :: self.world]
+        return self.permutation(epoch)[: per_rank * self.world][self.rank :: self.world].tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.endless_batch:
@@ -502,6 +504,111 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return self.n // self.world - self.start
+
+
+class ShardSampler(ResumableSampler):
+    """:class:`ResumableSampler` in a shard-aware order (``data.order=shards``): few tar files per stretch.
+
+    Per epoch (seeded by ``(seed, epoch)``): a permutation of the shards; the shards of that permutation
+    taken ``window`` at a time; the samples of each window (all the samples of its shards) shuffled among
+    themselves; the windows one after the other. Any stretch of the epoch then reads at most ``window``
+    shards (``2 * window`` across a window's edge), where the global permutation reads a different shard
+    for almost every sample. Mixing: a batch holds samples of those few shards only. Memory: 8 bytes per
+    sample (the samples grouped by shard); an epoch's order costs about 0.6 s at 10M samples.
+
+    Everything else is :class:`ResumableSampler`'s: the epoch's order is world-size independent and split
+    ``rank::world`` after dropping its last ``n % world`` samples, so every rank has ``n // world`` samples,
+    no sample is seen twice in an epoch, the ranks' ``k``-th batches together are the ``k``-th batch of a
+    single process, and a run resumed at ``(epoch, start)`` (or on another world size,
+    :mod:`distill.reshard`) continues the same sequence.
+
+    Args:
+        shards: the shard of each sample, ``(n,)`` ints (any labels; samples of one label are one shard);
+            within a shard the samples keep their dataset order until the window shuffle.
+        window: shards per window (>= 1; 1 is wids' ``ShardedSampler``: one shard at a time).
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[int] | np.ndarray,
+        *,
+        window: int = 4,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        labels = np.asarray(shards)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"shards must be one integer label per sample, got {labels.dtype} {labels.shape}"
+            )
+        if int(window) < 1:
+            raise ValueError(f"data.shard_window={window} must be >= 1 (shards shuffled together)")
+        super().__init__(len(labels), rank=rank, world=world, seed=seed, shuffle=shuffle)
+        self.window = int(window)
+        _, dense = np.unique(labels, return_inverse=True)  # labels -> 0..S-1
+        dense = dense.reshape(-1)
+        self.num_shards = int(dense.max()) + 1 if len(dense) else 0
+        self._members = np.argsort(dense, kind="stable")  # samples grouped by shard, dataset order within
+        self._sizes = np.bincount(dense, minlength=self.num_shards)  # (S,)
+        # shard s holds the samples _members[_starts[s] : _starts[s + 1]]
+        self._starts = np.concatenate([[0], np.cumsum(self._sizes)])
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.from_numpy(self._members.copy())
+        rng = np.random.default_rng(sample_seed(self.seed, 7778, epoch))
+        shard_perm = rng.permutation(self.num_shards)
+        order = np.concatenate([self._members[self._starts[s] : self._starts[s + 1]] for s in shard_perm])
+        ends = np.cumsum(self._sizes[shard_perm])  # where each shard of the permutation ends in ``order``
+        lo = 0
+        for w in range(self.window - 1, self.num_shards + self.window - 1, self.window):
+            hi = int(ends[min(w, self.num_shards - 1)])
+            rng.shuffle(order[lo:hi])  # a window: its shards' samples shuffled together, in place
+            lo = hi
+        return torch.from_numpy(order)
+
+
+def build_sampler(
+    dataset: Any, data_cfg: DataConfig, *, rank: int = 0, world: int = 1, seed: int = 0
+) -> ResumableSampler:
+    """Stage 2's sampler for ``data.order``: ``global`` (:class:`ResumableSampler`, one permutation of all
+    samples) or ``shards`` (:class:`ShardSampler` over the shards of ``dataset``'s source,
+    ``data.shard_window`` at a time). A source without shards (a folder, a synthetic set) is one shard:
+    ``shards`` is then a full shuffle, logged."""
+    order = data_cfg.order
+    if order not in DATA_ORDERS:
+        raise ValueError(f"config data.order={order!r} is invalid; choose one of {list(DATA_ORDERS)}")
+    if order == "global":
+        return ResumableSampler(len(dataset), rank=rank, world=world, seed=seed)
+    shards = dataset_shards(dataset)
+    if shards is None:
+        logger.info(
+            "data.order=shards: the source (%s) has no shards; all its samples are one shard, so the order is a "
+            "full shuffle (as data.order=global mixes)",
+            type(getattr(dataset, "source", dataset)).__name__,
+        )
+        shards = np.zeros(len(dataset), np.int64)
+    sampler = ShardSampler(shards, window=data_cfg.shard_window, rank=rank, world=world, seed=seed)
+    logger.info(
+        "data.order=shards: %d samples in %d shards, %d shard(s) per window",
+        sampler.n,
+        sampler.num_shards,
+        sampler.window,
+    )
+    return sampler
+
+
+def dataset_shards(dataset: Any) -> np.ndarray | None:
+    """The shard of each item of a :class:`DistillDataset`, ``(len(dataset),)`` int64, from its source's
+    ``shard_of`` (webdataset tars, table files); ``None`` when the source has none."""
+    source = getattr(dataset, "source", dataset)
+    shard_of = getattr(source, "shard_of", None)
+    if not callable(shard_of):
+        return None
+    index = np.asarray(getattr(dataset, "src_index", range(len(dataset))), np.int64)
+    return shard_of(index)
 
 
 HOST_KEYS = ("t_ratio", "t_view")  # per-sample ints the training process needs on the host

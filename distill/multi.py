@@ -52,7 +52,7 @@ from tipsdistill.cache.format import cache_identity
 from tipsdistill.students.adaptors import standardisation
 
 from .config import TeacherEntry, TrainConfig
-from .data import DistillDataset, ResumableSampler, align_teacher_maps, crop_roi, ratio_order
+from .data import DistillDataset, ResumableSampler, align_teacher_maps, build_sampler, crop_roi, ratio_order
 from .feeder import FeatureFeeder
 from .losses import FEATURE_LOSSES, PatchFeatureLoss, token_weights, weighted_token_mean
 from .targets import CachedText, Targets
@@ -632,7 +632,7 @@ def build_multi_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, w
     task.to(device)
     source = source_for_cache(teachers[0].cache, cfg.data.dataset or None, cfg.data.dataset_kwargs)
     dataset = JoinedDataset(source, cfg, grid, teachers, keys)
-    sampler = ResumableSampler(len(dataset), rank=rank, world=world, seed=cfg.seed)
+    sampler = build_sampler(dataset, cfg.data, rank=rank, world=world, seed=cfg.seed)
     info["num_samples"] = len(dataset)
     info["skipped"] = len(dataset.skipped_keys)
     info["trainable_params"] = sum(p.numel() for p in task.parameters() if p.requires_grad)

@@ -30,7 +30,7 @@ from tipsdistill.students import build_head, build_student, frozen_projection, l
 from tipsdistill.teachers import build_teacher
 
 from .config import TrainConfig
-from .data import DistillDataset, ResumableSampler
+from .data import DistillDataset, ResumableSampler, build_sampler
 from .ema import EMAHeads
 from .losses import DINOLoss, ImageTextLoss, KoLeoLoss, PatchFeatureLoss, PatchPrototypeLoss
 from .targets import (
@@ -407,7 +407,7 @@ def build_task(
         mask_prob=cfg.loss.mask_prob,
         batch_features=fields,
     )
-    sampler = ResumableSampler(len(dataset), rank=rank, world=world, seed=cfg.seed)
+    sampler = build_sampler(dataset, cfg.data, rank=rank, world=world, seed=cfg.seed)
     info["num_samples"] = len(dataset)
     info["skipped"] = len(dataset.skipped_keys)
     info["trainable_params"] = sum(prm.numel() for prm in task.parameters() if prm.requires_grad)

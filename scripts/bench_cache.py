@@ -9,7 +9,9 @@ raw read also into a ring of as many buffers as the reader keeps in flight), (4)
 start methods, (5) bytes per image and token cosine for float16, int8 and reduced-dimension (PCA)
 storage, (6) the shard index at scale (issue 29): resident memory per process and start-up of a
 synthetic ``--index-samples`` (10M) index, and webdataset samples/s read from local shards vs the same
-shards over HTTP on loopback (Range requests), random and sequential order. ``--sections 2,5`` runs only some. Every timed figure is
+shards over HTTP on loopback (Range requests), random and sequential order, (7) stage 2's order, global
+permutation vs shard-aware (``data.order=shards``): tar opens and shard switches per 1,000 samples and
+samples/s through a DataLoader, local and over HTTP. ``--sections 2,5`` runs only some. Every timed figure is
 the median of ``--repeats`` runs (the runs are printed too); the page cache stays warm (stated).
 
     python -m tipsdistill.scripts.bench_cache --images 256 --dim 384 --depth 6 --image-size 224 --out /tmp/bench
@@ -364,9 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--index-samples", type=int, default=10_000_000, help="samples of the synthetic index of (6)"
     )
     p.add_argument("--shard-images", type=int, default=512, help="images in the local / HTTP shards of (6)")
+    p.add_argument("--order-shards", type=int, default=160, help="shards of (7) (more than the 64 kept open)")
+    p.add_argument("--order-per-shard", type=int, default=16, help="images per shard of (7)")
+    p.add_argument("--order-window", type=int, default=4, help="data.shard_window of (7)")
     p.add_argument(
         "--sections",
-        default="1,2,3,4,5,6",
+        default="1,2,3,4,5,6,7",
         help="comma-separated sections to run (3 needs 1's cache; default all)",
     )
     return p
@@ -886,7 +891,7 @@ def measure_shard_index(args: argparse.Namespace, out: Path) -> None:
     print(f"| key -> index lookup of 1000 keys, s | {m['lookup_1000_s']:.3f} |")
 
 
-def _write_bench_shards(root: Path, n: int, per_shard: int = 128) -> None:
+def _write_bench_shards(root: Path, n: int, per_shard: int = 128, size: int = 256) -> None:
     import webdataset as wds
     from PIL import Image
 
@@ -896,7 +901,7 @@ def _write_bench_shards(root: Path, n: int, per_shard: int = 128) -> None:
         with wds.TarWriter(str(root / f"{s:05d}.tar")) as w:
             for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
                 buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
                     buf, "JPEG", quality=90
                 )
                 w.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": f"caption {i}"})
@@ -942,6 +947,112 @@ def measure_remote_reads(args: argparse.Namespace, out: Path) -> None:
         srv.shutdown()
 
 
+# ------------------------------------------------------------------------------------------ (7) shard-aware order
+class _ReadCounter(Dataset):
+    """The items of a :class:`cache.shards.WebDatasetShards` (read and decoded as stage 2 reads them), each
+    reported as ``(worker, shard, tar opens so far, files held open)`` of the process that read it."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[int, int, int, int]:
+        self.ds[i]
+        info = torch.utils.data.get_worker_info()
+        reader = self.ds._reader
+        return (0 if info is None else info.id, int(self.ds.shard_of([i])[0]), reader.opens, len(reader._fds))
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _order_pass(ds: Any, order: list[int], workers: int, batch: int) -> dict[str, float]:
+    """One epoch of ``order`` through a DataLoader: samples/s after the first batch (worker start-up left out),
+    tar opens and shard switches per 1,000 samples (all processes together), most files one process held."""
+    ds.close()
+    ds._reader.opens = 0  # the workers fork from here: each counts its own
+    loader = DataLoader(_ReadCounter(ds), batch_size=batch, sampler=order, num_workers=workers,
+                        collate_fn=_as_list, prefetch_factor=2 if workers else None)  # fmt: skip
+    opens: dict[int, int] = {}
+    last: dict[int, int] = {}
+    switches, held, first, t0 = 0, 0, 0, 0.0
+    for k, items in enumerate(loader):
+        if k == 0:
+            t0, first = time.perf_counter(), len(items)
+        for w, shard, n_open, n_held in items:
+            opens[w] = max(opens.get(w, 0), n_open)
+            switches += int(last.get(w, shard) != shard)
+            last[w], held = shard, max(held, n_held)
+    rate = (len(order) - first) / max(time.perf_counter() - t0, 1e-9)
+    n = len(order)
+    return {
+        "sps": rate,
+        "opens": 1000 * sum(opens.values()) / n,
+        "switches": 1000 * switches / n,
+        "held": held,
+    }
+
+
+def measure_shard_order(args: argparse.Namespace, out: Path) -> None:
+    """(7) Stage 2's sample order (issue 29, locality): ``data.order=global`` (one permutation of all samples) vs
+    ``data.order=shards`` (:class:`distill.data.ShardSampler`: shards permuted, samples shuffled within windows of
+    ``--order-window`` shards), read through a DataLoader from local shards and over HTTP on loopback."""
+    from tipsdistill.cache.shards import MAX_OPEN_SHARDS, WebDatasetShards
+    from tipsdistill.distill.data import ResumableSampler, ShardSampler
+
+    shards, per, window, batch = args.order_shards, args.order_per_shard, args.order_window, 32
+    n = shards * per
+    root = out / "order"
+    _write_bench_shards(root / "shards", n, per_shard=per)
+    base, counts, srv = serve_folder(root)
+    pattern = f"{{00000..{shards - 1:05d}}}.tar"
+    kib = os.path.getsize(root / "shards" / "00000.tar") // per // 1024
+    try:
+        places = {
+            "local": WebDatasetShards(str(root / "shards" / pattern), index=str(root / "ix_local")),
+            "HTTP": WebDatasetShards(f"{base}/shards/{pattern}", index=str(root / "ix_http")),
+        }
+        shard_of = places["local"].shard_of(np.arange(n))
+        orders = {
+            "global": ResumableSampler(n, seed=0).order(0),
+            "shards": ShardSampler(shard_of, window=window, seed=0).order(0),
+        }
+        reps = max(1, min(args.repeats, 3))
+        print(f"\n## (7) stage 2's order: global permutation vs shard-aware (window {window} shards), {shards} shards x "
+              f"{per} JPEGs 256x256 (~{kib} KiB), one epoch through a DataLoader (batch {batch}, items read and "
+              f"decoded), local files vs HTTP Range requests on loopback; samples/s after the first batch, median of "
+              f"{reps} epochs; tar opens and shard switches per 1,000 samples summed over the reading processes "
+              f"(a process keeps at most {MAX_OPEN_SHARDS} tar files open, the oldest closed first; over HTTP no file is "
+              "opened: every read is one Range request)")  # fmt: skip
+        print("| where | workers | order | samples/s | tar opens /1000 | shard switches /1000 | files held (max) | "
+              "HTTP requests/sample | shards/global samples/s |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+        for place, ds in places.items():
+            for workers in (0, 2):
+                got = {}
+                for name, order in orders.items():
+                    before = counts["range"]
+                    runs = [_order_pass(ds, order, workers, batch) for _ in range(reps)]
+                    m = {k: _med([r[k] for r in runs]) for k in runs[0]}
+                    m["req"] = (counts["range"] - before) / (n * reps)
+                    got[name] = m
+                for name, m in got.items():
+                    ratio = f"{got['shards']['sps'] / got['global']['sps']:.2f}" if name == "shards" else ""
+                    held = f"{m['held']:.0f}" if place == "local" else "-"
+                    opens = f"{m['opens']:.1f}" if place == "local" else "-"
+                    req = f"{m['req']:.2f}" if place == "HTTP" else "-"
+                    print(f"| {place} | {workers} | {name} | {m['sps']:.0f} | {opens} | {m['switches']:.0f} | "
+                          f"{held} | {req} | {ratio} |")  # fmt: skip
+        big, big_per = 1243, 10_000  # CC12M as img2dataset writes it
+        print(f"# at scale (computed, not measured): {big:,} shards of {big_per:,} samples, per reading process, "
+              f"global ~{1000 * (1 - MAX_OPEN_SHARDS / big):.0f} tar opens per 1,000 samples, shards ~"
+              f"{1000 * window / (window * big_per):.1f} (each process opens each shard of a window once)")  # fmt: skip
+    finally:
+        srv.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -970,6 +1081,8 @@ def main(argv: list[str] | None = None) -> int:
     if "6" in sections:
         measure_shard_index(args, out)
         measure_remote_reads(args, out)
+    if "7" in sections:
+        measure_shard_order(args, out)
     return 0
 
 

@@ -25,8 +25,11 @@ demo: venv
 demo-quick: venv
 	$(PY) -m tipsdistill.scripts.demo --quick
 
+# the suite on every core, whole test files per worker (their module fixtures are built once);
+# TEST_WORKERS=0 runs it in this one process
+TEST_WORKERS ?= auto
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 8 --dist loadfile tests
 
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -60,6 +60,21 @@ FORMAT_VERSION = 3
 RESUMABLE_VERSIONS = (2, 3)  # shards this code resumes (it writes rows through HDF5 in either layout)
 INDEX_NAME = "index.h5"
 REASON_BYTES = 256
+
+
+def fit_reason(reason: str, limit: int = REASON_BYTES) -> bytes:
+    """``reason`` as UTF-8 in at most ``limit`` bytes. A longer one keeps its start (the kind and the
+    key, a quarter) and its end (the fix the message ends with, the rest) around ``" ... "``: long
+    absolute paths in the middle must not cut the advice off."""
+    raw = reason.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return raw
+    head = (limit - 5) // 4
+    tail = limit - 5 - head
+    cut = raw[:head].decode("utf-8", "ignore") + " ... " + raw[-tail:].decode("utf-8", "ignore")
+    return cut.encode("utf-8")
+
+
 # what h5py raises on a damaged file: OSError (truncated, bad signature), KeyError / RuntimeError
 # (object header checksum), ValueError (an attribute that no longer decodes)
 H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError)

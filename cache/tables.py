@@ -62,8 +62,8 @@ def contained_path(cell: str, base: str | Path, roots: list[str], where: str, fi
     full = os.path.normpath(os.path.abspath(p if p.is_absolute() else Path(base) / p))
     if not any(full == r or full.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
         raise BadImageError(
-            f"{where}: the path {cell!r} is outside the dataset's folder, refused (allow its folder explicitly: "
-            f"{fix}); it leads to {full}, the folder is {roots[0]}",
+            f"{where}: the path {cell!r} leads to {full}, outside the dataset's folder {roots[0]}; "
+            f"refused (allow its folder explicitly: {fix})",
             "outside_root",
         )
     return Path(full)

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import torch
 
-from .format import FEATURES, REASON_BYTES, Layout, fsync_file, row_checksum, summarise_stats, write_skipped
+from .format import FEATURES, Layout, fit_reason, fsync_file, row_checksum, summarise_stats, write_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ class ShardWriter:
                     if name != "checksum":  # bookkeeping, like done: not counted as feature bytes
                         self.bytes_written += arr[pos : pos + n].nbytes
         for row, reason in b.skipped:
-            self._ds("skip_reason")[row] = reason.encode("utf-8", "replace")[:REASON_BYTES]
+            self._ds("skip_reason")[row] = fit_reason(reason)
         # block statistics are written with the next flush, before that flush and the done flags
         self._pending_stats[b.block] = (stats, len(b.rows))
         rows = np.sort(

@@ -7,6 +7,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test``: ``-n auto``) each worker gets its share of the cores for torch's
+    intra-op threads, so N workers do not run N x cores threads on N cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
+
+
 # the variables a launcher sets; code under test may export them (distill.train.setup_env, srun's
 # translation in cache.launch): a test that leaves them behind makes every later in-process stage believe
 # it is one rank of several

@@ -126,3 +126,19 @@ def test_format2_cache_verified_and_repaired(tmp_path):
     extract_features(out=str(new), **SETTINGS)
     _same_items(_items(out), _items(new), FP16_STEP)  # the repaired (now format-3) shard: the same samples
     assert verify_shard(out / SHARD).ok
+
+
+def test_a_long_skip_reason_keeps_its_kind_and_its_fix():
+    from tipsdistill.cache.format import REASON_BYTES, fit_reason
+
+    assert fit_reason("corrupt: a.png: bad") == b"corrupt: a.png: bad"
+    long = (
+        "outside_root: t.csv/2: /"
+        + "deep/" * 80
+        + "b.png' is outside the folder, refused (allow_root=FOLDER)"
+    )
+    cut = fit_reason(long)
+    assert len(cut) <= REASON_BYTES and cut.startswith(b"outside_root: t.csv/2: /deep/")
+    assert cut.endswith(b"refused (allow_root=FOLDER)") and b" ... " in cut
+    wide = "é" * 300  # two bytes each: never split inside a character
+    assert len(fit_reason(wide)) <= REASON_BYTES and fit_reason(wide).decode("utf-8").startswith("é")

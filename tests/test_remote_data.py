@@ -31,7 +31,9 @@ PATTERN = "{00000..00004}.tar"
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with ``Range: bytes=a-b`` answered by 206 Partial Content; every request counted."""
+    """Static files with ``Range: bytes=a-b`` answered by 206 Partial Content, folders listed as HTML (as
+    ``python -m http.server`` or nginx's autoindex list them: what fsspec globs and lists); every request
+    counted."""
 
     counts: dict[str, int]
 
@@ -40,6 +42,9 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
 
     def send_head(self):  # noqa: ANN201 - http.server's own signature
         path = self.translate_path(self.path.split("?", 1)[0])
+        if os.path.isdir(path):  # the folder's listing (or a redirect to its URL with a trailing slash)
+            self._left = 1 << 30
+            return super().send_head()
         if not os.path.isfile(path):
             self.send_error(404)
             return None

@@ -16,7 +16,10 @@ webdataset does) and then is, per result:
     run from a pattern the user typed: a cache records it but never runs it (:func:`has_pipe`).
 
 :class:`ByteReader` reads ``(offset, size)`` byte ranges (``os.pread`` locally, one HTTP ``Range`` request
-remotely, a forward-only stream for ``pipe:``) and opens whole streams (the index pass).
+remotely, a forward-only stream for ``pipe:``) and opens whole streams (the index pass). A server that answers
+a range with the whole object (``python -m http.server``) stops the run naming the fix
+(:class:`RangeNotHonouredError`): its bytes would otherwise be taken for the sample's, every image "corrupt"
+and every tar "truncated".
 :func:`public_url` is what a cache records: user names, passwords and signing parameters removed.
 """
 
@@ -195,6 +198,12 @@ def public_pattern(pattern: str | list[str]) -> str | list[str]:
     return [one(u) for u in pattern]
 
 
+class RangeNotHonouredError(ValueError):
+    """A server answered a byte-range request with the whole object: no sample can be read by offset from it.
+    Met while indexing (the end-of-tar check reads a range) it stops the run with its fix; met by a sample
+    read, that sample is skipped with this message."""
+
+
 class _PipeStream:
     """A forward-only reader of a ``pipe:`` command's output, with its position."""
 
@@ -237,6 +246,7 @@ class ByteReader:
         self._fds: dict[str, int] = {}
         self._fs: dict[str, tuple[Any, str]] = {}
         self._pipes: dict[str, _PipeStream] = {}
+        self._sizes: dict[str, int] = {}  # remote sizes asked once (each costs a round trip: HEAD)
         self._pid = os.getpid()
         self.opens = 0  # files / streams opened by this process (benchmarks count them)
         self.requests = 0  # reads issued
@@ -269,7 +279,15 @@ class ByteReader:
             return s.read_at(offset, size)
         if is_remote(url):
             fs, path = self._remote(url)
-            return fs.cat_file(path, start=offset, end=offset + size)
+            data = fs.cat_file(path, start=offset, end=offset + size)
+            if len(data) > size:  # the whole object: the server ignored the Range header
+                raise RangeNotHonouredError(
+                    f"{public_url(url)}: the server ignored the byte range asked (bytes {offset}-{offset + size - 1}) "
+                    f"and sent {len(data)} bytes; reading samples by offset needs a server that honours HTTP Range "
+                    "requests (nginx, Apache, caddy, S3/GCS and their gateways do; `python -m http.server` does not). "
+                    "Serve the shards with one of these, or copy them to a local folder"
+                )
+            return data
         return os.pread(self._fd(url), size, offset)
 
     def _remote(self, url: str) -> tuple[Any, str]:
@@ -293,8 +311,10 @@ class ByteReader:
         if is_pipe(url):
             return None
         if is_remote(url):
-            fs, path = self._remote(url)
-            return int(fs.size(path))
+            if url not in self._sizes:
+                fs, path = self._remote(url)
+                self._sizes[url] = int(fs.size(path))
+            return self._sizes[url]
         return os.stat(_strip_file(url)).st_size
 
     def open(self, url: str) -> IO[bytes]:

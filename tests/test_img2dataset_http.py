@@ -44,6 +44,8 @@ from tests.own_data_check import _jpeg, check_cache, make_shards
 from tests.test_remote_data import RangeHandler
 from tests.test_train_support import base_overrides, run_subprocess
 from tipsdistill.cache import open_cache, source_for_cache
+from tipsdistill.cache.locations import RangeNotHonouredError
+from tipsdistill.cache.shards import WebDatasetShards
 from tipsdistill.scripts.cache_features import main as cache_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +198,10 @@ def test_img2dataset_output_over_http_stage1_then_stage2(img2dataset_out, tmp_pa
             "key_field=key",
         )
         key = {r["i"]: r["key"] for r in rows["parquet"]}
-        skipped = {key[i]: "no_image" for i in MISSING} | {key[CORRUPT]: "corrupt", key[NOT_IMAGE]: "corrupt"}
+        skipped = {key[i]: "no_image" for i in MISSING} | {
+            key[CORRUPT]: "truncated",
+            key[NOT_IMAGE]: "corrupt",
+        }
         good = [k for i, k in key.items() if k not in skipped]
         assert check_cache(pq_cache, {"good": good, "skipped": skipped}) == []
         spec = open_cache(pq_cache).meta["dataset_spec"]
@@ -259,3 +264,23 @@ def test_kill9_stage1_over_http_resumes_without_walking_a_tar_again(tmp_path):
         headers = [x for x in again if x[2] is None or x[2] == 0]
         assert not headers, f"the resumed run read tar headers again: {headers}"
         assert again and all(m == "GET" and path in shards for m, path, _ in again), again
+
+
+def test_a_server_that_ignores_range_stops_the_index_with_its_fix(tmp_path):
+    """``python -m http.server`` answers a range with the whole file: taken for the sample's bytes it made every
+    tar "truncated" and every image "corrupt"; the index pass now stops, naming the server and the fix."""
+    make_shards(tmp_path)
+
+    class Plain(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Plain(*a, directory=str(tmp_path)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/shards/{{00000..00001}}.tar"
+        with pytest.raises(RangeNotHonouredError, match=r"00000\.tar: the server ignored the byte range"):
+            WebDatasetShards(url)
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -46,7 +46,7 @@ from torch.utils.data import Dataset
 
 from .datasets import BadImageError, _as_size, load_image_bytes, log_problems, register_dataset
 from .locations import ByteReader, expand_pattern, is_pipe, is_remote, public_pattern, public_url
-from .shard_index import BAD_KINDS, IndexLock, Sample, ShardIndex, problem
+from .shard_index import BAD_KINDS, IndexLock, Sample, ShardIndex, problem, remove_partial_saves
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ class WebDatasetShards(Dataset):
 
     def _open_or_build(self, path: Path) -> ShardIndex:
         with IndexLock(path):
+            remove_partial_saves(path)
             if (path / "meta.json").exists():
                 ix = ShardIndex.load(path)
                 self._check_index(ix, path)

@@ -256,11 +256,13 @@ def test_kill9_stage1_over_http_resumes_without_walking_a_tar_again(tmp_path):
         walked = {path for _, path, start in log if path in shards and not start}
         assert walked == shards
         index_meta = (out / "data_index" / "meta.json").read_text()
+        (out / ".data_index.tmp-999999").mkdir()  # what a build killed while saving the index leaves
         n_before = len(log)
         assert cache_main(args) == 0  # the same command again, at once (in this process)
         again = log[n_before:]
         assert check_cache(out, expect) == []  # every good sample once, the bad ones skipped with their kinds
         assert (out / "data_index" / "meta.json").read_text() == index_meta  # read, not rebuilt
+        assert not (out / ".data_index.tmp-999999").exists()  # the unfinished save removed
         headers = [x for x in again if x[2] is None or x[2] == 0]
         assert not headers, f"the resumed run read tar headers again: {headers}"
         assert again and all(m == "GET" and path in shards for m, path, _ in again), again

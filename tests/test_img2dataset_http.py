@@ -8,7 +8,8 @@ loopback server honouring ``Range`` (``tests/test_remote_data.RangeHandler``) se
 stage 1 caches every sample img2dataset downloaded exactly once, from
 ``wds:http://.../{00000..00002}.tar`` (captions from its ``.txt`` and ``.json`` members) and from
 ``parquet:http://.../*.parquet`` (the folder listed over HTTP, ``key_field=key``), the failed rows counted
-as skipped; stage 2 trains from the parquet cache reading its images from the server.
+as skipped, the parquet rows read again from the server through the spec the cache records; stage 2
+trains from the webdataset cache reading its images from the server (Range requests at image offsets only).
 
 A stage 1 over ``wds:http://...`` killed with SIGKILL after its first committed blocks and run again with
 the same command completes with every sample once, and the server's log shows that the second run
@@ -29,7 +30,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +45,7 @@ from tests.test_remote_data import RangeHandler
 from tests.test_train_support import base_overrides, run_subprocess
 from tipsdistill.cache import open_cache, source_for_cache
 from tipsdistill.cache.locations import RangeNotHonouredError
+from tipsdistill.cache.shard_index import ShardIndex
 from tipsdistill.cache.shards import WebDatasetShards
 from tipsdistill.scripts.cache_features import main as cache_main
 
@@ -206,10 +207,16 @@ def test_img2dataset_output_over_http_stage1_then_stage2(img2dataset_out, tmp_pa
         assert check_cache(pq_cache, {"good": good, "skipped": skipped}) == []
         spec = open_cache(pq_cache).meta["dataset_spec"]
         assert f"{base}/parquet/*.parquet" in str(spec) and "key_field" in str(spec)
-        # 3) stage 2 from the parquet cache alone: its images come from the server
-        before = Counter(m for m, _, _ in log)
+        src = source_for_cache(pq_cache, only_cached=True)  # the recorded spec, its rows read from the server
+        item = src[len(src) - 1]
+        i = next(i for i, k in key.items() if k == item["key"])
+        assert item["captions"] == {"alt": f"photo number {i}"} and item["image"].shape == (3, 40, 48)
+        # 3) stage 2 from the webdataset cache alone: its images come from the server, one Range request at
+        # an image's offset in the index each (the index is read from the cache: no tar walked, no listing)
+        starts = {int(o) for o in ShardIndex.load(wds_cache / "data_index").img[:, 0] if o >= 0}
+        n_before = len(log)
         overrides = [
-            o for o in base_overrides(pq_cache, tmp_path / "run") if not o.startswith("data.dataset")
+            o for o in base_overrides(wds_cache, tmp_path / "run") if not o.startswith("data.dataset")
         ]
         r = run_subprocess(
             {
@@ -220,8 +227,10 @@ def test_img2dataset_output_over_http_stage1_then_stage2(img2dataset_out, tmp_pa
         )
         assert "error" not in r, r.get("error", "") + r.get("stderr", "")
         assert r["step"] == 2 and np.isfinite(r["final"]["loss"])
-        reads = [x for x in log[sum(before.values()) :] if x[0] == "GET" and x[1].startswith("/parquet/0")]
-        assert reads, f"stage 2 read nothing from the server: {log[sum(before.values()) :][:10]}"
+        reads = log[n_before:]
+        assert reads and all(m == "GET" and p.startswith("/wds/") and at in starts for m, p, at in reads), (
+            reads
+        )
 
 
 def test_kill9_stage1_over_http_resumes_without_walking_a_tar_again(tmp_path):

@@ -42,7 +42,7 @@ import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from .datasets import escape_name
-from .locations import ByteReader, is_pipe, public_url
+from .locations import ByteReader, SourceUnavailableError, is_pipe, public_url
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def walk_shard(
     where = public_url(url)
     try:
         size = reader.size(url)
+    except SourceUnavailableError:  # the server, not this shard: indexing stops (resumable)
+        raise
     except (OSError, ValueError) as e:
         return [], [problem(where, "unreadable", f"{where}: cannot read ({e}); no sample read from it")]
     samples: dict[str, Sample] = {}

@@ -43,7 +43,7 @@ import pytest
 from tests.own_data_check import _jpeg, check_cache, make_shards
 from tests.test_remote_data import RangeHandler
 from tests.test_train_support import base_overrides, run_subprocess
-from tipsdistill.cache import open_cache, source_for_cache
+from tipsdistill.cache import locations, open_cache, source_for_cache
 from tipsdistill.cache.locations import RangeNotHonouredError
 from tipsdistill.cache.shard_index import ShardIndex
 from tipsdistill.cache.shards import WebDatasetShards
@@ -64,24 +64,34 @@ I2D_SCRIPT = (
 
 
 class LoggedRangeHandler(RangeHandler):
-    """:class:`RangeHandler` that logs each request as ``(method, path, range start or None)``."""
+    """:class:`RangeHandler` that logs each request as ``(method, path, range start or None)`` and answers
+    503 Service Unavailable to the next ``fail["left"]`` requests for a range after offset 0 (image reads)."""
 
     log: list[tuple[str, str, int | None]]
+    fail: dict[str, int]
 
     def send_head(self):  # noqa: ANN201 - http.server's own signature
         m = re.match(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        start = int(m.group(1)) if m else None
         with self.server.lock:
-            self.log.append(
-                (self.command, urllib.parse.urlsplit(self.path).path, int(m.group(1)) if m else None)
-            )
+            self.log.append((self.command, urllib.parse.urlsplit(self.path).path, start))
+            down = bool(start) and self.fail["left"] > 0
+            self.fail["left"] -= down
+        if down:
+            self.send_error(503)
+            return None
         return super().send_head()
 
 
 @contextmanager
-def serve(folder: Path) -> Iterator[tuple[str, list[tuple[str, str, int | None]]]]:
-    """A loopback HTTP server of ``folder`` (Range requests, folder listings): ``(base URL, request log)``."""
+def serve(
+    folder: Path, fail: dict[str, int] | None = None
+) -> Iterator[tuple[str, list[tuple[str, str, int | None]]]]:
+    """A loopback HTTP server of ``folder`` (Range requests, folder listings): ``(base URL, request log)``;
+    ``fail={"left": n}``: the next ``n`` image reads answer 503 (set it at any time)."""
     log: list[tuple[str, str, int | None]] = []
-    handler = type("H", (LoggedRangeHandler,), {"counts": {"range": 0, "whole": 0}, "log": log})
+    attrs = {"counts": {"range": 0, "whole": 0}, "log": log, "fail": {"left": 0} if fail is None else fail}
+    handler = type("H", (LoggedRangeHandler,), attrs)
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(folder)))
     srv.lock = threading.Lock()
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -295,3 +305,28 @@ def test_a_server_that_ignores_range_stops_the_index_with_its_fix(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_flaky_server_is_retried_and_a_dead_one_stops_stage1_which_resumes(tmp_path, monkeypatch, capsys):
+    """HTTP 503s (or refused connections, time-outs) are the server's problem, not the samples': a read is tried
+    again, and when the server stays down stage 1 stops (before, every sample read then was recorded as skipped
+    for good, so the cache silently lacked them); the same command then completes with every sample once."""
+    monkeypatch.setattr(locations, "RETRY_WAIT_S", 0.01)
+    expect = make_shards(tmp_path / "data")
+    fail = {"left": 0}
+    with serve(tmp_path / "data", fail) as (base, log):
+        data = f"wds:{base}/shards/{{00000..00004}}.tar"
+        fail["left"] = locations.REMOTE_TRIES - 1  # the first read fails 3 times, the 4th try succeeds
+        _stage1(tmp_path / "flaky", data, "--caption", "short=json.short")
+        assert fail["left"] == 0 and check_cache(tmp_path / "flaky", expect) == []
+        out = tmp_path / "down"
+        WebDatasetShards(data[4:], {"alt": "txt", "short": "json.short"}, index=str(out / "data_index"))
+        fail["left"] = 10**6  # the index is built; now the server answers no image read
+        args = ["--teacher", TEACHER, "--data", data, "--caption", "short=json.short", "--out", str(out)]
+        args += ["--image-size", "32", "--batch-size", "4", "--num-workers", "0", "--quiet"]
+        assert cache_main(args) == 2
+        assert "the source is unavailable" in capsys.readouterr().err
+        assert 10**6 - fail["left"] == locations.REMOTE_TRIES  # one read tried 4 times, then the run stopped
+        fail["left"] = 0  # the server is back: the same command completes, nothing recorded as unreadable
+        assert cache_main(args) == 0
+        assert check_cache(out, expect) == []

@@ -19,7 +19,8 @@ webdataset does) and then is, per result:
 remotely, a forward-only stream for ``pipe:``) and opens whole streams (the index pass). A server that answers
 a range with the whole object (``python -m http.server``) stops the run naming the fix
 (:class:`RangeNotHonouredError`): its bytes would otherwise be taken for the sample's, every image "corrupt"
-and every tar "truncated".
+and every tar "truncated". A transient failure (connection refused or reset, time-out, HTTP 429 / 5xx) is tried
+again, then raises :class:`SourceUnavailableError`, which stops a run instead of skipping samples.
 :func:`public_url` is what a cache records: user names, passwords and signing parameters removed.
 """
 

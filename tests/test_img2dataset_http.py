@@ -23,15 +23,11 @@ import http.server
 import importlib.util
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -41,7 +37,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.own_data_check import _jpeg, check_cache, make_shards
-from tests.test_remote_data import RangeHandler
+from tests.test_remote_data import serve
 from tests.test_train_support import base_overrides, run_subprocess
 from tipsdistill.cache import locations, open_cache, source_for_cache
 from tipsdistill.cache.locations import RangeNotHonouredError
@@ -61,45 +57,6 @@ I2D_SCRIPT = (
     "    for kw in json.loads(sys.argv[1]):\n"
     "        download(**kw)\n"
 )
-
-
-class LoggedRangeHandler(RangeHandler):
-    """:class:`RangeHandler` that logs each request as ``(method, path, range start or None)`` and answers
-    503 Service Unavailable to the next ``fail["left"]`` requests for a range after offset 0 (image reads)."""
-
-    log: list[tuple[str, str, int | None]]
-    fail: dict[str, int]
-
-    def send_head(self):  # noqa: ANN201 - http.server's own signature
-        m = re.match(r"bytes=(\d+)-", self.headers.get("Range", ""))
-        start = int(m.group(1)) if m else None
-        with self.server.lock:
-            self.log.append((self.command, urllib.parse.urlsplit(self.path).path, start))
-            down = bool(start) and self.fail["left"] > 0
-            self.fail["left"] -= down
-        if down:
-            self.send_error(503)
-            return None
-        return super().send_head()
-
-
-@contextmanager
-def serve(
-    folder: Path, fail: dict[str, int] | None = None
-) -> Iterator[tuple[str, list[tuple[str, str, int | None]]]]:
-    """A loopback HTTP server of ``folder`` (Range requests, folder listings): ``(base URL, request log)``;
-    ``fail={"left": n}``: the next ``n`` image reads answer 503 (set it at any time)."""
-    log: list[tuple[str, str, int | None]] = []
-    attrs = {"counts": {"range": 0, "whole": 0}, "log": log, "fail": {"left": 0} if fail is None else fail}
-    handler = type("H", (LoggedRangeHandler,), attrs)
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(folder)))
-    srv.lock = threading.Lock()
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", log
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def _stage1(out: Path, data: str, *extra: str) -> None:

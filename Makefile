@@ -14,6 +14,9 @@ $(VENV)/.installed: requirements.lock setup.cfg
 	# torch first and pinned: never let pip pick a torch build by itself
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -r requirements.lock
+	# img2dataset for tests/test_img2dataset_http.py, without its pins (webdataset<0.3, pandas<3: they fight the
+	# lock's; it runs with them); the dependencies it imports are in the lock
+	$(PY) -m pip install -q --no-deps img2dataset==1.47.0
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 

@@ -16,7 +16,11 @@ webdataset does) and then is, per result:
     run from a pattern the user typed: a cache records it but never runs it (:func:`has_pipe`).
 
 :class:`ByteReader` reads ``(offset, size)`` byte ranges (``os.pread`` locally, one HTTP ``Range`` request
-remotely, a forward-only stream for ``pipe:``) and opens whole streams (the index pass).
+remotely, a forward-only stream for ``pipe:``) and opens whole streams (the index pass). A server that answers
+a range with the whole object (``python -m http.server``) stops the run naming the fix
+(:class:`RangeNotHonouredError`): its bytes would otherwise be taken for the sample's, every image "corrupt"
+and every tar "truncated". A transient failure (connection refused or reset, time-out, HTTP 429 / 5xx) is tried
+again, then raises :class:`SourceUnavailableError`, which stops a run instead of skipping samples.
 :func:`public_url` is what a cache records: user names, passwords and signing parameters removed.
 """
 
@@ -26,6 +30,7 @@ import glob
 import logging
 import os
 import re
+import time
 import urllib.parse
 from pathlib import Path
 from typing import IO, Any
@@ -42,6 +47,38 @@ _SECRET_WORD = re.compile(
     r"(?i)((?:authorization|x-amz-security-token|cookie)\s*:\s*)[^'\"]+|"
     r"((?:token|secret|password|passwd|signature|access[_-]?key)[a-z_-]*\s*[=:]\s*)[^\s'\"&]+"
 )
+
+
+# a remote read that fails transiently (connection refused or reset, time-out, HTTP 429 / 5xx) is tried again,
+# waiting RETRY_WAIT_S, then twice as long each time; after REMOTE_TRIES tries the run stops (resumable)
+REMOTE_TRIES = 4
+RETRY_WAIT_S = 0.5
+
+
+class SourceUnavailableError(OSError):
+    """The data source kept failing transiently (connection refused or reset, time-out, HTTP 429 / 5xx) after
+    :data:`REMOTE_TRIES` tries. It stops the run instead of recording good samples as unreadable: a stage 1
+    started again with the same command continues where it stopped."""
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for failures of the network or the server rather than of the data: connection errors, time-outs,
+    HTTP 429 and 5xx (aiohttp's and botocore's statuses, builtin ``ConnectionError`` / ``TimeoutError``)."""
+    if isinstance(err, ConnectionError | TimeoutError):
+        return True
+    status = getattr(err, "status", None)
+    response = getattr(err, "response", None)
+    if status is None and isinstance(
+        response, dict
+    ):  # botocore: response["ResponseMetadata"]["HTTPStatusCode"]
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if isinstance(status, int) and (status == 429 or 500 <= status < 600):
+        return True
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - aiohttp is a dependency (fsspec's HTTP filesystem)
+        return False
+    return isinstance(err, aiohttp.ClientConnectionError | aiohttp.ServerTimeoutError)
 
 
 def is_pipe(url: str) -> bool:
@@ -195,6 +232,12 @@ def public_pattern(pattern: str | list[str]) -> str | list[str]:
     return [one(u) for u in pattern]
 
 
+class RangeNotHonouredError(ValueError):
+    """A server answered a byte-range request with the whole object: no sample can be read by offset from it.
+    Met while indexing (the end-of-tar check reads a range) it stops the run with its fix; met by a sample
+    read, that sample is skipped with this message."""
+
+
 class _PipeStream:
     """A forward-only reader of a ``pipe:`` command's output, with its position."""
 
@@ -237,6 +280,7 @@ class ByteReader:
         self._fds: dict[str, int] = {}
         self._fs: dict[str, tuple[Any, str]] = {}
         self._pipes: dict[str, _PipeStream] = {}
+        self._sizes: dict[str, int] = {}  # remote sizes asked once (each costs a round trip: HEAD)
         self._pid = os.getpid()
         self.opens = 0  # files / streams opened by this process (benchmarks count them)
         self.requests = 0  # reads issued
@@ -268,9 +312,40 @@ class ByteReader:
                 self.opens += 1
             return s.read_at(offset, size)
         if is_remote(url):
-            fs, path = self._remote(url)
-            return fs.cat_file(path, start=offset, end=offset + size)
+            data = self._retrying(url, lambda fs, path: fs.cat_file(path, start=offset, end=offset + size))
+            if len(data) > size:  # the whole object: the server ignored the Range header
+                raise RangeNotHonouredError(
+                    f"{public_url(url)}: the server ignored the byte range asked (bytes {offset}-{offset + size - 1}) "
+                    f"and sent {len(data)} bytes; reading samples by offset needs a server that honours HTTP Range "
+                    "requests (nginx, Apache, caddy, S3/GCS and their gateways do; `python -m http.server` does not). "
+                    "Serve the shards with one of these, or copy them to a local folder"
+                )
+            return data
         return os.pread(self._fd(url), size, offset)
+
+    def _retrying(self, url: str, call: Any) -> Any:
+        """``call(fs, path)`` on a remote URL, tried again on a transient failure (:func:`is_transient`);
+        :class:`SourceUnavailableError` when it keeps failing."""
+        fs, path = self._remote(url)
+        for attempt in range(REMOTE_TRIES):
+            try:
+                return call(fs, path)
+            except Exception as e:  # noqa: BLE001 - classified below; anything else is re-raised as it is
+                if not is_transient(e):
+                    raise
+                if attempt == REMOTE_TRIES - 1:
+                    raise SourceUnavailableError(
+                        f"{public_url(url)}: {type(e).__name__}: {e} ({REMOTE_TRIES} tries over "
+                        f"{RETRY_WAIT_S * (2 ** (REMOTE_TRIES - 1) - 1):.1f} s); the source is unavailable, so the run "
+                        "stops rather than record good samples as unreadable: run the same command again once it "
+                        "answers (stage 1 resumes where it stopped)"
+                    ) from e
+                wait = RETRY_WAIT_S * 2**attempt
+                logger.warning(
+                    "%s: %s: %s; trying again in %.1f s", public_url(url), type(e).__name__, e, wait
+                )
+                time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def _remote(self, url: str) -> tuple[Any, str]:
         hit = self._fs.get(url)
@@ -293,8 +368,9 @@ class ByteReader:
         if is_pipe(url):
             return None
         if is_remote(url):
-            fs, path = self._remote(url)
-            return int(fs.size(path))
+            if url not in self._sizes:
+                self._sizes[url] = int(self._retrying(url, lambda fs, path: fs.size(path)))
+            return self._sizes[url]
         return os.stat(_strip_file(url)).st_size
 
     def open(self, url: str) -> IO[bytes]:

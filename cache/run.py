@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .datasets import BadImageError, resize_image
 from .format import Layout
+from .locations import SourceUnavailableError
 from .plan import ShardPlan, ShardState
 from .views import ViewSpec, apply_view, sample_views
 from .writer import ShardWriter, WriteBatch, nonfinite_rows, quantise_int8_torch, sample_stats
@@ -61,6 +62,8 @@ class ViewItems(Dataset):
             base = resize_image(image.float(), self.size, self.resize)
         except BadImageError as e:
             return {"index": index, "error": str(e), "kind": e.kind}
+        except SourceUnavailableError:  # the data source is down, not this sample: the run stops (resumable)
+            raise
         except Exception as e:  # noqa: BLE001 - whatever one sample raises is that sample's problem, not the run's
             logger.warning("sample %d: %s: %s", index, type(e).__name__, e)
             return {"index": index, "error": f"{type(e).__name__}: {e}", "kind": "error"}

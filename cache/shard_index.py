@@ -42,7 +42,7 @@ import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from .datasets import escape_name
-from .locations import ByteReader, is_pipe, public_url
+from .locations import ByteReader, SourceUnavailableError, is_pipe, public_url
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def walk_shard(
     where = public_url(url)
     try:
         size = reader.size(url)
+    except SourceUnavailableError:  # the server, not this shard: indexing stops (resumable)
+        raise
     except (OSError, ValueError) as e:
         return [], [problem(where, "unreadable", f"{where}: cannot read ({e}); no sample read from it")]
     samples: dict[str, Sample] = {}
@@ -408,7 +410,7 @@ class ShardIndex:
     def save(self, path: str | Path) -> Path:
         """Write the folder atomically (a temporary folder renamed into place)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(f"{_TMP_PREFIX.format(name=path.name)}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, arr in self.arrays.items():
@@ -448,6 +450,22 @@ class ShardIndex:
         ix = cls(arrays, meta, problems)
         ix.path = path
         return ix
+
+
+_TMP_PREFIX = ".{name}.tmp-"  # + the saving process's pid
+
+
+def remove_partial_saves(path: str | Path) -> list[Path]:
+    """Remove the temporary folders of saves of ``path`` that never finished (their builder was killed with
+    ``kill -9`` while writing) and return them. Call it holding ``path``'s :class:`IndexLock`: the one process
+    that may be saving holds it, so any such folder then is a leftover."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f"{_TMP_PREFIX.format(name=path.name)}*"))
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if stale:
+        logger.info("removed %d unfinished save(s) of the shard index %s: %s", len(stale), path, stale)
+    return stale
 
 
 def _size_or_none(reader: ByteReader, url: str) -> int | None:

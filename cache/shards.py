@@ -45,8 +45,16 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .datasets import BadImageError, _as_size, load_image_bytes, log_problems, register_dataset
-from .locations import ByteReader, expand_pattern, is_pipe, is_remote, public_pattern, public_url
-from .shard_index import BAD_KINDS, IndexLock, Sample, ShardIndex, problem
+from .locations import (
+    ByteReader,
+    SourceUnavailableError,
+    expand_pattern,
+    is_pipe,
+    is_remote,
+    public_pattern,
+    public_url,
+)
+from .shard_index import BAD_KINDS, IndexLock, Sample, ShardIndex, problem, remove_partial_saves
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +185,7 @@ class WebDatasetShards(Dataset):
 
     def _open_or_build(self, path: Path) -> ShardIndex:
         with IndexLock(path):
+            remove_partial_saves(path)
             if (path / "meta.json").exists():
                 ix = ShardIndex.load(path)
                 self._check_index(ix, path)
@@ -382,6 +391,8 @@ class WebDatasetShards(Dataset):
         where = f"{public_url(self.paths[shard])}:{ix.inner_key(index)}.{self.image_exts[int(ix.ext[index])]}"
         try:
             data = self._read_image(index, shard, off, size)
+        except SourceUnavailableError:  # the server, not this sample: the run stops (resumable)
+            raise
         except (OSError, ValueError) as err:
             raise BadImageError(f"{where}: cannot read: {err}", "unreadable") from err
         finally:

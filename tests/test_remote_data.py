@@ -14,6 +14,9 @@ import http.server
 import os
 import re
 import threading
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +34,9 @@ PATTERN = "{00000..00004}.tar"
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with ``Range: bytes=a-b`` answered by 206 Partial Content; every request counted."""
+    """Static files with ``Range: bytes=a-b`` answered by 206 Partial Content, folders listed as HTML (as
+    ``python -m http.server`` or nginx's autoindex list them: what fsspec globs and lists); every request
+    counted."""
 
     counts: dict[str, int]
 
@@ -40,6 +45,9 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
 
     def send_head(self):  # noqa: ANN201 - http.server's own signature
         path = self.translate_path(self.path.split("?", 1)[0])
+        if os.path.isdir(path):  # the folder's listing (or a redirect to its URL with a trailing slash)
+            self._left = 1 << 30
+            return super().send_head()
         if not os.path.isfile(path):
             self.send_error(404)
             return None
@@ -74,6 +82,47 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         outputfile.write(source.read(self._left))
 
 
+class LoggedRangeHandler(RangeHandler):
+    """:class:`RangeHandler` that logs each request as ``(method, path, range start or None)`` and answers
+    503 Service Unavailable to the next ``fail["left"]`` requests for a range after offset 0 (image reads)."""
+
+    log: list[tuple[str, str, int | None]]
+    fail: dict[str, int]
+
+    def send_head(self):  # noqa: ANN201 - http.server's own signature
+        m = re.match(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        start = int(m.group(1)) if m else None
+        with self.server.lock:
+            self.log.append((self.command, urllib.parse.urlsplit(self.path).path, start))
+            down = bool(start) and self.fail["left"] > 0
+            self.fail["left"] -= down
+        if down:
+            self.send_error(503)
+            return None
+        return super().send_head()
+
+
+@contextmanager
+def serve(
+    folder: Path, fail: dict[str, int] | None = None, counts: dict[str, int] | None = None
+) -> Iterator[tuple[str, list[tuple[str, str, int | None]]]]:
+    """A loopback HTTP server of ``folder`` (Range requests, folder listings): ``(base URL, request log)``;
+    ``fail={"left": n}``: the next ``n`` image reads answer 503 (set it at any time); ``counts``: the
+    requests with and without ``Range`` are counted there."""
+    log: list[tuple[str, str, int | None]] = []
+    attrs = {"counts": {"range": 0, "whole": 0} if counts is None else counts, "log": log}
+    attrs["fail"] = {"left": 0} if fail is None else fail
+    handler = type("H", (LoggedRangeHandler,), attrs)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(folder)))
+    srv.lock = threading.Lock()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", log
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("remote")
@@ -85,12 +134,8 @@ def shards(tmp_path_factory):
 def http_server(shards):
     root, _ = shards
     counts = {"range": 0, "whole": 0}
-    handler = type("H", (RangeHandler,), {"counts": counts})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(root)))
-    srv.lock = threading.Lock()
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", counts
-    srv.shutdown()
+    with serve(root, counts=counts) as (base, _):
+        yield base, counts
 
 
 @pytest.fixture(scope="module")

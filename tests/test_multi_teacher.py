@@ -220,6 +220,19 @@ def test_train_resume_export_and_zero_shot_through_the_text_adaptor(caches, runs
     )
     own = {k[len("student.") :]: v for k, v in module["module"].items() if k.startswith("student.")}
     ckpt_student.load_state_dict(own, strict=True)
+    # the ZeRO-2 consolidation (zero_to_fp32) gives the fp32 master weights, adaptors included; the module
+    # holds their bf16 cast (engine.precision=bf16 of the recipe): equal bit for bit once cast, the
+    # buffers (standardisation maps) equal as saved
+    from tipsdistill.distill.checkpoint import consolidated_state_dict
+
+    master = consolidated_state_dict(out / "checkpoints" / "step_00000004")
+    assert set(master) == set(module["module"]) and any(".adaptors.eff." in k for k in master)
+    for k, v in module["module"].items():
+        assert torch.equal(master[k].to(v.dtype), v), k
+    params = {n for n, _ in ckpt_student.named_parameters()}
+    assert any(
+        not torch.equal(master[f"student.{n}"], module["module"][f"student.{n}"].float()) for n in params
+    )  # the master weights are finer than the bf16 module: a consolidated checkpoint is not the export
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     for name, dim, grid in (("tips", 48, 4), ("eff", 24, 4)):
         with torch.no_grad():

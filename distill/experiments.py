@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from tipsdistill.cache import open_cache
+from tipsdistill.cache import extract_features, open_cache
 from tipsdistill.cache.format import layout_from_meta
 from tipsdistill.cache.synthetic import SyntheticScenes
 from tipsdistill.students import load_student
@@ -44,6 +44,7 @@ from .embedded import (
     validation_split,
 )
 from .evaluation import evaluate_segmentation, resolve_class_embeddings
+from .evaluation.probe import probe
 from .evaluation.retrieval import retrieval_recall
 from .evaluation.segmentation import resolve_readout
 
@@ -70,6 +71,71 @@ class Variant:
     overrides: tuple[str, ...] = ()
     pretrain: str = ""
     own_text: bool = False
+    teachers: tuple[str, ...] = ()  # a several-teacher run: these teachers' caches (:data:`MULTI_TEACHERS`)
+
+
+# the teachers of the several-teacher variants: the embedded teacher (text-aligned, the benchmark's cache)
+# and the bundled EfficientNet-Lite0 (ImageNet weights; a CNN, 1280 wide, stride 32: a 4x4 grid at 128 px)
+MULTI_TEACHERS: dict[str, dict[str, Any]] = {
+    "tips": {"entry": {"text": True}},
+    "eff": {
+        "teacher": "efficientnet-lite0",
+        "cache": {"image_size": 128, "storage": "int8"},
+        "entry": {"hidden_dim": 256},
+    },
+}
+
+
+def multi_teacher_variants() -> dict[str, Variant]:
+    """``multi_tips_eff_seed*``: the embedded teacher + EfficientNet-Lite0 into one student (adaptor heads,
+    PHI-S, cosine terms, :mod:`distill.multi`); ``multi_tips_seed*``: the same losses with the embedded
+    teacher alone (the single-teacher student at the same budget)."""
+    return {
+        f"{prefix}_seed{seed}": Variant((f"seed={seed}",), teachers=names)
+        for prefix, names in (("multi_tips_eff", ("tips", "eff")), ("multi_tips", ("tips",)))
+        for seed in range(3)
+    }
+
+
+def multi_teacher_caches(
+    bench: DemoConfig, out: Path, tips_cache: str, names: Sequence[str]
+) -> dict[str, str]:
+    """The stage-1 cache of each teacher in ``names`` over the benchmark's training split: the embedded
+    teacher's is ``tips_cache``; the others are built once into ``out/cache_<name>``."""
+    paths = {}
+    for name in names:
+        spec = MULTI_TEACHERS[name]
+        if "teacher" not in spec:
+            paths[name] = tips_cache
+            continue
+        dest = out / f"cache_{name}"
+        if not (dest / "index.h5").is_file():
+            extract_features(
+                out=str(dest),
+                teacher=spec["teacher"],
+                dataset="synthetic",
+                dataset_kwargs={
+                    "split": "train",
+                    "size": bench.train_size,
+                    "image_size": bench.image_size,
+                    "seed": bench.data_seed,
+                },
+                resize="exact",
+                granularities=[],
+                batch_size=bench.cache_batch,
+                num_workers=0,
+                device="cpu",
+                progress=False,
+                **spec["cache"],
+            )
+        paths[name] = str(dest / "index.h5")
+    return paths
+
+
+def teachers_override(paths: dict[str, str]) -> str:
+    """The ``teachers=[...]`` override of a several-teacher variant."""
+    entries = [{"name": n, "path": p, **MULTI_TEACHERS[n]["entry"]} for n, p in paths.items()]
+    return "teachers=" + json.dumps(entries)
 
 
 def text_tower(tokenizer: str | Path) -> dict[str, Any]:
@@ -168,6 +234,7 @@ def variants(
         "distill_text_frozen": tower({**text_tower(tokenizer), "freeze": True}),
         "distill_text_pretrained": tower(teacher_text_tower(teacher_path)),
         "distill_text_pretrained_frozen": tower(teacher_text_tower(teacher_path, freeze=True)),
+        **multi_teacher_variants(),
     }
 
 
@@ -261,6 +328,21 @@ def _own_text_extras(
     return text, extra
 
 
+def _adaptor_extras(student: Any, names: Sequence[str], val: Any) -> dict[str, Any]:
+    """Linear probes (:func:`distill.evaluation.probe.probe`) of the student through each adaptor:
+    CLS AUC and the last block's patch mIoU (all / objects) per teacher."""
+    probes = {}
+    for name in names:
+        p = probe(student.adaptor(name), val)
+        last = p["patch"][-1]
+        probes[name] = {
+            "cls_auc": p["cls_auc"],
+            "patch_miou": last["miou"],
+            "patch_miou_objects": last["miou_objects"],
+        }
+    return {"zero_shot_through": names[0], "probes": probes}
+
+
 def _cache_facts(path: str) -> dict[str, Any]:
     """Storage facts of the stage-1 cache the runs read (recorded in ``experiments.json``)."""
     cache = open_cache(path)
@@ -320,13 +402,21 @@ def run_experiments(
     for name in names:
         v = all_variants[name]
         t0 = time.time()
-        tcfg = variant_config(bench, v, out, cache_path, name, base)
+        if v.teachers:  # several teachers: no cache.path, the teachers' caches instead
+            paths = multi_teacher_caches(bench, out, cache_path, v.teachers)
+            v = Variant((*v.overrides, teachers_override(paths)), teachers=v.teachers)
+            tcfg = variant_config(bench, v, out, "", name, base)
+        else:
+            tcfg = variant_config(bench, v, out, cache_path, name, base)
         logger.info("run %s: %s", name, list(v.overrides))
         export = reuse[name] if name in reuse else stage_distill(tcfg)
         student = load_student(export)
         run_text, extra = (
             _own_text_extras(student, teacher, val, bench, results) if v.own_text else (text, {})
         )
+        if v.teachers:
+            extra = _adaptor_extras(student, v.teachers, val)
+            student = student.adaptor(v.teachers[0])  # zero-shot through the text-aligned teacher's adaptor
         metrics = evaluate({name: student}, val, run_text, bench)[name]
         results["runs"][name] = {
             "overrides": [*base, *v.overrides],

@@ -461,16 +461,22 @@ class MultiTargets(Targets):
         }
 
     def per_teacher(
-        self, batch: Mapping[str, Any], name: str, grid: tuple[int, int]
+        self, batch: Mapping[str, Any], name: str, grid: tuple[int, int], adaptor: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher ``name``'s ``patch (B, h, w, D_t)`` aligned to the student's crop and ``cls (B, C_t, D_t)``."""
+        """Teacher ``name``'s ``patch (B, h, w, D_t)`` aligned to the student's crop and ``cls (B, C_t, D_t)``;
+        with ``adaptor`` (:class:`students.adaptors.TeacherAdaptor`) standardised by it, on the teacher's own
+        grid before the alignment (the standardisation is affine and the alignment a convex interpolation,
+        so the order does not change the targets; the teacher's grid is usually the smaller)."""
         feats = batch["teachers"][name]
         patch = decode(feats["patch"], feats.get("patch_scale"), **self.bases[name].get("patch", {}))
+        cls = decode(feats["cls"], feats.get("cls_scale"))
+        if adaptor is not None:
+            patch, cls = adaptor.standardise("patch", patch), adaptor.standardise("cls", cls)
         patch = patch.view(patch.shape[0], *self.grids[name], patch.shape[-1])
         ratios = batch["host"][f"t_ratio/{name}"]
         order = feats["t_order"] if len(set(ratios)) > 1 else None
         t_patch = align_teacher_maps(patch, feats["t_roi"], ratios, feats["t_flip"], grid, order)
-        return t_patch, decode(feats["cls"], feats.get("cls_scale"))
+        return t_patch, cls
 
     def __call__(self, batch: Mapping[str, Any], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The first teacher's tokens (the task reads every teacher with :meth:`per_teacher`)."""
@@ -518,14 +524,14 @@ class MultiTaskModule(TaskModule):
         valid = batch["host"]["teacher_valid"]
         for name, entry in self.entries.items():
             adaptor = self.student.adaptors[name]
-            t_patch, t_cls = self.targets.per_teacher(batch, name, grid)
+            t_patch, t_cls = self.targets.per_teacher(batch, name, grid, adaptor)  # standardised
             ok = torch.tensor(valid[name], dtype=torch.bool, device=pixels.device)
             dtype = adaptor.patch.fc1.weight.dtype
             s_patch = adaptor.patch(feats.patch.to(dtype)).float()  # (B, h, w, D_t)
             s_cls = adaptor.cls(feats.cls[:, :1].to(dtype)).float()  # (B, 1, D_t)
             pairs = (
-                ("patch", s_patch, adaptor.standardise("patch", t_patch), mask, entry.patch_weight),
-                ("cls", s_cls, adaptor.standardise("cls", t_cls[:, :1]), None, entry.cls_weight),
+                ("patch", s_patch, t_patch, mask, entry.patch_weight),
+                ("cls", s_cls, t_cls[:, :1], None, entry.cls_weight),
             )
             for which, s, t, m, w in pairs:
                 if w <= 0 or entry.weight <= 0:

@@ -13,6 +13,13 @@ One run measures, on the same machine and settings:
    machine whose small student kernels turn FLOPs into time slower than the teacher's large ones (the
    FLOP bound assumes one rate for both).
 
+With ``--caches 2,3`` it measures the several-teacher path instead (:mod:`distill.multi`): K stage-1
+caches of K random timm teachers of different widths and grids over the same images, then one run per
+K (``teachers=[...]``, adaptor heads, PHI-S) plus the one-cache run of the same student (``cache.path``,
+the recipe's heads), each in its own process: seconds per step, data wait as a share of the step
+(goal <= 5 %, as for one cache), and the step cost of the adaptors (time against the one-cache run and
+the adaptors' share of the step's FLOPs). Writes ``bench_train_multi.json``.
+
 Prints a table and writes ``bench_train.json`` to ``--out``. Small defaults run on a laptop CPU in a
 few minutes; scale ``--image-size``/``--batch`` up on a GPU.
 """
@@ -189,7 +196,118 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-dim", type=int, default=256)
     p.add_argument("--teacher-depth", type=int, default=8)
     p.add_argument("--head-out", type=int, default=256, help="prototypes of the DINO heads")
+    p.add_argument(
+        "--caches",
+        default="",
+        help="comma-separated teacher counts (e.g. 2,3): benchmark the several-teacher path with that many "
+        "caches instead of cached vs online",
+    )
     return p
+
+
+# the teachers of the several-teacher benchmark: (embed_dim, patch, cache image size), widths and grids
+# all different; the first is the teacher of the one-cache run
+MULTI_TEACHERS = ((256, 8, None), (192, 16, 128), (384, 16, None))
+
+
+def multi_teacher_caches(args: argparse.Namespace, out: Path, count: int) -> list[Path]:
+    """``count`` stage-1 caches of random timm teachers (:data:`MULTI_TEACHERS`) over the same images."""
+    from tipsdistill.cache import build_dataset, extract_features
+    from tipsdistill.teachers.timm_teacher import build_timm_teacher
+
+    if count > len(MULTI_TEACHERS):
+        raise SystemExit(f"--caches: at most {len(MULTI_TEACHERS)} teachers")
+    ds = build_dataset("synthetic", split="train", size=args.images, image_size=args.image_size)
+    paths = []
+    for k, (dim, patch, size) in enumerate(MULTI_TEACHERS[:count]):
+        size = size or args.image_size
+        dest = out / f"cache{k}"
+        paths.append(dest)
+        if (dest / "index.h5").is_file():
+            continue
+        torch.manual_seed(k)
+        teacher = build_timm_teacher(
+            "vit_tiny_patch16_224", img_size=size, patch_size=patch, embed_dim=dim, depth=2, num_heads=4
+        ).freeze()
+        extract_features(
+            dict(
+                out=str(dest), image_size=size, batch_size=32, num_workers=0, progress=False, granularities=[]
+            ),
+            teacher=teacher,
+            dataset=ds,
+        )
+    return paths
+
+
+def teachers_override(paths: list[Path]) -> str:
+    return "teachers=[" + ", ".join(f"{{name: t{k}, path: {p}}}" for k, p in enumerate(paths)) + "]"
+
+
+def multi_step_flops(args: argparse.Namespace, paths: list[Path]) -> tuple[float, float]:
+    """FLOPs of one several-teacher training step (forward + backward) and of its adaptor heads alone."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.multi import build_multi_task
+    from tipsdistill.distill.train import _Loader, _to_device
+
+    cfg = load_config(
+        "distill",
+        [teachers_override(paths), *distill_overrides(args), "data.num_workers=0", "output_dir=unused"],
+    )
+    built = build_multi_task(cfg, device=torch.device("cpu"))
+    loader = _Loader(built.dataset, built.sampler, cfg)
+    batch = _to_device(loader.next(), torch.device("cpu"))
+    loader.feeder.close()
+    with FlopCounterMode(display=False) as fc:
+        sum(built.task(batch, teacher_temp=cfg.loss.teacher_temp).values()).backward()
+    total = float(fc.get_total_flops())
+    # the adaptors alone: their forward + backward on the student's token shapes of this batch
+    student = built.student
+    grid = args.image_size // args.patch
+    x = torch.rand(args.batch, grid, grid, student.embed_dim, requires_grad=True)
+    c = torch.rand(args.batch, 1, student.embed_dim, requires_grad=True)
+    with FlopCounterMode(display=False) as fa:
+        for adaptor in student.adaptors.values():
+            (adaptor.patch(x).sum() + adaptor.cls(c).sum()).backward()
+    return total, float(fa.get_total_flops())
+
+
+def main_multi(args: argparse.Namespace, out: Path) -> int:
+    """The several-teacher benchmark (``--caches``); see the module docstring."""
+    counts = sorted({int(c) for c in args.caches.split(",") if c})
+    paths = multi_teacher_caches(args, out, max(counts))
+    rows: dict[str, dict[str, Any]] = {}
+    log = _train(args, out / "one_cache", [f"cache.path={paths[0]}"])
+    rows["1 cache (cache.path, heads)"] = {"log": log, "paths": paths[:1]}
+    for k in [1, *counts] if 1 not in counts else counts:
+        log = _train(args, out / f"caches{k}", [teachers_override(paths[:k])])
+        rows[f"{k} cache{'s' if k > 1 else ''} (teachers, adaptors)"] = {"log": log, "paths": paths[:k]}
+    base = step_time(rows["1 cache (cache.path, heads)"]["log"], args.batch, args.warmup)
+    res: dict[str, Any] = {
+        "settings": vars(args),
+        "teachers": [list(t) for t in MULTI_TEACHERS[: max(counts)]],
+    }
+    lines = [
+        "\n| run | s/step | vs one cache | data wait / step (goal <= 5 %) | adaptor FLOPs / step FLOPs |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        s = step_time(r["log"], args.batch, args.warmup)
+        wait = data_wait_fraction(r["log"], args.batch, args.warmup)
+        share = ""
+        entry = {"s_per_step": s, "vs_one_cache": s / base, "data_wait_fraction": wait}
+        if "adaptors" in name:
+            total, adapt = multi_step_flops(args, r["paths"])
+            entry.update(flops_step=total, flops_adaptors=adapt)
+            share = f"{100 * adapt / total:.1f} %"
+        rows[name] = entry
+        lines.append(f"| {name} | {s:.3f} | {s / base:.2f}x | {100 * wait:.1f} % | {share} |")
+    res["runs"] = rows
+    res["device"] = "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    (out / "bench_train_multi.json").write_text(json.dumps(res, indent=2))
+    print("\n".join(lines))
+    return 0
 
 
 def saved_teacher(args: argparse.Namespace, out: Path) -> tuple[Any, Path]:
@@ -307,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.caches:
+        return main_multi(args, out)
     teacher, ckpt = saved_teacher(args, out)
     flops = measure_flops(args, teacher)
     cache_dir = out / "cache"

@@ -42,6 +42,11 @@ locked cached caption embeddings) and ``distill_text`` (random init, trained):
   + the teacher's trained projection: ``student.kwargs.text={kind: teacher, teacher: embedded}``);
 - ``distill_text_pretrained_frozen``: the same copy frozen (the teacher's text, computed online).
 
+Several teachers (``distill.multi``): ``multi_tips_eff_seed0..2``, the embedded teacher + the bundled
+EfficientNet-Lite0 (its cache built once into ``OUT/cache_eff``) into one student, measured zero-shot
+through the ``tips`` adaptor with linear probes through each adaptor (``probes`` in the JSON);
+``multi_tips_seed0..2``, the same adaptor losses with the embedded teacher alone.
+
 Prints a table (mean and spread over seeds) and writes ``experiments.json`` / ``experiments.md``.
 
     python -m tipsdistill.scripts.experiments --out runs/experiments            # everything (long on 2 cores)

@@ -70,9 +70,10 @@ def balancing_rotation(eigenvalues: torch.Tensor) -> torch.Tensor:
         # rotate (i, j) by theta: new d_i = a cos^2 + b sin^2 = target
         s2 = (a - target) / (a - b)
         c, s = math.sqrt(1.0 - s2), math.sqrt(s2)
-        g = torch.eye(d, dtype=torch.float64)
-        g[i, i], g[i, j], g[j, i], g[j, j] = c, s, -s, c
-        rot = g @ rot
+        # rot = G @ rot with G the Givens rotation of (i, j): only rows i and j change (O(D), not O(D^3))
+        ri, rj = rot[i].clone(), rot[j]
+        rot[i] = c * ri + s * rj
+        rot[j] = -s * ri + c * rj
         diag[i], diag[j] = target, a + b - target
     return rot
 
@@ -223,6 +224,8 @@ class AdaptedEncoder(DenseEncoder):
         self.num_layers = int(getattr(student, "num_layers", 0))
         self.has_text = False
         self.config = dict(getattr(student, "config", {}) or {})
+        if hasattr(student, "readouts"):  # a feature-map student: no value-trick readout (patch only)
+            self.readouts = tuple(student.readouts)
 
     @property
     def text_dim(self) -> int:

@@ -62,6 +62,7 @@ CONFIG_KEYS = (
     "factory_kwargs",
     "probe_size",
     "img_size",
+    "adaptors",  # per-teacher adaptor heads (students.adaptors), several-teacher runs
 )
 
 
@@ -330,6 +331,7 @@ def build_featuremap_student(
     probe_size: int = 224,
     img_size: int | None = None,
     overrides: dict[str, Any] | None = None,
+    adaptors: dict[str, dict[str, Any]] | None = None,
     **kw_overrides: Any,
 ) -> FeatureMapStudent:
     """Build a feature-map student (random init by default).
@@ -351,6 +353,7 @@ def build_featuremap_student(
         img_size: the nominal input size (recorded, as the ViT recipes set it; not passed to the network,
             which takes any multiple of its stride).
         overrides / **kw_overrides: timm ``create_model`` kwargs (``depths``, ``dims``, ``layers``...).
+        adaptors: per-teacher adaptor heads, name -> spec (:func:`students.adaptors.attach_adaptors`).
     Returns:
         :class:`FeatureMapStudent`; ``student.config`` rebuilds the architecture (with the resolved stage).
     """
@@ -422,6 +425,10 @@ def build_featuremap_student(
         check_inputs=check_inputs,
         config=config,
     )
+    if adaptors:
+        from .adaptors import attach_adaptors
+
+        attach_adaptors(student, adaptors)
     logger.info(
         "student %s: stage %s (stride %d, width %d) -> %d-wide tokens, %d global tokens, %.2fM params",
         name,

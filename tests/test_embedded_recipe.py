@@ -40,7 +40,8 @@ TEACHER_CFG = {"overrides": {"embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_r
 TEXT_TOWERS = ("distill_text_frozen", "distill_text_pretrained", "distill_text_pretrained_frozen")
 WIDTHS = tuple(f"w{w}_seed{s}" for w in (64, 192) for s in range(3))
 ARCHS = tuple(f"{a}_seed{s}" for a in ("convnext_s8", "mnv4_s16") for s in range(3))  # issue 30's students
-NEWER = (*TEXT_TOWERS, *WIDTHS, *ARCHS)
+MULTI = tuple(f"{p}_seed{s}" for p in ("multi_tips_eff", "multi_tips") for s in range(3))  # issue 31
+NEWER = (*TEXT_TOWERS, *WIDTHS, *ARCHS, *MULTI)
 
 
 def new_configs() -> dict[str, object]:

@@ -220,6 +220,19 @@ def test_train_resume_export_and_zero_shot_through_the_text_adaptor(caches, runs
     )
     own = {k[len("student.") :]: v for k, v in module["module"].items() if k.startswith("student.")}
     ckpt_student.load_state_dict(own, strict=True)
+    # the ZeRO-2 consolidation (zero_to_fp32) gives the fp32 master weights, adaptors included; the module
+    # holds their bf16 cast (engine.precision=bf16 of the recipe): equal bit for bit once cast, the
+    # buffers (standardisation maps) equal as saved
+    from tipsdistill.distill.checkpoint import consolidated_state_dict
+
+    master = consolidated_state_dict(out / "checkpoints" / "step_00000004")
+    assert set(master) == set(module["module"]) and any(".adaptors.eff." in k for k in master)
+    for k, v in module["module"].items():
+        assert torch.equal(master[k].to(v.dtype), v), k
+    params = {n for n, _ in ckpt_student.named_parameters()}
+    assert any(
+        not torch.equal(master[f"student.{n}"], module["module"][f"student.{n}"].float()) for n in params
+    )  # the master weights are finer than the bf16 module: a consolidated checkpoint is not the export
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     for name, dim, grid in (("tips", 48, 4), ("eff", 24, 4)):
         with torch.no_grad():
@@ -256,3 +269,66 @@ def test_two_processes_zero3(caches, runs):
     res = _result("z3x2", runs, caches, ["engine.zero_stage=3", "steps=2", "checkpoint.every=0"], nproc=2)
     assert res["step"] == 2 and {"tips/patch", "eff/cls", "clip"} <= set(res["log"][-1])
     assert all(np.isfinite(r["loss"]) for r in res["log"])
+
+
+def test_featuremap_student_with_adaptors(caches, runs):
+    """A convolutional student (timm ConvNeXt, stride 8) carries the adaptors: a few steps, export,
+    reload with the adaptor outputs of the trained module state, zero-shot through ``@tips`` (patch readout)."""
+    from tipsdistill.distill.evaluation import evaluate_segmentation, resolve_class_embeddings
+    from tipsdistill.distill.evaluation.datasets import build_eval_dataset
+    from tipsdistill.distill.evaluation.models import build_model
+    from tipsdistill.distill.evaluation.segmentation import SegmentationSettings, resolve_readout
+    from tipsdistill.students import load_student
+    from tipsdistill.students.featuremap import FeatureMapStudent
+
+    conv = {"feature_stride": 8, "dim": 32, "depths": [1, 1, 1, 1], "dims": [16, 24, 32, 48], "img_size": 32}
+    overrides = [o for o in _overrides(caches, runs / "conv" / "out") if not o.startswith("student.")]
+    res = run_subprocess(
+        {
+            "result": str(runs / "conv" / "result.json"),
+            "overrides": [
+                *overrides,
+                "student.name=convnext_atto",
+                "student.kwargs=" + json.dumps(conv),
+                "engine.precision=fp32",
+                "steps=2",
+                "engine.zero_stage=0",
+            ],
+        },
+        timeout=600,
+    )
+    assert "error" not in res, res["error"] + "\n" + res.get("stderr", "")
+    assert res["step"] == 2 and {"tips/patch", "eff/patch", "clip"} <= set(res["log"][-1])
+    out = runs / "conv" / "out"
+    exported = load_student(out / "export")
+    assert isinstance(exported, FeatureMapStudent) and sorted(exported.adaptors) == ["eff", "tips"]
+    trained = load_student(out / "export")
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.zero_()
+    module = torch.load(
+        out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt", weights_only=False
+    )
+    trained.load_state_dict(
+        {k[len("student.") :]: v for k, v in module["module"].items() if k.startswith("student.")},
+        strict=True,
+    )
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for name, dim in (("tips", 48), ("eff", 24)):
+        view = exported.adaptor(name)
+        assert resolve_readout(view, "tips") == "patch"  # no value trick without attention
+        with torch.no_grad():
+            a, b = view.encode_image(pixels), trained.eval().adaptor(name).encode_image(pixels)
+        assert a.patch.shape == (2, 4, 4, dim) and a.cls.shape == (2, 2, dim)
+        assert torch.equal(a.patch, b.patch) and torch.equal(a.cls, b.cls)
+    dataset = build_eval_dataset("synthetic", {"split": "validation", "size": 4, "image_size": 32})
+    text = resolve_class_embeddings(
+        dataset.class_names, text_model=tiny_teacher(), templates="tcl", cache_dir=None
+    )
+    settings = SegmentationSettings(
+        image_size=32, window=32, stride=24, readout="tips", resize_backend="torch"
+    )
+    metrics = evaluate_segmentation(
+        build_model(f"student:{out / 'export'}@tips"), dataset, text, settings, progress=False
+    )
+    assert 0.0 <= metrics["metrics"]["miou"] <= 100.0

@@ -134,11 +134,20 @@ def variants(
     # students of other architectures at the ViT student's budget (0.47M parameters, the same steps): a
     # ConvNeXt read at stride 8 (the teacher's 8x8 grid at 64 px) and a MobileNetV4 at stride 16 (4x4: the
     # teacher grid is area-averaged to it), both with 96-wide tokens (the teacher's text width)
+    # (issue 30 diagnosis) ``*_ls1``: timm's ConvNeXt layer scale initialised at 1 (the ViT student's
+    # init_values) instead of 1e-6; ``*_fpn``: the stride-8 stage with the deeper stages fused top-down
+    # (students.featuremap ``fuse_stages``), the ConvNeXt narrowed to stay near the budget
+    cnx_s8 = {"feature_stride": 8, "dim": 96, "dims": [48, 96, 160, 320], "depths": [2, 4, 6, 2]}
+    cnx_fpn = {"feature_stride": 8, "fuse_stages": [2, 3], "dim": 96, "dims": [24, 48, 96, 160]}
     archs = {
-        "convnext_s8": {"feature_stride": 8, "dim": 96, "dims": [48, 96, 160, 320], "depths": [2, 4, 6, 2]},
+        "convnext_s8": cnx_s8,
+        "convnext_s8_ls1": {**cnx_s8, "ls_init_value": 1.0},
+        "convnext_fpn": {**cnx_fpn, "depths": [1, 1, 3, 1]},
+        "convnext_fpn_ls1": {**cnx_fpn, "depths": [1, 1, 3, 1], "ls_init_value": 1.0},
         "mnv4_s16": {"feature_stride": 16, "dim": 96},
+        "mnv4_fpn": {"feature_stride": 8, "fuse_stages": [3], "dim": 96},
     }
-    arch_names = {"convnext_s8": "convnext_atto", "mnv4_s16": "mobilenetv4_conv_small"}
+    arch_names = {k: "mobilenetv4_conv_small" if k.startswith("mnv4") else "convnext_atto" for k in archs}
     other_archs = {
         f"{key}_seed{seed}": Variant(
             (f"seed={seed}", f"student.name={arch_names[key]}", "student.kwargs=" + json.dumps(kw))

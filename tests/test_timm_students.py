@@ -104,6 +104,57 @@ def test_family_builds_masks_exports_and_matches_onnx(name, tmp_path) -> None:
     )
 
 
+def test_fused_stages_match_a_reference_fpn_and_export(tmp_path) -> None:
+    """``fuse_stages``: the stride-8 stage plus the deeper stages, each through its 1x1 lateral, summed
+    top-down with bilinear upsampling (computed here by hand from the backbone's own intermediates); the
+    backbone keeps the stages up to the deepest fused one; export, reload and ONNX (dynamic size) agree."""
+    from tipsdistill.distill.export import add_onnx, export_student
+    from tipsdistill.students import load_student
+
+    student = _tiny("convnext_atto", fuse_stages=[2, -1]).eval()
+    assert student.fuse_stages == [2, 3] and student.config["fuse_stages"] == [2, 3]
+    assert student.proj is None and len(student.laterals) == 3
+    x = torch.rand(2, 3, 64, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        m8, m16, m32 = student.backbone.forward_intermediates(
+            student.normalise(x), indices=[1, 2, 3], intermediates_only=True
+        )
+        lat = student.laterals
+
+        def up(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(t, size=ref.shape[-2:], mode="bilinear", align_corners=False)
+
+        ref = lat[0](m8) + up(lat[1](m16) + up(lat[2](m32), m16), m8)
+        ref = student.norm(ref.permute(0, 2, 3, 1))
+        feats = student.encode_image(x)
+    assert feats.patch.shape == (2, 8, 4, 32)
+    assert torch.allclose(feats.patch, ref, atol=1e-6)
+    # the stride-32 stage reaches every token (its lateral changed: all tokens change)
+    with torch.no_grad():
+        saved = lat[2].weight.clone()
+        lat[2].weight.add_(torch.randn(saved.shape, generator=torch.Generator().manual_seed(3)))
+        assert (student.encode_image(x).patch - feats.patch).abs().amax(-1).amin() > 1e-3
+        lat[2].weight.copy_(saved)
+    # pruned after the deepest fused stage only: fusing stage 2 drops stage 3
+    assert len(_tiny("convnext_atto", fuse_stages=[2]).backbone.stages) == 3
+    out = export_student(student, tmp_path / "fpn")
+    again = load_student(out)
+    with torch.no_grad():
+        assert torch.equal(again.encode_image(x).patch, feats.patch)
+    # the export's own check: onnxruntime vs PyTorch on two batches, one of another height and width
+    add_onnx(out, again, image_size=32, dynamic_size=True)
+    onnx_facts = json.loads((out / "config.json").read_text())["onnx"]
+    assert onnx_facts["dynamic_size"] and onnx_facts["max_abs_diff"] <= 1e-4
+    with pytest.raises(ValueError, match="deeper than the read stage 1"):
+        _tiny("convnext_atto", fuse_stages=[1])
+    with pytest.raises(ValueError, match="out of range"):
+        _tiny("convnext_atto", fuse_stages=[7])
+    with pytest.raises(ValueError, match="no stages to fuse"):
+        from tipsdistill.students import build_student
+
+        build_student("python:tests.test_timm_students:tiny_convnet", fuse_stages=[1])
+
+
 def test_teacher_grid_resampled_to_the_student_grid_as_the_reference() -> None:
     """Targets go teacher grid -> student grid (roi_align, ``distill.data``): downsampling by an integer
     factor is the area mean (avg_pool), upsampling is bilinear interpolation (align_corners=False), and a

@@ -308,3 +308,32 @@ def test_trains_resumes_exports_and_evaluates(name, stage, stride, teacher_cache
     result = json.loads((res_dir / "results.json").read_text())["models"]["student"]
     assert result["readout"] == "patch"
     assert result["metrics"]["miou"] == pytest.approx(evals[-1]["eval/miou"], abs=1e-9)
+
+
+def test_pareto_figure_from_a_results_json(tmp_path) -> None:
+    from tipsdistill.scripts.plot_students import main, pareto_front, read_results
+
+    pts = [(10.0, 5.0, "a"), (20.0, 4.0, "b"), (15.0, 3.0, "c"), (5.0, 6.0, "d")]
+    assert [p[2] for p in pareto_front(pts)] == ["d", "a", "b"]  # c: b is faster and better
+    rows = [
+        {"model": m, "size": s, "torch_img_s": v * s / 64, "ort_img_s": None if m == "x" else 2 * v}
+        for m, v in (("teacher", 30.0), ("vit_student", 33.0), ("convnext_fpn", 70.0), ("x", 1.0))
+        for s in (64, 224)
+    ]
+    res = tmp_path / "results.json"
+    res.write_text(
+        json.dumps(
+            {
+                "miou": {"teacher": 14.2, "vit_student": [27.8, 26.0], "convnext_fpn": [9.0]},
+                "throughput": rows,
+            }
+        )
+    )
+    miou, got = read_results(res)
+    assert miou["teacher"] == [14.2] and len(got) == 8
+    assert main([str(res), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"miou": {}, "throughput": [{"model": "teacher"}]}))
+    with pytest.raises(ValueError, match="row 0 lacks"):
+        read_results(bad)

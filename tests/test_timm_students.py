@@ -337,3 +337,20 @@ def test_pareto_figure_from_a_results_json(tmp_path) -> None:
     bad.write_text(json.dumps({"miou": {}, "throughput": [{"model": "teacher"}]}))
     with pytest.raises(ValueError, match="row 0 lacks"):
         read_results(bad)
+
+
+def test_bench_students_builds_the_teacher_tower_natively_at_another_size() -> None:
+    """At 224 px the bench times the teacher's architecture built there (an in-graph position-table resize
+    has no ONNX export): the same blocks and widths, a larger position table."""
+    from tipsdistill.scripts.bench_students import STUDENTS, build
+
+    native, big = build("teacher", 64), build("teacher", 128)
+    with torch.no_grad():
+        out = big.encode_image(torch.rand(1, 3, 128, 128))
+    assert out.patch.shape == (1, 16, 16, native.embed_dim) and len(big.vit.blocks) == len(native.vit.blocks)
+    tower = sum(
+        p.numel() for n, p in native.named_parameters() if n.startswith("vit.") and "pos_embed" not in n
+    )
+    skip = ("pos_embed", "mask_token")  # the student's iBOT mask token is not in the teacher's tower
+    assert sum(p.numel() for n, p in big.named_parameters() if not any(k in n for k in skip)) == tower
+    assert {"vit_student", "convnext_s8", "convnext_fpn", "mnv4_s16"} <= set(STUDENTS)

@@ -60,6 +60,31 @@ BASES: dict[str, tuple[str, ...]] = {
 }
 
 
+# students of other architectures (issue 30) at about the ViT student's budget (0.47M parameters, the same
+# steps), all with 96-wide tokens (the teacher's text width): key -> (timm name, student kwargs).
+# ``convnext_s8``: a ConvNeXt read at stride 8 (the teacher's 8x8 grid at 64 px), pruned after that stage;
+# ``mnv4_s16``: a MobileNetV4 at stride 16 (4x4: the teacher grid is area-averaged to it); ``*_ls1``: timm's
+# ConvNeXt layer scale initialised at 1 (as the ViT student's init_values) instead of 1e-6; ``*_fpn``: the
+# stride-8 stage with the deeper stages fused top-down (students.featuremap ``fuse_stages``), the ConvNeXt
+# narrowed to stay near the budget. ``scripts/bench_students.py`` times the same models.
+_CNX_S8 = {"feature_stride": 8, "dim": 96, "dims": [48, 96, 160, 320], "depths": [2, 4, 6, 2]}
+_CNX_FPN = {
+    "feature_stride": 8,
+    "fuse_stages": [2, 3],
+    "dim": 96,
+    "dims": [24, 48, 96, 160],
+    "depths": [1, 1, 3, 1],
+}
+ARCH_STUDENTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "convnext_s8": ("convnext_atto", _CNX_S8),
+    "convnext_s8_ls1": ("convnext_atto", {**_CNX_S8, "ls_init_value": 1.0}),
+    "convnext_fpn": ("convnext_atto", _CNX_FPN),
+    "convnext_fpn_ls1": ("convnext_atto", {**_CNX_FPN, "ls_init_value": 1.0}),
+    "mnv4_s16": ("mobilenetv4_conv_small", {"feature_stride": 16, "dim": 96}),
+    "mnv4_fpn": ("mobilenetv4_conv_small", {"feature_stride": 8, "fuse_stages": [3], "dim": 96}),
+}
+
+
 @dataclass(frozen=True)
 class Variant:
     """One experiment: dotted overrides of the embedded recipe.
@@ -197,19 +222,11 @@ def variants(
         for w in (64, 192)
         for seed in range(3)
     }
-    # students of other architectures at the ViT student's budget (0.47M parameters, the same steps): a
-    # ConvNeXt read at stride 8 (the teacher's 8x8 grid at 64 px) and a MobileNetV4 at stride 16 (4x4: the
-    # teacher grid is area-averaged to it), both with 96-wide tokens (the teacher's text width)
-    archs = {
-        "convnext_s8": {"feature_stride": 8, "dim": 96, "dims": [48, 96, 160, 320], "depths": [2, 4, 6, 2]},
-        "mnv4_s16": {"feature_stride": 16, "dim": 96},
-    }
-    arch_names = {"convnext_s8": "convnext_atto", "mnv4_s16": "mobilenetv4_conv_small"}
     other_archs = {
         f"{key}_seed{seed}": Variant(
-            (f"seed={seed}", f"student.name={arch_names[key]}", "student.kwargs=" + json.dumps(kw))
+            (f"seed={seed}", f"student.name={timm_name}", "student.kwargs=" + json.dumps(kw))
         )
-        for key, kw in archs.items()
+        for key, (timm_name, kw) in ARCH_STUDENTS.items()
         for seed in range(3)
     }
     return {

@@ -11,6 +11,13 @@ Two kinds of backbone:
   mapping normalised pixels ``(B, 3, H, W)`` to a map ``(B, C, H / s, W / s)``; its stride ``s`` and
   width ``C`` are read from one forward at build time.
 
+Deeper stages can be fused into the read stage's grid (``fuse_stages``, a light FPN top-down path as
+in feature pyramid networks, Lin et al. 2017): each fused stage ``i`` is
+projected to ``dim`` by a 1x1 convolution (a "lateral"), and from the deepest up, the running map is
+upsampled (bilinear) to the next shallower stage's grid and added to its lateral; the read stage's grid
+(stride ``s``) is the output. The tokens then see the deep stages' receptive field (the whole 64 px
+image at stride 32) at the fine stage's resolution; the backbone is pruned after the deepest fused stage.
+
 On top of the map: an optional 1x1 projection from the stage width ``C`` to ``dim``, a LayerNorm (the
 tokens' "final norm"), and an attention-pooling head (timm ``AttentionPoolLatent``: learned latent
 queries over the dense tokens) that makes ``num_global_tokens`` global tokens (TIPSv2 aligns two:
@@ -38,6 +45,7 @@ import timm
 import torch
 from timm.layers import AttentionPoolLatent
 from torch import nn
+from torch.nn import functional as F
 
 from tipsdistill.teachers.base import DenseEncoder, DenseFeatures, check_pixels
 
@@ -51,6 +59,7 @@ CONFIG_KEYS = (
     "name",
     "overrides",
     "feature_stage",
+    "fuse_stages",
     "dim",
     "num_global_tokens",
     "pool_heads",
@@ -79,7 +88,10 @@ class FeatureMapStudent(Student):
 
     Attributes:
         backbone: the timm model (pruned after ``feature_stage``) or the ``python:`` module.
-        proj: 1x1 convolution ``C -> dim`` (``None`` when ``dim == C``).
+        proj: 1x1 convolution ``C -> dim`` (``None`` when ``dim == C`` or when stages are fused).
+        fuse_stages: the deeper stages fused top-down into the read stage (empty: none).
+        laterals: one 1x1 convolution ``C_i -> dim`` per stage ``(feature_stage, *fuse_stages)`` when
+            fusing (empty otherwise).
         norm: LayerNorm over the ``dim`` channels of each dense token.
         pool: attention pooling ``(B, h*w, dim) -> (B, num_global_tokens, dim)``.
         mask_token: learned ``(3,)`` colour painted over masked cells at the input.
@@ -97,6 +109,7 @@ class FeatureMapStudent(Student):
         stride: int,
         width: int,
         feature_stage: int | None,
+        fuse_widths: Sequence[tuple[int, int]] = (),
         dim: int | None = None,
         num_global_tokens: int = 2,
         pool_heads: int | None = None,
@@ -119,7 +132,21 @@ class FeatureMapStudent(Student):
         self.embed_dim = int(dim or width)
         self.num_layers = 1  # one readout depth: the chosen stage
         self.num_global_tokens = int(num_global_tokens)
-        self.proj = nn.Conv2d(self.width, self.embed_dim, 1) if self.embed_dim != self.width else None
+        # (stage, width) of each deeper stage fused top-down into the read stage (FPN laterals)
+        self.fuse_stages = [int(i) for i, _ in fuse_widths]
+        if self.fuse_stages and feature_stage is None:
+            raise ValueError("fuse_stages needs a timm backbone with stages (not a python: module)")
+        if self.fuse_stages and min(self.fuse_stages) <= int(feature_stage or 0):
+            raise ValueError(
+                f"fuse_stages {self.fuse_stages} must be deeper than the read stage {feature_stage}"
+            )
+        self.laterals = nn.ModuleList(
+            nn.Conv2d(c, self.embed_dim, 1)
+            for c in ([self.width] + [int(c) for _, c in fuse_widths])
+            if self.fuse_stages
+        )
+        no_proj = self.embed_dim == self.width or bool(self.fuse_stages)
+        self.proj = None if no_proj else nn.Conv2d(self.width, self.embed_dim, 1)
         self.norm = nn.LayerNorm(self.embed_dim)
         heads = int(pool_heads or _pool_heads(self.embed_dim))
         if self.embed_dim % heads:
@@ -154,12 +181,25 @@ class FeatureMapStudent(Student):
         return x.to(self.norm.weight.dtype)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels ``(B, 3, H, W)`` -> the backbone's map ``(B, C, H / s, W / s)``."""
+        """Normalised pixels ``(B, 3, H, W)`` -> the backbone's map ``(B, C, H / s, W / s)``; with
+        ``fuse_stages``, the fused map ``(B, dim, H / s, W / s)``."""
         if self.feature_stage is None:
             return self.backbone(x)
-        return self.backbone.forward_intermediates(x, indices=[self.feature_stage], intermediates_only=True)[
-            0
-        ]
+        indices = [self.feature_stage, *self.fuse_stages]
+        maps = self.backbone.forward_intermediates(x, indices=indices, intermediates_only=True)
+        if not self.fuse_stages:
+            return maps[0]
+        return self.fuse(maps)
+
+    def fuse(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """FPN top-down path: maps ``[(B, C_0, h, w), (B, C_1, h_1, w_1), ...]`` of the read stage and the
+        fused stages (shallow to deep) -> ``(B, dim, h, w)``: from the deepest, the running sum is
+        upsampled (bilinear) to the next stage's grid and added to that stage's 1x1 lateral."""
+        out = self.laterals[-1](maps[-1])
+        for lateral, fmap in zip(reversed(self.laterals[:-1]), reversed(maps[:-1])):
+            up = F.interpolate(out, size=fmap.shape[-2:], mode="bilinear", align_corners=False)
+            out = lateral(fmap) + up
+        return out
 
     def _paint_mask(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked cells of ``mask`` ``(B, h*w)`` / ``(B, h, w)`` painted with ``mask_token`` over ``x``."""
@@ -217,10 +257,11 @@ class FeatureMapStudent(Student):
             x = self._paint_mask(x, mask)
         fmap = self.feature_map(x)
         grid = (height // self.patch_size, width // self.patch_size)
-        if tuple(fmap.shape[-2:]) != grid or fmap.shape[1] != self.width:
+        channels = self.embed_dim if self.fuse_stages else self.width
+        if tuple(fmap.shape[-2:]) != grid or fmap.shape[1] != channels:
             raise ValueError(
                 f"the backbone returned a map {tuple(fmap.shape[1:])} for a {height}x{width} input; expected "
-                f"({self.width}, {grid[0]}, {grid[1]}) (width {self.width}, stride {self.patch_size})"
+                f"({channels}, {grid[0]}, {grid[1]}) (width {channels}, stride {self.patch_size})"
             )
         if self.proj is not None:
             fmap = self.proj(fmap)
@@ -231,7 +272,12 @@ class FeatureMapStudent(Student):
     def identity(self) -> dict[str, Any]:
         ident = super().identity()
         ident.update(
-            {"width": self.width, "feature_stage": self.feature_stage, "readouts": list(self.readouts)}
+            {
+                "width": self.width,
+                "feature_stage": self.feature_stage,
+                "fuse_stages": list(self.fuse_stages),
+                "readouts": list(self.readouts),
+            }
         )
         return ident
 
@@ -243,8 +289,10 @@ def _timm_backbone(
     overrides: dict[str, Any],
     feature_stage: int | None,
     feature_stride: int | None,
-) -> tuple[nn.Module, int, int, int, dict[str, Any]]:
-    """The timm model pruned after the chosen stage; returns ``(model, stage, stride, width, pretrained_cfg)``."""
+    fuse_stages: Sequence[int] = (),
+) -> tuple[nn.Module, int, int, int, list[tuple[int, int]], dict[str, Any]]:
+    """The timm model pruned after the chosen stage (or the deepest of ``fuse_stages``); returns
+    ``(model, stage, stride, width, [(fused stage, its width), ...], pretrained_cfg)``."""
     if "num_classes" in overrides and overrides["num_classes"] != 0:
         raise ValueError("students have no classifier; drop num_classes from the overrides")
     try:
@@ -272,9 +320,20 @@ def _timm_backbone(
         if not -len(info) <= stage < len(info):
             raise ValueError(f"feature_stage={stage} is out of range for {name}; its stages are {stages}")
         stage %= len(info)
-    model.prune_intermediate_layers(indices=[stage], prune_head=True)
+    fused = []
+    for i in fuse_stages:
+        if not -len(info) <= int(i) < len(info):
+            raise ValueError(f"fuse_stages entry {i} is out of range for {name}; its stages are {stages}")
+        fused.append(int(i) % len(info))
+    if sorted(set(fused)) != fused or (fused and fused[0] <= stage):
+        raise ValueError(
+            f"fuse_stages {list(fuse_stages)} must be distinct stages deeper than the read stage {stage}, "
+            f"shallow to deep; {name}'s stages are {stages}"
+        )
+    model.prune_intermediate_layers(indices=[stage, *fused], prune_head=True)
     width, stride = info[stage]
-    return model, stage, stride, width, dict(getattr(model, "pretrained_cfg", {}) or {})
+    fuse_widths = [(i, info[i][0]) for i in fused]
+    return model, stage, stride, width, fuse_widths, dict(getattr(model, "pretrained_cfg", {}) or {})
 
 
 def _python_backbone(
@@ -319,6 +378,7 @@ def build_featuremap_student(
     *,
     feature_stage: int | None = None,
     feature_stride: int | None = None,
+    fuse_stages: Sequence[int] | None = None,
     dim: int | None = None,
     num_global_tokens: int = 2,
     pool_heads: int | None = None,
@@ -342,6 +402,9 @@ def build_featuremap_student(
         feature_stage: index into the timm model's ``feature_info`` (negative from the end); default
             ``-1``, the last stage (stride 32 for most ImageNet networks). ``feature_stride``: pick the
             (last) stage of that stride instead (``8``, ``16``: finer grids for dense tasks).
+        fuse_stages: deeper stages (indices as ``feature_stage``, shallow to deep, e.g. ``[2, 3]`` or
+            ``[-1]``) fused top-down into the read stage's grid (see the module docstring); each adds
+            a ``C_i x dim`` 1x1 lateral; default none (the backbone is pruned after the read stage).
         dim: token width after a 1x1 projection; default the stage's width (no projection).
         num_global_tokens: global tokens from the attention pooling (TIPSv2: 2).
         pool_heads: heads of the pooling attention (default: see :func:`_pool_heads`).
@@ -364,7 +427,10 @@ def build_featuremap_student(
             raise ValueError(
                 f"python student {name!r} takes factory_kwargs, not timm overrides {sorted(ov)} / pretrained"
             )
+        if fuse_stages:
+            raise ValueError(f"python student {name!r} has no stages to fuse; drop fuse_stages")
         backbone, stride, width = _python_backbone(name, dict(factory_kwargs or {}), int(probe_size))
+        fuse_widths = []
         stage, default_mean, default_std = None, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     else:
         if not timm.is_model(name):
@@ -373,8 +439,8 @@ def build_featuremap_student(
             raise ValueError(
                 f"factory_kwargs is for python:<module>:<factory> students, not timm model {name!r}"
             )
-        backbone, stage, stride, width, pcfg = _timm_backbone(
-            name, pretrained, ov, feature_stage, feature_stride
+        backbone, stage, stride, width, fuse_widths, pcfg = _timm_backbone(
+            name, pretrained, ov, feature_stage, feature_stride, list(fuse_stages or ())
         )
         default_mean = tuple(pcfg.get("mean", (0.485, 0.456, 0.406)))
         default_std = tuple(pcfg.get("std", (0.229, 0.224, 0.225)))
@@ -406,6 +472,8 @@ def build_featuremap_student(
         "text": tower.arch() if tower is not None else None,
         "check_inputs": check_inputs,
     }
+    if fuse_widths:
+        config["fuse_stages"] = [i for i, _ in fuse_widths]
     if img_size is not None:
         config["img_size"] = int(img_size)
     if name.startswith(PYTHON_PREFIX):
@@ -415,6 +483,7 @@ def build_featuremap_student(
         stride=stride,
         width=width,
         feature_stage=stage,
+        fuse_widths=fuse_widths,
         dim=token_dim,
         num_global_tokens=num_global_tokens,
         pool_heads=pool_heads,
@@ -430,11 +499,13 @@ def build_featuremap_student(
 
         attach_adaptors(student, adaptors)
     logger.info(
-        "student %s: stage %s (stride %d, width %d) -> %d-wide tokens, %d global tokens, %.2fM params",
+        "student %s: stage %s (stride %d, width %d) fused with %s -> %d-wide tokens, %d global tokens, "
+        "%.2fM params",
         name,
         stage,
         stride,
         width,
+        [i for i, _ in fuse_widths] or "no deeper stage",
         token_dim,
         num_global_tokens,
         sum(p.numel() for p in student.parameters()) / 1e6,

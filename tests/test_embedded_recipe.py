@@ -28,7 +28,7 @@ import pytest
 
 from tipsdistill.distill.config import config_to_dict, load_config
 from tipsdistill.distill.embedded import FULL, QUICK, train_config
-from tipsdistill.distill.experiments import BASES, variant_config, variants
+from tipsdistill.distill.experiments import ARCH_STUDENTS, BASES, variant_config, variants
 from tipsdistill.students.variants import VARIANTS, canonical_spelling, expanded_spelling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ TEACHER_CFG = {"overrides": {"embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_r
 # variants added after the fixture was captured (tested in test_experiment_variants_reach_the_train_config)
 TEXT_TOWERS = ("distill_text_frozen", "distill_text_pretrained", "distill_text_pretrained_frozen")
 WIDTHS = tuple(f"w{w}_seed{s}" for w in (64, 192) for s in range(3))
-ARCHS = tuple(f"{a}_seed{s}" for a in ("convnext_s8", "mnv4_s16") for s in range(3))  # issue 30's students
+ARCHS = tuple(f"{a}_seed{s}" for a in ARCH_STUDENTS for s in range(3))  # issue 30's students
 MULTI = tuple(f"{p}_seed{s}" for p in ("multi_tips_eff", "multi_tips") for s in range(3))  # issue 31
 NEWER = (*TEXT_TOWERS, *WIDTHS, *ARCHS, *MULTI)
 

@@ -104,6 +104,57 @@ def test_family_builds_masks_exports_and_matches_onnx(name, tmp_path) -> None:
     )
 
 
+def test_fused_stages_match_a_reference_fpn_and_export(tmp_path) -> None:
+    """``fuse_stages``: the stride-8 stage plus the deeper stages, each through its 1x1 lateral, summed
+    top-down with bilinear upsampling (computed here by hand from the backbone's own intermediates); the
+    backbone keeps the stages up to the deepest fused one; export, reload and ONNX (dynamic size) agree."""
+    from tipsdistill.distill.export import add_onnx, export_student
+    from tipsdistill.students import load_student
+
+    student = _tiny("convnext_atto", fuse_stages=[2, -1]).eval()
+    assert student.fuse_stages == [2, 3] and student.config["fuse_stages"] == [2, 3]
+    assert student.proj is None and len(student.laterals) == 3
+    x = torch.rand(2, 3, 64, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        m8, m16, m32 = student.backbone.forward_intermediates(
+            student.normalise(x), indices=[1, 2, 3], intermediates_only=True
+        )
+        lat = student.laterals
+
+        def up(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(t, size=ref.shape[-2:], mode="bilinear", align_corners=False)
+
+        ref = lat[0](m8) + up(lat[1](m16) + up(lat[2](m32), m16), m8)
+        ref = student.norm(ref.permute(0, 2, 3, 1))
+        feats = student.encode_image(x)
+    assert feats.patch.shape == (2, 8, 4, 32)
+    assert torch.allclose(feats.patch, ref, atol=1e-6)
+    # the stride-32 stage reaches every token (its lateral changed: all tokens change)
+    with torch.no_grad():
+        saved = lat[2].weight.clone()
+        lat[2].weight.add_(torch.randn(saved.shape, generator=torch.Generator().manual_seed(3)))
+        assert (student.encode_image(x).patch - feats.patch).abs().amax(-1).amin() > 1e-3
+        lat[2].weight.copy_(saved)
+    # pruned after the deepest fused stage only: fusing stage 2 drops stage 3
+    assert len(_tiny("convnext_atto", fuse_stages=[2]).backbone.stages) == 3
+    out = export_student(student, tmp_path / "fpn")
+    again = load_student(out)
+    with torch.no_grad():
+        assert torch.equal(again.encode_image(x).patch, feats.patch)
+    # the export's own check: onnxruntime vs PyTorch on two batches, one of another height and width
+    add_onnx(out, again, image_size=32, dynamic_size=True)
+    onnx_facts = json.loads((out / "config.json").read_text())["onnx"]
+    assert onnx_facts["dynamic_size"] and onnx_facts["max_abs_diff"] <= 1e-4
+    with pytest.raises(ValueError, match="deeper than the read stage 1"):
+        _tiny("convnext_atto", fuse_stages=[1])
+    with pytest.raises(ValueError, match="out of range"):
+        _tiny("convnext_atto", fuse_stages=[7])
+    with pytest.raises(ValueError, match="no stages to fuse"):
+        from tipsdistill.students import build_student
+
+        build_student("python:tests.test_timm_students:tiny_convnet", fuse_stages=[1])
+
+
 def test_teacher_grid_resampled_to_the_student_grid_as_the_reference() -> None:
     """Targets go teacher grid -> student grid (roi_align, ``distill.data``): downsampling by an integer
     factor is the area mean (avg_pool), upsampling is bilinear interpolation (align_corners=False), and a
@@ -257,3 +308,49 @@ def test_trains_resumes_exports_and_evaluates(name, stage, stride, teacher_cache
     result = json.loads((res_dir / "results.json").read_text())["models"]["student"]
     assert result["readout"] == "patch"
     assert result["metrics"]["miou"] == pytest.approx(evals[-1]["eval/miou"], abs=1e-9)
+
+
+def test_pareto_figure_from_a_results_json(tmp_path) -> None:
+    from tipsdistill.scripts.plot_students import main, pareto_front, read_results
+
+    pts = [(10.0, 5.0, "a"), (20.0, 4.0, "b"), (15.0, 3.0, "c"), (5.0, 6.0, "d")]
+    assert [p[2] for p in pareto_front(pts)] == ["d", "a", "b"]  # c: b is faster and better
+    rows = [
+        {"model": m, "size": s, "torch_img_s": v * s / 64, "ort_img_s": None if m == "x" else 2 * v}
+        for m, v in (("teacher", 30.0), ("vit_student", 33.0), ("convnext_fpn", 70.0), ("x", 1.0))
+        for s in (64, 224)
+    ]
+    res = tmp_path / "results.json"
+    res.write_text(
+        json.dumps(
+            {
+                "miou": {"teacher": 14.2, "vit_student": [27.8, 26.0], "convnext_fpn": [9.0]},
+                "throughput": rows,
+            }
+        )
+    )
+    miou, got = read_results(res)
+    assert miou["teacher"] == [14.2] and len(got) == 8
+    assert main([str(res), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"miou": {}, "throughput": [{"model": "teacher"}]}))
+    with pytest.raises(ValueError, match="row 0 lacks"):
+        read_results(bad)
+
+
+def test_bench_students_builds_the_teacher_tower_natively_at_another_size() -> None:
+    """At 224 px the bench times the teacher's architecture built there (an in-graph position-table resize
+    has no ONNX export): the same blocks and widths, a larger position table."""
+    from tipsdistill.scripts.bench_students import STUDENTS, build
+
+    native, big = build("teacher", 64), build("teacher", 128)
+    with torch.no_grad():
+        out = big.encode_image(torch.rand(1, 3, 128, 128))
+    assert out.patch.shape == (1, 16, 16, native.embed_dim) and len(big.vit.blocks) == len(native.vit.blocks)
+    tower = sum(
+        p.numel() for n, p in native.named_parameters() if n.startswith("vit.") and "pos_embed" not in n
+    )
+    skip = ("pos_embed", "mask_token")  # the student's iBOT mask token is not in the teacher's tower
+    assert sum(p.numel() for n, p in big.named_parameters() if not any(k in n for k in skip)) == tower
+    assert {"vit_student", "convnext_s8", "convnext_fpn", "mnv4_s16"} <= set(STUDENTS)

@@ -29,8 +29,11 @@ is painted, at the input, with a learned colour (``mask_token``, ``(3,)`` in nor
 over its ``s x s`` pixels; the network then sees the cell only through its context (its receptive
 field reaches over the cell's edges, as SparK / ConvNeXt V2 note for dense convolutions).
 
-There is no value-trick readout (it is an attention trick): :attr:`readouts` is ``("patch",)``, and
-the zero-shot readout of these students is the projected dense tokens.
+Readouts (:attr:`readouts`): ``patch``, the projected dense tokens (what ``tips`` resolves to: there is
+no self-attention for the TIPS value trick), and ``maskclip``, MaskCLIP's readout of an attention pool
+(Zhou et al. 2022 for CLIP's ResNet ``attnpool``): the pool's value and output projections (and its MLP
+residual) applied to every dense token, which puts them in the space of the global tokens that the
+image-text loss aligns with text.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ class FeatureMapStudent(Student):
     """
 
     backbone_key = "backbone"  # the export's model.safetensors holds this module's own state dict
-    readouts = ("patch",)
+    readouts = ("patch", "maskclip")
 
     def __init__(
         self,
@@ -230,15 +233,18 @@ class FeatureMapStudent(Student):
             pixels: ``(B, 3, H, W)`` RGB in [0, 1]; H, W multiples of the stride ``patch_size``.
             mask: optional bool ``(B, h*w)`` or ``(B, h, w)`` over the token grid; True cells are painted
                 with ``mask_token`` at the input.
-            value_trick: must be False (no attention: use the ``patch`` readout).
+            value_trick: with ``value_readout="maskclip"``, also ``value_patch (B, h, w, D)``: the
+                attention pool's values of every token (:meth:`pool_values`); the TIPS value trick
+                (``value_readout="tips"``) needs self-attention and is refused.
             layer: ``None``, ``0`` or ``-1`` (the one stage this student reads).
         Returns:
             :class:`DenseFeatures` with ``cls (B, C, D)`` and ``patch (B, h, w, D)``; gradients flow.
         """
-        if value_trick:
+        if value_trick and value_readout != "maskclip":
             raise ValueError(
-                f"{type(self).__name__} ({self.config.get('name')}) has no attention value trick; "
-                "read its dense tokens with readout 'patch'"
+                f"{type(self).__name__} ({self.config.get('name')}) has no self-attention for the "
+                f"{value_readout!r} value trick; read its dense tokens with readout 'patch', or the attention "
+                "pool's values with readout 'maskclip'"
             )
         if layer not in (None, 0, -1):
             raise ValueError(
@@ -267,7 +273,21 @@ class FeatureMapStudent(Student):
             fmap = self.proj(fmap)
         tokens = self.norm(fmap.permute(0, 2, 3, 1))  # (B, h, w, D)
         cls = self.pool(tokens.flatten(1, 2))  # (B, C, D)
-        return DenseFeatures(cls=cls, patch=tokens)
+        value = self.pool_values(tokens) if value_trick else None
+        return DenseFeatures(cls=cls, patch=tokens, value_patch=value)
+
+    def pool_values(self, tokens: torch.Tensor) -> torch.Tensor:
+        """MaskCLIP's readout of the attention pool: ``(B, h, w, D)`` tokens -> ``(B, h, w, D)``, each token
+        through the pool's value projection, its output projection and its MLP residual, as if the
+        pool's attention put all its weight on that one token (a global token is the attention-weighted
+        mix of exactly these, before the residual's nonlinearity)."""
+        pool = self.pool
+        dim = tokens.shape[-1]
+        v = F.linear(tokens, pool.kv.weight[dim:], None if pool.kv.bias is None else pool.kv.bias[dim:])
+        x = pool.proj(v)
+        if pool.mlp is not None:
+            x = x + pool.mlp(pool.norm(x))
+        return x
 
     def identity(self) -> dict[str, Any]:
         ident = super().identity()

@@ -68,8 +68,15 @@ def test_family_builds_masks_exports_and_matches_onnx(name, tmp_path) -> None:
         student.mask_token.grad is not None and student.mask_token.grad.abs().sum() > 0
     )  # masking reaches it
     student.eval()
-    with pytest.raises(ValueError, match="no attention value trick"):
+    with pytest.raises(ValueError, match="no self-attention for the 'tips' value trick.*'maskclip'"):
         student.encode_image(x, value_trick=True)
+    # MaskCLIP's readout of the attention pool: on a 1x1 grid the pool attends to its one token with
+    # weight 1, so each global token equals that token's pooled value
+    one = student.encode_image(torch.rand(2, 3, 8, 8), value_trick=True, value_readout="maskclip")
+    assert one.value_patch.shape == (2, 1, 1, 32)
+    assert torch.allclose(one.cls, one.value_patch.flatten(1, 2).expand_as(one.cls), atol=1e-5)
+    many = student.encode_image(x, value_trick=True, value_readout="maskclip")
+    assert many.value_patch.shape == (2, 4, 4, 32) and not torch.allclose(many.value_patch, many.patch)
     with pytest.raises(ValueError, match="not multiples of the student's stride 8"):
         student.encode_image(torch.rand(1, 3, 36, 36))
     out = export_student(student, tmp_path / "export")

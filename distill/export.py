@@ -74,7 +74,8 @@ def timm_spec(student: nn.Module) -> dict[str, Any]:
 def architecture(student: nn.Module) -> dict[str, Any]:
     """What the student is, for ``config.json`` and the model card: ``kind`` (``vit`` or ``featuremap``),
     its backbone, its token grid's stride and width, and its zero-shot ``readout`` (``tips``, the value
-    trick, for ViTs; ``patch``, the projected dense tokens, for feature-map students)."""
+    trick, for ViTs; ``maskclip``, the attention pool's values of every dense token, for feature-map
+    students: :meth:`students.featuremap.FeatureMapStudent.pool_values`)."""
     cfg = dict(getattr(student, "config", {}) or {})
     if backbone_key(student) == "vit":
         return {
@@ -92,7 +93,7 @@ def architecture(student: nn.Module) -> dict[str, Any]:
         "stage_width": int(student.width),
         "width": int(student.embed_dim),
         "global_pool": f"attention pooling, {int(student.num_global_tokens)} latent queries",
-        "readout": "patch",
+        "readout": "maskclip",
     }
 
 
@@ -185,7 +186,8 @@ class OnnxStudent(nn.Module):
     """What ``--format onnx`` traces: ``pixels (B, 3, H, W)`` RGB in [0, 1] -> ``dense (B, h, w, text_dim)``
     (the zero-shot readout's tokens through the text interface) and ``global (B, C, text_dim)`` (the global
     tokens through it), unnormalised: L2-normalise both before comparing them with text embeddings.
-    ``readout``: ``patch`` (the tokens) or, for a ViT, ``tips`` / ``maskclip`` (the value trick)."""
+    ``readout``: ``patch`` (the tokens), ``maskclip`` (for a ViT the value trick, for a feature-map student
+    its attention pool's values) or, for a ViT, ``tips``."""
 
     def __init__(self, student: nn.Module, readout: str) -> None:
         super().__init__()
@@ -214,7 +216,7 @@ def export_onnx(
     """Write ``student`` as an ONNX graph (:class:`OnnxStudent`: dense text-space features and global
     embeddings) with a dynamic batch and a fixed ``image_size`` square input (``dynamic_size``: any height and
     width, multiples of the stride), traced with ``torch.onnx.export`` (TorchScript exporter). ``readout``:
-    the student's zero-shot readout by default (``tips`` for a ViT, ``patch`` for a feature-map student).
+    the student's zero-shot readout by default (``tips`` for a ViT, ``maskclip`` for a feature-map student).
     ``check``: run the graph with onnxruntime on two random batches and compare with PyTorch (raises
     beyond 1e-4). Returns the facts recorded in ``config.json["onnx"]``."""
     from .evaluation.segmentation import resolve_readout
@@ -231,7 +233,7 @@ def export_onnx(
         raise ValueError(
             f"--image-size {image_size} is not a multiple of the student's stride {student.patch_size}"
         )
-    readout = resolve_readout(student, readout or ("tips" if backbone_key(student) == "vit" else "patch"))
+    readout = resolve_readout(student, readout or "tips")
     model = OnnxStudent(copy.deepcopy(student).float().cpu().eval(), readout).eval()
     model.student.check_inputs = False  # value checks are Python control flow: not part of a graph
     axes: dict[str, dict[int, str]] = {"pixels": {0: "batch"}, "dense": {0: "batch"}, "global": {0: "batch"}}
@@ -475,8 +477,9 @@ def _card_architecture(conf: dict[str, Any]) -> list[str]:
             f"- architecture: feature-map student over `{arch['backbone']}`: dense tokens from stage "
             f"{arch['feature_stage']} (stride {arch['stride']}, width {arch['stage_width']}{proj}, LayerNorm), "
             f"{conf['num_global_tokens']} global tokens from {arch['global_pool']}",
-            "- zero-shot readout: `patch`, the dense tokens through the text interface (no value trick: it "
-            "needs attention)",
+            "- zero-shot readout: `maskclip`, the attention pool's value and output projections on every dense "
+            "token, through the text interface (MaskCLIP's readout of an attention pool; `patch`, the dense "
+            "tokens themselves, too)",
         ]
     return [
         f"- architecture: ViT `{arch.get('backbone', conf['timm']['model_name'])}`, patch size {conf['patch_size']}, "

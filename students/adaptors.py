@@ -224,7 +224,7 @@ class AdaptedEncoder(DenseEncoder):
         self.num_layers = int(getattr(student, "num_layers", 0))
         self.has_text = False
         self.config = dict(getattr(student, "config", {}) or {})
-        if hasattr(student, "readouts"):  # a feature-map student: no value-trick readout (patch only)
+        if hasattr(student, "readouts"):  # a feature-map student: patch and the attention pool's maskclip
             self.readouts = tuple(student.readouts)
 
     @property

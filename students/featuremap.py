@@ -29,8 +29,8 @@ is painted, at the input, with a learned colour (``mask_token``, ``(3,)`` in nor
 over its ``s x s`` pixels; the network then sees the cell only through its context (its receptive
 field reaches over the cell's edges, as SparK / ConvNeXt V2 note for dense convolutions).
 
-Readouts (:attr:`readouts`): ``patch``, the projected dense tokens (what ``tips`` resolves to: there is
-no self-attention for the TIPS value trick), and ``maskclip``, MaskCLIP's readout of an attention pool
+Readouts (:attr:`readouts`): ``patch``, the projected dense tokens, and ``maskclip`` (what ``tips``
+resolves to: there is no self-attention for the TIPS value trick), MaskCLIP's readout of an attention pool
 (Zhou et al. 2022 for CLIP's ResNet ``attnpool``): the pool's value and output projections (and its MLP
 residual) applied to every dense token, which puts them in the space of the global tokens that the
 image-text loss aligns with text.

@@ -316,7 +316,7 @@ def test_featuremap_student_with_adaptors(caches, runs):
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     for name, dim in (("tips", 48), ("eff", 24)):
         view = exported.adaptor(name)
-        assert resolve_readout(view, "tips") == "patch"  # no value trick without attention
+        assert resolve_readout(view, "tips") == "maskclip"  # the attention pool's values: no self-attention
         with torch.no_grad():
             a, b = view.encode_image(pixels), trained.eval().adaptor(name).encode_image(pixels)
         assert a.patch.shape == (2, 4, 4, dim) and a.cls.shape == (2, 2, dim)

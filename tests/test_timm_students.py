@@ -82,7 +82,8 @@ def test_family_builds_masks_exports_and_matches_onnx(name, tmp_path) -> None:
     out = export_student(student, tmp_path / "export")
     conf = json.loads((out / "config.json").read_text())
     assert (
-        conf["architecture_info"]["kind"] == "featuremap" and conf["architecture_info"]["readout"] == "patch"
+        conf["architecture_info"]["kind"] == "featuremap"
+        and conf["architecture_info"]["readout"] == "maskclip"
     )
     assert conf["text_interface"]["shape"] == [48, 32]
     again = load_student(out)
@@ -98,8 +99,8 @@ def test_family_builds_masks_exports_and_matches_onnx(name, tmp_path) -> None:
         y = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(h))
         dense, glob = sess.run(None, {"pixels": y.numpy()})
         with torch.no_grad():
-            ref = again.encode_image(y)
-            ref_dense, ref_glob = again.project_to_text(ref.patch), again.project_to_text(ref.cls)
+            ref = again.encode_image(y, value_trick=True, value_readout="maskclip")  # the default readout
+            ref_dense, ref_glob = again.project_to_text(ref.value_patch), again.project_to_text(ref.cls)
         assert dense.shape == (batch, h // 8, w // 8, 48) and glob.shape == (batch, 2, 48)
         np.testing.assert_allclose(dense, ref_dense.numpy(), atol=1e-4, rtol=0)
         np.testing.assert_allclose(glob, ref_glob.numpy(), atol=1e-4, rtol=0)
@@ -107,7 +108,7 @@ def test_family_builds_masks_exports_and_matches_onnx(name, tmp_path) -> None:
     assert (
         "## ONNX" in card
         and f"feature-map student over `{name}`" in card
-        and "zero-shot readout: `patch`" in card
+        and "zero-shot readout: `maskclip`" in card
     )
 
 
@@ -215,8 +216,12 @@ def test_python_student(tmp_path) -> None:
     x = torch.rand(2, 3, 64, 48)
     feats = student.encode_image(x)
     assert feats.patch.shape == (2, 8, 6, 24) and feats.cls.shape == (2, 2, 24)
-    # the zero-shot readout of a student without attention: its projected dense tokens, whatever is asked
+    # the zero-shot readouts of a student without self-attention: tips resolves to the attention pool's
+    # values of every token (maskclip); patch is its projected dense tokens
     dense = dense_patch_features(student, x, "tips")
+    values = student.pool_values(feats.patch)
+    assert torch.allclose(dense, F.normalize(student.project_to_text(values), dim=-1), atol=1e-6)
+    dense = dense_patch_features(student, x, "patch")
     assert torch.allclose(dense, F.normalize(student.project_to_text(feats.patch), dim=-1), atol=1e-6)
     out = export_student(student, tmp_path / "py")
     with pytest.raises(ValueError, match="trust_code=True"):
@@ -313,7 +318,7 @@ def test_trains_resumes_exports_and_evaluates(name, stage, stride, teacher_cache
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((res_dir / "results.json").read_text())["models"]["student"]
-    assert result["readout"] == "patch"
+    assert result["readout"] == "maskclip"  # what tips resolves to without self-attention
     assert result["metrics"]["miou"] == pytest.approx(evals[-1]["eval/miou"], abs=1e-9)
 
 

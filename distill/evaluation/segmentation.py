@@ -328,11 +328,14 @@ def text_width(model: Any) -> int | None:
 
 def resolve_readout(model: Any, readout: str) -> str:
     """The readout ``model`` can give for ``readout``: itself when the model has it (``model.readouts``,
-    default all of :data:`READOUTS`); ``patch`` for a value-trick readout (``tips``, ``maskclip``) of a model
-    without attention (a feature-map student: ``readouts = ("patch",)``, its projected dense tokens)."""
+    default all of :data:`READOUTS`); for ``tips`` on a model without self-attention, its ``maskclip``
+    readout when it has one (a feature-map student: the attention pool's values of every token,
+    :meth:`students.featuremap.FeatureMapStudent.pool_values`), else ``patch`` (its projected dense tokens)."""
     own = tuple(getattr(model, "readouts", READOUTS))
     if readout in own:
         return readout
+    if readout == "tips" and "maskclip" in own:
+        return "maskclip"
     if readout in READOUTS and "patch" in own:
         return "patch"
     raise ValueError(f"{type(model).__name__} has no {readout!r} readout; it has {list(own)}")

@@ -79,6 +79,7 @@ def build(name: str, size: int) -> nn.Module:
 def bench(name: str, size: int, batch: int, repeats: int) -> dict[str, Any]:
     import onnxruntime as ort
 
+    from tipsdistill.distill.evaluation.segmentation import resolve_readout
     from tipsdistill.distill.export import OnnxStudent, export_onnx
 
     model = build(name, size)
@@ -86,7 +87,7 @@ def bench(name: str, size: int, batch: int, repeats: int) -> dict[str, Any]:
     if name == "teacher":  # the image tower only (the text tower is not deployed on the camera)
         params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("text"))
     x = torch.rand(batch, 3, size, size)
-    readout = "patch" if getattr(model, "readouts", None) == ("patch",) else "tips"
+    readout = resolve_readout(model, "tips")  # each model's zero-shot readout (maskclip for a conv student)
     wrapped = OnnxStudent(model, readout).eval()
     with torch.no_grad():
         torch_ips = images_per_s(wrapped, x, repeats)

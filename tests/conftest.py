@@ -15,8 +15,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if workers > 1:
         import torch
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // workers))
+        from tipsdistill.cache.resources import available_cpus
+
+        torch.set_num_threads(available_cpus(local_world=workers)[0])
 
 
 # the variables a launcher sets; code under test may export them (distill.train.setup_env, srun's

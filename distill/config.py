@@ -79,7 +79,9 @@ class TeacherEntry:
     weight: float = 1.0  # multiplies every term of this teacher
     patch_weight: float = 1.0  # patch-token feature loss
     cls_weight: float = 1.0  # global-token (CLS) feature loss
-    patch_loss: str = "cosine"  # cosine | smooth_l1 | mse (on standardised tokens)
+    # cosine | smooth_l1 | mse (on standardised tokens) | proto (prototype cross-entropy through a head on
+    # the adaptor, the teacher's tokens through its EMA copy: iBOT++ for patch tokens, DINO-style for CLS)
+    patch_loss: str = "cosine"
     cls_loss: str = "cosine"
     standardize: str = "phi-s"  # phi-s | channel | none; statistics computed once, stored beside the cache
     text: bool | None = None  # the text-aligned teacher (its captions feed the CLIP term); None = auto
@@ -283,7 +285,10 @@ class TrainConfig:
 
     @property
     def uses_heads(self) -> bool:
-        """Whether a prototype head scores targets (prototype patch loss or the DINO term)."""
+        """Whether a prototype head scores targets (prototype patch loss or the DINO term; with several
+        teachers, a teacher whose ``patch_loss`` or ``cls_loss`` is ``proto``)."""
+        if self.multi_teacher:
+            return any("proto" in (e.patch_loss, e.cls_loss) for e in self.teachers)
         loss = self.loss
         proto = loss.patch_weight > 0 and loss.patch == "proto"
         return proto or (loss.dino_weight > 0 and self.data.local_crops > 0)

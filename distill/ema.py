@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -134,17 +134,26 @@ class EMAHeads:
     A plain object, not an ``nn.Module``: the copies stay outside the DeepSpeed engine. Build it from
     the student heads before ``deepspeed.initialize``; ``update(patch_head, cls_head, momentum=m,
     gather=...)`` after each optimizer step. ``adapter``: the frozen width projection applied to teacher
-    tokens before the EMA heads (``None`` when teacher and student widths match).
+    tokens before the EMA heads (``None`` when teacher and student widths match). ``named``: further
+    heads by checkpoint name (a several-teacher run's per-teacher prototype heads, :mod:`distill.multi`),
+    each with its EMA copy in :attr:`named`, updated from the head given here.
     """
 
     def __init__(
-        self, patch_head: nn.Module | None, cls_head: nn.Module | None, adapter: nn.Module | None = None
+        self,
+        patch_head: nn.Module | None,
+        cls_head: nn.Module | None,
+        adapter: nn.Module | None = None,
+        *,
+        named: Mapping[str, nn.Module] | None = None,
     ) -> None:
         self.patch = HeadEMA(patch_head, adapter=copy.deepcopy(adapter)) if patch_head is not None else None
         if cls_head is not None and cls_head is patch_head:
             self.cls = self.patch
         else:
             self.cls = HeadEMA(cls_head, adapter=copy.deepcopy(adapter)) if cls_head is not None else None
+        self._sources = dict(named or {})
+        self.named = {key: HeadEMA(head) for key, head in self._sources.items()}
 
     def modules(self) -> dict[str, HeadEMA]:
         """The EMA heads by checkpoint name (a shared head appears once)."""
@@ -153,7 +162,7 @@ class EMAHeads:
             out["ema_patch"] = self.patch
         if self.cls is not None and self.cls is not self.patch:
             out["ema_cls"] = self.cls
-        return out
+        return {**out, **self.named}
 
     @torch.no_grad()
     def update(
@@ -168,3 +177,5 @@ class EMAHeads:
             self.patch.update(patch_head, momentum=momentum, gather=gather)
         if self.cls is not None and self.cls is not self.patch:
             self.cls.update(cls_head, momentum=momentum, gather=gather)
+        for key, ema in self.named.items():
+            ema.update(self._sources[key], momentum=momentum, gather=gather)

@@ -459,6 +459,17 @@ class PatchPrototypeLoss(_Centered):
         teacher_temp: float | None = None,
         update_center: bool = True,
     ) -> dict[str, torch.Tensor]:
+        per_token = self.per_token(student_logits, teacher_logits, teacher_temp=teacher_temp)
+        w = token_weights(mask, per_token.shape, self.masked_weight, self.visible_weight, per_token.device)
+        loss = weighted_token_mean(per_token, w)
+        if update_center and self.training and self.centering == "center":
+            self.update_center(teacher_logits)
+        return {"patch": loss}
+
+    def per_token(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, teacher_temp: float | None = None
+    ) -> torch.Tensor:
+        """The cross-entropy of every token ``(B, N)`` (no weighting, no center update)."""
         s = _flatten_tokens(student_logits, "student logits")
         t = _flatten_tokens(teacher_logits, "teacher logits")
         if s.shape != t.shape:
@@ -466,13 +477,8 @@ class PatchPrototypeLoss(_Centered):
         self._check_dim(s, "student logits")
         temp = self._temp(teacher_temp)
         p_t = self.teacher_probs(t, temp)
-        per_token = -(p_t * F.log_softmax(_up(s) / self.student_temp, dim=-1)).sum(-1)  # (B, N)
-        w = token_weights(mask, per_token.shape, self.masked_weight, self.visible_weight, per_token.device)
-        loss = weighted_token_mean(per_token, w)
-        if update_center and self.training and self.centering == "center":
-            self.update_center(t)
         self.metrics = {"teacher_temp": temp}
-        return {"patch": loss}
+        return -(p_t * F.log_softmax(_up(s) / self.student_temp, dim=-1)).sum(-1)
 
 
 class PatchFeatureLoss(nn.Module):

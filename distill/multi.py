@@ -53,15 +53,27 @@ from tipsdistill.students.adaptors import standardisation
 
 from .config import TeacherEntry, TrainConfig
 from .data import DistillDataset, ResumableSampler, align_teacher_maps, build_sampler, crop_roi, ratio_order
+from .ema import EMAHeads
 from .feeder import FeatureFeeder
-from .losses import FEATURE_LOSSES, PatchFeatureLoss, token_weights, weighted_token_mean
+from .losses import FEATURE_LOSSES, PatchFeatureLoss, PatchPrototypeLoss, token_weights, weighted_token_mean
 from .targets import CachedText, Targets
-from .task import BuiltTask, TaskModule, _align_text_width, _build_text, build_student_from_config
+from .task import (
+    BuiltTask,
+    TaskModule,
+    _align_text_width,
+    _build_text,
+    _head_dtype,
+    _scalar_params_as_vectors,
+    build_student_from_config,
+)
 
 logger = logging.getLogger(__name__)
 
 STATS_FORMAT = "tipsdistill-teacher-stats/1"
 MISSING_LISTED = 1000  # missing keys listed per teacher in run_info.json (all are counted)
+# a teacher's patch_loss / cls_loss: a feature loss on the standardised tokens, or "proto": the prototype
+# cross-entropy through a head of that teacher (its EMA copy scores the teacher's tokens; iBOT++ / DINO's)
+TEACHER_LOSSES = (*FEATURE_LOSSES, "proto")
 
 
 # ------------------------------------------------------------------------------------------ teachers
@@ -105,8 +117,8 @@ def resolve_teachers(cfg: TrainConfig) -> list[TeacherEntry]:
         if not e.path:
             raise ValueError(f"teachers[{i}] has no path: set teachers[{i}].path=<stage-1 cache>")
         for key, val in (("patch_loss", e.patch_loss), ("cls_loss", e.cls_loss)):
-            if val not in FEATURE_LOSSES:
-                raise ValueError(f"teachers[{i}].{key}={val!r}; choose one of {list(FEATURE_LOSSES)}")
+            if val not in TEACHER_LOSSES:
+                raise ValueError(f"teachers[{i}].{key}={val!r}; choose one of {list(TEACHER_LOSSES)}")
         if e.standardize not in ("phi-s", "channel", "none"):
             raise ValueError(f"teachers[{i}].standardize={e.standardize!r}; choose phi-s, channel or none")
         if min(e.weight, e.patch_weight, e.cls_weight) < 0:
@@ -505,13 +517,25 @@ class MultiTaskModule(TaskModule):
         super().__init__(base, student, targets=targets, text=text)
         self.entries = {t.name: t.entry for t in teachers}
         self.text_teacher = next((t.name for t in teachers if t.entry.text), None)
+        terms = [
+            (t, which, getattr(t.entry, f"{which}_loss")) for t in teachers for which in ("patch", "cls")
+        ]
         self.feature_losses = nn.ModuleDict(
-            {
-                f"{t.name}/{which}": PatchFeatureLoss(getattr(t.entry, f"{which}_loss"), adapter=None)
-                for t in teachers
-                for which in ("patch", "cls")
-            }
+            {f"{t.name}/{w}": PatchFeatureLoss(kind, adapter=None) for t, w, kind in terms if kind != "proto"}
         )
+        # "proto" terms: a prototype head on the adaptor's output (the teacher's standardised space), the
+        # teacher's tokens scored by the head's EMA copy (head-only EMA, outside the engine), centred
+        weights = {
+            "masked_weight": cfg.loss.patch_masked_weight,
+            "visible_weight": cfg.loss.patch_visible_weight,
+        }
+        protos = [(f"{t.name}/{w}", int(t.cache.spec.dim)) for t, w, kind in terms if kind == "proto"]
+        self.proto_heads = nn.ModuleDict({key: self._head(dim) for key, dim in protos})
+        self.proto_losses = nn.ModuleDict(
+            {key: PatchPrototypeLoss(cfg.head.out_dim, **weights, **self._centering()) for key, _ in protos}
+        )
+        _scalar_params_as_vectors(self.proto_heads)
+        self.ema_heads = EMAHeads(None, None, named={f"ema_{key}": h for key, h in self.proto_heads.items()})
 
     def forward(self, batch: dict[str, Any], *, teacher_temp: float) -> dict[str, torch.Tensor]:
         loss = self.cfg.loss
@@ -536,9 +560,12 @@ class MultiTaskModule(TaskModule):
             for which, s, t, m, w in pairs:
                 if w <= 0 or entry.weight <= 0:
                     continue
-                fl = self.feature_losses[f"{name}/{which}"]
+                key = f"{name}/{which}"
                 s, t = s.reshape(s.shape[0], -1, s.shape[-1]), t.reshape(t.shape[0], -1, t.shape[-1])
-                per_token = fl.per_token(s, t)
+                if key in self.proto_heads:
+                    per_token = self._proto(key, s, t, ok, teacher_temp)
+                else:
+                    per_token = self.feature_losses[key].per_token(s, t)
                 tw = token_weights(
                     m if which == "patch" else None,
                     tuple(per_token.shape),
@@ -553,6 +580,20 @@ class MultiTaskModule(TaskModule):
         if self.koleo_loss is not None:
             terms["koleo"] = loss.koleo_weight * self.koleo_loss(feats.cls[:, 0].float())["koleo"]
         return terms
+
+    def _proto(
+        self, key: str, s: torch.Tensor, t: torch.Tensor, ok: torch.Tensor, teacher_temp: float
+    ) -> torch.Tensor:
+        """The prototype cross-entropy of every token ``(B, N)`` of term ``key``: the adaptor's tokens ``s``
+        through the head vs the standardised teacher tokens ``t`` through its EMA copy; the center moves
+        with the rows the teacher has (``ok``) only."""
+        head, ema, fl = self.proto_heads[key], self.ema_heads.named[f"ema_{key}"], self.proto_losses[key]
+        s_logits = head(s.to(_head_dtype(head))).float()
+        t_logits = ema(t.to(_head_dtype(ema))).float()
+        per_token = fl.per_token(s_logits, t_logits, teacher_temp=teacher_temp)
+        if self.training and fl.centering == "center":
+            fl.update_center(t_logits[ok])
+        return per_token
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -635,6 +676,9 @@ def build_multi_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, w
     info["text_source"] = f"cache:{text_teacher.name}" if text is not None else "none"
     info["text_dim"] = student.text_dim
     task = MultiTaskModule(cfg, student, teachers=teachers, targets=targets, text=text)
+    for module in task.ema_heads.modules().values():  # HeadEMA shadows nn.Module._apply: move its children
+        for child in module.children():
+            child.to(device)
     task.to(device)
     source = source_for_cache(teachers[0].cache, cfg.data.dataset or None, cfg.data.dataset_kwargs)
     dataset = JoinedDataset(source, cfg, grid, teachers, keys)
@@ -642,4 +686,11 @@ def build_multi_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, w
     info["num_samples"] = len(dataset)
     info["skipped"] = len(dataset.skipped_keys)
     info["trainable_params"] = sum(p.numel() for p in task.parameters() if p.requires_grad)
-    return BuiltTask(task=task, student=student, dataset=dataset, sampler=sampler, info=info)
+    return BuiltTask(
+        task=task,
+        student=student,
+        dataset=dataset,
+        sampler=sampler,
+        info=info,
+        text_cache_meta=text_teacher.cache.meta if text_teacher is not None else None,
+    )

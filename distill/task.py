@@ -219,6 +219,9 @@ class BuiltTask:
     dataset: DistillDataset
     sampler: ResumableSampler
     info: dict[str, Any] = field(default_factory=dict)
+    text_cache_meta: dict[str, Any] | None = (
+        None  # several teachers: the text-aligned teacher's cache metadata
+    )
 
     def _outside(self) -> dict[str, nn.Module]:
         """The out-of-engine modules that train (EMA copies), by checkpoint name."""

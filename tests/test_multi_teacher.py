@@ -6,12 +6,14 @@ teacher's adaptor. CPU, tiny models."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tests.test_train_support import make_cache, run_subprocess, tiny_teacher
 
@@ -263,6 +265,102 @@ def test_train_resume_export_and_zero_shot_through_the_text_adaptor(caches, runs
         evaluate_segmentation(
             build_model(f"student:{out / 'export'}@eff"), dataset, text, settings, progress=False
         )
+
+
+def test_prototype_terms_through_per_teacher_heads_resume_bit_identically(caches, runs):
+    """``patch_loss: proto`` / ``cls_loss: proto``: a prototype head per term on the adaptor's output, the
+    teacher's standardised tokens through the head's EMA copy (outside the engine, in the checkpoint); a
+    resume equals the uninterrupted run, EMA heads included."""
+    teachers = (
+        f"teachers=[{{name: tips, path: {caches['tips']}, text: true, patch_loss: proto, cls_loss: proto}}, "
+        f"{{name: eff, path: {caches['eff']}, patch_loss: proto}}]"
+    )
+    from safetensors.torch import save_file
+
+    from tipsdistill.distill.evaluation import evaluate_segmentation, resolve_class_embeddings
+    from tipsdistill.distill.evaluation.datasets import build_eval_dataset
+    from tipsdistill.distill.evaluation.segmentation import training_settings
+    from tipsdistill.students import load_student
+
+    # eval.every measures the student through the text teacher's adaptor, with that teacher's text
+    dataset = build_eval_dataset("synthetic", {"split": "validation", "size": 4, "image_size": 32})
+    text = resolve_class_embeddings(
+        dataset.class_names, text_model=tiny_teacher(), templates="tcl", cache_dir=None
+    )
+    text_file = runs / "class_text.safetensors"
+    save_file({"embeddings": text.embeddings, "class_index": text.class_index}, str(text_file))
+    extra = [
+        "engine.zero_stage=2",
+        teachers,
+        "head.out_dim=64",
+        "head.hidden_dim=32",
+        "head.bottleneck_dim=16",
+        "eval.every=2",
+        "eval.max_images=4",
+        "eval.dataset_kwargs={split: validation, size: 4, image_size: 32}",
+        f"eval.text_embeddings={text_file}",
+    ]
+    straight = _result("proto", runs, caches, extra)
+    _result("proto_r", runs, caches, extra, max_steps=[2])
+    resumed = _result(
+        "proto_r2", runs, caches, [*extra, f"output_dir={runs / 'proto_r' / 'out'}"], runs=["auto"]
+    )
+    assert straight["step"] == resumed["step"] == 4
+    log = straight["log"]
+    assert {"tips/patch", "tips/cls", "eff/patch", "eff/cls", "clip"} <= set(log[-1])
+    assert all(np.isfinite(r["loss"]) for r in log)
+    assert [r["loss"] for r in resumed["log"]] == [r["loss"] for r in log]
+    assert straight["weights"] == resumed["weights"]
+    # one EMA copy per proto term, moved by training, restored by the resume
+    assert set(straight["ema_named"]) == {"ema_tips/patch", "ema_tips/cls", "ema_eff/patch"}
+    assert straight["ema_named"] == resumed["ema_named"]
+    assert any(k.startswith("proto_heads.eff/patch.") for k in straight["weights"])
+    assert not any(k.startswith("proto_heads.eff/cls") for k in straight["weights"])  # eff's cls: cosine
+    assert log[-1]["tips/patch"] != log[0]["tips/patch"] and log[-1]["tips/patch"] > 0
+    evals = [r for r in log if "eval/miou" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    cfg = yaml.safe_load((runs / "proto" / "out" / "config.yaml").read_text())["eval"]
+    settings = dataclasses.replace(training_settings(cfg["settings"], 32), max_images=4)
+    exported = load_student(runs / "proto" / "out" / "export").adaptor("tips")
+    again = evaluate_segmentation(exported, dataset, text, settings, progress=False)["metrics"]
+    assert evals[-1]["eval/miou"] == pytest.approx(again["miou"], abs=1e-6)
+
+
+def test_eval_while_training_names_the_text_teachers_cache(caches, tmp_path):
+    """eval.every of a several-teacher run takes its class-name text from the text-aligned teacher's cache;
+    one that cannot rebuild its teacher is refused naming that cache and the two fixes."""
+    from tipsdistill.distill.config import load_config
+    from tipsdistill.distill.evaluation.while_training import TrainingEval
+    from tipsdistill.distill.multi import build_multi_task
+
+    cfg = load_config("distill", [*_overrides(caches, tmp_path / "out"), "eval.every=2", "eval.max_images=2"])
+    built = build_multi_task(cfg, device=torch.device("cpu"))
+    assert built.task.text_teacher == "tips" and built.text_cache_meta is not None
+    with pytest.raises(ValueError, match=rf"cache {caches['tips']}.*eval.text_model=.*eval.text_embeddings="):
+        TrainingEval(
+            cfg,
+            built.student,
+            device=torch.device("cpu"),
+            cache_meta=built.text_cache_meta,
+            adaptor="tips",
+            cache_path=str(caches["tips"]),
+        )
+
+
+def test_prototype_term_ignores_missing_rows():
+    """A row the teacher lacks weighs nothing in a proto term and does not move its center."""
+    from tipsdistill.distill.losses import PatchPrototypeLoss
+
+    torch.manual_seed(0)
+    fl = PatchPrototypeLoss(8, center_momentum=0.5)
+    s, t = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    ok = torch.tensor([True, False, True])
+    per_token = fl.per_token(s, t, teacher_temp=0.1)
+    assert per_token.shape == (3, 5)
+    same = fl.per_token(s[[0, 2]], t[[0, 2]], teacher_temp=0.1)
+    assert torch.allclose(per_token[[0, 2]], same)
+    fl.update_center(t[ok])
+    assert torch.allclose(fl.center, 0.5 * t[[0, 2]].reshape(-1, 8).mean(0, keepdim=True))
 
 
 def test_two_processes_zero3(caches, runs):

@@ -168,6 +168,9 @@ def _main(spec_path: str) -> None:
         ema = engine.module.ema_heads.patch
         if ema is not None:
             result["ema"] = weights_digest(ema)
+        named = engine.module.ema_heads.named  # several teachers' prototype heads (distill.multi)
+        if named:
+            result["ema_named"] = {key: weights_digest(m) for key, m in named.items()}
         log = Path(cfg.output_dir) / "log.jsonl"
         result["log"] = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     elif engine is not None and cfg.engine.zero_stage == 3:

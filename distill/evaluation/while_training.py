@@ -64,8 +64,12 @@ class _Share(torch.utils.data.Dataset):
         return ident() if callable(ident) else {"name": type(self.dataset).__name__}
 
 
-def _teacher_for_text(cfg: Any, online_teacher: nn.Module | None, cache_meta: dict[str, Any] | None):
-    """The default text source: the online teacher, else the teacher recorded in the cache."""
+def _teacher_for_text(
+    cfg: Any, online_teacher: nn.Module | None, cache_meta: dict[str, Any] | None, cache_path: str = ""
+):
+    """The default text source: the online teacher, else the teacher recorded in the cache (``cache_path``:
+    its name in messages, ``cfg.cache.path`` by default)."""
+    where = cache_path or cfg.cache.path
     if online_teacher is not None:
         if not getattr(online_teacher, "has_text", False):
             raise ValueError(
@@ -76,7 +80,7 @@ def _teacher_for_text(cfg: Any, online_teacher: nn.Module | None, cache_meta: di
     spec = (cache_meta or {}).get("teacher_spec")
     if not spec:
         raise ValueError(
-            f"eval.every={cfg.eval.every} needs class-name text embeddings, and the cache {cfg.cache.path or '(none)'} "
+            f"eval.every={cfg.eval.every} needs class-name text embeddings, and the cache {where or '(none)'} "
             "does not record how to rebuild its teacher (it was built from a teacher object); set "
             "eval.text_model=SPEC (as tipsdistill-eval --text-model, e.g. teacher:embedded) or "
             "eval.text_embeddings=FILE (one row per class)"
@@ -85,7 +89,7 @@ def _teacher_for_text(cfg: Any, online_teacher: nn.Module | None, cache_meta: di
 
     if not isinstance(spec, dict):
         raise ValueError(
-            f"the cache {cfg.cache.path}'s teacher_spec attribute is {spec!r}, not {{'teacher': NAME, 'kwargs': {{...}}}}; "
+            f"the cache {where}'s teacher_spec attribute is {spec!r}, not {{'teacher': NAME, 'kwargs': {{...}}}}; "
             "set eval.text_model=SPEC or eval.text_embeddings=FILE"
         )
     logger.info("eval: class-name embeddings from the cache's teacher %s (built once)", spec.get("teacher"))
@@ -94,7 +98,7 @@ def _teacher_for_text(cfg: Any, online_teacher: nn.Module | None, cache_meta: di
         spec.get("teacher"),
         spec.get("kwargs") or {},
         trust_code=bool(getattr(cfg.eval, "trust_remote_code", False)),
-        where=f"the cache {cfg.cache.path or '(given)'} (attribute teacher_spec)",
+        where=f"the cache {where or '(given)'} (attribute teacher_spec)",
     )
 
 
@@ -112,7 +116,10 @@ class TrainingEval:
         student: the student *before* it goes into the engine (a plain copy is kept for evaluation).
         device: this rank's device.
         online_teacher: the live teacher of ``teacher.source=online`` (its text tower), if any.
-        cache_meta: the cache's metadata (``teacher_spec`` rebuilds its teacher), if any.
+        cache_meta: the cache's metadata (``teacher_spec`` rebuilds its teacher), if any; with several
+            teachers, the text-aligned teacher's cache (``cache_path``: its path, named in messages).
+        adaptor: evaluate the student through this adaptor (``student.adaptor(name)``: a several-teacher
+            run's text-aligned teacher, in that teacher's token space), as ``tipsdistill-eval ...@name``.
     """
 
     def __init__(
@@ -123,14 +130,22 @@ class TrainingEval:
         device: torch.device,
         online_teacher: nn.Module | None = None,
         cache_meta: dict[str, Any] | None = None,
+        adaptor: str | None = None,
+        cache_path: str = "",
     ) -> None:
         e = cfg.eval
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.device = device
         settings = training_settings(e.settings, cfg.data.image_size)
-        # a student without attention (feature-map students) reads its projected dense tokens
-        self.settings = dataclasses.replace(settings, readout=resolve_readout(student, settings.readout))
+        self.model = copy.deepcopy(student).float().to(device).eval()  # plain copy: no engine, no ZeRO hooks
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        # what is measured: the copy, or its view through a teacher's adaptor (follows the copied weights)
+        self.view = self.model.adaptor(adaptor) if adaptor else self.model
+        self.adaptor = adaptor
+        # a student without attention (feature-map students) reads its pooled values (resolve_readout)
+        self.settings = dataclasses.replace(settings, readout=resolve_readout(self.view, settings.readout))
         self.dataset = build_eval_dataset(e.dataset, dict(e.dataset_kwargs))
         self.names = dataset_class_names(self.dataset)
         self.subsets = dataset_subsets(self.dataset)
@@ -144,22 +159,21 @@ class TrainingEval:
             raise ValueError(
                 f"eval.metric={self.metric!r} is not reported for eval.dataset={e.dataset!r}; choose one of {known}"
             )
-        self.model = copy.deepcopy(student).float().to(device).eval()  # plain copy: no engine, no ZeRO hooks
-        for p in self.model.parameters():
-            p.requires_grad_(False)
         self.student_text = (
-            cfg.loss.text_source == "student"
+            not adaptor
+            and cfg.loss.text_source == "student"
             and not e.text_embeddings
             and not e.text_model
             and getattr(student, "has_text", False)
         )
         self.text: ClassEmbeddings | None = None
         if not self.student_text:
-            self.text = self._shared_text(cfg, online_teacher, cache_meta)
-            check_text_dim(self.model, self.text)
+            self.text = self._shared_text(cfg, online_teacher, cache_meta, cache_path)
+            check_text_dim(self.view, self.text)
         logger.info(
-            "eval every %d steps: %s on %d image(s) of %s, %s readout, text %s; best by %s",
+            "eval every %d steps%s: %s on %d image(s) of %s, %s readout, text %s; best by %s",
             e.every,
+            f" through the {adaptor!r} adaptor" if adaptor else "",
             self.settings.mode,
             self.num_images,
             e.dataset,
@@ -169,7 +183,7 @@ class TrainingEval:
         )
 
     def _shared_text(
-        self, cfg: Any, online_teacher: nn.Module | None, cache_meta: dict | None
+        self, cfg: Any, online_teacher: nn.Module | None, cache_meta: dict | None, cache_path: str = ""
     ) -> ClassEmbeddings:
         e = cfg.eval
         box: list[Any] = [None]
@@ -182,7 +196,9 @@ class TrainingEval:
 
                     tower = build_model(e.text_model).to(self.device).eval()
                 else:
-                    tower = _teacher_for_text(cfg, online_teacher, cache_meta).to(self.device).eval()
+                    tower = (
+                        _teacher_for_text(cfg, online_teacher, cache_meta, cache_path).to(self.device).eval()
+                    )
                 box[0] = resolve_class_embeddings(
                     self.classes, text_model=tower, templates=self.settings.templates, cache_dir=None
                 ).to("cpu")
@@ -223,7 +239,7 @@ class TrainingEval:
                 )
             if mine:
                 res = evaluate_segmentation(
-                    self.model, _Share(self.dataset, mine), text, self.settings, subsets={}, progress=False
+                    self.view, _Share(self.dataset, mine), text, self.settings, subsets={}, progress=False
                 )
                 mat = res["confusion_matrix"].clone()
         if self.world > 1:

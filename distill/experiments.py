@@ -97,6 +97,7 @@ class Variant:
     pretrain: str = ""
     own_text: bool = False
     teachers: tuple[str, ...] = ()  # a several-teacher run: these teachers' caches (:data:`MULTI_TEACHERS`)
+    teacher_settings: str = ""  # JSON {teacher: {key: value}} over the teachers' entries (MULTI_TEACHERS)
 
 
 # the teachers of the several-teacher variants: the embedded teacher (text-aligned, the benchmark's cache)
@@ -111,13 +112,26 @@ MULTI_TEACHERS: dict[str, dict[str, Any]] = {
 }
 
 
+# prefix -> (teachers, their entries' settings): ``*_proto``: the embedded teacher's patch term is the
+# prototype cross-entropy through a head (iBOT++ as the single-teacher recipe), not cosine
+MULTI_VARIANTS: dict[str, tuple[tuple[str, ...], dict[str, dict[str, Any]]]] = {
+    "multi_tips_eff": (("tips", "eff"), {}),
+    "multi_tips": (("tips",), {}),
+    "multi_tips_eff_proto": (("tips", "eff"), {"tips": {"patch_loss": "proto"}}),
+    "multi_tips_proto": (("tips",), {"tips": {"patch_loss": "proto"}}),
+}
+
+
 def multi_teacher_variants() -> dict[str, Variant]:
     """``multi_tips_eff_seed*``: the embedded teacher + EfficientNet-Lite0 into one student (adaptor heads,
     PHI-S, cosine terms, :mod:`distill.multi`); ``multi_tips_seed*``: the same losses with the embedded
-    teacher alone (the single-teacher student at the same budget)."""
+    teacher alone (the single-teacher student at the same budget); ``*_proto_seed*``: the same with the
+    embedded teacher's patch term through a prototype head (:data:`MULTI_VARIANTS`)."""
     return {
-        f"{prefix}_seed{seed}": Variant((f"seed={seed}",), teachers=names)
-        for prefix, names in (("multi_tips_eff", ("tips", "eff")), ("multi_tips", ("tips",)))
+        f"{prefix}_seed{seed}": Variant(
+            (f"seed={seed}",), teachers=names, teacher_settings=json.dumps(settings) if settings else ""
+        )
+        for prefix, (names, settings) in MULTI_VARIANTS.items()
         for seed in range(3)
     }
 
@@ -157,9 +171,13 @@ def multi_teacher_caches(
     return paths
 
 
-def teachers_override(paths: dict[str, str]) -> str:
-    """The ``teachers=[...]`` override of a several-teacher variant."""
-    entries = [{"name": n, "path": p, **MULTI_TEACHERS[n]["entry"]} for n, p in paths.items()]
+def teachers_override(paths: dict[str, str], settings: str = "") -> str:
+    """The ``teachers=[...]`` override of a several-teacher variant (``settings``: its
+    :attr:`Variant.teacher_settings`)."""
+    extra = json.loads(settings) if settings else {}
+    entries = [
+        {"name": n, "path": p, **MULTI_TEACHERS[n]["entry"], **extra.get(n, {})} for n, p in paths.items()
+    ]
     return "teachers=" + json.dumps(entries)
 
 
@@ -421,7 +439,7 @@ def run_experiments(
         t0 = time.time()
         if v.teachers:  # several teachers: no cache.path, the teachers' caches instead
             paths = multi_teacher_caches(bench, out, cache_path, v.teachers)
-            v = Variant((*v.overrides, teachers_override(paths)), teachers=v.teachers)
+            v = Variant((*v.overrides, teachers_override(paths, v.teacher_settings)), teachers=v.teachers)
             tcfg = variant_config(bench, v, out, "", name, base)
         else:
             tcfg = variant_config(bench, v, out, cache_path, name, base)

@@ -45,7 +45,8 @@ locked cached caption embeddings) and ``distill_text`` (random init, trained):
 Several teachers (``distill.multi``): ``multi_tips_eff_seed0..2``, the embedded teacher + the bundled
 EfficientNet-Lite0 (its cache built once into ``OUT/cache_eff``) into one student, measured zero-shot
 through the ``tips`` adaptor with linear probes through each adaptor (``probes`` in the JSON);
-``multi_tips_seed0..2``, the same adaptor losses with the embedded teacher alone.
+``multi_tips_seed0..2``, the same adaptor losses with the embedded teacher alone; ``multi_tips_eff_proto_seed*``
+and ``multi_tips_proto_seed*``: the same with the embedded teacher's patch term through a prototype head.
 
 Prints a table (mean and spread over seeds) and writes ``experiments.json`` / ``experiments.md``.
 

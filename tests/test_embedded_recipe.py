@@ -28,7 +28,7 @@ import pytest
 
 from tipsdistill.distill.config import config_to_dict, load_config
 from tipsdistill.distill.embedded import FULL, QUICK, train_config
-from tipsdistill.distill.experiments import ARCH_STUDENTS, BASES, variant_config, variants
+from tipsdistill.distill.experiments import ARCH_STUDENTS, BASES, MULTI_VARIANTS, variant_config, variants
 from tipsdistill.students.variants import VARIANTS, canonical_spelling, expanded_spelling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ TEACHER_CFG = {"overrides": {"embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_r
 TEXT_TOWERS = ("distill_text_frozen", "distill_text_pretrained", "distill_text_pretrained_frozen")
 WIDTHS = tuple(f"w{w}_seed{s}" for w in (64, 192) for s in range(3))
 ARCHS = tuple(f"{a}_seed{s}" for a in ARCH_STUDENTS for s in range(3))  # issue 30's students
-MULTI = tuple(f"{p}_seed{s}" for p in ("multi_tips_eff", "multi_tips") for s in range(3))  # issue 31
+MULTI = tuple(f"{p}_seed{s}" for p in MULTI_VARIANTS for s in range(3))  # issue 31
 NEWER = (*TEXT_TOWERS, *WIDTHS, *ARCHS, *MULTI)
 
 
@@ -132,6 +132,22 @@ def test_experiment_variants_reach_the_train_config(tmp_path: Path) -> None:
         student, base = cfgs[name].student, cfgs[f"seed{seed}"]
         assert (student.name, cfgs[name].seed) == (f"vit_w{width}d4_patch8_reg1_tipsv2_64", seed), name
         assert student.kwargs == base.student.kwargs, name
+    # several teachers: each variant's teachers, their entries' settings and seed reach the config
+    from tipsdistill.distill.experiments import Variant, teachers_override
+
+    paths = {"tips": "tips/index.h5", "eff": "eff/index.h5"}
+    for name in MULTI:
+        var = v[name]
+        over = teachers_override({n: paths[n] for n in var.teachers}, var.teacher_settings)
+        c = variant_config(FULL, Variant((*var.overrides, over)), tmp_path, "", name)
+        entries = {e.name: e for e in c.teachers}
+        assert list(entries) == list(var.teachers) and c.seed == int(name[-1]) and not c.cache.path, name
+        assert entries["tips"].text and entries["tips"].path == paths["tips"], name
+        assert entries["tips"].patch_loss == ("proto" if "_proto_" in name else "cosine"), name
+        assert "eff" not in entries or (entries["eff"].patch_loss, entries["eff"].hidden_dim) == (
+            "cosine",
+            256,
+        )
     # the pretraining runs scale the recipe's teacher-temperature warm-up (3000 of 90000) to their steps
     assert (
         prev["pretrain_tipsv2"].loss.teacher_temp_warmup_steps == 13

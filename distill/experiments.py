@@ -47,6 +47,7 @@ from .evaluation import evaluate_segmentation, resolve_class_embeddings
 from .evaluation.probe import probe
 from .evaluation.retrieval import retrieval_recall
 from .evaluation.segmentation import resolve_readout
+from .multi import teachers_override
 
 logger = logging.getLogger(__name__)
 
@@ -171,14 +172,13 @@ def multi_teacher_caches(
     return paths
 
 
-def teachers_override(paths: dict[str, str], settings: str = "") -> str:
+def variant_teachers(paths: dict[str, str], settings: str = "") -> str:
     """The ``teachers=[...]`` override of a several-teacher variant (``settings``: its
     :attr:`Variant.teacher_settings`)."""
     extra = json.loads(settings) if settings else {}
-    entries = [
-        {"name": n, "path": p, **MULTI_TEACHERS[n]["entry"], **extra.get(n, {})} for n, p in paths.items()
-    ]
-    return "teachers=" + json.dumps(entries)
+    return teachers_override(
+        [{"name": n, "path": p, **MULTI_TEACHERS[n]["entry"], **extra.get(n, {})} for n, p in paths.items()]
+    )
 
 
 def text_tower(tokenizer: str | Path) -> dict[str, Any]:
@@ -439,7 +439,7 @@ def run_experiments(
         t0 = time.time()
         if v.teachers:  # several teachers: no cache.path, the teachers' caches instead
             paths = multi_teacher_caches(bench, out, cache_path, v.teachers)
-            v = Variant((*v.overrides, teachers_override(paths, v.teacher_settings)), teachers=v.teachers)
+            v = Variant((*v.overrides, variant_teachers(paths, v.teacher_settings)), teachers=v.teachers)
             tcfg = variant_config(bench, v, out, "", name, base)
         else:
             tcfg = variant_config(bench, v, out, cache_path, name, base)

@@ -92,6 +92,19 @@ class Teacher:
         return self.entry.name
 
 
+def teachers_override(entries: list[dict[str, Any]]) -> str:
+    """The ``teachers=[...]`` command-line override of ``entries`` (:class:`TeacherEntry` fields: ``name``,
+    ``path``, ``weight``...), as ``tipsdistill-train`` reads it (JSON is YAML flow syntax)."""
+    unknown = sorted({k for e in entries for k in e} - set(TeacherEntry.__dataclass_fields__))
+    if unknown:
+        raise ValueError(
+            f"teachers override: unknown field(s) {unknown}; known: {list(TeacherEntry.__dataclass_fields__)}"
+        )
+    return "teachers=" + json.dumps(
+        [{k: str(v) if isinstance(v, Path) else v for k, v in e.items()} for e in entries]
+    )
+
+
 def resolve_teachers(cfg: TrainConfig) -> list[TeacherEntry]:
     """The run's teacher entries: ``teachers`` as given, or one default entry per ``cache.paths``; each
     named (``""`` = the cache's teacher name), names unique, losses known, exactly one text-aligned

@@ -239,8 +239,11 @@ def multi_teacher_caches(args: argparse.Namespace, out: Path, count: int) -> lis
     return paths
 
 
-def teachers_override(paths: list[Path]) -> str:
-    return "teachers=[" + ", ".join(f"{{name: t{k}, path: {p}}}" for k, p in enumerate(paths)) + "]"
+def multi_override(paths: list[Path]) -> str:
+    """``teachers=[...]`` naming the caches ``t0, t1, ...`` with default settings."""
+    from tipsdistill.distill.multi import teachers_override
+
+    return teachers_override([{"name": f"t{k}", "path": p} for k, p in enumerate(paths)])
 
 
 def multi_step_flops(args: argparse.Namespace, paths: list[Path]) -> tuple[float, float]:
@@ -253,7 +256,7 @@ def multi_step_flops(args: argparse.Namespace, paths: list[Path]) -> tuple[float
 
     cfg = load_config(
         "distill",
-        [teachers_override(paths), *distill_overrides(args), "data.num_workers=0", "output_dir=unused"],
+        [multi_override(paths), *distill_overrides(args), "data.num_workers=0", "output_dir=unused"],
     )
     built = build_multi_task(cfg, device=torch.device("cpu"))
     loader = _Loader(built.dataset, built.sampler, cfg)
@@ -281,7 +284,7 @@ def main_multi(args: argparse.Namespace, out: Path) -> int:
     log = _train(args, out / "one_cache", [f"cache.path={paths[0]}"])
     rows["1 cache (cache.path, heads)"] = {"log": log, "paths": paths[:1]}
     for k in [1, *counts] if 1 not in counts else counts:
-        log = _train(args, out / f"caches{k}", [teachers_override(paths[:k])])
+        log = _train(args, out / f"caches{k}", [multi_override(paths[:k])])
         rows[f"{k} cache{'s' if k > 1 else ''} (teachers, adaptors)"] = {"log": log, "paths": paths[:k]}
     base = step_time(rows["1 cache (cache.path, heads)"]["log"], args.batch, args.warmup)
     res: dict[str, Any] = {

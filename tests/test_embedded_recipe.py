@@ -133,21 +133,23 @@ def test_experiment_variants_reach_the_train_config(tmp_path: Path) -> None:
         assert (student.name, cfgs[name].seed) == (f"vit_w{width}d4_patch8_reg1_tipsv2_64", seed), name
         assert student.kwargs == base.student.kwargs, name
     # several teachers: each variant's teachers, their entries' settings and seed reach the config
-    from tipsdistill.distill.experiments import Variant, teachers_override
+    from tipsdistill.distill.experiments import Variant, variant_teachers
 
     paths = {"tips": "tips/index.h5", "eff": "eff/index.h5"}
     for name in MULTI:
         var = v[name]
-        over = teachers_override({n: paths[n] for n in var.teachers}, var.teacher_settings)
+        over = variant_teachers({n: paths[n] for n in var.teachers}, var.teacher_settings)
         c = variant_config(FULL, Variant((*var.overrides, over)), tmp_path, "", name)
         entries = {e.name: e for e in c.teachers}
         assert list(entries) == list(var.teachers) and c.seed == int(name[-1]) and not c.cache.path, name
         assert entries["tips"].text and entries["tips"].path == paths["tips"], name
         assert entries["tips"].patch_loss == ("proto" if "_proto_" in name else "cosine"), name
-        assert "eff" not in entries or (entries["eff"].patch_loss, entries["eff"].hidden_dim) == (
-            "cosine",
-            256,
-        )
+        eff = entries.get("eff")
+        assert eff is None or (eff.patch_loss, eff.hidden_dim) == ("cosine", 256), name
+    from tipsdistill.distill.multi import teachers_override
+
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['wieght'\]"):
+        teachers_override([{"name": "a", "path": "a.h5", "wieght": 2}])
     # the pretraining runs scale the recipe's teacher-temperature warm-up (3000 of 90000) to their steps
     assert (
         prev["pretrain_tipsv2"].loss.teacher_temp_warmup_steps == 13

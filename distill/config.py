@@ -246,6 +246,9 @@ class EvalConfig:
     # the cache recorded
     text_embeddings: str = ""
     text_model: str = ""
+    # several teachers: "" measures the student's own tokens and text interface (as tipsdistill-eval DIR);
+    # a teacher's name measures the student through that teacher's adaptor (as tipsdistill-eval DIR@name)
+    adaptor: str = ""
     metric: str = "miou"  # the best checkpoint's metric: miou, miou_objects, pixel_accuracy, mean_accuracy
     keep_best: bool = True  # keep checkpoints/best (a complete checkpoint + best.json), apart from keep_last
     # the cache's recorded teacher may be rebuilt from a Python import path (package.module:factory), which
@@ -377,6 +380,11 @@ class TrainConfig:
             from tipsdistill.distill.evaluation.segmentation import training_settings
 
             training_settings(self.eval.settings, self.data.image_size)  # unknown keys, bad values: named
+        if self.eval.adaptor and not self.multi_teacher:
+            raise ValueError(
+                f"eval.adaptor={self.eval.adaptor!r} measures the student through a teacher's adaptor; only a "
+                "several-teacher run (teachers=[...] or cache.paths=[...]) has adaptors: drop eval.adaptor"
+            )
         metric = self.eval.metric
         if metric not in ("miou", "pixel_accuracy", "mean_accuracy") and not metric.startswith("miou_"):
             raise ValueError(

@@ -375,7 +375,7 @@ def _adaptor_extras(student: Any, names: Sequence[str], val: Any) -> dict[str, A
             "patch_miou": last["miou"],
             "patch_miou_objects": last["miou_objects"],
         }
-    return {"zero_shot_through": names[0], "probes": probes}
+    return {"adaptor_metrics_through": names[0], "probes": probes}
 
 
 def _cache_facts(path: str) -> dict[str, Any]:
@@ -449,9 +449,11 @@ def run_experiments(
         run_text, extra = (
             _own_text_extras(student, teacher, val, bench, results) if v.own_text else (text, {})
         )
-        if v.teachers:
+        if v.teachers:  # zero-shot of the student's own tokens (below) and through the text teacher's adaptor
             extra = _adaptor_extras(student, v.teachers, val)
-            student = student.adaptor(v.teachers[0])  # zero-shot through the text-aligned teacher's adaptor
+            extra["adaptor_metrics"] = evaluate({name: student.adaptor(v.teachers[0])}, val, run_text, bench)[
+                name
+            ]
         metrics = evaluate({name: student}, val, run_text, bench)[name]
         results["runs"][name] = {
             "overrides": [*base, *v.overrides],

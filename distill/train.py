@@ -577,16 +577,16 @@ def setup(
         from .evaluation.while_training import TrainingEval
 
         online = cfg.teacher.source == "online"
-        # several teachers: the text-aligned teacher's cache names the text, its adaptor is measured
-        text_view = getattr(built.task, "text_teacher", None)
+        # several teachers: the text-aligned teacher's cache names the text (eval.adaptor: the view measured)
+        text_teacher = getattr(built.task, "text_teacher", None)
         run.evaluator = TrainingEval(
             cfg,
             built.student,
             device=device,
             online_teacher=built.task.targets.modules().get("teacher") if online else None,
             cache_meta=cache.meta if cache is not None else built.text_cache_meta,
-            adaptor=text_view,
-            cache_path=built.info["teachers"][text_view]["path"] if text_view else "",
+            adaptor=cfg.eval.adaptor or None,
+            cache_path=built.info["teachers"][text_teacher]["path"] if text_teacher else "",
         )
     return run
 

@@ -282,7 +282,8 @@ def test_prototype_terms_through_per_teacher_heads_resume_bit_identically(caches
     from tipsdistill.distill.evaluation.segmentation import training_settings
     from tipsdistill.students import load_student
 
-    # eval.every measures the student through the text teacher's adaptor, with that teacher's text
+    # eval.every (eval.adaptor=tips) measures the student through the text teacher's adaptor, with that
+    # teacher's text
     dataset = build_eval_dataset("synthetic", {"split": "validation", "size": 4, "image_size": 32})
     text = resolve_class_embeddings(
         dataset.class_names, text_model=tiny_teacher(), templates="tcl", cache_dir=None
@@ -299,6 +300,7 @@ def test_prototype_terms_through_per_teacher_heads_resume_bit_identically(caches
         "eval.max_images=4",
         "eval.dataset_kwargs={split: validation, size: 4, image_size: 32}",
         f"eval.text_embeddings={text_file}",
+        "eval.adaptor=tips",
     ]
     straight = _result("proto", runs, caches, extra)
     _result("proto_r", runs, caches, extra, max_steps=[2])
@@ -336,6 +338,8 @@ def test_eval_while_training_names_the_text_teachers_cache(caches, tmp_path):
     cfg = load_config("distill", [*_overrides(caches, tmp_path / "out"), "eval.every=2", "eval.max_images=2"])
     built = build_multi_task(cfg, device=torch.device("cpu"))
     assert built.task.text_teacher == "tips" and built.text_cache_meta is not None
+    with pytest.raises(ValueError, match="eval.adaptor='tips'.*several-teacher run"):
+        load_config("distill", ["cache.path=c.h5", "eval.every=2", "eval.adaptor=tips"])
     with pytest.raises(ValueError, match=rf"cache {caches['tips']}.*eval.text_model=.*eval.text_embeddings="):
         TrainingEval(
             cfg,

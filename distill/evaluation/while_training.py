@@ -118,8 +118,8 @@ class TrainingEval:
         online_teacher: the live teacher of ``teacher.source=online`` (its text tower), if any.
         cache_meta: the cache's metadata (``teacher_spec`` rebuilds its teacher), if any; with several
             teachers, the text-aligned teacher's cache (``cache_path``: its path, named in messages).
-        adaptor: evaluate the student through this adaptor (``student.adaptor(name)``: a several-teacher
-            run's text-aligned teacher, in that teacher's token space), as ``tipsdistill-eval ...@name``.
+        adaptor: evaluate the student through this adaptor (``eval.adaptor``: ``student.adaptor(name)`` of
+            a several-teacher run, in that teacher's token space), as ``tipsdistill-eval ...@name``.
     """
 
     def __init__(

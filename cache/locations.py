@@ -32,12 +32,14 @@ import os
 import re
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import braceexpand
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _GLOB = re.compile(r"[*?\[]")
@@ -61,10 +63,38 @@ class SourceUnavailableError(OSError):
     started again with the same command continues where it stopped."""
 
 
+def retry_remote(url: str, call: Callable[[], T]) -> T:
+    """``call()``, a read of the remote ``url``, tried again on a transient failure (:func:`is_transient`;
+    ``REMOTE_TRIES`` tries, waits doubling from ``RETRY_WAIT_S``); :class:`SourceUnavailableError` when it
+    keeps failing. Any other error is raised as it is (the caller's: a bad sample, a bad file)."""
+    for attempt in range(REMOTE_TRIES):
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - classified below; anything else is re-raised as it is
+            if not is_transient(e):
+                raise
+            if attempt == REMOTE_TRIES - 1:
+                raise SourceUnavailableError(
+                    f"{public_url(url)}: {type(e).__name__}: {e} ({REMOTE_TRIES} tries over "
+                    f"{RETRY_WAIT_S * (2 ** (REMOTE_TRIES - 1) - 1):.1f} s); the source is unavailable, so the run "
+                    "stops rather than record good samples as unreadable: run the same command again once it "
+                    "answers (stage 1 resumes where it stopped)"
+                ) from e
+            wait = RETRY_WAIT_S * 2**attempt
+            logger.warning("%s: %s: %s; trying again in %.1f s", public_url(url), type(e).__name__, e, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 def is_transient(err: BaseException) -> bool:
     """True for failures of the network or the server rather than of the data: connection errors, time-outs,
-    HTTP 429 and 5xx (aiohttp's and botocore's statuses, builtin ``ConnectionError`` / ``TimeoutError``)."""
+    HTTP 429 and 5xx (aiohttp's and botocore's statuses, builtin ``ConnectionError`` / ``TimeoutError``),
+    also as the cause of another error (fsspec's HTTP file raises ``FileNotFoundError`` from a 503 while it
+    asks for the file's size)."""
     if isinstance(err, ConnectionError | TimeoutError):
+        return True
+    cause = err.__cause__
+    if cause is not None and cause is not err and is_transient(cause):
         return True
     status = getattr(err, "status", None)
     response = getattr(err, "response", None)
@@ -159,9 +189,9 @@ def expand_pattern(pattern: str | list[str], suffixes: tuple[str, ...], what: st
 def _expand_remote(url: str, suffixes: tuple[str, ...], what: str) -> list[str]:
     fs, path = filesystem(url)
     if _GLOB.search(path):
-        found = sorted(fs.glob(path))
+        found = sorted(retry_remote(url, lambda: fs.glob(path)))
     elif url.endswith("/"):
-        found = sorted(f for f in fs.find(path) if f.lower().endswith(suffixes))
+        found = sorted(f for f in retry_remote(url, lambda: fs.find(path)) if f.lower().endswith(suffixes))
     else:
         return [url]
     found = [fs.unstrip_protocol(f) for f in found]
@@ -324,28 +354,9 @@ class ByteReader:
         return os.pread(self._fd(url), size, offset)
 
     def _retrying(self, url: str, call: Any) -> Any:
-        """``call(fs, path)`` on a remote URL, tried again on a transient failure (:func:`is_transient`);
-        :class:`SourceUnavailableError` when it keeps failing."""
+        """``call(fs, path)`` on a remote URL through :func:`retry_remote`."""
         fs, path = self._remote(url)
-        for attempt in range(REMOTE_TRIES):
-            try:
-                return call(fs, path)
-            except Exception as e:  # noqa: BLE001 - classified below; anything else is re-raised as it is
-                if not is_transient(e):
-                    raise
-                if attempt == REMOTE_TRIES - 1:
-                    raise SourceUnavailableError(
-                        f"{public_url(url)}: {type(e).__name__}: {e} ({REMOTE_TRIES} tries over "
-                        f"{RETRY_WAIT_S * (2 ** (REMOTE_TRIES - 1) - 1):.1f} s); the source is unavailable, so the run "
-                        "stops rather than record good samples as unreadable: run the same command again once it "
-                        "answers (stage 1 resumes where it stopped)"
-                    ) from e
-                wait = RETRY_WAIT_S * 2**attempt
-                logger.warning(
-                    "%s: %s: %s; trying again in %.1f s", public_url(url), type(e).__name__, e, wait
-                )
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+        return retry_remote(url, lambda: call(fs, path))
 
     def _remote(self, url: str) -> tuple[Any, str]:
         hit = self._fs.get(url)

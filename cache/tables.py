@@ -337,12 +337,19 @@ class TableDataset(_Rows):
         if self.format == "parquet":
             import pyarrow.parquet as pq
 
-            with _open(path) as fh:
-                return pq.ParquetFile(fh).read_row_group(g, columns=columns)
+            def read() -> Any:
+                with _open(path) as fh:
+                    return pq.ParquetFile(fh).read_row_group(g, columns=columns)
+
+            return _retried(path, read)
         table, _ = self._read_csv(path, columns)
         return table
 
     def _read_csv(self, path: str, columns: list[str]) -> tuple[Any, list[Any]]:
+        """The ``columns`` of a CSV / TSV shard and the rows of the wrong shape left out (:func:`_retried`)."""
+        return _retried(path, lambda: self._read_csv_once(path, columns))
+
+    def _read_csv_once(self, path: str, columns: list[str]) -> tuple[Any, list[Any]]:
         import pyarrow as pa
         import pyarrow.csv as pcsv
 
@@ -392,22 +399,25 @@ class TableDataset(_Rows):
         if self.format == "parquet":
             import pyarrow.parquet as pq
 
-            with _open(path) as fh:
-                pf = pq.ParquetFile(fh)
-                names = pf.schema_arrow.names
-                check_columns(path, names, self.image_field, self.caption_fields, self.key_field)
-                meta = pf.metadata
-                bounds = [0]
-                for g in range(meta.num_row_groups):
-                    bounds.append(bounds[-1] + meta.row_group(g).num_rows)
-                img_type = pf.schema_arrow.field(self.image_field).type
-                is_bytes = (
-                    pa.types.is_binary(img_type)
-                    or pa.types.is_large_binary(img_type)
-                    or pa.types.is_struct(img_type)
-                )
-                cols = small if is_bytes else list(dict.fromkeys([self.image_field, *small]))
-                table = pf.read(columns=cols)
+            def scan() -> tuple[list[int], bool, Any]:
+                with _open(path) as fh:
+                    pf = pq.ParquetFile(fh)
+                    names = pf.schema_arrow.names
+                    check_columns(path, names, self.image_field, self.caption_fields, self.key_field)
+                    meta = pf.metadata
+                    bounds = [0]
+                    for g in range(meta.num_row_groups):
+                        bounds.append(bounds[-1] + meta.row_group(g).num_rows)
+                    img_type = pf.schema_arrow.field(self.image_field).type
+                    is_bytes = (
+                        pa.types.is_binary(img_type)
+                        or pa.types.is_large_binary(img_type)
+                        or pa.types.is_struct(img_type)
+                    )
+                    cols = small if is_bytes else list(dict.fromkeys([self.image_field, *small]))
+                    return bounds, is_bytes, pf.read(columns=cols)
+
+            bounds, is_bytes, table = _retried(path, scan)
             n = bounds[-1]
             if is_bytes:
                 present = np.full(n, -1, np.int8)
@@ -573,6 +583,15 @@ class TableDataset(_Rows):
         if self.key_field is not None:
             kw["key_field"] = self.key_field
         return {"name": "table", "kwargs": kw}
+
+
+def _retried(path: str, read: Any) -> Any:
+    """``read()`` of the table file ``path``; remote, tried again on a transient failure and
+    :class:`cache.locations.SourceUnavailableError` when the server stays down (the run stops, resumable,
+    instead of recording the shard's rows as unreadable)."""
+    from .locations import is_remote, retry_remote
+
+    return retry_remote(path, read) if is_remote(path) else read()
 
 
 def _open(path: str) -> Any:

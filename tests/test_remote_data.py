@@ -84,7 +84,8 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
 
 class LoggedRangeHandler(RangeHandler):
     """:class:`RangeHandler` that logs each request as ``(method, path, range start or None)`` and answers
-    503 Service Unavailable to the next ``fail["left"]`` requests for a range after offset 0 (image reads)."""
+    503 Service Unavailable to the next ``fail["left"]`` requests for a range after offset 0 (image reads), or
+    to any request with ``fail["any"]``."""
 
     log: list[tuple[str, str, int | None]]
     fail: dict[str, int]
@@ -94,7 +95,7 @@ class LoggedRangeHandler(RangeHandler):
         start = int(m.group(1)) if m else None
         with self.server.lock:
             self.log.append((self.command, urllib.parse.urlsplit(self.path).path, start))
-            down = bool(start) and self.fail["left"] > 0
+            down = (bool(start) or self.fail.get("any", False)) and self.fail["left"] > 0
             self.fail["left"] -= down
         if down:
             self.send_error(503)
@@ -253,3 +254,68 @@ def test_public_url_removes_secrets():
     )
     assert SECRET not in public_url(f"pipe:curl -s -H 'Authorization: Bearer {SECRET}' https://h/0.tar")
     assert public_url("s3://bucket/x.tar") == "s3://bucket/x.tar"
+
+
+def test_remote_tables_retry_a_flaky_server_and_stop_when_it_is_down(tmp_path, monkeypatch, capsys):
+    """Parquet shards over HTTP: a 503 while scanning a shard or reading a row group is tried again; a server
+    that goes down mid-run stops stage 1 (before: every row of the row group being read was recorded as
+    skipped for good) and the same command completes once it answers, every row cached, none skipped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.own_data_check import _jpeg
+    from tipsdistill.cache import locations
+    from tipsdistill.cache.tables import TableDataset
+    from tipsdistill.scripts.cache_features import main as cache_main
+
+    monkeypatch.setattr(locations, "RETRY_WAIT_S", 0.01)
+    root = tmp_path / "data" / "parquet"
+    root.mkdir(parents=True)
+    keys: list[str] = []
+    for s in range(2):
+        ks = [f"{s}{r:03d}" for r in range(4)]
+        keys += ks
+        table = {
+            "key": ks,
+            "jpg": [_jpeg(10 * s + r) for r in range(4)],
+            "caption": [f"photo {k}" for k in ks],
+        }
+        pq.write_table(pa.table(table), root / f"{s:05d}.parquet", row_group_size=2)
+    expect = {"good": keys, "skipped": {}}
+    fail = {"left": 0, "any": True}  # small files are read whole (no range): any request fails
+    with serve(tmp_path / "data", fail) as (base, _):
+        args = ["--teacher", TEACHER, "--data", f"parquet:{base}/parquet/*.parquet", "--image-field", "jpg"]
+        args += [
+            "--data-kw",
+            "key_field=key",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+        ]
+        args += ["--quiet"]
+        fail["left"] = locations.REMOTE_TRIES - 1  # the first read fails 3 times, the 4th try succeeds
+        assert cache_main([*args, "--out", str(tmp_path / "flaky")]) == 0
+        assert fail["left"] == 0 and check_cache(tmp_path / "flaky", expect) == []
+        ds = TableDataset(f"{base}/parquet/*.parquet", image_field="jpg", key_field="key")
+        fail["left"] = 10**6
+        with pytest.raises(locations.SourceUnavailableError, match=r"00000\.parquet.*source is unavailable"):
+            ds[0]
+        assert 10**6 - fail["left"] >= locations.REMOTE_TRIES  # each try is one or two requests (fsspec)
+        # the server goes down after the shards were scanned, at the first row-group read
+        out = tmp_path / "down"
+        read = TableDataset.__getitem__
+
+        def down_then_read(self, index):
+            fail["left"] = 10**6
+            return read(self, index)
+
+        with monkeypatch.context() as m:
+            m.setattr(TableDataset, "__getitem__", down_then_read)
+            assert cache_main([*args, "--out", str(out)]) == 2
+        assert "the source is unavailable" in capsys.readouterr().err
+        fail["left"] = 0  # back: the same command completes, nothing recorded as unreadable
+        assert cache_main([*args, "--out", str(out)]) == 0
+        assert check_cache(out, expect) == []

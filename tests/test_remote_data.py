@@ -285,17 +285,7 @@ def test_remote_tables_retry_a_flaky_server_and_stop_when_it_is_down(tmp_path, m
     fail = {"left": 0, "any": True}  # small files are read whole (no range): any request fails
     with serve(tmp_path / "data", fail) as (base, _):
         args = ["--teacher", TEACHER, "--data", f"parquet:{base}/parquet/*.parquet", "--image-field", "jpg"]
-        args += [
-            "--data-kw",
-            "key_field=key",
-            "--image-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--num-workers",
-            "0",
-        ]
-        args += ["--quiet"]
+        args += "--data-kw key_field=key --image-size 32 --batch-size 4 --num-workers 0 --quiet".split()
         fail["left"] = locations.REMOTE_TRIES - 1  # the first read fails 3 times, the 4th try succeeds
         assert cache_main([*args, "--out", str(tmp_path / "flaky")]) == 0
         assert fail["left"] == 0 and check_cache(tmp_path / "flaky", expect) == []

@@ -65,6 +65,7 @@ from .task import (
     _head_dtype,
     _scalar_params_as_vectors,
     build_student_from_config,
+    move_task,
 )
 
 logger = logging.getLogger(__name__)
@@ -689,10 +690,7 @@ def build_multi_task(cfg: TrainConfig, *, device: torch.device, rank: int = 0, w
     info["text_source"] = f"cache:{text_teacher.name}" if text is not None else "none"
     info["text_dim"] = student.text_dim
     task = MultiTaskModule(cfg, student, teachers=teachers, targets=targets, text=text)
-    for module in task.ema_heads.modules().values():  # HeadEMA shadows nn.Module._apply: move its children
-        for child in module.children():
-            child.to(device)
-    task.to(device)
+    move_task(task, device)
     source = source_for_cache(teachers[0].cache, cfg.data.dataset or None, cfg.data.dataset_kwargs)
     dataset = JoinedDataset(source, cfg, grid, teachers, keys)
     sampler = build_sampler(dataset, cfg.data, rank=rank, world=world, seed=cfg.seed)

@@ -249,6 +249,16 @@ class BuiltTask:
 
 
 # ------------------------------------------------------------------------------------------ building
+def move_task(task: TaskModule, device: torch.device) -> None:
+    """``task`` and its out-of-engine state (EMA heads, targets) onto ``device``."""
+    for module in task.ema_heads.modules().values():  # HeadEMA shadows nn.Module._apply: move its children
+        for child in module.children():
+            child.to(device)
+    for module in task.targets.modules().values():
+        module.to(device)
+    task.to(device)
+
+
 def build_student_from_config(cfg: TrainConfig) -> nn.Module:
     student = build_student(cfg.student.name, **cfg.student.kwargs)
     if cfg.student.init != "random":
@@ -388,12 +398,7 @@ def build_task(
             "ema.kind=head: this recipe has no prototype head (no proto patch loss, no DINO); nothing to average"
         )
     task = TaskModule(cfg, student, targets=targets, text=text)
-    for module in task.ema_heads.modules().values():  # HeadEMA shadows nn.Module._apply: move its children
-        for child in module.children():
-            child.to(device)
-    for module in task.targets.modules().values():
-        module.to(device)
-    task.to(device)
+    move_task(task, device)
     # the cache fields read in the training process for each batch (distill.feeder)
     fields = ("patch", "cls") if cfg.teacher.source == "cache" else ()
     fields += ("text",) if isinstance(task.text, CachedText) else ()
